@@ -1,0 +1,28 @@
+"""Chooses, once at import, the Cython fast path or its pure-Python twins.
+
+RDSPROXY_PURE_PYTHON=1 forces the twins; so does a missing or broken build.
+"""
+import os
+
+PURE_PYTHON_FORCED = os.environ.get("RDSPROXY_PURE_PYTHON", "") not in ("", "0")
+
+if not PURE_PYTHON_FORCED:
+    try:
+        from . import framing_c as framing
+        from . import pool_c as pool
+        IMPLEMENTATION = "cython"
+    except ImportError:
+        from . import framing_py as framing
+        from . import pool_py as pool
+        IMPLEMENTATION = "python"
+else:
+    from . import framing_py as framing
+    from . import pool_py as pool
+    IMPLEMENTATION = "python"
+
+MessageScanner = framing.MessageScanner
+FramingError = framing.FramingError
+split_messages = framing.split_messages
+PoolCore = pool.PoolCore
+
+__all__ = ["IMPLEMENTATION", "MessageScanner", "FramingError", "split_messages", "PoolCore"]

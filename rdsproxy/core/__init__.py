@@ -1,0 +1,1 @@
+"""The engine-agnostic core: pools, limits and metrics."""

@@ -1,0 +1,37 @@
+"""Counters and gauges named as RDS Proxy names them in CloudWatch, plus pinning reasons."""
+from __future__ import annotations
+
+from collections import Counter
+
+
+class Metrics:
+    """Plain attribute counters (cheap on the hot path); `snapshot()` gives them as a dict."""
+
+    COUNTERS = (
+        "ClientConnectionsReceived",
+        "ClientConnectionsSetupSucceeded",
+        "ClientConnectionsSetupFailedAuth",
+        "ClientConnectionsClosed",
+        "DatabaseConnectionRequests",
+        "DatabaseConnectionsSetupSucceeded",
+        "DatabaseConnectionsSetupFailed",
+        "DatabaseConnectionsBorrowTimeouts",
+        "QueryRequests",
+        "CancelRequests",
+        "ProtocolErrors",
+    )
+
+    def __init__(self):
+        for name in self.COUNTERS:
+            setattr(self, name, 0)
+        self.ClientConnections = 0
+        self.pin_reasons = Counter()
+
+    def pinned(self, reason: str) -> None:
+        self.pin_reasons[reason] += 1
+
+    def snapshot(self) -> dict:
+        out = {name: getattr(self, name) for name in self.COUNTERS}
+        out["ClientConnections"] = self.ClientConnections
+        out["SessionPinReasons"] = dict(self.pin_reasons)
+        return out

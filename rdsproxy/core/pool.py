@@ -1,0 +1,229 @@
+"""One target's connection budget, shared by every (user, database) pool: borrow, return, wait, reap.
+
+Engine-agnostic: connections come from an engine-supplied `connector` coroutine and only
+need `key`, `close()`, `closed`, `created_at` and `idle_since`. Borrowing is callback based
+(no task or future per transaction): `acquire()` returns an idle connection at once when
+there is one, and otherwise calls the waiter's `on_connection(conn)` or `on_borrow_error(exc)`
+later. Waiters are served first come, first served across keys.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Awaitable, Callable
+
+from .._fastpath import PoolCore
+
+log = logging.getLogger("rdsproxy.pool")
+
+
+class BorrowTimeout(Exception):
+    """No connection became free within connection_borrow_timeout."""
+
+
+class PoolClosed(Exception):
+    pass
+
+
+class Pool:
+    def __init__(self, name: str, connector: Callable[[Any, bool], Awaitable[Any]], *,
+                 max_connections_percent: int, max_idle_connections_percent: int,
+                 borrow_timeout: float, idle_grace: float = 60.0, lifetime: float = 86400.0,
+                 metrics=None, loop=None):
+        self.name = name
+        self._connector = connector
+        self.max_connections_percent = max_connections_percent
+        self.max_idle_connections_percent = max_idle_connections_percent
+        self.borrow_timeout = borrow_timeout
+        self.idle_grace = idle_grace
+        self.lifetime = lifetime
+        self.metrics = metrics
+        self.loop = loop or asyncio.get_event_loop()
+        # Until the first connection tells us the database's max_connections, allow one.
+        self.server_max_connections: int | None = None
+        self.core = PoolCore(1)
+        self.max_idle = 0
+        self.defaults: dict[Any, dict] = {}       # per key: what the engine learnt at first connect
+        self._opening: set[asyncio.Task] = set()
+        self._closed = False
+        self._reaper = None
+        self.borrow_latency_total = 0.0
+
+    # -- budget ------------------------------------------------------------------------
+    def set_server_max_connections(self, value: int) -> None:
+        """Derive the budget from the database's max_connections (RDS Proxy's percentages)."""
+        self.server_max_connections = value
+        self.core.max_size = max(1, value * self.max_connections_percent // 100)
+        self.max_idle = value * self.max_idle_connections_percent // 100
+        log.info("pool %s: database max_connections=%d, budget=%d, max idle=%d",
+                 self.name, value, self.core.max_size, self.max_idle)
+        self._serve_waiters()
+
+    @property
+    def max_size(self) -> int:
+        return self.core.max_size
+
+    def stats(self) -> dict:
+        core = self.core
+        return {"max": core.max_size, "open": core.total, "borrowed": core.borrowed,
+                "idle": core.idle_count, "waiting": core.waiting, "max_idle": self.max_idle}
+
+    # -- borrowing ---------------------------------------------------------------------
+    def acquire(self, key, waiter):
+        """An idle connection now, or None and a callback to `waiter` later."""
+        if self._closed:
+            raise PoolClosed(f"pool {self.name} is closed")
+        core = self.core
+        conn = core.try_borrow(key)
+        while conn is not None:
+            if not conn.closed and self.loop.time() - conn.created_at < self.lifetime:
+                return conn
+            core.forget(True)
+            conn.close()
+            conn = core.try_borrow(key)
+        if not core.waiting:  # never jump the queue
+            if core.reserve_new() or self._evict_idle_for_budget():
+                self._open_for(key, waiter)
+                return None
+        entry = core.add_waiter(key, waiter)
+        if self.borrow_timeout > 0:
+            waiter.borrow_timer = self.loop.call_later(self.borrow_timeout, self._waiter_timed_out, entry)
+        waiter.borrow_entry = entry
+        return None
+
+    def cancel_wait(self, waiter) -> None:
+        """The waiter went away before it was served."""
+        entry = getattr(waiter, "borrow_entry", None)
+        if entry is not None and self.core.remove_waiter(entry):
+            self._stop_timer(waiter)
+
+    def _evict_idle_for_budget(self) -> bool:
+        """Budget spent, but some other key has an idle connection: close it to make room."""
+        for key, conn in self.core.idle_items():
+            if self.core.take_idle(conn, key):
+                self.core.forget(False)
+                conn.close()
+                return self.core.reserve_new()
+        return False
+
+    def _waiter_timed_out(self, entry) -> None:
+        if self.core.remove_waiter(entry):
+            key, waiter = entry
+            waiter.borrow_entry = None
+            if self.metrics:
+                self.metrics.DatabaseConnectionsBorrowTimeouts += 1
+            waiter.on_borrow_error(BorrowTimeout(
+                f"timed out after {self.borrow_timeout:g} s waiting for a database connection "
+                f"(connection_borrow_timeout; pool {self.name} has {self.core.max_size} connections, "
+                f"all busy)"))
+
+    @staticmethod
+    def _stop_timer(waiter) -> None:
+        timer = getattr(waiter, "borrow_timer", None)
+        if timer is not None:
+            timer.cancel()
+            waiter.borrow_timer = None
+        waiter.borrow_entry = None
+
+    def _open_for(self, key, waiter) -> None:
+        task = self.loop.create_task(self._open(key, waiter))
+        self._opening.add(task)
+        task.add_done_callback(self._opening.discard)
+
+    async def _open(self, key, waiter) -> None:
+        if self.metrics:
+            self.metrics.DatabaseConnectionRequests += 1
+        try:
+            conn = await self._connector(key, self.server_max_connections is None)
+        except Exception as exc:
+            self.core.forget(True)
+            if self.metrics:
+                self.metrics.DatabaseConnectionsSetupFailed += 1
+            log.warning("pool %s: cannot open a database connection: %s", self.name, exc)
+            waiter.on_borrow_error(exc)
+            self._serve_waiters()
+            return
+        if self.metrics:
+            self.metrics.DatabaseConnectionsSetupSucceeded += 1
+        conn.key = key
+        conn.pool = self
+        if self._closed:
+            self.core.forget(True)
+            conn.close()
+            waiter.on_borrow_error(PoolClosed(f"pool {self.name} is closed"))
+            return
+        waiter.on_connection(conn)
+
+    # -- returning ---------------------------------------------------------------------
+    def release(self, conn) -> None:
+        """Give back a clean connection: to the first waiter, or onto the idle stack."""
+        if conn.closed or self._closed:
+            self.discard(conn)
+            return
+        entry = self.core.give_back(conn.key, conn)
+        if entry is None:
+            conn.idle_since = self.loop.time()
+            return
+        key, waiter = entry
+        self._stop_timer(waiter)
+        if key == conn.key:
+            waiter.on_connection(conn)
+        else:
+            # The first waiter wants another user/database: trade this connection's budget.
+            self.core.forget(True)
+            conn.close()
+            self.core.reserve_new()
+            self._open_for(key, waiter)
+
+    def discard(self, conn, borrowed: bool = True) -> None:
+        """A borrowed connection is broken or dirty: close it and free its budget."""
+        conn.close()
+        self.core.forget(borrowed)
+        self._serve_waiters()
+
+    def idle_connection_lost(self, conn) -> None:
+        """An idle connection was closed by the server or the network."""
+        if self.core.take_idle(conn, conn.key):
+            self.core.forget(False)
+            self._serve_waiters()
+
+    def _serve_waiters(self) -> None:
+        core = self.core
+        while core.waiting and core.total < core.max_size:
+            key, waiter = core.pop_waiter()
+            self._stop_timer(waiter)
+            core.reserve_new()
+            self._open_for(key, waiter)
+
+    # -- housekeeping ------------------------------------------------------------------
+    def reap(self) -> None:
+        """Close idle connections past their lifetime, and those above the idle limit."""
+        now = self.loop.time()
+        items = self.core.idle_items()
+        excess = self.core.idle_count - self.max_idle
+        for key, conn in items:  # oldest first within each key
+            too_old = now - conn.created_at >= self.lifetime
+            surplus = excess > 0 and now - conn.idle_since >= self.idle_grace
+            if (too_old or surplus or conn.closed) and self.core.take_idle(conn, key):
+                self.core.forget(False)
+                conn.close()
+                excess -= 1
+
+    def idle_connections(self):
+        return [conn for _, conn in self.core.idle_items()]
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in list(self._opening):
+            task.cancel()
+        while True:
+            entry = self.core.pop_waiter()
+            if entry is None:
+                break
+            self._stop_timer(entry[1])
+            entry[1].on_borrow_error(PoolClosed(f"pool {self.name} is closed"))
+        for key, conn in self.core.idle_items():
+            if self.core.take_idle(conn, key):
+                self.core.forget(False)
+                conn.close()
+

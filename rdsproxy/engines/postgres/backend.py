@@ -1,0 +1,260 @@
+"""Connections from the proxy to PostgreSQL: open and authenticate, relay, run the proxy's own queries."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+
+from ..._fastpath import FramingError, MessageScanner, split_messages
+from ...auth.md5 import md5_response
+from ...auth.scram import ScramClient, ScramError
+from . import protocol as pg
+
+log = logging.getLogger("rdsproxy.backend")
+
+# Modes of a server connection.
+STARTING, RELAY, INTERNAL, CLOSED = range(4)
+
+
+class ServerError(Exception):
+    """PostgreSQL refused a login or an internal query; carries its ErrorResponse fields."""
+
+    def __init__(self, fields: dict[str, str]):
+        self.fields = fields
+        super().__init__(f"{fields.get('S', 'ERROR')}: {fields.get('M', 'unknown error')} "
+                         f"(SQLSTATE {fields.get('C', '?????')})")
+
+    @property
+    def sqlstate(self) -> str:
+        return self.fields.get("C", "08000")
+
+
+class ServerConnection(asyncio.Protocol):
+    """One PostgreSQL connection. In RELAY mode its bytes go straight to the attached client."""
+
+    def __init__(self, loop, target_name: str, address: tuple[str, int], *,
+                 user: str, password: str, max_message_size: int):
+        self.loop = loop
+        self.target_name = target_name
+        self.address = address
+        self.user = user
+        self._password = password
+        self.transport = None
+        self.mode = STARTING
+        self.client = None            # the ClientConnection it serves now, if any
+        self.key = None
+        self.pool = None
+        self.created_at = loop.time()
+        self.idle_since = self.created_at
+        self.backend_pid = 0
+        self.backend_secret = 0
+        self.parameters: dict[str, str] = {}
+        self.applied: tuple = ()      # session parameters the proxy SET on it (sorted pairs)
+        self.status = b"I"
+        self.closed = False
+        self.scanner = MessageScanner(counted=b"Z", captured=b"S", max_message_size=max_message_size)
+        self._buf = bytearray()
+        self._ready: asyncio.Future = loop.create_future()
+        self._internal_done = None
+        self._internal_error = None
+        self._scram: ScramClient | None = None
+
+    # -- asyncio.Protocol --------------------------------------------------------------
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        if self.mode == RELAY and self.client is not None:
+            client = self.client
+            try:
+                n = self.scanner.feed(data)
+            except FramingError as exc:
+                log.error("server %s sent a malformed stream: %s", self.target_name, exc)
+                self.close()
+                return
+            client.transport.write(data)
+            if self.scanner.captured:
+                for _, payload, _ in self.scanner.captured:
+                    name, value = pg.parse_parameter_status(payload)
+                    self.parameters[name] = value
+                self.scanner.captured.clear()
+            if n:
+                client.on_server_ready(n, self.scanner.status)
+            return
+        self._buf += data
+        try:
+            messages, used = split_messages(self._buf)
+        except FramingError as exc:
+            self._fail(ServerError({"S": "FATAL", "C": "08P01", "M": f"malformed server message: {exc}"}))
+            return
+        del self._buf[:used]
+        for mtype, payload in messages:
+            self._slow_message(mtype, payload)
+            if self.closed:
+                return
+
+    def connection_lost(self, exc):
+        was_closed = self.closed
+        self.closed = True
+        self.mode = CLOSED
+        if not self._ready.done():
+            self._ready.set_exception(ConnectionError(
+                f"connection to {self.target_name} closed during login"))
+        if self._internal_done is not None:
+            done, self._internal_done = self._internal_done, None
+            done(ConnectionError("database connection lost"))
+        client = self.client
+        if client is not None:
+            client.on_server_lost(self)
+        elif self.pool is not None and not was_closed:
+            self.pool.idle_connection_lost(self)
+
+    def pause_writing(self):
+        if self.client is not None:
+            self.client.transport.pause_reading()
+
+    def resume_writing(self):
+        if self.client is not None:
+            self.client.transport.resume_reading()
+
+    # -- login -------------------------------------------------------------------------
+    async def login(self, database: str, params: dict[str, str]) -> None:
+        startup = {"user": self.user, "database": database, **params}
+        self.transport.write(pg.startup_message(startup))
+        await self._ready
+        self._buf = bytearray()
+
+    def _slow_message(self, mtype: int, payload: bytes) -> None:
+        if mtype == 82:    # 'R'
+            self._on_auth(payload)
+        elif mtype == 83:  # 'S'
+            name, value = pg.parse_parameter_status(payload)
+            self.parameters[name] = value
+        elif mtype == 75:  # 'K'
+            self.backend_pid, self.backend_secret = struct.unpack("!iI", payload[:8])
+        elif mtype == 90:  # 'Z'
+            self.status = payload[:1]
+            if self.mode == STARTING:
+                self.mode = RELAY
+                self._ready.set_result(None)
+            elif self.mode == INTERNAL:
+                self.mode = RELAY
+                done, self._internal_done = self._internal_done, None
+                err, self._internal_error = self._internal_error, None
+                if done is not None:
+                    done(err)
+        elif mtype == 69:  # 'E'
+            fields = pg.parse_error_fields(payload)
+            if self.mode == INTERNAL and fields.get("S") != "FATAL":
+                self._internal_error = ServerError(fields)
+            else:
+                self._fail(ServerError(fields))
+        elif mtype == 78:  # 'N' notice: log, nobody to show it to
+            fields = pg.parse_error_fields(payload)
+            log.debug("server %s notice: %s", self.target_name, fields.get("M"))
+        # Anything else outside RELAY (RowDescription, CommandComplete ...) belongs to an
+        # internal query whose rows we do not need.
+        elif mtype == 68 and self.mode == INTERNAL and self._internal_rows is not None:  # 'D'
+            self._internal_rows.append(payload)
+
+    _internal_rows = None
+
+    def _on_auth(self, payload: bytes) -> None:
+        (code,) = struct.unpack_from("!i", payload)
+        data = payload[4:]
+        try:
+            if code == pg.AUTH_OK:
+                if self._scram is not None:
+                    self._scram = None
+            elif code == pg.AUTH_CLEARTEXT:
+                self.transport.write(pg.password_message(self._password.encode() + b"\x00"))
+            elif code == pg.AUTH_MD5:
+                self.transport.write(pg.password_message(md5_response(self._password, self.user, data[:4]) + b"\x00"))
+            elif code == pg.AUTH_SASL:
+                mechanisms = pg.split_cstrings(data)
+                if b"SCRAM-SHA-256" not in mechanisms:
+                    raise ScramError(f"server offers no supported SASL mechanism ({mechanisms!r})")
+                self._scram = ScramClient(self._password)
+                self.transport.write(pg.sasl_initial_response("SCRAM-SHA-256", self._scram.client_first()))
+            elif code == pg.AUTH_SASL_CONTINUE:
+                if self._scram is None:
+                    raise ScramError("unexpected SASL continue")
+                self.transport.write(pg.password_message(self._scram.handle_server_first(data)))
+            elif code == pg.AUTH_SASL_FINAL:
+                if self._scram is None:
+                    raise ScramError("unexpected SASL final")
+                self._scram.verify_server_final(data)
+            else:
+                raise ScramError(f"server asks for unsupported authentication method {code}")
+        except ScramError as exc:
+            self._fail(ServerError({"S": "FATAL", "C": "28000", "M": f"database login failed: {exc}"}))
+
+    def _fail(self, exc: Exception) -> None:
+        if not self._ready.done():
+            self._ready.set_exception(exc)
+        elif self._internal_done is not None:
+            done, self._internal_done = self._internal_done, None
+            done(exc)
+        elif self.client is None:
+            log.info("server %s (pid %d) closed: %s", self.target_name, self.backend_pid, exc)
+        self.close()
+
+    # -- internal queries --------------------------------------------------------------
+    def run_internal(self, sql: str, done, rows: list | None = None) -> None:
+        """Send one simple Query of the proxy's own; `done(error_or_None)` at its ReadyForQuery.
+
+        Nothing from it reaches a client: the client's bytes wait until `done` runs.
+        """
+        self.mode = INTERNAL
+        self._internal_done = done
+        self._internal_error = None
+        self._internal_rows = rows
+        self._buf = bytearray()
+        self.transport.write(pg.query(sql))
+
+    def query_internal(self, sql: str, rows: list | None = None) -> asyncio.Future:
+        fut = self.loop.create_future()
+
+        def done(err):
+            if not fut.done():
+                if err is None:
+                    fut.set_result(rows)
+                else:
+                    fut.set_exception(err)
+        self.run_internal(sql, done, rows)
+        return fut
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.mode = CLOSED
+        if self.transport is not None:
+            if not self.transport.is_closing():
+                try:
+                    self.transport.write(pg.TERMINATE)
+                except Exception:
+                    pass
+            self.transport.close()
+
+    def __repr__(self):
+        return f"<ServerConnection {self.target_name} pid={self.backend_pid} key={self.key}>"
+
+
+async def open_server_connection(loop, target_name: str, host: str, port: int, *, user: str,
+                                 password: str, database: str, params: dict[str, str],
+                                 timeout: float, max_message_size: int) -> ServerConnection:
+    """Connect and log in; raise ServerError (refused) or OSError/TimeoutError (unreachable)."""
+    async def connect():
+        _, conn = await loop.create_connection(
+            lambda: ServerConnection(loop, target_name, (host, port), user=user, password=password,
+                                     max_message_size=max_message_size),
+            host, port)
+        try:
+            await conn.login(database, params)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+    return await asyncio.wait_for(connect(), timeout)

@@ -1,0 +1,487 @@
+"""Client sessions: startup, authentication, then relaying transactions over borrowed connections.
+
+The relay forwards each chunk unchanged; the framing scanner only counts requests that
+expect a ReadyForQuery (Query, Sync, FunctionCall) and copies Query/Parse texts for the
+pinning rules. A borrowed connection goes back to the pool at ReadyForQuery 'I' once every
+request is answered, unless the session is pinned.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+
+from ..._fastpath import FramingError, MessageScanner, split_messages
+from ...auth.md5 import md5_verify
+from ...auth.scram import ScramError, ScramServer
+from ...core.pool import BorrowTimeout, PoolClosed
+from . import protocol as pg
+from .backend import ServerError
+from .pinning import LOAD, STARTUP_OPTIONS
+
+log = logging.getLogger("rdsproxy.client")
+
+# Client states, in the order a session goes through them.
+STARTUP, AUTH_SASL_FIRST, AUTH_SASL_FINAL, AUTH_MD5, LOGIN, READY, CLOSED = range(7)
+
+STATUS_IDLE = 73          # 'I'
+MSG_QUERY = 81            # 'Q'
+MSG_PARSE = 80            # 'P'
+MSG_TERMINATE = 88        # 'X'
+MSG_PASSWORD = 112        # 'p'
+# Message types after which the client still expects the server to stay with it even with
+# nothing outstanding: extended-protocol messages not yet closed by a Sync.
+UNSYNCED = frozenset(b"PBDECH")
+
+# Startup parameters the proxy carries from client to whichever connection it borrows.
+TRACKED_PARAMETERS = {
+    "application_name": "application_name", "client_encoding": "client_encoding",
+    "datestyle": "DateStyle", "timezone": "TimeZone", "intervalstyle": "IntervalStyle",
+    "extra_float_digits": "extra_float_digits", "search_path": "search_path",
+    "standard_conforming_strings": "standard_conforming_strings",
+}
+# Startup keys that are not server settings.
+STARTUP_KEYWORDS = {"user", "database", "options", "replication"}
+
+
+def quote_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client of the proxy, from its first byte to its last."""
+
+    borrow_timer = None
+    borrow_entry = None
+
+    def __init__(self, engine, endpoint):
+        self.engine = engine
+        self.endpoint = endpoint
+        self.pool = engine.pool
+        self.transport = None
+        self.peer = "?"
+        self.state = STARTUP
+        self.user = ""
+        self.database = ""
+        self.key = None
+        self.desired: tuple = ()      # tracked parameters as sorted (name, value) pairs
+        self.server = None
+        self.pending: list = []       # client bytes waiting for a connection
+        self.waiting = False
+        self.outstanding = 0          # requests not yet answered by ReadyForQuery
+        self.pin_reason: str | None = None
+        self.pinned_server = False
+        self.pid = 0
+        self.secret = 0
+        self.connected_at = engine.clock
+        self.last_active = engine.clock
+        self.terminating = False
+        self.scanner = MessageScanner(counted=b"QSF", captured=b"QPX",
+                                      capture_limit=engine.rules_capture_limit,
+                                      max_message_size=engine.config.max_message_size)
+        self._buf = bytearray()
+        self._auth = None
+
+    # -- asyncio.Protocol --------------------------------------------------------------
+    def connection_made(self, transport):
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.engine.client_connected(self)
+
+    def data_received(self, data):
+        self.last_active = self.engine.clock
+        if self.state == READY:
+            self._relay(data)
+            return
+        if self.state == CLOSED:
+            return
+        self._buf += data
+        try:
+            self._startup_phase()
+        except pg.ProtocolViolation as exc:
+            self.engine.metrics.ProtocolErrors += 1
+            log.warning("client %s: protocol violation during startup: %s", self.peer, exc)
+            self.fatal(exc.sqlstate, str(exc))
+
+    def connection_lost(self, exc):
+        if self.state == CLOSED and self.transport is None:
+            return
+        self.state = CLOSED
+        if self.waiting:
+            self.waiting = False
+            self.pool.cancel_wait(self)
+        server = self.server
+        if server is not None:
+            self.server = None
+            server.client = None
+            self._return_after_exit(server)
+        self.pending = []
+        self.engine.client_gone(self)
+
+    def pause_writing(self):
+        if self.server is not None and self.server.transport is not None:
+            self.server.transport.pause_reading()
+
+    def resume_writing(self):
+        if self.server is not None and self.server.transport is not None:
+            self.server.transport.resume_reading()
+
+    # -- the relay (hot path) ----------------------------------------------------------
+    def _relay(self, data):
+        scanner = self.scanner
+        try:
+            n = scanner.feed(data)
+        except FramingError as exc:
+            self.engine.metrics.ProtocolErrors += 1
+            log.warning("client %s (user %s): %s", self.peer, self.user, exc)
+            self.fatal("08P01", f"invalid message from client: {exc}")
+            return
+        if scanner.captured:
+            data = self._inspect(data)
+        self.outstanding += n
+        server = self.server
+        if server is not None:
+            if data:
+                server.transport.write(data)
+        elif data:
+            self.pending.append(data)
+            if not self.waiting:
+                self._borrow()
+        if self.terminating:
+            self.close()
+
+    def _inspect(self, data):
+        """Apply the pinning rules to captured Query/Parse texts; notice Terminate."""
+        rules = self.engine.rules
+        for mtype, payload, length in self.scanner.captured:
+            if mtype == MSG_TERMINATE:
+                self.terminating = True
+                end = data.rfind(pg.TERMINATE)
+                data = data[:end] if end >= 0 else b""
+                break
+            if self.pin_reason is not None:
+                continue
+            if mtype == MSG_QUERY:
+                self.engine.metrics.QueryRequests += 1
+                reason = rules.classify_query(payload, length)
+            else:
+                nul = payload.find(b"\x00")
+                reason = rules.classify_parse(payload[:nul], payload[nul + 1:], length - nul - 1)
+            if reason is not None:
+                self.pin(reason)
+        self.scanner.captured.clear()
+        return data
+
+    def pin(self, reason: str) -> None:
+        self.pin_reason = reason
+        self.engine.metrics.pinned(reason)
+        if self.server is not None and not self.pinned_server:
+            self.pinned_server = True
+            self.engine.pinned_sessions += 1
+        log.debug("client %s (user %s) pinned: %s", self.peer, self.user, reason)
+
+    def _borrow(self):
+        self.waiting = True
+        self.transport.pause_reading()
+        try:
+            conn = self.pool.acquire(self.key, self)
+        except PoolClosed as exc:
+            self.on_borrow_error(exc)
+            return
+        if conn is not None:
+            self.on_connection(conn)
+
+    def on_connection(self, conn):
+        """The pool hands over a connection (at once, or after a wait)."""
+        self.waiting = False
+        if self.state == LOGIN:
+            self.pool.release(conn)
+            self._finish_login()
+            return
+        if self.state != READY:
+            self.pool.release(conn)
+            return
+        self.server = conn
+        conn.client = self
+        if self.pin_reason is not None and not self.pinned_server:
+            self.pinned_server = True
+            self.engine.pinned_sessions += 1
+        if conn.applied != self.desired:
+            conn.run_internal(self._parameter_sync_sql(conn), self._on_parameters_synced)
+            return
+        self._flush_pending()
+
+    def _parameter_sync_sql(self, conn) -> str:
+        want = dict(self.desired)
+        have = dict(conn.applied)
+        statements = []
+        for name in sorted(set(want) | set(have)):
+            if name not in want:
+                statements.append(f"RESET {name}")
+            elif want[name] != have.get(name):
+                statements.append(f"SET {name} = {quote_literal(want[name])}")
+        return "; ".join(statements)
+
+    def _on_parameters_synced(self, error):
+        conn = self.server
+        if conn is None:
+            return
+        if error is not None:
+            self.server = None
+            conn.client = None
+            self.pool.discard(conn)
+            fields = getattr(error, "fields", {})
+            self.fatal(fields.get("C", "08006"), f"cannot apply session parameters: {fields.get('M', error)}")
+            return
+        conn.applied = self.desired
+        self._flush_pending()
+
+    def _flush_pending(self):
+        pending = self.pending
+        if pending:
+            self.pending = []
+            self.server.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+        self.transport.resume_reading()
+
+    def on_borrow_error(self, exc):
+        self.waiting = False
+        if self.state == LOGIN:
+            self._login_failed(exc)
+            return
+        if self.state != READY:
+            return
+        if isinstance(exc, BorrowTimeout):
+            code, text = "53300", str(exc)
+        elif isinstance(exc, ServerError):
+            code, text = exc.sqlstate, exc.fields.get("M", str(exc))
+        else:
+            code, text = "08006", f"cannot connect to the database: {exc}"
+        log.warning("client %s (user %s): %s", self.peer, self.user, text)
+        self.pending = []
+        if self.outstanding <= 0 or not self.scanner.at_boundary() or self.scanner.last_type in UNSYNCED:
+            # The client is mid-message or mid-pipeline: we cannot resynchronise it.
+            self.fatal(code, text)
+            return
+        out = [pg.error_response(code, text)]
+        out += [pg.ready_for_query(b"I")] * self.outstanding
+        self.outstanding = 0
+        self.transport.write(b"".join(out))
+        self.transport.resume_reading()
+
+    def on_server_ready(self, n, status):
+        """The attached server sent `n` ReadyForQuery messages, the last with `status`."""
+        outstanding = self.outstanding - n
+        self.outstanding = outstanding if outstanding > 0 else 0
+        if (outstanding <= 0 and status == STATUS_IDLE and self.pin_reason is None
+                and self.scanner.last_type not in UNSYNCED and self.scanner.at_boundary()):
+            server = self.server
+            self.server = None
+            server.client = None
+            self.pool.release(server)
+
+    def on_server_lost(self, server):
+        """The database connection serving this client died."""
+        self.server = None
+        server.client = None
+        self.pool.discard(server)
+        if self.state != READY:
+            return
+        clean_cut = (server.scanner.at_boundary() and server.scanner.status == STATUS_IDLE
+                     and self.pin_reason is None)
+        text = "the database connection serving this session was lost"
+        log.warning("client %s (user %s): %s (pid %d)", self.peer, self.user, text, server.backend_pid)
+        if not clean_cut:
+            self.fatal("08006", text + "; the open transaction or session state is gone")
+            return
+        if self.outstanding:
+            out = [pg.error_response("08006", text + "; the statement may or may not have completed")]
+            out += [pg.ready_for_query(b"I")] * self.outstanding
+            self.outstanding = 0
+            self.transport.write(b"".join(out))
+
+    def _return_after_exit(self, server):
+        """The client left while holding `server`: return it clean or close it."""
+        pool = self.pool
+        scanner = self.scanner
+        if self.pinned_server:
+            self.engine.pinned_sessions -= 1
+        if (server.closed or self.outstanding or not scanner.at_boundary()
+                or scanner.last_type in UNSYNCED or self.pin_reason in (LOAD, STARTUP_OPTIONS)):
+            # Mid-request (results still coming), or state nothing can undo: close it.
+            pool.discard(server)
+            return
+        steps = []
+        if server.scanner.status != STATUS_IDLE:
+            steps.append("ROLLBACK")
+        if self.pin_reason is not None:
+            steps.append("DISCARD ALL")
+        if not steps:
+            pool.release(server)
+            return
+
+        def next_step(error=None):
+            if error is not None:
+                log.info("reset of %r failed (%s); closing it", server, error)
+                pool.discard(server)
+            elif steps:
+                server.run_internal(steps.pop(0), next_step)
+            else:
+                if self.pin_reason is not None:
+                    server.applied = ()
+                server.scanner.status = STATUS_IDLE
+                pool.release(server)
+        next_step()
+
+    # -- startup and authentication ----------------------------------------------------
+    def _startup_phase(self):
+        while self._buf and self.state not in (CLOSED, LOGIN, READY):
+            if self.state == STARTUP:
+                packet, used = pg.read_startup_packet(self._buf)
+                if packet is None:
+                    return
+                del self._buf[:used]
+                self._on_startup_packet(packet)
+            else:
+                messages, used = split_messages(self._buf)
+                if not messages:
+                    if len(self._buf) > 5 and int.from_bytes(self._buf[1:5], "big") > 65536:
+                        raise pg.ProtocolViolation("authentication message too long")
+                    return
+                del self._buf[:used]
+                for mtype, payload in messages:
+                    if self.state in (CLOSED, LOGIN, READY):
+                        raise pg.ProtocolViolation("unexpected message during authentication")
+                    if mtype != MSG_PASSWORD:
+                        raise pg.ProtocolViolation(
+                            f"expected password response, got message type {chr(mtype)!r}")
+                    self._on_password_message(payload)
+
+    def _on_startup_packet(self, packet):
+        if packet.kind in ("ssl", "gssenc"):
+            self.transport.write(b"N")
+        elif packet.kind == "cancel":
+            self.engine.cancel(packet.cancel_pid, packet.cancel_secret, self.peer)
+            self.close()
+        else:
+            self._on_startup(packet.params)
+
+    def _on_startup(self, params):
+        engine = self.engine
+        user = params.get("user", "")
+        if not user:
+            raise pg.ProtocolViolation("no PostgreSQL user name specified in startup packet", "28000")
+        if params.get("replication", "false").lower() not in ("false", "off", "no", "0"):
+            raise pg.ProtocolViolation("replication connections are not supported by the proxy", "0A000")
+        self.user = user
+        self.database = params.get("database") or user
+        options = params.get("options", "").strip()
+        self.key = (user, self.database, options)
+        desired = {}
+        for name, value in params.items():
+            canonical = TRACKED_PARAMETERS.get(name.lower())
+            if canonical is not None:
+                desired[canonical] = value
+            elif name not in STARTUP_KEYWORDS and not name.startswith("_pq_."):
+                # Any other setting is a session parameter the server would apply: carry it too.
+                desired[name] = value
+        self.desired = tuple(sorted(desired.items()))
+        if options:
+            self.pin(STARTUP_OPTIONS)
+        account = engine.accounts.get(user)
+        self._account = account
+        if account is None or account.client_auth == "POSTGRES_SCRAM_SHA_256":
+            secret = account.scram_secret if account is not None else engine.dummy_scram_secret
+            self._auth = ScramServer(secret)
+            self.state = AUTH_SASL_FIRST
+            self.transport.write(pg.auth_sasl())
+        else:
+            self._auth = os.urandom(4)
+            self.state = AUTH_MD5
+            self.transport.write(pg.authentication(pg.AUTH_MD5, self._auth))
+
+    def _on_password_message(self, payload):
+        account = self._account
+        try:
+            if self.state == AUTH_SASL_FIRST:
+                mechanism, data = pg.parse_sasl_initial_response(payload)
+                if mechanism != "SCRAM-SHA-256":
+                    raise pg.ProtocolViolation(f"unsupported SASL mechanism {mechanism!r}", "28000")
+                self.transport.write(pg.authentication(pg.AUTH_SASL_CONTINUE,
+                                                       self._auth.handle_client_first(data)))
+                self.state = AUTH_SASL_FINAL
+                return
+            if self.state == AUTH_SASL_FINAL:
+                final = self._auth.handle_client_final(payload)
+                if account is None:
+                    raise ScramError("unknown user")
+                self.transport.write(pg.authentication(pg.AUTH_SASL_FINAL, final))
+            elif self.state == AUTH_MD5:
+                response = pg.parse_password_message(payload)
+                if account is None or not md5_verify(account.credentials.password, self.user,
+                                                     self._auth, response):
+                    raise ScramError("wrong password")
+        except (ScramError, pg.ProtocolViolation) as exc:
+            self.engine.metrics.ClientConnectionsSetupFailedAuth += 1
+            log.warning("authentication failed for user %r from %s: %s", self.user, self.peer,
+                        "no such user" if account is None else exc)
+            self.fatal("28P01", f'password authentication failed for user "{self.user}"')
+            return
+        self._auth = None
+        self.transport.write(pg.authentication(pg.AUTH_OK))
+        self._login()
+
+    def _login(self):
+        """Authenticated: learn the server's parameters for this user and database once."""
+        self.state = LOGIN
+        if self.key in self.pool.defaults:
+            self._finish_login()
+            return
+        self.waiting = True
+        try:
+            conn = self.pool.acquire(self.key, self)
+        except PoolClosed as exc:
+            self._login_failed(exc)
+            return
+        if conn is not None:
+            self.on_connection(conn)
+
+    def _login_failed(self, exc):
+        if isinstance(exc, ServerError):
+            self.fatal(exc.sqlstate, exc.fields.get("M", str(exc)))
+        elif isinstance(exc, BorrowTimeout):
+            self.fatal("53300", str(exc))
+        else:
+            self.fatal("08006", f"cannot connect to the database: {exc}")
+
+    def _finish_login(self):
+        engine = self.engine
+        params = dict(self.pool.defaults.get(self.key, {}))
+        params.update(self.desired)
+        out = [pg.parameter_status(k, v) for k, v in params.items()]
+        self.pid, self.secret = engine.register_cancel_key(self)
+        out.append(pg.backend_key_data(self.pid, self.secret))
+        out.append(pg.ready_for_query(b"I"))
+        self.state = READY
+        engine.metrics.ClientConnectionsSetupSucceeded += 1
+        self.transport.write(b"".join(out))
+        if self._buf:  # pipelined right after the password (libpq does not, others may)
+            data, self._buf = bytes(self._buf), bytearray()
+            self._relay(data)
+
+    # -- closing -----------------------------------------------------------------------
+    def fatal(self, code: str, text: str) -> None:
+        """Tell the client why, then close its connection."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(pg.error_response(code, text, severity="FATAL"))
+        self.close()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+        elif self.transport is None:
+            self.state = CLOSED
+
+    def check_secret(self, secret: int) -> bool:
+        return hmac.compare_digest(self.secret.to_bytes(4, "big"), secret.to_bytes(4, "big"))

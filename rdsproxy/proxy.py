@@ -1,0 +1,101 @@
+"""The Proxy object: owns the engine, its pool and the endpoints' listeners; start, drain, stop."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from pathlib import Path
+
+from . import _fastpath
+from .config import ProxyConfig, config_from_dict, load_config
+from .core.metrics import Metrics
+
+log = logging.getLogger("rdsproxy")
+
+
+def _as_config(config) -> ProxyConfig:
+    if isinstance(config, ProxyConfig):
+        return config
+    if isinstance(config, dict):
+        return config_from_dict(config)
+    if isinstance(config, (str, os.PathLike)):
+        return load_config(Path(config))
+    raise TypeError(f"config must be a ProxyConfig, a dict or a path, not {type(config).__name__}")
+
+
+class Proxy:
+    """`async with Proxy(config) as proxy:` serves until the block ends.
+
+    `proxy.addresses` maps endpoint names to the (host, port) they listen on (a port of 0
+    in the config means any free port); `proxy.address` is the first endpoint's.
+    """
+
+    def __init__(self, config):
+        self.config = _as_config(config)
+        self.metrics = Metrics()
+        self.addresses: dict[str, tuple[str, int]] = {}
+        self.engine = None
+        self._servers: list[asyncio.AbstractServer] = []
+        self._stopped: asyncio.Event | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return next(iter(self.addresses.values()))
+
+    async def start(self) -> "Proxy":
+        loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        if self.config.engine_family != "POSTGRESQL":
+            raise NotImplementedError(f"engine_family {self.config.engine_family} is not supported yet")
+        from .engines.postgres.engine import PostgresEngine
+        self.engine = PostgresEngine(self.config, self.metrics, loop)
+        self.engine.start()
+        try:
+            for endpoint in self.config.endpoints:
+                server = await loop.create_server(
+                    self.engine.client_factory(endpoint), endpoint.host, endpoint.port,
+                    reuse_address=True, backlog=4096)
+                self._servers.append(server)
+                sock = server.sockets[0]
+                self.addresses[endpoint.name] = sock.getsockname()[:2]
+                log.info("endpoint %s listening on %s:%d (%s)", endpoint.name,
+                         *self.addresses[endpoint.name], endpoint.target_role)
+        except BaseException:
+            await self.stop(drain=False)
+            raise
+        log.info("proxy %s started (fast path: %s)", self.config.name, _fastpath.IMPLEMENTATION)
+        return self
+
+    async def stop(self, drain: bool = True) -> None:
+        """Stop accepting, let running transactions finish (bounded), then close everything."""
+        for server in self._servers:
+            server.close()
+        if self.engine is not None:
+            if drain:
+                await self.engine.drain(self.config.shutdown_timeout)
+            await self.engine.close()
+        for server in self._servers:
+            try:
+                await asyncio.wait_for(server.wait_closed(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+        self._servers = []
+        if self._stopped is not None:
+            self._stopped.set()
+
+    async def serve_forever(self) -> None:
+        await self._stopped.wait()
+
+    def stats(self) -> dict:
+        out = self.metrics.snapshot()
+        if self.engine is not None:
+            out.update(self.engine.stats())
+        out["fastpath"] = _fastpath.IMPLEMENTATION
+        return out
+
+    async def __aenter__(self) -> "Proxy":
+        return await self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
