@@ -317,6 +317,8 @@ class ClientConnection(asyncio.Protocol):
             steps.append("ROLLBACK")
         if self.pin_reason is not None:
             steps.append("DISCARD ALL")
+            if self.engine.config.target_group.init_query:  # DISCARD ALL undid it
+                steps.append(self.engine.config.target_group.init_query)
         if not steps:
             pool.release(server)
             return
