@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Run the whole test suite twice (Cython fast path, then pure Python), then the bench gate.
+#
+# Extra arguments are passed to both pytest runs. Exits non-zero if either run fails,
+# including pytest's exit 5 ("no tests collected"), which must not pass as green.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+log() { echo "ci/test.sh: $*" >&2; }
+
+run_suite() {
+    local label=$1; shift
+    log "=== test suite: $label ==="
+    local rc=0
+    env "$@" python3 -m pytest -q -p no:cacheprovider tests "${PYTEST_ARGS[@]}" || rc=$?
+    if [ "$rc" -eq 5 ]; then
+        log "$label: pytest collected no tests (exit 5); treating as failure"
+        rc=1
+    fi
+    if [ "$rc" -ne 0 ]; then
+        log "$label: FAILED (exit $rc)"
+    else
+        log "$label: passed"
+    fi
+    return "$rc"
+}
+
+PYTEST_ARGS=("$@")
+status=0
+# REQUIRE_CYTHON makes fast-path tests fail, not skip, when the extension is missing.
+run_suite "cython" -u RDSPROXY_PURE_PYTHON RDSPROXY_REQUIRE_CYTHON=1 || status=1
+run_suite "pure-python" -u RDSPROXY_REQUIRE_CYTHON RDSPROXY_PURE_PYTHON=1 || status=1
+
+if [ "$status" -ne 0 ]; then
+    log "test suite failed; skipping the bench gate"
+    exit "$status"
+fi
+
+if [ -f ci/bench_gate.sh ] && [ -z "${RDSPROXY_SKIP_BENCH:-}" ]; then
+    log "=== bench gate ==="
+    bash ci/bench_gate.sh || { log "bench gate FAILED"; exit 1; }
+fi
+log "all passed"

@@ -1,0 +1,180 @@
+"""Shared fixtures: throwaway PostgreSQL clusters (and, below, the lead's proxy fixtures).
+
+One session-wide cluster (`pg`) serves most tests, so initdb runs once; tests that need
+different server settings (auth method, tiny max_connections, ...) get their own from
+`pg_factory`, stopped when the test ends.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+# Make `tests.utils` / `utils` importable however pytest was invoked.
+sys.path.insert(0, os.path.dirname(__file__))
+
+from rdsproxy.devcluster import PostgresCluster  # noqa: E402
+
+APP_USER = "app"
+APP_PASSWORD = "app-secret"
+APP_DB = "appdb"
+
+
+@pytest.fixture(scope="session")
+def pg():
+    """Session cluster: scram-sha-256, max_connections=60, user app/app-secret
+    (CREATEDB) owning database appdb."""
+    cluster = PostgresCluster(auth="scram-sha-256", max_connections=60)
+    cluster.start()
+    try:
+        cluster.create_user(APP_USER, APP_PASSWORD, createdb=True)
+        cluster.create_database(APP_DB, owner=APP_USER)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def pg_factory():
+    """Call with PostgresCluster keyword arguments to get a started extra cluster;
+    every cluster made this way is stopped at the end of the test."""
+    clusters: list[PostgresCluster] = []
+
+    def make(**kwargs) -> PostgresCluster:
+        cluster = PostgresCluster(**kwargs)
+        clusters.append(cluster)
+        return cluster.start()
+
+    yield make
+    for cluster in reversed(clusters):
+        try:
+            cluster.stop("immediate")
+        except Exception as exc:  # keep stopping the others
+            print(f"warning: could not stop {cluster!r}: {exc}", file=sys.stderr)
+
+
+# --- proxy fixtures (lead) ---
+
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import threading  # noqa: E402
+
+from rdsproxy import Proxy, config_from_dict  # noqa: E402
+
+
+class RunningProxy:
+    """A Proxy serving on its own event loop in a background thread, for sync clients.
+
+    The loop is uvloop unless RDSPROXY_TEST_LOOP=asyncio.
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.proxy = Proxy(config)
+        self.loop = None
+        self._ready = threading.Event()
+        self._error = None
+        self._thread = threading.Thread(target=self._main, name="rdsproxy-test", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise TimeoutError("proxy did not start in 30 s")
+        if self._error is not None:
+            raise self._error
+
+    def _main(self):
+        if os.environ.get("RDSPROXY_TEST_LOOP", "uvloop") == "uvloop":
+            import uvloop
+            self.loop = uvloop.new_event_loop()
+        else:
+            self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self.proxy.start())
+        except BaseException as exc:  # reported to the starting thread
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        self.loop.run_until_complete(self.proxy.serve_forever())
+        self.loop.run_until_complete(asyncio.sleep(0.05))
+        self.loop.close()
+
+    @property
+    def host(self) -> str:
+        return self.proxy.address[0]
+
+    @property
+    def port(self) -> int:
+        return self.proxy.address[1]
+
+    def dsn(self, user=APP_USER, password=APP_PASSWORD, dbname=APP_DB, **extra) -> str:
+        parts = [f"host={self.host}", f"port={self.port}", f"user={user}", f"dbname={dbname}",
+                 "sslmode=disable", "connect_timeout=10"]
+        if password is not None:
+            parts.append(f"password={password}")
+        parts += [f"{k}='{v}'" for k, v in extra.items()]
+        return " ".join(parts)
+
+    def call(self, fn, *args):
+        """Run `fn(*args)` on the proxy's loop and return its result (sync or coroutine)."""
+        async def wrapper():
+            result = fn(*args)
+            if asyncio.iscoroutine(result):
+                result = await result
+            return result
+        return asyncio.run_coroutine_threadsafe(wrapper(), self.loop).result(30)
+
+    def stats(self) -> dict:
+        return self.call(self.proxy.stats)
+
+    def stop(self, drain: bool = False):
+        if self._thread.is_alive():
+            try:
+                self.call(self.proxy.stop, drain)
+            except Exception:
+                pass
+            self._thread.join(30)
+
+
+def write_secret(directory, username, password, **extra) -> str:
+    path = os.path.join(str(directory), f"secret-{username}.json")
+    with open(path, "w") as fh:
+        json.dump({"username": username, "password": password, "engine": "postgres", **extra}, fh)
+    return path
+
+
+@pytest.fixture
+def proxy_factory(tmp_path, pg):
+    """make(cluster=pg, users=[(user, password)], client_auth=..., **target_group) -> RunningProxy.
+
+    Extra top-level config keys go in `top={...}`; every proxy is stopped at test end.
+    """
+    proxies: list[RunningProxy] = []
+
+    def make(cluster=None, users=((APP_USER, APP_PASSWORD),), client_auth="POSTGRES_SCRAM_SHA_256",
+             top=None, **target_group) -> RunningProxy:
+        cluster = cluster or pg
+        auth = [{"secret": f"file:{write_secret(tmp_path, u, p)}",
+                 "client_password_auth_type": client_auth} for u, p in users]
+        target_group.setdefault("max_connections_percent", 20)
+        target_group.setdefault("connection_borrow_timeout", 10)
+        config = config_from_dict({
+            "name": "test-proxy", "engine_family": "POSTGRESQL", **(top or {}),
+            "auth": auth, "target_group": target_group,
+            "targets": [{"host": cluster.host, "port": cluster.port}],
+            "endpoints": [{"name": "default", "listen": "127.0.0.1:0"}],
+        }, source="<test>", base_dir=tmp_path)
+        running = RunningProxy(config)
+        proxies.append(running)
+        return running
+
+    yield make
+    for running in proxies:
+        running.stop()
+
+
+@pytest.fixture
+def proxy(proxy_factory):
+    """A proxy in front of the session cluster: scram clients, 20% of max_connections=60."""
+    return proxy_factory()

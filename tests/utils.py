@@ -1,0 +1,85 @@
+"""Small helpers shared by the test suite (no pytest plugins needed).
+
+The suite does not depend on pytest-asyncio: async code runs through `run(coro)` from
+plain sync tests, one fresh event loop per call.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import time
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
+
+from rdsproxy.devcluster import free_port
+
+__all__ = ["run", "free_port", "wait_for_port", "port_is_open", "run_cmd", "wait_until"]
+
+T = TypeVar("T")
+
+
+def run(coro: Awaitable[T], *, timeout: float | None = 60) -> T:
+    """Run a coroutine to completion on a fresh event loop, with an overall timeout so a
+    hung proxy fails the test instead of the whole suite."""
+    async def _guarded() -> T:
+        if timeout is None:
+            return await coro
+        return await asyncio.wait_for(coro, timeout)
+    return asyncio.run(_guarded())
+
+
+def port_is_open(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 15.0,
+                  proc: subprocess.Popen | None = None) -> None:
+    """Block until host:port accepts TCP connections. If `proc` is given and exits first,
+    fail at once with its output instead of waiting out the timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if port_is_open(port, host):
+            return
+        if proc is not None and proc.poll() is not None:
+            out = ""
+            if proc.stdout is not None:
+                out = proc.stdout.read() or ""
+                if isinstance(out, bytes):
+                    out = out.decode(errors="replace")
+            raise RuntimeError(f"process exited with {proc.returncode} before "
+                               f"{host}:{port} opened:\n{out[-4000:]}")
+        time.sleep(0.05)
+    raise TimeoutError(f"{host}:{port} did not open within {timeout}s")
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0,
+               interval: float = 0.05, message: str = "condition") -> Any:
+    """Poll `predicate` until it returns something truthy; return that value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{message} not met within {timeout}s")
+        time.sleep(interval)
+
+
+def run_cmd(argv: Sequence[str], *, timeout: float = 60, check: bool = True,
+            env: dict[str, str] | None = None, input: str | None = None,
+            cwd: str | None = None) -> subprocess.CompletedProcess:
+    """subprocess.run with a timeout and captured text output; on failure the raised
+    error's message includes stdout and stderr (CalledProcessError's does not)."""
+    full_env = None if env is None else {**os.environ, **env}
+    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
+                          env=full_env, input=input, cwd=cwd)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"command failed ({proc.returncode}): {' '.join(map(str, argv))}\n"
+            f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}")
+    return proc
