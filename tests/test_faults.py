@@ -1,0 +1,243 @@
+"""Bad input and broken peers: one client gets a clear error; the proxy, the pool and others carry on."""
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+import time
+
+import psycopg
+import pytest
+from conftest import APP_USER
+from utils import wait_until
+
+
+def startup_packet(user=APP_USER, database="appdb") -> bytes:
+    body = struct.pack("!i", 196608) + b"user\0" + user.encode() + b"\0database\0" + database.encode() + b"\0\0"
+    return struct.pack("!i", len(body) + 4) + body
+
+
+def read_all(sock, timeout=5.0) -> bytes:
+    sock.settimeout(timeout)
+    chunks = []
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except (socket.timeout, ConnectionResetError):
+        pass
+    return b"".join(chunks)
+
+
+def error_code(reply: bytes) -> str | None:
+    """SQLSTATE of the first ErrorResponse in a raw reply."""
+    pos = reply.find(b"E")
+    while pos >= 0:
+        if pos + 5 <= len(reply):
+            length = struct.unpack("!i", reply[pos + 1:pos + 5])[0]
+            body = reply[pos + 5:pos + 1 + length]
+            for field in body.split(b"\0"):
+                if field.startswith(b"C"):
+                    return field[1:].decode()
+        pos = reply.find(b"E", pos + 1)
+    return None
+
+
+class Bystander:
+    """A well-behaved client looping over queries in a thread; any error is a failure."""
+
+    def __init__(self, proxy):
+        self.proxy = proxy
+        self.errors = []
+        self.count = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        try:
+            # prepare_threshold=None: unnamed statements only, so the bystander multiplexes.
+            with psycopg.connect(self.proxy.dsn(), autocommit=True, prepare_threshold=None) as conn:
+                while not self._stop.is_set():
+                    with conn.transaction():
+                        assert conn.execute("select %s::int", (self.count,)).fetchone() == (self.count,)
+                    self.count += 1
+        except Exception as exc:  # reported by __exit__
+            self.errors.append(exc)
+
+    def __enter__(self):
+        self._thread.start()
+        wait_until(lambda: self.count > 0 or self.errors, message="bystander running")
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(10)
+        assert not self.errors, self.errors
+        assert self.count > 0
+
+
+def connect_raw(proxy) -> socket.socket:
+    return socket.create_connection((proxy.host, proxy.port), timeout=5)
+
+
+def authenticated_raw(proxy) -> socket.socket:
+    """A raw socket past authentication (md5 proxy, so it is one round trip)."""
+    from rdsproxy.auth.md5 import md5_response
+    sock = connect_raw(proxy)
+    sock.sendall(startup_packet())
+    reply = sock.recv(1024)
+    assert reply[:1] == b"R" and struct.unpack("!i", reply[5:9])[0] == 5, reply
+    salt = reply[9:13]
+    password = md5_response("app-secret", APP_USER, salt) + b"\0"
+    sock.sendall(b"p" + struct.pack("!i", len(password) + 4) + password)
+    got = b""
+    while not got.endswith(b"Z\0\0\0\x05I"):
+        chunk = sock.recv(4096)
+        assert chunk, got
+        got += chunk
+    return sock
+
+
+@pytest.fixture
+def md5_proxy(proxy_factory):
+    return proxy_factory(client_auth="POSTGRES_MD5", max_connections_percent=5)
+
+
+GARBAGE_STARTUPS = [
+    ("absurd_length", b"\xff\xff\xff\xff" + b"x" * 100),
+    ("length_too_small", struct.pack("!i", 3) + b"\0\0\0\0"),
+    ("bad_version", struct.pack("!ii", 8, 0x00020000)),
+    ("odd_strings", struct.pack("!i", 17) + struct.pack("!i", 196608) + b"user\0app\0x\0"),
+    ("random", os.urandom(64)),
+    ("http", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+]
+
+
+@pytest.mark.parametrize("name,payload", GARBAGE_STARTUPS, ids=[g[0] for g in GARBAGE_STARTUPS])
+def test_garbage_before_startup_gets_an_error(md5_proxy, name, payload):
+    with Bystander(md5_proxy):
+        sock = connect_raw(md5_proxy)
+        sock.sendall(payload)
+        reply = read_all(sock)
+        sock.close()
+        if name != "random" or reply:
+            assert reply[:1] == b"E", reply
+            assert error_code(reply) in ("08P01", "0A000", "28000")
+    # (psycopg prepares repeated statements, so the bystander was pinned: its connection is
+    # reset with DISCARD ALL after it leaves, which takes a moment.)
+    wait_until(lambda: md5_proxy.stats()["pool"]["borrowed"] == 0, message="nothing leaked")
+
+
+@pytest.mark.parametrize("name,payload", [
+    ("length_3", b"Q\0\0\0\x03"),
+    ("over_1GiB", b"Q\x7f\xff\xff\xff"),
+    ("negative", b"Q\x80\0\0\0"),
+], ids=["length_3", "over_1GiB", "negative"])
+def test_bad_message_length_after_login(md5_proxy, name, payload):
+    with Bystander(md5_proxy):
+        sock = authenticated_raw(md5_proxy)
+        sock.sendall(payload)
+        reply = read_all(sock)
+        sock.close()
+        assert error_code(reply) == "08P01", reply
+    assert md5_proxy.stats()["ProtocolErrors"] >= 1
+    wait_until(lambda: md5_proxy.stats()["pool"]["borrowed"] == 0, message="nothing leaked")
+
+
+def test_wrong_message_during_authentication(md5_proxy):
+    sock = connect_raw(md5_proxy)
+    sock.sendall(startup_packet())
+    sock.recv(1024)
+    sock.sendall(b"Q\0\0\0\x0dselect 1\0")  # a query instead of a password
+    reply = read_all(sock)
+    assert error_code(reply) == "08P01"
+
+
+def test_truncated_message_then_disconnect_does_not_leak(md5_proxy):
+    with Bystander(md5_proxy):
+        for _ in range(5):
+            sock = authenticated_raw(md5_proxy)
+            sock.sendall(b"Q\0\0\0\x64select ")  # announces 100 bytes, sends 7, vanishes
+            time.sleep(0.1)
+            sock.close()
+    wait_until(lambda: md5_proxy.stats()["pool"]["borrowed"] == 0, message="no leak")
+    stats = md5_proxy.stats()
+    assert stats["pool"]["open"] <= stats["pool"]["max"]
+
+
+def test_client_vanishing_mid_transaction_is_rolled_back(proxy_factory, pg):
+    proxy = proxy_factory(max_connections_percent=2)
+    pg.psql("create table if not exists vanish(a int); grant all on vanish to app", dbname="appdb")
+    conn = psycopg.connect(proxy.dsn())
+    conn.execute("insert into vanish values (1)")  # open transaction, not committed
+    pid = conn.execute("select pg_backend_pid()").fetchone()[0]
+    os.close(conn.fileno())  # abrupt: no Terminate message
+    wait_until(lambda: proxy.stats()["pool"]["borrowed"] == 0, message="connection returned")
+    state = pg.psql(f"select state from pg_stat_activity where pid = {pid}")
+    assert state == "idle", f"returned connection is {state!r}"
+    with psycopg.connect(proxy.dsn(), autocommit=True) as other:
+        assert other.execute("select pg_backend_pid()").fetchone()[0] == pid  # reused, clean
+        assert other.execute("select count(*) from vanish").fetchone()[0] == 0
+
+
+def test_client_vanishing_mid_query_frees_the_budget(proxy_factory):
+    proxy = proxy_factory(max_connections_percent=2, connection_borrow_timeout=10)
+    sock_conn = psycopg.connect(proxy.dsn(), autocommit=True)
+    threading.Thread(target=lambda: _ignore(sock_conn.execute, "select pg_sleep(1)"), daemon=True).start()
+    wait_until(lambda: proxy.stats()["pool"]["borrowed"] == 1, message="query running")
+    os.close(sock_conn.fileno())
+    with psycopg.connect(proxy.dsn(), autocommit=True) as other:
+        assert other.execute("select 1").fetchone() == (1,)
+    wait_until(lambda: proxy.stats()["pool"]["borrowed"] == 0, message="budget freed")
+
+
+def _ignore(fn, *args):
+    try:
+        fn(*args)
+    except Exception:
+        pass
+
+
+def test_backend_killed_mid_query(proxy, pg):
+    with Bystander(proxy):
+        conn = psycopg.connect(proxy.dsn(), autocommit=True)
+        pid = conn.execute("select pg_backend_pid()").fetchone()[0]
+        killer = threading.Timer(0.5, lambda: pg.psql(f"select pg_terminate_backend({pid})"))
+        killer.start()
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("select pg_sleep(10)")
+        killer.join()
+        # Outside a transaction the client keeps its proxy connection and carries on.
+        if not conn.closed:
+            try:
+                new_pid = conn.execute("select pg_backend_pid()").fetchone()[0]
+                assert new_pid != pid
+            except psycopg.OperationalError:
+                pass
+        conn.close()
+        with psycopg.connect(proxy.dsn(), autocommit=True) as fresh:
+            assert fresh.execute("select 1").fetchone() == (1,)
+    wait_until(lambda: proxy.stats()["pool"]["borrowed"] == 0, message="pool recovered")
+
+
+def test_backend_killed_inside_transaction_closes_that_client(proxy, pg):
+    conn = psycopg.connect(proxy.dsn())
+    pid = conn.execute("select pg_backend_pid()").fetchone()[0]
+    pg.psql(f"select pg_terminate_backend({pid})")
+    with pytest.raises(psycopg.OperationalError):
+        conn.execute("select 1")
+    conn.close()
+    wait_until(lambda: proxy.stats()["pool"]["borrowed"] == 0, message="pool recovered")
+    with psycopg.connect(proxy.dsn(), autocommit=True) as fresh:
+        assert fresh.execute("select 1").fetchone() == (1,)
+
+
+def test_idle_pooled_connection_killed_is_replaced(proxy, pg):
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        pid = conn.execute("select pg_backend_pid()").fetchone()[0]
+        pg.psql(f"select pg_terminate_backend({pid})")  # idle in the pool now
+        wait_until(lambda: proxy.stats()["pool"]["idle"] == 0, message="dead idle connection dropped")
+        assert conn.execute("select pg_backend_pid()").fetchone()[0] != pid
