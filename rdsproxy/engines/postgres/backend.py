@@ -78,7 +78,7 @@ class ServerConnection(asyncio.Protocol):
                     name, value = pg.parse_parameter_status(payload)
                     self.parameters[name] = value
                 self.scanner.captured.clear()
-            if n:
+            if n or not client.outstanding:  # the latter: finish a release held back mid-message
                 client.on_server_ready(n, self.scanner.status)
             return
         self._buf += data

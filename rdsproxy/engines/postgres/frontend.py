@@ -54,6 +54,8 @@ class ClientConnection(asyncio.Protocol):
 
     borrow_timer = None
     borrow_entry = None
+    reading_paused = False
+    _syncing = None
 
     def __init__(self, engine, endpoint):
         self.engine = engine
@@ -111,7 +113,8 @@ class ClientConnection(asyncio.Protocol):
         self.state = CLOSED
         if self.waiting:
             self.waiting = False
-            self.pool.cancel_wait(self)
+            if self._syncing is None:  # a syncing connection comes back through its callback
+                self.pool.cancel_wait(self)
         server = self.server
         if server is not None:
             self.server = None
@@ -184,7 +187,6 @@ class ClientConnection(asyncio.Protocol):
 
     def _borrow(self):
         self.waiting = True
-        self.transport.pause_reading()
         try:
             conn = self.pool.acquire(self.key, self)
         except PoolClosed as exc:
@@ -192,25 +194,37 @@ class ClientConnection(asyncio.Protocol):
             return
         if conn is not None:
             self.on_connection(conn)
+        else:
+            # Hold the client's further bytes in the kernel until a connection is ours
+            # (pausing costs a syscall, so only when we really wait).
+            self.reading_paused = True
+            self.transport.pause_reading()
 
     def on_connection(self, conn):
         """The pool hands over a connection (at once, or after a wait)."""
-        self.waiting = False
         if self.state == LOGIN:
+            self.waiting = False
             self.pool.release(conn)
             self._finish_login()
             return
         if self.state != READY:
             self.pool.release(conn)
             return
+        if conn.applied != self.desired:
+            # Bring the connection's session parameters to this client's first; the client's
+            # bytes keep waiting in `pending` until that is done.
+            self._syncing = conn
+            conn.run_internal(self._parameter_sync_sql(conn), self._on_parameters_synced)
+            return
+        self._attach(conn)
+
+    def _attach(self, conn):
+        self.waiting = False
         self.server = conn
         conn.client = self
         if self.pin_reason is not None and not self.pinned_server:
             self.pinned_server = True
             self.engine.pinned_sessions += 1
-        if conn.applied != self.desired:
-            conn.run_internal(self._parameter_sync_sql(conn), self._on_parameters_synced)
-            return
         self._flush_pending()
 
     def _parameter_sync_sql(self, conn) -> str:
@@ -225,25 +239,34 @@ class ClientConnection(asyncio.Protocol):
         return "; ".join(statements)
 
     def _on_parameters_synced(self, error):
-        conn = self.server
-        if conn is None:
+        conn, self._syncing = self._syncing, None
+        if error is None:
+            conn.applied = self.desired
+        if self.state != READY:  # the client left meanwhile
+            if error is None:
+                self.pool.release(conn)
+            else:
+                self.pool.discard(conn)
             return
         if error is not None:
-            self.server = None
-            conn.client = None
+            self.waiting = False
             self.pool.discard(conn)
             fields = getattr(error, "fields", {})
             self.fatal(fields.get("C", "08006"), f"cannot apply session parameters: {fields.get('M', error)}")
             return
-        conn.applied = self.desired
-        self._flush_pending()
+        self._attach(conn)
 
     def _flush_pending(self):
         pending = self.pending
         if pending:
             self.pending = []
             self.server.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
-        self.transport.resume_reading()
+        self._resume_reading()
+
+    def _resume_reading(self):
+        if self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
 
     def on_borrow_error(self, exc):
         self.waiting = False
@@ -268,15 +291,16 @@ class ClientConnection(asyncio.Protocol):
         out += [pg.ready_for_query(b"I")] * self.outstanding
         self.outstanding = 0
         self.transport.write(b"".join(out))
-        self.transport.resume_reading()
+        self._resume_reading()
 
     def on_server_ready(self, n, status):
         """The attached server sent `n` ReadyForQuery messages, the last with `status`."""
         outstanding = self.outstanding - n
         self.outstanding = outstanding if outstanding > 0 else 0
+        server = self.server
         if (outstanding <= 0 and status == STATUS_IDLE and self.pin_reason is None
-                and self.scanner.last_type not in UNSYNCED and self.scanner.at_boundary()):
-            server = self.server
+                and self.scanner.last_type not in UNSYNCED and self.scanner.at_boundary()
+                and server.scanner.at_boundary()):
             self.server = None
             server.client = None
             self.pool.release(server)
