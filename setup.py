@@ -35,8 +35,8 @@ class OptionalBuildExt(build_ext):
 
 
 def fastpath_extensions():
-    if os.environ.get("RDSPROXY_PURE_PYTHON") == "1":
-        print("rdsproxy: RDSPROXY_PURE_PYTHON=1, building no extensions", file=sys.stderr)
+    if os.environ.get("RDSPROXY_PURE_PYTHON", "") not in ("", "0"):
+        print("rdsproxy: RDSPROXY_PURE_PYTHON is set, building no extensions", file=sys.stderr)
         return []
     try:
         from Cython.Build import cythonize
@@ -44,24 +44,44 @@ def fastpath_extensions():
     except ImportError:
         print("rdsproxy: Cython not available; using the pure-Python twins", file=sys.stderr)
         return []
+    here = os.path.dirname(os.path.abspath(__file__))
     extensions = []
     for name in FASTPATH_MODULES:
         source = f"rdsproxy/_fastpath/{name}_py.py"
-        if not os.path.exists(source):
+        pxd = f"rdsproxy/_fastpath/{name}_c.pxd"
+        if not os.path.exists(os.path.join(here, source)):
             continue
-        extensions.append(Extension(f"rdsproxy._fastpath.{name}_c", [source]))
-    if not extensions:
-        return []
-    try:
-        return cythonize(
-            extensions,
-            compiler_directives={"language_level": "3", "boundscheck": False,
-                                 "wraparound": False, "cdivision": True},
-            quiet=True,
-        )
-    except Exception as exc:
-        print(f"rdsproxy: cythonize failed ({exc}); using the pure-Python twins", file=sys.stderr)
-        return []
+        # The module is named *_c but compiled from *_py.py: Cython then looks for the pxd
+        # by the module name (*_c.pxd) and names the init function PyInit_<name>_c.
+        ext = Extension(f"rdsproxy._fastpath.{name}_c", [source], depends=[pxd])
+        try:
+            extensions += cythonize(
+                [ext],
+                compiler_directives={
+                    "language_level": "3",
+                    # Only pointers are indexed unchecked; keep bytearray lookups checked.
+                    "boundscheck": True,
+                    "wraparound": False,
+                    "cdivision": True,
+                    # `if cython.compiled:` leaves the pure branch unreachable on purpose.
+                    "warn.unreachable": False,
+                },
+                # Cython's dependency scan looks for <source>.pxd (*_py.pxd), so it would
+                # miss edits to *_c.pxd: regenerate the C file when the pxd is newer.
+                force=_newer(os.path.join(here, pxd), os.path.join(here, source[:-3] + ".c")),
+                quiet=True,
+            )
+        except Exception as exc:
+            print(f"rdsproxy: cythonize {source} failed ({exc}); using the pure-Python twin",
+                  file=sys.stderr)
+    return extensions
+
+
+def _newer(path, than):
+    """True when `path` exists and `than` is missing or older."""
+    if not os.path.exists(path):
+        return False
+    return not os.path.exists(than) or os.path.getmtime(path) > os.path.getmtime(than)
 
 
 setup(ext_modules=fastpath_extensions(), cmdclass={"build_ext": OptionalBuildExt})

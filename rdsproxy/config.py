@@ -168,6 +168,9 @@ def config_from_dict(data: dict, *, source: str = "<dict>", base_dir: str | os.P
             top[f.name] = _coerce(f, data[f.name], source, f.name)
     cfg = ProxyConfig(**top, source=source, base_dir=str(base_dir))
     _one_of(cfg.engine_family, ENGINE_FAMILIES, source, "engine_family")
+    if cfg.require_tls:
+        raise ConfigError(source, "require_tls", "TLS is not supported by this version yet, so it "
+                                                 "cannot be required; set it to false")
     if cfg.idle_client_timeout < 0:
         raise ConfigError(source, "idle_client_timeout", "must be 0 (never) or a positive number of seconds")
 
@@ -181,6 +184,9 @@ def config_from_dict(data: dict, *, source: str = "<dict>", base_dir: str | os.P
         a = AuthConfig(**_check_fields(AuthConfig, entry, source, prefix))
         _one_of(a.auth_scheme, ("SECRETS",), source, prefix + "auth_scheme")
         _one_of(a.iam_auth, ("DISABLED", "REQUIRED", "OPTIONAL"), source, prefix + "iam_auth")
+        if a.iam_auth != "DISABLED":
+            raise ConfigError(source, prefix + "iam_auth", "IAM token authentication is not "
+                                                           "supported by this version yet; use DISABLED")
         _one_of(a.client_password_auth_type, CLIENT_AUTH_TYPES[cfg.engine_family], source,
                 prefix + "client_password_auth_type")
         if not (a.secret.startswith("file:") or a.secret.startswith("env:")):

@@ -1,0 +1,106 @@
+"""Borrow/return bookkeeping of a connection budget: idle stacks per key and a FIFO of waiters.
+
+Pure-Python twin of `pool_c`, which setup.py compiles from this very file with the C types
+of `pool_c.pxd` beside it (a cdef class with C-integer counters). It holds no I/O and no
+timers: `rdsproxy.core.pool` opens and closes connections and runs the clocks; this class
+only decides who gets which connection, in O(1) on the common paths.
+"""
+from collections import deque
+
+
+class PoolCore:
+    """Counts every connection of one budget and pairs free ones with waiters.
+
+    `total` counts open and opening connections; `borrowed` those lent out. Idle connections
+    sit on a stack per key (last in, first out, so the least used ones age and get reaped).
+    Waiters are served strictly first come, first served across keys.
+    """
+
+    def __init__(self, max_size):
+        self.max_size = max_size
+        self.total = 0
+        self.borrowed = 0
+        self.idle_count = 0
+        self._idle = {}
+        self._waiters = deque()
+
+    # -- borrowing ---------------------------------------------------------------------
+    def try_borrow(self, key):
+        """An idle connection for `key`, or None. Counts it as borrowed."""
+        stack = self._idle.get(key)
+        if stack:
+            self.idle_count -= 1
+            self.borrowed += 1
+            return stack.pop()
+        return None
+
+    def reserve_new(self):
+        """Claim budget for a new connection; False when the budget is spent."""
+        if self.total < self.max_size:
+            self.total += 1
+            self.borrowed += 1
+            return True
+        return False
+
+    def forget(self, borrowed):
+        """A connection was closed (or failed to open): give its budget back."""
+        self.total -= 1
+        if borrowed:
+            self.borrowed -= 1
+
+    # -- returning ---------------------------------------------------------------------
+    def give_back(self, key, conn):
+        """Return a borrowed connection.
+
+        Returns the waiter entry (key, waiter) that should now get a connection, or None
+        when `conn` went onto its idle stack. When the first waiter wants the same key the
+        caller hands `conn` over as it is; otherwise it closes `conn` and opens one for them.
+        """
+        if self._waiters:
+            return self._waiters.popleft()
+        self.borrowed -= 1
+        self.idle_count += 1
+        stack = self._idle.get(key)
+        if stack is None:
+            self._idle[key] = [conn]
+        else:
+            stack.append(conn)
+        return None
+
+    # -- waiting -----------------------------------------------------------------------
+    def add_waiter(self, key, waiter):
+        entry = (key, waiter)
+        self._waiters.append(entry)
+        return entry
+
+    def remove_waiter(self, entry):
+        """Drop a waiter that timed out or went away; False if it was already served."""
+        try:
+            self._waiters.remove(entry)
+        except ValueError:
+            return False
+        return True
+
+    def pop_waiter(self):
+        return self._waiters.popleft() if self._waiters else None
+
+    @property
+    def waiting(self):
+        return len(self._waiters)
+
+    # -- idle housekeeping -------------------------------------------------------------
+    def take_idle(self, conn, key):
+        """Remove one idle connection (to close it); False if it is not idle any more."""
+        stack = self._idle.get(key)
+        if not stack:
+            return False
+        try:
+            stack.remove(conn)
+        except ValueError:
+            return False
+        self.idle_count -= 1
+        return True
+
+    def idle_items(self):
+        """(key, conn) for every idle connection, oldest first within a key."""
+        return [(key, conn) for key, stack in self._idle.items() for conn in stack]

@@ -1,0 +1,589 @@
+"""The hot-path twins: message framing and pool bookkeeping, pure Python and Cython.
+
+Every behaviour test runs against both `*_py` (ids `py`) and the compiled `*_c` (ids `c`),
+imported directly so both are covered whatever `rdsproxy._fastpath` selected. `c` is skipped
+when the extension is not built, unless RDSPROXY_REQUIRE_CYTHON=1 (CI after a build), which
+turns the skip into a failure. Property tests also compare the twins against each other.
+"""
+import importlib
+import os
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (Bundle, RuleBasedStateMachine, consumes, initialize,
+                                 invariant, rule)
+
+REQUIRE_CYTHON = os.environ.get("RDSPROXY_REQUIRE_CYTHON", "") not in ("", "0")
+
+
+def _load(name):
+    """Import rdsproxy._fastpath.<name>; None for a compiled twin that is not built."""
+    try:
+        return importlib.import_module("rdsproxy._fastpath." + name)
+    except ImportError:
+        if name.endswith("_py"):
+            raise
+        return None
+
+
+FRAMING = {"py": _load("framing_py"), "c": _load("framing_c")}
+POOL = {"py": _load("pool_py"), "c": _load("pool_c")}
+
+
+def _require(modules, impl):
+    module = modules[impl]
+    if module is None:
+        if REQUIRE_CYTHON:
+            pytest.fail("RDSPROXY_REQUIRE_CYTHON=1 but the Cython twin is not built")
+        pytest.skip("Cython twin not built")
+    return module
+
+
+# Module scope: hypothesis runs many examples per test call (the modules are stateless).
+@pytest.fixture(scope="module", params=["py", "c"])
+def framing(request):
+    return _require(FRAMING, request.param)
+
+
+@pytest.fixture(scope="module", params=["py", "c"])
+def pool(request):
+    return _require(POOL, request.param)
+
+
+@pytest.fixture(scope="module")
+def both_framing():
+    return _require(FRAMING, "py"), _require(FRAMING, "c")
+
+
+@pytest.fixture(scope="module")
+def both_pool():
+    return _require(POOL, "py"), _require(POOL, "c")
+
+
+def msg(mtype, payload=b""):
+    """One wire message: type byte, int32 length (counting itself), payload."""
+    if isinstance(mtype, str):
+        mtype = ord(mtype)
+    return bytes([mtype]) + struct.pack("!I", len(payload) + 4) + payload
+
+
+def raw_header(mtype, length):
+    return bytes([ord(mtype)]) + struct.pack("!I", length)
+
+
+# A pgbench -S answer (simple protocol): RowDescription, DataRow, CommandComplete, RFQ.
+ROW_DESCRIPTION = msg("T", struct.pack("!H", 1) + b"abalance\x00"
+                      + struct.pack("!IhIhih", 16390, 3, 23, 4, -1, 0))
+DATA_ROW = msg("D", struct.pack("!HI", 1, 4) + b"1234")
+COMMAND_COMPLETE = msg("C", b"SELECT 1\x00")
+PGBENCH_S = ROW_DESCRIPTION + DATA_ROW + COMMAND_COMPLETE + msg("Z", b"I")
+
+BUFFER_KINDS = [bytes, bytearray, memoryview]
+
+
+# -- MessageScanner: basics ------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", BUFFER_KINDS, ids=lambda k: k.__name__)
+def test_single_message(framing, kind):
+    s = framing.MessageScanner(counted=b"C")
+    assert s.feed(kind(COMMAND_COMPLETE)) == 1
+    assert s.last_type == ord("C")
+    assert s.at_boundary()
+    assert s.captured == []
+
+
+@pytest.mark.parametrize("kind", BUFFER_KINDS, ids=lambda k: k.__name__)
+def test_many_messages_in_one_chunk(framing, kind):
+    s = framing.MessageScanner(counted=b"DZ", captured=b"C")
+    assert s.feed(kind(PGBENCH_S * 3)) == 6
+    assert s.captured == [(ord("C"), b"SELECT 1\x00", 9)] * 3
+    assert s.status == ord("I")
+    assert s.last_type == ord("Z")
+    assert s.at_boundary()
+
+
+def test_defaults(framing):
+    s = framing.MessageScanner()
+    assert (s.status, s.last_type, s.captured) == (ord("I"), 0, [])
+    assert s.at_boundary()
+    assert s.feed(b"") == 0
+    assert s.feed(PGBENCH_S) == 0  # nothing counted by default
+    assert s.captured == []
+
+
+@pytest.mark.parametrize("kind", BUFFER_KINDS, ids=lambda k: k.__name__)
+def test_header_split_at_every_offset(framing, kind):
+    stream = msg("D", b"abc") + msg("Z", b"T") + msg("C", b"x" * 7)
+    for cut in range(len(stream) + 1):
+        s = framing.MessageScanner(counted=b"DZC", captured=b"C")
+        n = s.feed(kind(stream[:cut])) + s.feed(kind(stream[cut:]))
+        assert n == 3, cut
+        assert s.status == ord("T"), cut
+        assert s.captured == [(ord("C"), b"x" * 7, 7)], cut
+        assert s.at_boundary(), cut
+
+
+def test_byte_at_a_time(framing):
+    stream = PGBENCH_S + msg("Z", b"E") + msg("S", b"") + msg("D", b"q" * 300)
+    s = framing.MessageScanner(counted=b"ZD", captured=b"TS")
+    total = 0
+    for i in range(len(stream)):
+        total += s.feed(stream[i:i + 1])
+        assert s.at_boundary() == (i + 1 in _boundaries(stream))
+    assert total == 4
+    assert s.status == ord("E")
+    assert [c[0] for c in s.captured] == [ord("T"), ord("S")]
+    assert s.captured[1] == (ord("S"), b"", 0)
+
+
+def _boundaries(stream):
+    ends, pos = set(), 0
+    while pos < len(stream):
+        pos += 1 + struct.unpack("!I", stream[pos + 1:pos + 5])[0]
+        ends.add(pos)
+    return ends
+
+
+def test_payload_split(framing):
+    payload = bytes(range(256)) * 4
+    stream = msg("d", payload)
+    s = framing.MessageScanner(counted=b"d", captured=b"d")
+    assert s.feed(stream[:5 + 100]) == 0
+    assert not s.at_boundary()
+    assert s.last_type == ord("d")  # header already read
+    assert s.feed(stream[105:600]) == 0
+    assert s.feed(stream[600:]) == 1
+    assert s.captured == [(ord("d"), payload, len(payload))]
+    assert s.at_boundary()
+
+
+def test_counted_and_captured_types(framing):
+    s = framing.MessageScanner(counted=b"CZ", captured=b"CE")
+    stream = (msg("C", b"INSERT 0 1\x00") + msg("E", b"SERROR\x00") + msg("N", b"notice")
+              + msg("Z", b"E"))
+    assert s.feed(stream) == 2
+    assert s.captured == [(ord("C"), b"INSERT 0 1\x00", 11), (ord("E"), b"SERROR\x00", 7)]
+    assert s.status == ord("E")
+
+
+def test_owner_drains_captured(framing):
+    s = framing.MessageScanner(captured=b"C")
+    s.feed(COMMAND_COMPLETE)
+    first = s.captured
+    s.captured = []
+    s.feed(COMMAND_COMPLETE)
+    assert len(first) == 1 and len(s.captured) == 1
+    s.captured.clear()
+    s.feed(COMMAND_COMPLETE)
+    assert len(s.captured) == 1
+
+
+@pytest.mark.parametrize("split", [None, 3, 7, 12])
+def test_capture_limit_truncates(framing, split):
+    payload = b"SELECT * FROM accounts WHERE aid = 1"
+    stream = msg("Q", payload)
+    s = framing.MessageScanner(captured=b"Q", capture_limit=10)
+    if split is None:
+        s.feed(stream)
+    else:
+        s.feed(stream[:split])
+        s.feed(stream[split:])
+    assert s.captured == [(ord("Q"), payload[:10], len(payload))]
+
+
+def test_capture_limit_zero_captures_nothing(framing):
+    s = framing.MessageScanner(captured=b"Q", capture_limit=0)
+    s.feed(msg("Q", b"abc"))
+    assert s.captured == [(ord("Q"), b"", 3)]
+
+
+@pytest.mark.parametrize("split", [None, 1, 3, 5])
+def test_ready_for_query_status(framing, split):
+    s = framing.MessageScanner(counted=b"Z")
+    for status in b"TEI":
+        stream = msg("Z", bytes([status]))
+        if split is None:
+            assert s.feed(stream) == 1
+        else:
+            assert s.feed(stream[:split]) == 0
+            assert s.status != status  # only a complete RFQ changes the status
+            assert s.feed(stream[split:]) == 1
+        assert s.status == status
+
+
+def test_status_also_tracked_when_rfq_captured(framing):
+    s = framing.MessageScanner(captured=b"Z")
+    s.feed(msg("Z", b"T"))
+    assert s.status == ord("T")
+    assert s.captured == [(ord("Z"), b"T", 1)]
+
+
+def test_zero_length_payloads(framing):
+    s = framing.MessageScanner(counted=b"12nZ", captured=b"n")
+    stream = msg("1") + msg("2") + msg("n") + msg("Z")
+    assert s.feed(stream) == 4
+    assert s.captured == [(ord("n"), b"", 0)]
+    assert s.status == ord("I")  # an empty RFQ does not change it
+    for cut in range(len(stream) + 1):
+        s = framing.MessageScanner(counted=b"12nZ")
+        assert s.feed(stream[:cut]) + s.feed(stream[cut:]) == 4
+
+
+@pytest.mark.parametrize("length", [0, 1, 3])
+def test_length_below_four_is_an_error(framing, length):
+    s = framing.MessageScanner()
+    with pytest.raises(framing.FramingError, match="invalid message length %d" % length):
+        s.feed(raw_header("D", length) + b"xxxx")
+
+
+def test_length_above_max_is_an_error(framing):
+    s = framing.MessageScanner(max_message_size=100)
+    assert s.feed(msg("D", b"x" * 100)) == 0  # exactly the limit is fine
+    with pytest.raises(framing.FramingError):
+        s.feed(msg("D", b"x" * 101))
+    s = framing.MessageScanner()
+    with pytest.raises(framing.FramingError, match="4294967295"):
+        s.feed(raw_header("D", 0xFFFFFFFF))
+
+
+def test_invalid_length_in_split_header(framing):
+    s = framing.MessageScanner()
+    s.feed(raw_header("D", 2)[:3])
+    with pytest.raises(framing.FramingError):
+        s.feed(raw_header("D", 2)[3:])
+
+
+def test_framing_error_is_an_exception(framing):
+    assert issubclass(framing.FramingError, Exception)
+
+
+def test_last_type(framing):
+    s = framing.MessageScanner()
+    s.feed(msg("T", b"abc")[:5])  # header only
+    assert s.last_type == ord("T")
+    s.feed(msg("T", b"abc")[5:] + msg("D", b"")[:2])
+    assert s.last_type == ord("T")  # "D" header not complete yet
+    s.feed(msg("D", b"")[2:])
+    assert s.last_type == ord("D")
+
+
+def test_reset(framing):
+    s = framing.MessageScanner(counted=b"D", captured=b"D")
+    s.feed(msg("Z", b"E"))
+    s.feed(msg("D", b"abc")[:6])
+    assert not s.at_boundary()
+    s.reset()
+    assert s.at_boundary()
+    assert s.captured == [] and s.last_type == 0
+    assert s.status == ord("E")  # reset keeps the last known status
+    assert s.feed(msg("D", b"xyz")) == 1
+    assert s.captured == [(ord("D"), b"xyz", 3)]
+    s.feed(msg("D", b"")[:3])  # partial header
+    s.reset()
+    assert s.at_boundary()
+    assert s.feed(msg("D", b"")) == 1
+
+
+def test_at_boundary(framing):
+    s = framing.MessageScanner()
+    assert s.at_boundary()
+    s.feed(b"D")
+    assert not s.at_boundary()
+    s.feed(struct.pack("!I", 6))
+    assert not s.at_boundary()
+    s.feed(b"a")
+    assert not s.at_boundary()
+    s.feed(b"b")
+    assert s.at_boundary()
+
+
+def test_public_attributes_are_assignable(framing):
+    s = framing.MessageScanner()
+    s.status = ord("T")
+    s.last_type = 0
+    s.capture_limit = 2
+    s.max_message_size = 10
+    assert (s.status, s.capture_limit, s.max_message_size) == (ord("T"), 2, 10)
+
+
+def test_non_contiguous_memoryview(framing):
+    stream = PGBENCH_S
+    doubled = bytes(b for b in stream for _ in (0, 1))
+    view = memoryview(doubled)[::2]
+    s = framing.MessageScanner(counted=b"DZ")
+    assert s.feed(view) == 2
+    assert s.status == ord("I") and s.last_type == ord("Z")
+
+
+def test_split_messages(framing):
+    stream = msg("R", struct.pack("!I", 0)) + msg("S", b"a\x00b\x00") + msg("Z", b"I")
+    assert framing.split_messages(stream) == (
+        [(ord("R"), b"\x00" * 4), (ord("S"), b"a\x00b\x00"), (ord("Z"), b"I")], len(stream))
+    # A trailing partial message stays for the caller; `start` skips a prefix.
+    for cut in range(len(stream)):
+        messages, consumed = framing.split_messages(bytearray(stream[:cut]))
+        assert consumed == sum(len(msg(t, p)) for t, p in messages)
+        assert consumed <= cut
+    first = len(msg("R", struct.pack("!I", 0)))
+    assert framing.split_messages(memoryview(stream), first) == (
+        [(ord("S"), b"a\x00b\x00"), (ord("Z"), b"I")], len(stream))
+    assert framing.split_messages(b"") == ([], 0)
+    with pytest.raises(framing.FramingError):
+        framing.split_messages(raw_header("X", 3))
+
+
+# -- MessageScanner: properties --------------------------------------------------------
+
+TYPES = st.sampled_from(b"ZDCTEINSdQ\x00\xff")
+MESSAGES = st.lists(
+    st.tuples(TYPES, st.one_of(st.sampled_from([b"", b"I", b"T", b"E"]),
+                               st.binary(max_size=300))),
+    max_size=25)
+SCANNER_ARGS = st.fixed_dictionaries({
+    "counted": st.sets(TYPES).map(bytes),
+    "captured": st.sets(TYPES).map(bytes),
+    "capture_limit": st.sampled_from([0, 1, 2, 16, 65536]),
+})
+
+
+def _chunks(stream, cuts):
+    points = sorted({c % (len(stream) + 1) for c in cuts})
+    bounds = [0] + points + [len(stream)]
+    return [stream[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def _observe(module, args, chunks, kind=bytes):
+    s = module.MessageScanner(**args)
+    counts = 0
+    for chunk in chunks:
+        counts += s.feed(kind(chunk))
+    return counts, s.captured, s.status, s.last_type, s.at_boundary()
+
+
+@settings(max_examples=300, deadline=None)
+@given(messages=MESSAGES, args=SCANNER_ARGS,
+       cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=12),
+       kind=st.sampled_from(BUFFER_KINDS))
+def test_chunking_does_not_matter(framing, messages, args, cuts, kind):
+    stream = b"".join(msg(t, p) for t, p in messages)
+    whole = _observe(framing, args, [stream])
+    assert _observe(framing, args, _chunks(stream, cuts), kind) == whole
+    counts, captured, status, _, at_boundary = whole
+    assert at_boundary
+    assert counts == sum(1 for t, _ in messages if t in args["counted"])
+    limit = args["capture_limit"]
+    assert captured == [(t, p[:limit], len(p)) for t, p in messages if t in args["captured"]]
+    rfq = [p for t, p in messages if t == ord("Z") and p]
+    assert status == (rfq[-1][0] if rfq and limit > 0 else ord("I"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=200), args=SCANNER_ARGS,
+       max_size=st.sampled_from([0, 10, 1 << 30]),
+       cuts=st.lists(st.integers(min_value=0, max_value=300), max_size=6),
+       kind=st.sampled_from(BUFFER_KINDS))
+def test_twins_agree_on_any_bytes(both_framing, data, args, max_size, cuts, kind):
+    """Arbitrary input, garbage included: same results, or the same error at the same point."""
+    results = []
+    for module in both_framing:
+        s = module.MessageScanner(max_message_size=max_size, **args)
+        trace = []
+        for chunk in _chunks(data, cuts):
+            try:
+                trace.append(s.feed(kind(chunk)))
+            except module.FramingError as exc:
+                trace.append(("FramingError", str(exc)))
+                break
+            trace.append((list(s.captured), s.status, s.last_type, s.at_boundary()))
+        results.append(trace)
+    assert results[0] == results[1]
+
+
+@settings(max_examples=200, deadline=None)
+@given(messages=MESSAGES, args=SCANNER_ARGS,
+       cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=12))
+def test_twins_agree_on_streams(both_framing, messages, args, cuts):
+    stream = b"".join(msg(t, p) for t, p in messages)
+    py, c = both_framing
+    chunks = _chunks(stream, cuts)
+    assert _observe(py, args, chunks) == _observe(c, args, chunks)
+    assert py.split_messages(stream) == c.split_messages(stream)
+
+
+# -- PoolCore ----------------------------------------------------------------------------
+
+def test_pool_borrow_and_return(pool):
+    p = pool.PoolCore(2)
+    assert (p.total, p.borrowed, p.idle_count, p.max_size, p.waiting) == (0, 0, 0, 2, 0)
+    assert p.try_borrow("k") is None
+    assert p.reserve_new() is True
+    assert p.reserve_new() is True
+    assert p.reserve_new() is False  # budget spent
+    assert (p.total, p.borrowed) == (2, 2)
+    assert p.give_back("k", "c1") is None
+    assert p.give_back("k", "c2") is None
+    assert (p.total, p.borrowed, p.idle_count) == (2, 0, 2)
+    assert p.try_borrow("other") is None
+    assert p.try_borrow("k") == "c2"  # last in, first out
+    assert (p.borrowed, p.idle_count) == (1, 1)
+    assert p.try_borrow("k") == "c1"
+    assert p.try_borrow("k") is None
+
+
+def test_pool_max_size_assignable(pool):
+    p = pool.PoolCore(1)
+    assert p.reserve_new()
+    assert not p.reserve_new()
+    p.max_size = 3
+    assert p.max_size == 3
+    assert p.reserve_new()
+    p.max_size = 0
+    assert not p.reserve_new()
+
+
+def test_pool_forget(pool):
+    p = pool.PoolCore(2)
+    p.reserve_new()
+    p.reserve_new()
+    p.forget(True)  # a borrowed connection died
+    assert (p.total, p.borrowed) == (1, 1)
+    p.give_back("k", "c")
+    assert p.take_idle("c", "k") is True
+    p.forget(False)  # the idle one we took got closed
+    assert (p.total, p.borrowed, p.idle_count) == (0, 0, 0)
+
+
+def test_pool_waiters_fifo(pool):
+    p = pool.PoolCore(1)
+    assert p.reserve_new()
+    w1 = p.add_waiter("a", "w1")
+    w2 = p.add_waiter("b", "w2")
+    w3 = p.add_waiter("a", "w3")
+    assert (w1, w2) == (("a", "w1"), ("b", "w2"))
+    assert p.waiting == 3
+    assert p.remove_waiter(w2) is True
+    assert p.remove_waiter(w2) is False
+    # A returned connection goes to the first waiter, whatever its key; still borrowed.
+    assert p.give_back("b", "conn") == w1
+    assert (p.borrowed, p.idle_count, p.waiting) == (1, 0, 1)
+    assert p.pop_waiter() == w3
+    assert p.pop_waiter() is None
+    assert p.waiting == 0
+    assert p.give_back("b", "conn") is None
+    assert p.idle_count == 1
+
+
+def test_pool_take_idle_and_idle_items(pool):
+    p = pool.PoolCore(5)
+    for _ in range(4):
+        p.reserve_new()
+    for key, conn in [("a", 1), ("b", 2), ("a", 3), ("b", 4)]:
+        p.give_back(key, conn)
+    assert p.idle_items() == [("a", 1), ("a", 3), ("b", 2), ("b", 4)]
+    assert p.take_idle(1, "b") is False  # wrong key
+    assert p.take_idle(99, "a") is False
+    assert p.take_idle(1, "zz") is False
+    assert p.take_idle(1, "a") is True
+    assert p.take_idle(1, "a") is False
+    assert p.idle_count == 3
+    assert p.try_borrow("a") == 3
+    assert p.take_idle(3, "a") is False  # borrowed, not idle
+    assert p.idle_items() == [("b", 2), ("b", 4)]
+
+
+class PoolTwins(RuleBasedStateMachine):
+    """Random operation sequences on both twins must give the same answers and counters."""
+
+    def __init__(self):
+        super().__init__()
+        py, c = _require(POOL, "py"), _require(POOL, "c")
+        self.twins = None
+        self._modules = (py, c)
+        self.next_conn = 0
+
+    entries = Bundle("entries")
+    keys = st.sampled_from(["a", "b", "c"])
+
+    @initialize(size=st.integers(min_value=0, max_value=4))
+    def start(self, size):
+        self.twins = [m.PoolCore(size) for m in self._modules]
+        self.borrowed_conns = []  # (key, conn) we hold
+
+    def both(self, method, *args):
+        results = [getattr(p, method)(*args) for p in self.twins]
+        assert results[0] == results[1], (method, args, results)
+        return results[0]
+
+    @rule(key=keys)
+    def borrow(self, key):
+        conn = self.both("try_borrow", key)
+        if conn is None and self.both("reserve_new"):
+            self.next_conn += 1
+            conn = self.next_conn
+        if conn is not None:
+            self.borrowed_conns.append((key, conn))
+
+    @rule(data=st.data())
+    def give_back(self, data):
+        if self.borrowed_conns:
+            key, conn = self.borrowed_conns.pop(
+                data.draw(st.integers(0, len(self.borrowed_conns) - 1)))
+            if self.both("give_back", key, conn) is not None:
+                self.borrowed_conns.append((key, conn))  # handed to a waiter
+
+    @rule(data=st.data())
+    def close_borrowed(self, data):
+        if self.borrowed_conns:
+            self.borrowed_conns.pop(data.draw(st.integers(0, len(self.borrowed_conns) - 1)))
+            self.both("forget", True)
+
+    @rule(data=st.data())
+    def reap_idle(self, data):
+        items = self.both("idle_items")
+        if items:
+            key, conn = data.draw(st.sampled_from(items))
+            assert self.both("take_idle", conn, key) is True
+            self.both("forget", False)
+
+    @rule(target=entries, key=keys, who=st.integers(0, 1000))
+    def wait(self, key, who):
+        return self.both("add_waiter", key, who)
+
+    @rule(entry=consumes(entries))
+    def give_up(self, entry):
+        self.both("remove_waiter", entry)
+
+    @rule()
+    def pop(self):
+        self.both("pop_waiter")
+
+    @rule(size=st.integers(min_value=0, max_value=5))
+    def resize(self, size):
+        for p in self.twins:
+            p.max_size = size
+
+    @invariant()
+    def same_counters(self):
+        if self.twins:
+            a, b = ([p.total, p.borrowed, p.idle_count, p.max_size, p.waiting,
+                     p.idle_items()] for p in self.twins)
+            assert a == b
+            assert a[1] == len(self.borrowed_conns)
+            assert a[2] == len(a[5])
+
+
+def test_pool_twins_agree(both_pool):
+    PoolTwins.TestCase.settings = settings(max_examples=150, stateful_step_count=40,
+                                           deadline=None)
+    PoolTwins.TestCase().runTest()
+
+
+def test_fastpath_selection():
+    import rdsproxy._fastpath as fastpath
+    expected = "python" if (fastpath.PURE_PYTHON_FORCED or FRAMING["c"] is None
+                            or POOL["c"] is None) else "cython"
+    assert fastpath.IMPLEMENTATION == expected
+    if REQUIRE_CYTHON and not fastpath.PURE_PYTHON_FORCED:
+        assert fastpath.IMPLEMENTATION == "cython"
