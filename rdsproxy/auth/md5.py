@@ -1,0 +1,27 @@
+"""PostgreSQL md5 password authentication: stored hash, client response and server check, sans-IO."""
+import hashlib
+import hmac
+
+
+def _md5_hex(data):
+    return hashlib.md5(data).hexdigest().encode("ascii")
+
+
+def md5_password_hash(password, user):
+    """The value PostgreSQL stores in pg_authid: "md5" + hex(md5(password + user))."""
+    return "md5" + _md5_hex(password.encode("utf-8") + user.encode("utf-8")).decode("ascii")
+
+
+def md5_response(password, user, salt):
+    """The PasswordMessage payload a client sends for a 4-byte salt, without the trailing NUL."""
+    inner = _md5_hex(password.encode("utf-8") + user.encode("utf-8"))
+    return b"md5" + _md5_hex(inner + bytes(salt))
+
+
+def md5_verify(password, user, salt, response):
+    """True when `response` (with or without its trailing NUL) proves knowledge of the password."""
+    response = bytes(response)
+    if response.endswith(b"\x00"):
+        response = response[:-1]
+    # compare_digest keeps the comparison time independent of where the bytes differ.
+    return hmac.compare_digest(response, md5_response(password, user, salt))

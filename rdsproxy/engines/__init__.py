@@ -1,0 +1,1 @@
+"""Database engine adapters: the wire-protocol specifics of each supported engine."""

@@ -1,0 +1,259 @@
+"""Tests for the PostgreSQL session pinning rules (rdsproxy.engines.postgres.pinning)."""
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from rdsproxy.engines.postgres import pinning
+from rdsproxy.engines.postgres.pinning import (
+    ADVISORY_LOCK,
+    CURSOR,
+    DISCARD,
+    EXCLUDE_VARIABLE_SETS,
+    LISTEN,
+    LOAD,
+    LONG_STATEMENT,
+    PREPARED_STATEMENT,
+    SEQUENCE_FUNCTION,
+    SET_VARIABLE,
+    TEMPORARY_OBJECT,
+    PinningRules,
+)
+
+RULES = PinningRules()
+
+CASES = [
+    # the hot path
+    ("SELECT abalance FROM pgbench_accounts WHERE aid = 42;", None),
+    ("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = 3;", None),
+    ("INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (1, 1, 1, 1, now());", None),
+    ("BEGIN;", None),
+    ("END;", None),
+    ("COMMIT", None),
+    ("", None),
+    (";;;", None),
+    # SET / RESET
+    ("SET search_path TO x", SET_VARIABLE),
+    ("set statement_timeout = 5", SET_VARIABLE),
+    ("SET SESSION statement_timeout = 5", SET_VARIABLE),
+    ("SET ROLE bob", SET_VARIABLE),
+    ("SET SESSION AUTHORIZATION bob", SET_VARIABLE),
+    ("SET TIME ZONE 'UTC'", SET_VARIABLE),
+    ("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE", SET_VARIABLE),
+    ("SET LOCAL x = 1", None),
+    ("set local search_path to x", None),
+    ("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ", None),
+    ("SET CONSTRAINTS ALL DEFERRED", None),
+    ("RESET ALL", SET_VARIABLE),
+    ("reset search_path", SET_VARIABLE),
+    ("SELECT 1; RESET ALL", SET_VARIABLE),
+    ("UPDATE t SET a=1", None),
+    ("update t set a = 1 where b = 2; update u set c = 3", None),
+    ("ALTER TABLE t ALTER COLUMN a SET DEFAULT 1", None),
+    ("ALTER ROLE bob SET search_path = x", None),
+    ("INSERT INTO t VALUES (1) ON CONFLICT (a) DO UPDATE SET b = 2", None),
+    ("SELECT 'set x=1'", None),
+    ("SELECT $$; SET x = 1$$", None),
+    ("SELECT $tag$ $$; SET x = 1 $tag$", None),
+    ("SELECT 'it''s; SET x = 1'", None),
+    ("SELECT E'\\'; SET x = 1; --'", None),
+    ("SELECT 'a\\'; SET x = 1; --'", SET_VARIABLE),  # standard strings: the backslash is literal
+    ('SELECT 1 AS "; SET x = 1"', None),
+    ("SELECT 1 -- ; SET x = 1", None),
+    ("SELECT 1 /* ; SET x = 1 */", None),
+    ("SELECT 1 /* nested /* ; */ SET x = 1 */", None),
+    ("/* c */ SET search_path TO x", SET_VARIABLE),
+    ("-- comment\nSET search_path TO x", SET_VARIABLE),
+    ("/* a /* b */ c */ set x = 1", SET_VARIABLE),
+    ("   \n\tSET x = 1", SET_VARIABLE),
+    ("BEGIN; SET LOCAL statement_timeout = 5; COMMIT", None),
+    ("BEGIN; SET statement_timeout = 5; COMMIT", SET_VARIABLE),
+    ("SELECT 1;SET x=1", SET_VARIABLE),
+    ("SELECT set_config('a.b', 'c', false)", SET_VARIABLE),
+    ("SELECT set_config('a.b', 'c', FALSE)", SET_VARIABLE),
+    ("SELECT set_config('a.b', 'c', true)", None),
+    ("SELECT pg_catalog.set_config('a.b', 'c', TRUE)", None),
+    ("SELECT set_config('a.b', 'c', 't')", None),
+    ("SELECT set_config('a.b', 'c', 'on'::boolean)", None),
+    ("SELECT set_config('a.b', lower('C'), true)", None),
+    ("SELECT set_config('a.b', 'c', $1)", SET_VARIABLE),
+    ("SELECT set_config('a.b', 'c', 1 = 1)", SET_VARIABLE),
+    ("SELECT set_config('a.b', 'c')", SET_VARIABLE),
+    ("SELECT set_config('a.b', 'c', tr", SET_VARIABLE),  # truncated: cannot tell, pin
+    ("SELECT 'set_config(1,2,false)'", None),
+    # prepared statements
+    ("PREPARE p AS SELECT 1", PREPARED_STATEMENT),
+    ("prepare p(int) as select $1", PREPARED_STATEMENT),
+    ("PREPARE TRANSACTION 'gid1'", None),
+    ("EXECUTE p", None),
+    ("DEALLOCATE p", None),
+    ("DEALLOCATE ALL", None),
+    # temporary objects
+    ("CREATE TEMP TABLE t(a int)", TEMPORARY_OBJECT),
+    ("CREATE TEMPORARY TABLE IF NOT EXISTS t(a int)", TEMPORARY_OBJECT),
+    ("create temporary view v as select 1", TEMPORARY_OBJECT),
+    ("CREATE OR REPLACE TEMP VIEW v AS SELECT 1", TEMPORARY_OBJECT),
+    ("CREATE TEMP SEQUENCE s", TEMPORARY_OBJECT),
+    ("CREATE LOCAL TEMPORARY TABLE t (a int)", TEMPORARY_OBJECT),
+    ("CREATE GLOBAL TEMP TABLE t (a int) ON COMMIT DROP", TEMPORARY_OBJECT),
+    ("CREATE TABLE pg_temp.t (a int)", TEMPORARY_OBJECT),
+    ("CREATE FUNCTION pg_temp.f() RETURNS int LANGUAGE sql AS 'SELECT 1'", TEMPORARY_OBJECT),
+    ("CREATE UNLOGGED TABLE t (a int)", None),
+    ("CREATE TABLE t (temp int)", None),
+    ("CREATE TABLE temperatures (a int)", None),
+    ("CREATE TABLE t (a int)", None),
+    ("SELECT * INTO TEMP t2 FROM t", TEMPORARY_OBJECT),
+    ("select a into temporary table t2 from t", TEMPORARY_OBJECT),
+    ("SELECT a INTO LOCAL TEMP t2 FROM t", TEMPORARY_OBJECT),
+    ("WITH x AS (SELECT 1) SELECT * INTO TEMP t2 FROM x", TEMPORARY_OBJECT),
+    ("SELECT * INTO pg_temp.t2 FROM t", TEMPORARY_OBJECT),
+    ("SELECT * INTO t2 FROM t", None),
+    ("INSERT INTO temp VALUES (1)", None),
+    ("SELECT temp FROM weather", None),
+    ("EXPLAIN ANALYZE CREATE TEMP TABLE t AS SELECT 1", TEMPORARY_OBJECT),
+    ("EXPLAIN (ANALYZE, BUFFERS) SELECT * INTO TEMP t FROM u", TEMPORARY_OBJECT),
+    ("EXPLAIN SELECT temp FROM weather", None),
+    # cursors, discard, listen, load
+    ("DECLARE c CURSOR FOR SELECT 1", CURSOR),
+    ("declare c scroll cursor with hold for select 1", CURSOR),
+    ("FETCH 10 FROM c", None),
+    ("CLOSE c", None),
+    ("DISCARD ALL", DISCARD),
+    ("discard temp", DISCARD),
+    ("LISTEN ch", LISTEN),
+    ("UNLISTEN ch", None),
+    ("UNLISTEN *", None),
+    ("NOTIFY ch, 'x'", None),
+    ("LOAD 'auto_explain'", LOAD),
+    # sequence functions
+    ("SELECT nextval('s')", SEQUENCE_FUNCTION),
+    ("select setval('s', 5)", SEQUENCE_FUNCTION),
+    ("SELECT NEXTVAL ( 's' )", SEQUENCE_FUNCTION),
+    ("SELECT pg_catalog.nextval('s')", SEQUENCE_FUNCTION),
+    ('SELECT "nextval"(\'s\')', SEQUENCE_FUNCTION),
+    ("INSERT INTO t (id) VALUES (nextval('t_id_seq'))", SEQUENCE_FUNCTION),
+    ("SELECT currval('s')", None),
+    ("SELECT lastval()", None),
+    ("SELECT nextval FROM t", None),
+    ("SELECT 'nextval(1)'", None),
+    # advisory locks
+    ("SELECT pg_advisory_lock(1)", ADVISORY_LOCK),
+    ("SELECT pg_advisory_lock_shared(1)", ADVISORY_LOCK),
+    ("SELECT pg_try_advisory_lock(1, 2)", ADVISORY_LOCK),
+    ("SELECT PG_TRY_ADVISORY_LOCK_SHARED(1)", ADVISORY_LOCK),
+    ("select pg_advisory_xact_lock(1)", None),
+    ("select pg_try_advisory_xact_lock_shared(1)", None),
+    ("select pg_advisory_unlock(1)", None),
+    # DO blocks (best effort)
+    ("DO $$BEGIN EXECUTE 'SET x.y = 1'; END$$", SET_VARIABLE),
+    ("DO $$BEGIN CREATE TEMP TABLE t (a int); END$$", TEMPORARY_OBJECT),
+    ("DO $$BEGIN PERFORM nextval('s'); END$$", SEQUENCE_FUNCTION),
+    ("DO $$DECLARE a int; BEGIN a := 1; END$$", None),
+    ("DO LANGUAGE plpgsql $$BEGIN IF true THEN RESET ALL; END IF; END$$", SET_VARIABLE),
+    ("DO $$BEGIN SET LOCAL x.y = 1; END$$", None),
+]
+
+
+@pytest.mark.parametrize("sql,expected", CASES)
+def test_classify_query(sql, expected):
+    assert RULES.classify_query(sql.encode()) == expected
+
+
+@pytest.mark.parametrize("sql,expected", CASES)
+def test_trailing_nul_and_case_do_not_matter(sql, expected):
+    assert RULES.classify_query(sql.encode() + b"\x00") == expected
+    if "'" not in sql and '"' not in sql and "$" not in sql:
+        assert RULES.classify_query(sql.swapcase().encode()) == expected
+
+
+@pytest.mark.parametrize("sql,expected", CASES)
+def test_prefilter_never_hides_a_pin(sql, expected):
+    # The careful analysis alone must agree wherever the pre-filter lets text through.
+    assert RULES._analyze(sql, 0) == expected
+
+
+def test_first_reason_wins():
+    assert RULES.classify_query(b"SELECT nextval('s'); SET x = 1") == SEQUENCE_FUNCTION
+    assert RULES.classify_query(b"SET x = 1; SELECT nextval('s')") == SET_VARIABLE
+    assert RULES.classify_query(b"LISTEN a; DISCARD ALL") == LISTEN
+
+
+def test_exclude_variable_sets_drops_only_set_variable():
+    rules = PinningRules([EXCLUDE_VARIABLE_SETS])
+    assert rules.classify_query(b"SET search_path TO x") is None
+    assert rules.classify_query(b"RESET ALL") is None
+    assert rules.classify_query(b"SELECT set_config('a.b', 'c', false)") is None
+    assert rules.classify_query(b"SET x = 1; SELECT nextval('s')") == SEQUENCE_FUNCTION
+    assert rules.classify_query(b"SET x = 1; CREATE TEMP TABLE t (a int)") == TEMPORARY_OBJECT
+    assert rules.classify_query(b"PREPARE p AS SELECT 1") == PREPARED_STATEMENT
+    assert rules.classify_query(b"DISCARD ALL") == DISCARD
+
+
+def test_unknown_filter_rejected():
+    with pytest.raises(ValueError):
+        PinningRules(["EXCLUDE_NOTHING"])
+
+
+def test_long_statement():
+    assert RULES.classify_query(b"SELECT 1", full_length=16385) == LONG_STATEMENT
+    assert RULES.classify_query(b"SELECT 1", full_length=16384) is None
+    body = b"SELECT '" + b"x" * 16380 + b"'"
+    assert len(body) > 16384
+    assert RULES.classify_query(body) == LONG_STATEMENT
+    exact = b"SELECT '" + b"x" * (16384 - 9) + b"'"
+    assert len(exact) == 16384
+    assert RULES.classify_query(exact) is None
+    assert RULES.classify_query(exact + b"\x00") is None
+
+
+def test_prefix_of_long_statement_is_analysed_safely():
+    # An unterminated literal in a truncated prefix must not raise nor pin by itself.
+    assert RULES.classify_query(b"SELECT 'abc", full_length=100) is None
+    assert RULES.classify_query(b"SELECT $x$ abc", full_length=100) is None
+    assert RULES.classify_query(b"/* abc", full_length=100) is None
+    assert RULES.classify_query(b"SET x = 'abc", full_length=100) == SET_VARIABLE
+
+
+def test_classify_parse():
+    assert RULES.classify_parse(b"stmt1", b"SELECT 1") == PREPARED_STATEMENT
+    assert RULES.classify_parse(b"", b"SELECT 1") is None
+    assert RULES.classify_parse(b"\x00", b"SELECT 1") is None
+    assert RULES.classify_parse(b"", b"SELECT nextval('s')") == SEQUENCE_FUNCTION
+    assert RULES.classify_parse(b"", b"SELECT 1", full_length=20000) == LONG_STATEMENT
+
+
+def test_non_utf8_and_other_buffers():
+    assert RULES.classify_query(b"SELECT '\xff\xfe'; SET x = 1") == SET_VARIABLE
+    assert RULES.classify_query(b"SELECT \xc3\xa9temp FROM t") is None
+    assert RULES.classify_query(bytearray(b"SET x = 1")) == SET_VARIABLE
+    assert RULES.classify_query(memoryview(b"SET x = 1")) == SET_VARIABLE
+
+
+def test_reason_values():
+    assert pinning.CURSOR == "declare_cursor"
+    assert pinning.LONG_STATEMENT == "statement_over_16kb"
+    assert pinning.STARTUP_OPTIONS == "startup_options"
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=300))
+def test_random_bytes_never_raise(data):
+    result = RULES.classify_query(data)
+    assert result is None or isinstance(result, str)
+    RULES.classify_parse(b"", data)
+
+
+_FRAGMENTS = [
+    "SELECT", "select", "SET", "set", "LOCAL", "RESET", "PREPARE", "DECLARE", "DISCARD", "LISTEN",
+    "LOAD", "CREATE", "TEMP", "temporary", "TABLE", "INTO", "FROM", "DO", "EXPLAIN", "ANALYZE",
+    "nextval", "setval", "set_config", "pg_advisory_lock", "pg_advisory_xact_lock", "pg_temp",
+    "(", ")", ",", ";", ".", "'", "''", '"', "$$", "$a$", "E'", "\\", "--", "\n", "/*", "*/",
+    " ", "  ", "\x00", "1", "true", "false", "x", "t", "é", "BEGIN", "EXECUTE", "transaction",
+]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.sampled_from(_FRAGMENTS), max_size=25))
+def test_prefilter_is_a_superset_of_the_careful_analysis(parts):
+    # Whatever the careful analysis would pin, the fast path must not wave through.
+    text = " ".join(parts) if parts and parts[0] == "x" else "".join(parts)
+    data = text.encode("utf-8")
+    assert RULES.classify_query(data) == RULES._analyze(data.decode("latin-1"), 0)
