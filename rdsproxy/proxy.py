@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 from pathlib import Path
 
 from . import _fastpath

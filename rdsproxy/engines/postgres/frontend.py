@@ -168,10 +168,14 @@ class ClientConnection(asyncio.Protocol):
                 continue
             if mtype == MSG_QUERY:
                 self.engine.metrics.QueryRequests += 1
-                reason = rules.classify_query(payload, length)
+                reason = rules.classify_query(payload, length - 1)  # without the NUL
             else:
+                # Parse: name NUL query NUL then parameter types; the rules want the query.
                 nul = payload.find(b"\x00")
-                reason = rules.classify_parse(payload[:nul], payload[nul + 1:], length - nul - 1)
+                end = payload.find(b"\x00", nul + 1) if len(payload) == length else -1
+                sql = payload[nul + 1:end] if end >= 0 else payload[nul + 1:]
+                reason = rules.classify_parse(payload[:nul], sql,
+                                              len(sql) if end >= 0 else length - nul - 1)
             if reason is not None:
                 self.pin(reason)
         self.scanner.captured.clear()
@@ -206,6 +210,7 @@ class ClientConnection(asyncio.Protocol):
             self.waiting = False
             self.pool.release(conn)
             self._finish_login()
+            self._resume_reading()
             return
         if self.state != READY:
             self.pool.release(conn)
@@ -270,17 +275,17 @@ class ClientConnection(asyncio.Protocol):
 
     def on_borrow_error(self, exc):
         self.waiting = False
-        if self.state == LOGIN:
-            self._login_failed(exc)
-            return
-        if self.state != READY:
-            return
         if isinstance(exc, BorrowTimeout):
             code, text = "53300", str(exc)
         elif isinstance(exc, ServerError):
             code, text = exc.sqlstate, exc.fields.get("M", str(exc))
         else:
             code, text = "08006", f"cannot connect to the database: {exc}"
+        if self.state == LOGIN:
+            self.fatal(code, text)
+            return
+        if self.state != READY:
+            return
         log.warning("client %s (user %s): %s", self.peer, self.user, text)
         self.pending = []
         if self.outstanding <= 0 or not self.scanner.at_boundary() or self.scanner.last_type in UNSYNCED:
@@ -463,23 +468,8 @@ class ClientConnection(asyncio.Protocol):
         self.state = LOGIN
         if self.key in self.pool.defaults:
             self._finish_login()
-            return
-        self.waiting = True
-        try:
-            conn = self.pool.acquire(self.key, self)
-        except PoolClosed as exc:
-            self._login_failed(exc)
-            return
-        if conn is not None:
-            self.on_connection(conn)
-
-    def _login_failed(self, exc):
-        if isinstance(exc, ServerError):
-            self.fatal(exc.sqlstate, exc.fields.get("M", str(exc)))
-        elif isinstance(exc, BorrowTimeout):
-            self.fatal("53300", str(exc))
         else:
-            self.fatal("08006", f"cannot connect to the database: {exc}")
+            self._borrow()  # on_connection / on_borrow_error see state LOGIN
 
     def _finish_login(self):
         engine = self.engine
