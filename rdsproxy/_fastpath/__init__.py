@@ -10,19 +10,25 @@ if not PURE_PYTHON_FORCED:
     try:
         from . import framing_c as framing
         from . import pool_c as pool
+        from . import relay_c as relay
         IMPLEMENTATION = "cython"
     except ImportError:
         from . import framing_py as framing
         from . import pool_py as pool
+        from . import relay_py as relay
         IMPLEMENTATION = "python"
 else:
     from . import framing_py as framing
     from . import pool_py as pool
+    from . import relay_py as relay
     IMPLEMENTATION = "python"
 
 MessageScanner = framing.MessageScanner
-FramingError = framing.FramingError
+FramingError = framing.FramingError  # the same class in both twins (errors.py)
 split_messages = framing.split_messages
 PoolCore = pool.PoolCore
+ClientRelay = relay.ClientRelay
+ServerRelay = relay.ServerRelay
 
-__all__ = ["IMPLEMENTATION", "MessageScanner", "FramingError", "split_messages", "PoolCore"]
+__all__ = ["IMPLEMENTATION", "MessageScanner", "FramingError", "split_messages", "PoolCore",
+           "ClientRelay", "ServerRelay"]

@@ -24,9 +24,7 @@ MSG_READY_FOR_QUERY = 90  # 'Z'
 STATUS_IDLE = 73  # 'I'
 
 
-# feed() raises this for a length that cannot be right; the stream is then unusable.
-class FramingError(Exception):
-    pass
+from .errors import FramingError  # noqa: E402  (one class for both twins)
 
 
 class MessageScanner:

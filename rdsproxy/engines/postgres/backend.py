@@ -5,7 +5,8 @@ import asyncio
 import logging
 import struct
 
-from ..._fastpath import FramingError, MessageScanner, split_messages
+from ..._fastpath import FramingError, MessageScanner, ServerRelay, split_messages
+from ..._fastpath.relay_py import MODE_RELAY
 from ...auth.md5 import md5_response
 from ...auth.scram import ScramClient, ScramError
 from . import protocol as pg
@@ -14,6 +15,7 @@ log = logging.getLogger("rdsproxy.backend")
 
 # Modes of a server connection.
 STARTING, RELAY, INTERNAL, CLOSED = range(4)
+assert RELAY == MODE_RELAY
 
 
 class ServerError(Exception):
@@ -29,19 +31,18 @@ class ServerError(Exception):
         return self.fields.get("C", "08000")
 
 
-class ServerConnection(asyncio.Protocol):
+class ServerConnection(ServerRelay, asyncio.Protocol):
     """One PostgreSQL connection. In RELAY mode its bytes go straight to the attached client."""
 
     def __init__(self, loop, target_name: str, address: tuple[str, int], *,
                  user: str, password: str, max_message_size: int):
+        ServerRelay.__init__(self)   # the relay's fields: mode, client, scanner, transport
         self.loop = loop
         self.target_name = target_name
         self.address = address
         self.user = user
         self._password = password
-        self.transport = None
         self.mode = STARTING
-        self.client = None            # the ClientConnection it serves now, if any
         self.key = None
         self.pool = None
         self.created_at = loop.time()
@@ -63,24 +64,18 @@ class ServerConnection(asyncio.Protocol):
     def connection_made(self, transport):
         self.transport = transport
 
-    def data_received(self, data):
-        if self.mode == RELAY and self.client is not None:
-            client = self.client
-            try:
-                n = self.scanner.feed(data)
-            except FramingError as exc:
-                log.error("server %s sent a malformed stream: %s", self.target_name, exc)
-                self.close()
-                return
-            client.transport.write(data)
-            if self.scanner.captured:
-                for _, payload, _ in self.scanner.captured:
-                    name, value = pg.parse_parameter_status(payload)
-                    self.parameters[name] = value
-                self.scanner.captured.clear()
-            if n or not client.outstanding:  # the latter: finish a release held back mid-message
-                client.on_server_ready(n, self.scanner.status)
-            return
+    # data_received is the relay's (ServerRelay); outside RELAY it calls slow_data.
+    def framing_error(self, exc):
+        log.error("server %s sent a malformed stream: %s", self.target_name, exc)
+        self.close()
+
+    def parameter_status(self):
+        for _, payload, _ in self.scanner.captured:
+            name, value = pg.parse_parameter_status(payload)
+            self.parameters[name] = value
+        self.scanner.captured.clear()
+
+    def slow_data(self, data):
         self._buf += data
         try:
             messages, used = split_messages(self._buf)

@@ -96,8 +96,14 @@ class PostgresEngine:
             now = self.clock = self.loop.time()
             for client in list(self.clients):
                 if client.state == READY:
-                    if (idle_timeout and client.server is None and not client.waiting
-                            and now - client.last_active >= idle_timeout):
+                    if client.outstanding or client.waiting:
+                        # Busy now (a request in flight): idleness starts after this tick.
+                        # Holding a connection is not busy: a pinned session or an open
+                        # transaction left idle is closed too (and its connection reset).
+                        client.last_active = now
+                    # last_active is stamped with this coarse clock, up to one tick
+                    # early: allow that tick so an active client is never cut off.
+                    elif idle_timeout and now - client.last_active >= idle_timeout + 1.0:
                         log.info("client %s (user %s) idle for %gs: closing (idle_client_timeout)",
                                  client.peer, client.user, idle_timeout)
                         client.fatal("57P05", "terminating connection due to idle_client_timeout")

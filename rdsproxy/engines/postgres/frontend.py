@@ -12,7 +12,8 @@ import hmac
 import logging
 import os
 
-from ..._fastpath import FramingError, MessageScanner, split_messages
+from ..._fastpath import ClientRelay, MessageScanner, split_messages
+from ..._fastpath.relay_py import STATE_READY
 from ...auth.md5 import md5_verify
 from ...auth.scram import ScramError, ScramServer
 from ...core.pool import BorrowTimeout, PoolClosed
@@ -24,6 +25,7 @@ log = logging.getLogger("rdsproxy.client")
 
 # Client states, in the order a session goes through them.
 STARTUP, AUTH_SASL_FIRST, AUTH_SASL_FINAL, AUTH_MD5, LOGIN, READY, CLOSED = range(7)
+assert READY == STATE_READY
 
 STATUS_IDLE = 73          # 'I'
 MSG_QUERY = 81            # 'Q'
@@ -49,36 +51,29 @@ def quote_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection(ClientRelay, asyncio.Protocol):
     """One client of the proxy, from its first byte to its last."""
 
     borrow_timer = None
     borrow_entry = None
-    reading_paused = False
     _syncing = None
 
     def __init__(self, engine, endpoint):
+        ClientRelay.__init__(self)   # the relay's fields: server, outstanding, pending, ...
         self.engine = engine
         self.endpoint = endpoint
         self.pool = engine.pool
-        self.transport = None
         self.peer = "?"
         self.state = STARTUP
         self.user = ""
         self.database = ""
         self.key = None
         self.desired: tuple = ()      # tracked parameters as sorted (name, value) pairs
-        self.server = None
-        self.pending: list = []       # client bytes waiting for a connection
-        self.waiting = False
-        self.outstanding = 0          # requests not yet answered by ReadyForQuery
-        self.pin_reason: str | None = None
         self.pinned_server = False
         self.pid = 0
         self.secret = 0
         self.connected_at = engine.clock
         self.last_active = engine.clock
-        self.terminating = False
         self.scanner = MessageScanner(counted=b"QSF", captured=b"QPX",
                                       capture_limit=engine.rules_capture_limit,
                                       max_message_size=engine.config.max_message_size)
@@ -92,13 +87,11 @@ class ClientConnection(asyncio.Protocol):
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.engine.client_connected(self)
 
-    def data_received(self, data):
-        self.last_active = self.engine.clock
-        if self.state == READY:
-            self._relay(data)
-            return
+    # data_received is the relay's (ClientRelay); before READY it calls startup_data.
+    def startup_data(self, data):
         if self.state == CLOSED:
             return
+        self.last_active = self.engine.clock
         self._buf += data
         try:
             self._startup_phase()
@@ -131,31 +124,13 @@ class ClientConnection(asyncio.Protocol):
         if self.server is not None and self.server.transport is not None:
             self.server.transport.resume_reading()
 
-    # -- the relay (hot path) ----------------------------------------------------------
-    def _relay(self, data):
-        scanner = self.scanner
-        try:
-            n = scanner.feed(data)
-        except FramingError as exc:
-            self.engine.metrics.ProtocolErrors += 1
-            log.warning("client %s (user %s): %s", self.peer, self.user, exc)
-            self.fatal("08P01", f"invalid message from client: {exc}")
-            return
-        if scanner.captured:
-            data = self._inspect(data)
-        self.outstanding += n
-        server = self.server
-        if server is not None:
-            if data:
-                server.transport.write(data)
-        elif data:
-            self.pending.append(data)
-            if not self.waiting:
-                self._borrow()
-        if self.terminating:
-            self.close()
+    # -- the relay's slow paths --------------------------------------------------------
+    def framing_error(self, exc):
+        self.engine.metrics.ProtocolErrors += 1
+        log.warning("client %s (user %s): %s", self.peer, self.user, exc)
+        self.fatal("08P01", f"invalid message from client: {exc}")
 
-    def _inspect(self, data):
+    def inspect(self, data):
         """Apply the pinning rules to captured Query/Parse texts; notice Terminate."""
         rules = self.engine.rules
         for mtype, payload, length in self.scanner.captured:
@@ -189,7 +164,7 @@ class ClientConnection(asyncio.Protocol):
             self.engine.pinned_sessions += 1
         log.debug("client %s (user %s) pinned: %s", self.peer, self.user, reason)
 
-    def _borrow(self):
+    def borrow(self):
         self.waiting = True
         try:
             conn = self.pool.acquire(self.key, self)
@@ -221,16 +196,13 @@ class ClientConnection(asyncio.Protocol):
             self._syncing = conn
             conn.run_internal(self._parameter_sync_sql(conn), self._on_parameters_synced)
             return
-        self._attach(conn)
+        self._attach_pinned(conn)
 
-    def _attach(self, conn):
-        self.waiting = False
-        self.server = conn
-        conn.client = self
-        if self.pin_reason is not None and not self.pinned_server:
+    def _attach_pinned(self, conn):
+        if self.pin_reason is not None and not self.pinned_server:  # pinned before attaching
             self.pinned_server = True
             self.engine.pinned_sessions += 1
-        self._flush_pending()
+        self.attach(conn)
 
     def _parameter_sync_sql(self, conn) -> str:
         want = dict(self.desired)
@@ -259,14 +231,7 @@ class ClientConnection(asyncio.Protocol):
             fields = getattr(error, "fields", {})
             self.fatal(fields.get("C", "08006"), f"cannot apply session parameters: {fields.get('M', error)}")
             return
-        self._attach(conn)
-
-    def _flush_pending(self):
-        pending = self.pending
-        if pending:
-            self.pending = []
-            self.server.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
-        self._resume_reading()
+        self._attach_pinned(conn)
 
     def _resume_reading(self):
         if self.reading_paused:
@@ -297,18 +262,6 @@ class ClientConnection(asyncio.Protocol):
         self.outstanding = 0
         self.transport.write(b"".join(out))
         self._resume_reading()
-
-    def on_server_ready(self, n, status):
-        """The attached server sent `n` ReadyForQuery messages, the last with `status`."""
-        outstanding = self.outstanding - n
-        self.outstanding = outstanding if outstanding > 0 else 0
-        server = self.server
-        if (outstanding <= 0 and status == STATUS_IDLE and self.pin_reason is None
-                and self.scanner.last_type not in UNSYNCED and self.scanner.at_boundary()
-                and server.scanner.at_boundary()):
-            self.server = None
-            server.client = None
-            self.pool.release(server)
 
     def on_server_lost(self, server):
         """The database connection serving this client died."""
@@ -469,7 +422,7 @@ class ClientConnection(asyncio.Protocol):
         if self.key in self.pool.defaults:
             self._finish_login()
         else:
-            self._borrow()  # on_connection / on_borrow_error see state LOGIN
+            self.borrow()  # on_connection / on_borrow_error see state LOGIN
 
     def _finish_login(self):
         engine = self.engine
@@ -484,7 +437,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport.write(b"".join(out))
         if self._buf:  # pipelined right after the password (libpq does not, others may)
             data, self._buf = bytes(self._buf), bytearray()
-            self._relay(data)
+            self.data_received(data)
 
     # -- closing -----------------------------------------------------------------------
     def fatal(self, code: str, text: str) -> None:

@@ -1,0 +1,116 @@
+"""The relay's per-chunk work: splice bytes between a client and its borrowed connection.
+
+Pure-Python twin of `relay_c`, which setup.py compiles from this very file with
+`relay_c.pxd` (C fields for the attributes read on every chunk). The engine's session
+classes subclass these two and supply the slow paths this file calls by name:
+
+  ClientRelay: startup_data(data), inspect(data) -> data, framing_error(exc), borrow(),
+               close(), and the attributes engine, pool, transport.
+  ServerRelay: slow_data(data), parameter_status(), framing_error(exc).
+
+Per chunk the relay feeds the framing scanner (headers only), writes the chunk on
+unchanged (one write call), and hands the connection back to the pool at the
+ReadyForQuery that answers the client's last request.
+"""
+
+STATE_READY = 5           # the client state in which bytes are relayed (frontend.READY)
+MODE_RELAY = 1            # the server mode in which bytes are relayed (backend.RELAY)
+STATUS_IDLE = 73          # ReadyForQuery 'I'
+# Message types after which a client still expects its server with nothing outstanding:
+# extended-protocol messages not yet closed by a Sync ('P', 'B', 'D', 'E', 'C', 'H').
+UNSYNCED_MASK = bytearray(256)
+for _t in (80, 66, 68, 69, 67, 72):  # ints: Cython iterates a bytes literal as chars
+    UNSYNCED_MASK[_t] = 1
+
+
+class ClientRelay:
+    """The client half: its bytes go to the attached server, or wait for one."""
+
+    def __init__(self):
+        self.state = 0
+        self.server = None
+        self.scanner = None
+        self.outstanding = 0
+        self.pin_reason = None
+        self.waiting = False
+        self.terminating = False
+        self.reading_paused = False
+        self.pending = []
+        self.last_active = 0.0
+
+    def data_received(self, data):
+        if self.state != STATE_READY:
+            self.startup_data(data)
+            return
+        self.last_active = self.engine.clock
+        scanner = self.scanner
+        try:
+            n = scanner.feed(data)
+        except Exception as exc:  # FramingError: a length that cannot be right
+            self.framing_error(exc)
+            return
+        if scanner.captured:
+            data = self.inspect(data)
+        self.outstanding += n
+        server = self.server
+        if server is not None:
+            if data:
+                server.transport.write(data)
+        elif data:
+            self.pending.append(data)
+            if not self.waiting:
+                self.borrow()
+        if self.terminating:
+            self.close()
+
+    def attach(self, conn):
+        """Start relaying to `conn`, sending what the client wrote meanwhile."""
+        self.waiting = False
+        self.server = conn
+        conn.client = self
+        pending = self.pending
+        if pending:
+            self.pending = []
+            conn.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+        if self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def on_server_ready(self, n, status):
+        """The attached server sent `n` ReadyForQuery messages, the last with `status`."""
+        outstanding = self.outstanding - n
+        self.outstanding = outstanding if outstanding > 0 else 0
+        server = self.server
+        if (outstanding <= 0 and status == STATUS_IDLE and self.pin_reason is None
+                and not UNSYNCED_MASK[self.scanner.last_type] and self.scanner.at_boundary()
+                and server.scanner.at_boundary()):
+            self.server = None
+            server.client = None
+            self.pool.release(server)
+
+
+class ServerRelay:
+    """The server half: while a client is attached its bytes go straight to that client."""
+
+    def __init__(self):
+        self.mode = 0
+        self.client = None
+        self.scanner = None
+        self.transport = None
+
+    def data_received(self, data):
+        client = self.client
+        if self.mode != MODE_RELAY or client is None:
+            self.slow_data(data)
+            return
+        scanner = self.scanner
+        try:
+            n = scanner.feed(data)
+        except Exception as exc:  # FramingError
+            self.framing_error(exc)
+            return
+        client.transport.write(data)
+        if scanner.captured:
+            self.parameter_status()
+        if n or not client.outstanding:  # the latter: finish a release held back mid-message
+            client.on_server_ready(n, scanner.status)
