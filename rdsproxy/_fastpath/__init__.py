@@ -10,16 +10,19 @@ if not PURE_PYTHON_FORCED:
     try:
         from . import framing_c as framing
         from . import pool_c as pool
+        from . import keywords_c as keywords
         from . import relay_c as relay
         IMPLEMENTATION = "cython"
     except ImportError:
         from . import framing_py as framing
         from . import pool_py as pool
+        from . import keywords_py as keywords
         from . import relay_py as relay
         IMPLEMENTATION = "python"
 else:
     from . import framing_py as framing
     from . import pool_py as pool
+    from . import keywords_py as keywords
     from . import relay_py as relay
     IMPLEMENTATION = "python"
 
@@ -27,8 +30,9 @@ MessageScanner = framing.MessageScanner
 FramingError = framing.FramingError  # the same class in both twins (errors.py)
 split_messages = framing.split_messages
 PoolCore = pool.PoolCore
+KeywordScanner = keywords.KeywordScanner
 ClientRelay = relay.ClientRelay
 ServerRelay = relay.ServerRelay
 
 __all__ = ["IMPLEMENTATION", "MessageScanner", "FramingError", "split_messages", "PoolCore",
-           "ClientRelay", "ServerRelay"]
+           "KeywordScanner", "ClientRelay", "ServerRelay"]

@@ -32,6 +32,9 @@ cdef class MessageScanner:
     cdef bint _status_next
     cdef int _status_byte
 
+    cpdef Py_ssize_t feed(self, object data) except -1
+    cpdef bint at_boundary(self)
+
     @cython.locals(count=Py_ssize_t, pos=Py_ssize_t, take=Py_ssize_t, room=Py_ssize_t,
                    mtype=int, length="long long")
     cdef Py_ssize_t _scan(self, const unsigned char *buf, Py_ssize_t end) except -1

@@ -1,45 +1,68 @@
 # C layout of `relay_py.py` when setup.py compiles it as `rdsproxy._fastpath.relay_c`.
 #
-# The fields read on every chunk become C struct members (no dict lookups); the engine's
-# Python subclasses still add their own attributes in a __dict__.
+# The fields read on every chunk become C struct members typed with the other fast-path
+# classes, so scanning, borrowing and returning are C calls (no attribute lookups); the
+# engine's Python subclasses still add their own attributes in a __dict__.
 cimport cython
+
+from rdsproxy._fastpath.framing_c cimport MessageScanner
+from rdsproxy._fastpath.keywords_c cimport KeywordScanner
+from rdsproxy._fastpath.pool_c cimport PoolCore
 
 cdef int STATE_READY
 cdef int MODE_RELAY
 cdef int STATUS_IDLE
+cdef int MSG_QUERY
+cdef int MSG_PARSE
+cdef bytearray UNSYNCED_MASK
+
+cdef class ServerRelay
 
 
 cdef class ClientRelay:
     cdef public int state
-    cdef public object server
-    cdef public object scanner
+    cdef public ServerRelay server
+    cdef public MessageScanner scanner
+    cdef public PoolCore pool_core
+    cdef public object key
+    cdef public object desired
     cdef public Py_ssize_t outstanding
     cdef public object pin_reason
+    cdef public bint pinned_server
     cdef public bint waiting
     cdef public bint terminating
     cdef public bint reading_paused
     cdef public list pending
-    cdef public double last_active
+    cdef public unsigned long long activity
+    cdef public unsigned long long queries
+    cdef public KeywordScanner prefilter
     cdef public object engine
     cdef public object pool
     cdef public object transport
     cdef dict __dict__
 
-    @cython.locals(n=Py_ssize_t)
+    @cython.locals(n=Py_ssize_t, server=ServerRelay, scanner=MessageScanner, conn=ServerRelay)
     cpdef data_received(self, data)
 
-    cpdef attach(self, conn)
+    @cython.locals(mtype=int, payload=bytes, entry=tuple, prefilter=KeywordScanner, unpinned=bint)
+    cpdef screen(self, data)
 
-    @cython.locals(outstanding=Py_ssize_t)
+    cpdef attach(self, ServerRelay conn)
+
+    @cython.locals(outstanding=Py_ssize_t, server=ServerRelay)
     cpdef on_server_ready(self, Py_ssize_t n, int status)
 
 
 cdef class ServerRelay:
     cdef public int mode
-    cdef public object client
-    cdef public object scanner
+    cdef public ClientRelay client
+    cdef public MessageScanner scanner
     cdef public object transport
+    cdef public object key
+    cdef public bint closed
+    cdef public object applied
+    cdef public double idle_since
     cdef dict __dict__
 
-    @cython.locals(n=Py_ssize_t)
+    @cython.locals(n=Py_ssize_t, client=ClientRelay, scanner=MessageScanner)
     cpdef data_received(self, data)

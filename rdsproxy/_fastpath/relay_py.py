@@ -5,17 +5,21 @@ Pure-Python twin of `relay_c`, which setup.py compiles from this very file with
 classes subclass these two and supply the slow paths this file calls by name:
 
   ClientRelay: startup_data(data), inspect(data) -> data, framing_error(exc), borrow(),
-               close(), and the attributes engine, pool, transport.
+               on_connection(conn), close(), and the attributes engine, pool, transport,
+               prefilter (a KeywordScanner that flags statements worth inspect()ing).
   ServerRelay: slow_data(data), parameter_status(), framing_error(exc).
 
 Per chunk the relay feeds the framing scanner (headers only), writes the chunk on
-unchanged (one write call), and hands the connection back to the pool at the
-ReadyForQuery that answers the client's last request.
+unchanged (one write call), borrows an idle connection straight from the pool core when
+the client has none, and hands it back at the ReadyForQuery that answers the client's last
+request. Anything less common (opening, waiting, parameter sync) goes to the engine.
 """
 
 STATE_READY = 5           # the client state in which bytes are relayed (frontend.READY)
 MODE_RELAY = 1            # the server mode in which bytes are relayed (backend.RELAY)
 STATUS_IDLE = 73          # ReadyForQuery 'I'
+MSG_QUERY = 81            # 'Q'
+MSG_PARSE = 80            # 'P'
 # Message types after which a client still expects its server with nothing outstanding:
 # extended-protocol messages not yet closed by a Sync ('P', 'B', 'D', 'E', 'C', 'H').
 UNSYNCED_MASK = bytearray(256)
@@ -30,19 +34,25 @@ class ClientRelay:
         self.state = 0
         self.server = None
         self.scanner = None
+        self.pool_core = None
+        self.key = None
+        self.desired = ()
         self.outstanding = 0
         self.pin_reason = None
+        self.pinned_server = False
         self.waiting = False
         self.terminating = False
         self.reading_paused = False
         self.pending = []
-        self.last_active = 0.0
+        self.activity = 0         # chunks received; the housekeeper turns it into idle time
+        self.queries = 0          # Query messages (the QueryRequests metric)
+        self.prefilter = None
 
     def data_received(self, data):
         if self.state != STATE_READY:
             self.startup_data(data)
             return
-        self.last_active = self.engine.clock
+        self.activity += 1
         scanner = self.scanner
         try:
             n = scanner.feed(data)
@@ -50,7 +60,7 @@ class ClientRelay:
             self.framing_error(exc)
             return
         if scanner.captured:
-            data = self.inspect(data)
+            data = self.screen(data)
         self.outstanding += n
         server = self.server
         if server is not None:
@@ -59,13 +69,45 @@ class ClientRelay:
         elif data:
             self.pending.append(data)
             if not self.waiting:
-                self.borrow()
+                self.waiting = True
+                conn = self.pool_core.try_borrow(self.key)
+                if conn is None:
+                    self.borrow()                 # open one, or queue for one
+                elif (conn.applied is self.desired or conn.applied == self.desired) and not conn.closed:
+                    self.attach(conn)             # the common case: an idle one, ready
+                else:
+                    self.on_connection(conn)      # parameters to sync first
         if self.terminating:
             self.close()
+
+    def screen(self, data):
+        """Captured Query/Parse texts the prefilter clears pass here; the rest go to inspect()."""
+        captured = self.scanner.captured
+        prefilter = self.prefilter
+        unpinned = self.pin_reason is None
+        for entry in captured:
+            mtype = entry[0]
+            payload = entry[1]
+            if mtype == MSG_QUERY:
+                self.queries += 1
+                if unpinned and (entry[2] > len(payload) or prefilter.may_match(payload)):
+                    return self.inspect(data)
+            elif mtype == MSG_PARSE:
+                # An unnamed statement (first byte NUL) whose text the prefilter clears.
+                if unpinned and (entry[2] > len(payload) or not payload or payload[0] != 0
+                                 or prefilter.may_match(payload)):
+                    return self.inspect(data)
+            else:
+                return self.inspect(data)  # Terminate
+        captured.clear()
+        return data
 
     def attach(self, conn):
         """Start relaying to `conn`, sending what the client wrote meanwhile."""
         self.waiting = False
+        if self.pin_reason is not None and not self.pinned_server:  # pinned before attaching
+            self.pinned_server = True
+            self.engine.pinned_sessions += 1
         self.server = conn
         conn.client = self
         pending = self.pending
@@ -86,7 +128,11 @@ class ClientRelay:
                 and server.scanner.at_boundary()):
             self.server = None
             server.client = None
-            self.pool.release(server)
+            entry = self.pool_core.give_back(server.key, server)
+            if entry is None:
+                server.idle_since = self.engine.clock
+            else:
+                self.pool.hand_over(server, entry)  # someone is waiting
 
 
 class ServerRelay:
@@ -97,6 +143,10 @@ class ServerRelay:
         self.client = None
         self.scanner = None
         self.transport = None
+        self.key = None
+        self.closed = False
+        self.applied = ()
+        self.idle_since = 0.0
 
     def data_received(self, data):
         client = self.client

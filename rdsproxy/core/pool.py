@@ -163,7 +163,11 @@ class Pool:
         entry = self.core.give_back(conn.key, conn)
         if entry is None:
             conn.idle_since = self.loop.time()
-            return
+        else:
+            self.hand_over(conn, entry)
+
+    def hand_over(self, conn, entry) -> None:
+        """`conn` came back while `entry` (key, waiter) was first in the queue."""
         key, waiter = entry
         self._stop_timer(waiter)
         if key == conn.key:

@@ -54,6 +54,7 @@ class PostgresEngine:
         self.clients: set[ClientConnection] = set()
         self.by_pid: dict[int, ClientConnection] = {}
         self.pinned_sessions = 0
+        self._greetings: dict = {}
         self._housekeeper = None
 
     def load_accounts(self) -> None:
@@ -86,6 +87,7 @@ class PostgresEngine:
         if client.pid:
             self.by_pid.pop(client.pid, None)
         self.metrics.ClientConnectionsClosed += 1
+        self.metrics.QueryRequests += client.queries
         self.metrics.ClientConnections = len(self.clients)
 
     async def _housekeeping(self) -> None:
@@ -96,6 +98,9 @@ class PostgresEngine:
             now = self.clock = self.loop.time()
             for client in list(self.clients):
                 if client.state == READY:
+                    if client.activity != client.seen_activity:  # it sent something
+                        client.seen_activity = client.activity
+                        client.last_active = now
                     if client.outstanding or client.waiting:
                         # Busy now (a request in flight): idleness starts after this tick.
                         # Holding a connection is not busy: a pinned session or an open
@@ -153,6 +158,19 @@ class PostgresEngine:
             self.pool.set_server_max_connections(max_connections)
         return conn
 
+    def parameter_statuses(self, key, desired: tuple) -> bytes:
+        """The ParameterStatus messages a new client gets: the server's, then its own."""
+        cache = self._greetings
+        block = cache.get((key, desired))
+        if block is None:
+            params = dict(self.pool.defaults.get(key, {}))
+            params.update(desired)
+            block = b"".join(pg.parameter_status(k, v) for k, v in params.items())
+            if len(cache) >= 1024:  # clients with ever-new application_names: stay bounded
+                cache.clear()
+            cache[(key, desired)] = block
+        return block
+
     # -- cancel requests ---------------------------------------------------------------
     def register_cancel_key(self, client) -> tuple[int, int]:
         while True:
@@ -188,7 +206,9 @@ class PostgresEngine:
             log.warning("cannot forward cancel request to %s: %s", server.target_name, exc)
 
     def stats(self) -> dict:
-        return {"pool": self.pool.stats(), "pinned_sessions": self.pinned_sessions}
+        live_queries = sum(client.queries for client in self.clients)
+        return {"pool": self.pool.stats(), "pinned_sessions": self.pinned_sessions,
+                "QueryRequests": self.metrics.QueryRequests + live_queries}
 
 
 def _first_column(datarow: bytes) -> str:

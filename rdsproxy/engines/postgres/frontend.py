@@ -19,7 +19,7 @@ from ...auth.scram import ScramError, ScramServer
 from ...core.pool import BorrowTimeout, PoolClosed
 from . import protocol as pg
 from .backend import ServerError
-from .pinning import LOAD, STARTUP_OPTIONS
+from .pinning import LOAD, PREFILTER, STARTUP_OPTIONS
 
 log = logging.getLogger("rdsproxy.client")
 
@@ -63,6 +63,8 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
         self.engine = engine
         self.endpoint = endpoint
         self.pool = engine.pool
+        self.pool_core = engine.pool.core
+        self.prefilter = PREFILTER
         self.peer = "?"
         self.state = STARTUP
         self.user = ""
@@ -73,7 +75,8 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
         self.pid = 0
         self.secret = 0
         self.connected_at = engine.clock
-        self.last_active = engine.clock
+        self.last_active = engine.clock   # advanced by the housekeeper from `activity`
+        self.seen_activity = 0
         self.scanner = MessageScanner(counted=b"QSF", captured=b"QPX",
                                       capture_limit=engine.rules_capture_limit,
                                       max_message_size=engine.config.max_message_size)
@@ -91,7 +94,6 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
     def startup_data(self, data):
         if self.state == CLOSED:
             return
-        self.last_active = self.engine.clock
         self._buf += data
         try:
             self._startup_phase()
@@ -142,7 +144,6 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
             if self.pin_reason is not None:
                 continue
             if mtype == MSG_QUERY:
-                self.engine.metrics.QueryRequests += 1
                 reason = rules.classify_query(payload, length - 1)  # without the NUL
             else:
                 # Parse: name NUL query NUL then parameter types; the rules want the query.
@@ -190,18 +191,16 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
         if self.state != READY:
             self.pool.release(conn)
             return
+        if conn.closed:  # died while idle, before the pool heard of it
+            self.pool.discard(conn)
+            self.borrow()
+            return
         if conn.applied != self.desired:
             # Bring the connection's session parameters to this client's first; the client's
             # bytes keep waiting in `pending` until that is done.
             self._syncing = conn
             conn.run_internal(self._parameter_sync_sql(conn), self._on_parameters_synced)
             return
-        self._attach_pinned(conn)
-
-    def _attach_pinned(self, conn):
-        if self.pin_reason is not None and not self.pinned_server:  # pinned before attaching
-            self.pinned_server = True
-            self.engine.pinned_sessions += 1
         self.attach(conn)
 
     def _parameter_sync_sql(self, conn) -> str:
@@ -231,7 +230,7 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
             fields = getattr(error, "fields", {})
             self.fatal(fields.get("C", "08006"), f"cannot apply session parameters: {fields.get('M', error)}")
             return
-        self._attach_pinned(conn)
+        self.attach(conn)
 
     def _resume_reading(self):
         if self.reading_paused:
@@ -413,28 +412,25 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
             self.fatal("28P01", f'password authentication failed for user "{self.user}"')
             return
         self._auth = None
-        self.transport.write(pg.authentication(pg.AUTH_OK))
         self._login()
 
     def _login(self):
         """Authenticated: learn the server's parameters for this user and database once."""
         self.state = LOGIN
         if self.key in self.pool.defaults:
-            self._finish_login()
+            self._finish_login(pg.AUTH_OK_MESSAGE)  # one write for the whole greeting
         else:
+            self.transport.write(pg.AUTH_OK_MESSAGE)
             self.borrow()  # on_connection / on_borrow_error see state LOGIN
 
-    def _finish_login(self):
+    def _finish_login(self, prefix=b""):
         engine = self.engine
-        params = dict(self.pool.defaults.get(self.key, {}))
-        params.update(self.desired)
-        out = [pg.parameter_status(k, v) for k, v in params.items()]
         self.pid, self.secret = engine.register_cancel_key(self)
-        out.append(pg.backend_key_data(self.pid, self.secret))
-        out.append(pg.ready_for_query(b"I"))
         self.state = READY
         engine.metrics.ClientConnectionsSetupSucceeded += 1
-        self.transport.write(b"".join(out))
+        self.transport.write(b"".join((prefix, engine.parameter_statuses(self.key, self.desired),
+                                       pg.backend_key_data(self.pid, self.secret),
+                                       pg.READY_FOR_QUERY_IDLE)))
         if self._buf:  # pipelined right after the password (libpq does not, others may)
             data, self._buf = bytes(self._buf), bytearray()
             self.data_received(data)

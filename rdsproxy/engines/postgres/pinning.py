@@ -1,6 +1,8 @@
 """RDS-Proxy-style session pinning rules for PostgreSQL: which SQL creates session state."""
 import re
 
+from ..._fastpath import KeywordScanner
+
 SET_VARIABLE = "set_variable"
 PREPARED_STATEMENT = "prepared_statement"
 TEMPORARY_OBJECT = "temporary_object"
@@ -17,20 +19,16 @@ EXCLUDE_VARIABLE_SETS = "EXCLUDE_VARIABLE_SETS"
 
 LONG_STATEMENT_BYTES = 16384
 
-# The hot-path pre-filter, run on b";" + sql.lower(). It must match every text the careful
-# analysis could pin, so it errs wide: a statement (the first one thanks to the ';' we
-# prepend) opening with a trigger keyword or a comment that could hide one, and anywhere:
-# "temp" (TEMP, TEMPORARY, pg_temp), "tval" (nextval, setval), "_config" (set_config),
-# "y_lock" (the four session-level pg_*advisory_lock* functions, not the _xact_ ones).
-# Mid-statement SET (UPDATE ... SET) does not match: that is the common OLTP case.
-# Lower-casing first instead of re.IGNORECASE keeps every branch starting with a plain
-# literal, so sre only tries a match at the rare bytes ; t _ y (a C-level charset scan);
-# with IGNORECASE it tries every branch at every offset, about 4x slower.
-_PREFILTER = re.compile(
-    rb";[\s\x00]*(?:/\*|--|(?:re)?set\b|prepare\b|d(?:eclare|iscard|o)\b|l(?:isten|oad)\b)"
-    rb"|temp|tval|_config|y_lock"
-)
-_prefilter_search = _PREFILTER.search
+# The hot-path pre-filter (a C loop in the compiled fast path). It must flag every text the
+# careful analysis could pin, so it errs wide: a statement opening with a trigger keyword
+# or a comment that could hide one, and anywhere: "temp" (TEMP, TEMPORARY, pg_temp), "tval"
+# (nextval, setval), "_config" (set_config), "y_lock" (the four session-level
+# pg_*advisory_lock* functions, not the _xact_ ones). Mid-statement SET (UPDATE ... SET)
+# is not flagged: that is the common OLTP case.
+PREFILTER = KeywordScanner(
+    leading=[b"/*", b"--", b"set", b"reset", b"prepare", b"declare", b"discard", b"do",
+             b"listen", b"load"],
+    anywhere=[b"temp", b"tval", b"_config", b"y_lock"])
 
 # Lexer pieces (PostgreSQL scan.l, simplified to what classification needs).
 _SPACE = re.compile(r"[ \t\n\r\f\v\x00]+")
@@ -345,7 +343,7 @@ class PinningRules:
         elif len(sql) > LONG_STATEMENT_BYTES and len(sql.rstrip(b"\x00")) > LONG_STATEMENT_BYTES:
             # (a trailing NUL is the message terminator, not statement text)
             return LONG_STATEMENT
-        if _prefilter_search(b";" + sql.lower()) is None:
+        if not PREFILTER.may_match(sql):
             return None
         # latin-1 keeps every byte as one character, so any input decodes and keywords
         # (ASCII) match whatever the client encoding.

@@ -100,6 +100,8 @@ def query(sql: str) -> bytes:
     return message(b"Q", cstr(sql))
 
 
+AUTH_OK_MESSAGE = authentication(AUTH_OK)
+READY_FOR_QUERY_IDLE = ready_for_query(b"I")
 TERMINATE = b"X\x00\x00\x00\x04"
 SYNC = b"S\x00\x00\x00\x04"
 

@@ -1,0 +1,23 @@
+# C layout of `keywords_py.py` when setup.py compiles it as `rdsproxy._fastpath.keywords_c`.
+#
+# The scan runs as one C loop over the text (no lower-cased copy, no regex engine).
+cimport cython
+
+
+cdef class KeywordScanner:
+    cdef public list leading
+    cdef public list anywhere
+    cdef object _regex
+    cdef bytearray _anywhere_first
+
+    cpdef bint may_match(self, bytes data) except -1
+
+    @cython.locals(at_start=bint, i=Py_ssize_t, c=int, word=bytes, n=Py_ssize_t)
+    cdef bint _scan(self, const unsigned char *buf, Py_ssize_t end) except -1
+
+    @cython.locals(n=Py_ssize_t, k=Py_ssize_t, c=int)
+    cdef bint _matches_at(self, const unsigned char *buf, Py_ssize_t end, Py_ssize_t i,
+                          bytes word) except -1
+
+
+cdef bint _word_byte(int c)
