@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bench import build, memprobe, pgbench, report, targets as tg
 from bench.cluster import make_cluster, pg_tool
-from bench.procs import (Reaper, log, process_tree, raise_nofile,
+from bench.procs import (Reaper, cpu_seconds, log, process_tree, raise_nofile,
                          server_conns_by_pid, tail)
 
 MEMORY_PROBE = "idle_clients_10000"
@@ -166,12 +166,19 @@ def _run_workloads(args, cluster, creds, live: dict, results: dict, scratch: Pat
                     continue
                 if wname in pgbench.WRITE_WORKLOADS:
                     cluster.psql("CHECKPOINT")  # so no run inherits another's dirty buffers
+                # The pooler's own CPU per transaction: unlike tps, hardly moved by whatever
+                # else the (shared, 2-core) machine is doing.
+                pids = process_tree(t.pid) if t.pid else []
+                cpu_before = cpu_seconds(pids)
                 res = pgbench.run_pgbench(wname, host=t.host, port=t.port, user=creds.user,
                                           password=creds.password, dbname=creds.dbname,
                                           duration=args.duration,
                                           sampling_rate=args.sampling_rate, scratch=scratch)
                 done += 1
                 record = {"round": rnd + 1, **res.as_dict()}
+                if pids and res.processed:
+                    record["cpu_us_per_txn"] = round(
+                        (cpu_seconds(pids) - cpu_before) * 1e6 / res.processed, 1)
                 if t.pid:  # pool parity check: server connections the pooler still holds
                     counts = server_conns_by_pid(creds.server_port)
                     record["server_conns_after"] = sum(counts.get(p, 0)
@@ -182,8 +189,10 @@ def _run_workloads(args, cluster, creds, live: dict, results: dict, scratch: Pat
                 tps = f"{res.tps:,.0f}" if res.tps is not None else "—"
                 conns = (f"  server conns {record['server_conns_after']}"
                          if "server_conns_after" in record else "")
+                cpu = (f"  cpu {record['cpu_us_per_txn']} us/txn"
+                       if "cpu_us_per_txn" in record else "")
                 log(f"[{done}/{total}] {wname} round {rnd + 1}/{args.rounds} {tname:<16} "
-                    f"tps {tps:>8}  lat {lat} ms  p99 {p99} ms  failed {res.failed}{conns}"
+                    f"tps {tps:>8}  lat {lat} ms  p99 {p99} ms  failed {res.failed}{conns}{cpu}"
                     + (f"  ERROR {res.error}" if res.error else ""))
 
 

@@ -82,6 +82,20 @@ def process_tree(pid: int) -> list[int]:
     return seen
 
 
+def cpu_seconds(pids) -> float:
+    """User + system CPU time consumed so far by these processes (from /proc/<pid>/stat)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / ticks
+
+
 def rss_kib(pid: int) -> int:
     """VmRSS summed over the process tree rooted at pid, in KiB."""
     total = 0

@@ -28,6 +28,7 @@ def summarize(results: dict) -> None:
             t["latency_avg_ms"] = _median([r["latency_avg_ms"] for r in ok])
             t["p99_ms"] = _median([r["p99_ms"] for r in ok])
             t["connection_time_ms"] = _median([r.get("connection_time_ms") for r in ok])
+            t["cpu_us_per_txn"] = _median([r.get("cpu_us_per_txn") for r in ok])
             t["failed"] = sum(r.get("failed") or 0 for r in rounds)
             t["errored_rounds"] = len(rounds) - len(ok)
         for ref in ("pgbouncer", "direct"):
@@ -55,7 +56,9 @@ def markdown(results: dict) -> str:
         "tps = median over rounds (without initial connection time; *including reconnection "
         "times* for `-C` workloads). latency = median of pgbench's latency average; p99 = "
         "median of per-round p99 from the per-transaction logs (under `-C` it absorbs the "
-        "synchronous connects of the other clients in the same pgbench thread). failed = failed transactions summed over rounds.",
+        "synchronous connects of the other clients in the same pgbench thread). failed = failed transactions summed over rounds. "
+        "pooler CPU = user + system CPU the pooler process used per transaction (median over rounds; "
+        "under `-C` that includes the connection's setup): the efficiency figure least moved by machine noise.",
         "",
     ]
     held: dict[str, int] = {}
@@ -84,7 +87,7 @@ def markdown(results: dict) -> str:
         lines.append("")
     if results["workloads"]:
         lines += ["| workload | target | tps | lat avg ms | p99 ms | failed | vs pgbouncer "
-                  "| vs direct |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+                  "| vs direct | pooler CPU µs/txn |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for wname, wl in results["workloads"].items():
         for tname, t in wl["targets"].items():
             err = f" ({t['errored_rounds']} errored rounds)" if t.get("errored_rounds") else ""
@@ -94,7 +97,8 @@ def markdown(results: dict) -> str:
             lines.append(
                 f"| {wname} | {tname}{err} | {_fmt(t['tps_median'], '{:,.0f}')} | "
                 f"{_fmt(t['latency_avg_ms'], '{:.3f}')} | {_fmt(t['p99_ms'], '{:.3f}')} | "
-                f"{t['failed']} | {_fmt(t['ratio_to_pgbouncer'])} | {_fmt(t['ratio_to_direct'])} |")
+                f"{t['failed']} | {_fmt(t['ratio_to_pgbouncer'])} | {_fmt(t['ratio_to_direct'])} | "
+                f"{_fmt(t.get('cpu_us_per_txn'), '{:.1f}')} |")
     mem = results.get("memory")
     if mem and mem.get("targets"):
         lines += ["", f"## Idle client memory ({mem['clients']} clients)", "",
