@@ -46,11 +46,9 @@ async def _serve(config) -> None:
             stopping.append(loop.create_task(proxy.stop()))
 
     def on_hup():
-        try:
-            proxy.engine.load_accounts()
-            log.info("secrets reloaded")
-        except SecretError as exc:
-            log.error("secrets not reloaded: %s", exc)
+        # Secrets (maybe from AWS) are re-read in worker threads, certificates reloaded.
+        log.info("SIGHUP: reloading secrets and TLS certificates")
+        loop.create_task(proxy.reload())
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_term)
@@ -67,18 +65,61 @@ def main():
     """A connection-pooling proxy for PostgreSQL, in the spirit of AWS RDS Proxy."""
 
 
+def _self_signed(directory: str, config_path: str) -> dict:
+    """Write a self-signed certificate into `directory`; return the [tls] section using it."""
+    import tomllib
+
+    from .tls import generate_self_signed
+
+    with open(config_path, "rb") as fh:
+        try:
+            data = tomllib.load(fh)
+        except tomllib.TOMLDecodeError:
+            data = {}   # load_config reports it properly
+    if "tls" in data:
+        raise click.ClickException(f"{config_path}: tls: the config has a [tls] section; "
+                                   f"--generate-self-signed would replace it, use one or the other")
+    hostnames = ["localhost", "127.0.0.1"]
+    for entry in data.get("endpoints", []) if isinstance(data.get("endpoints"), list) else []:
+        host = str(entry.get("listen", "")).rsplit(":", 1)[0].strip("[]")
+        if host and host not in ("0.0.0.0", "::") and host not in hostnames:
+            hostnames.insert(0, host)
+    iam = data.get("iam")
+    if isinstance(iam, dict):
+        hostnames += [h for h in iam.get("host_names", []) if isinstance(h, str) and h not in hostnames]
+    os.makedirs(directory, exist_ok=True)
+    cert = os.path.abspath(os.path.join(directory, "rdsproxy-self-signed.pem"))
+    key = os.path.abspath(os.path.join(directory, "rdsproxy-self-signed.key"))
+    generate_self_signed(cert, key, hostnames=hostnames)
+    banner = "!" * 78
+    click.echo(f"{banner}\nWARNING: client TLS uses a SELF-SIGNED certificate generated just now:\n"
+               f"    {cert}\n    {key} (names: {', '.join(hostnames)})\n"
+               f"Clients can encrypt (sslmode=require) but cannot verify the proxy unless they\n"
+               f"trust this file (sslmode=verify-full sslrootcert={cert}).\n"
+               f"Use a real certificate in [tls] for anything but testing.\n{banner}", err=True)
+    return {"cert_file": cert, "key_file": key}
+
+
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="proxy.toml; without it, a throwaway local PostgreSQL is started and proxied")
 @click.option("--listen", default="127.0.0.1:6432", show_default=True,
               help="where the quick start listens (only without --config)")
-def serve(config_path, listen):
+@click.option("--generate-self-signed", "self_signed_dir", type=click.Path(file_okay=False),
+              help="write a self-signed certificate into this directory and serve client TLS "
+                   "with it (instead of a [tls] section; for testing)")
+def serve(config_path, listen, self_signed_dir):
     """Run the proxy."""
+    if self_signed_dir and not config_path:
+        raise click.ClickException("--generate-self-signed needs --config")
     if config_path:
         try:
-            config = load_config(config_path)
+            overrides = {"tls": _self_signed(self_signed_dir, config_path)} if self_signed_dir else None
+            config = load_config(config_path, overrides)
         except ConfigError as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            raise click.ClickException(f"cannot read or write: {exc}") from None
         _setup_logging(config.debug_logging)
         try:
             _run(_serve(config))
@@ -131,13 +172,39 @@ def validate_config(config_path):
     """Check a config file (and that its secrets can be read) without starting anything."""
     try:
         config = load_config(config_path)
-        from .secrets import read_secret
+        from .secrets import read_principal_secret, read_secret
         for entry in config.auth:
             read_secret(entry.secret, config.base_dir)
+        for entry in config.iam.principals if config.iam is not None else ():
+            read_principal_secret(entry.secret_access_key, config.base_dir)
     except (ConfigError, SecretError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"{config_path}: OK ({config.engine_family}, {len(config.auth)} auth entries, "
                f"{len(config.targets)} targets, {len(config.endpoints)} endpoints)")
+
+
+@main.command("generate-auth-token")
+@click.option("--hostname", required=True, help="the proxy endpoint's host name or address, as clients use it")
+@click.option("--port", required=True, type=int, help="the proxy endpoint's port")
+@click.option("--username", required=True, help="the database user")
+@click.option("--region", required=True, help="AWS region named in the token")
+@click.option("--access-key-id", envvar="AWS_ACCESS_KEY_ID", help="default: $AWS_ACCESS_KEY_ID")
+@click.option("--secret-access-key", envvar="AWS_SECRET_ACCESS_KEY", help="default: $AWS_SECRET_ACCESS_KEY")
+@click.option("--session-token", envvar="AWS_SESSION_TOKEN", default=None, help="default: $AWS_SESSION_TOKEN")
+@click.option("--expires", type=int, default=900, show_default=True, help="lifetime in seconds (at most 900)")
+def generate_auth_token(hostname, port, username, region, access_key_id, secret_access_key,
+                        session_token, expires):
+    """Print an IAM auth token (as `aws rds generate-db-auth-token`) to use as the password."""
+    from .auth.iam import MAX_EXPIRES, generate_token
+
+    if not access_key_id or not secret_access_key:
+        raise click.ClickException("credentials needed: --access-key-id/--secret-access-key or "
+                                   "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+    if not 0 < expires <= MAX_EXPIRES:
+        raise click.ClickException(f"--expires must be between 1 and {MAX_EXPIRES}")
+    click.echo(generate_token(host=hostname, port=port, user=username, region=region,
+                              access_key_id=access_key_id, secret_access_key=secret_access_key,
+                              session_token=session_token or None, expires=expires))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,9 @@ CLIENT_AUTH_TYPES = {
 }
 PINNING_FILTERS = ("EXCLUDE_VARIABLE_SETS",)
 TARGET_ROLES = ("READ_WRITE", "READ_ONLY")
+TARGET_TLS_MODES = ("disable", "require", "verify-ca", "verify-full")
+SECRET_PROVIDERS = ("file:", "env:", "aws-secretsmanager:")
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 @dataclass
@@ -56,6 +59,35 @@ class TargetGroupConfig:
 class TargetConfig:
     host: str
     port: int = 5432
+    # Database-leg TLS, with libpq's sslmode meanings.
+    tls: str = "disable"
+    tls_ca_file: str = ""
+
+
+@dataclass
+class TlsConfig:
+    """Client-leg TLS: the proxy's certificate; with ca_file, client certificates are checked."""
+    cert_file: str
+    key_file: str
+    ca_file: str = ""
+    require_client_cert: bool = False
+
+
+@dataclass
+class IamPrincipalConfig:
+    # A secret reference to JSON {"AccessKeyId", "SecretAccessKey"}; access_key_id, when
+    # given, must name the same key (it documents which key this entry is).
+    secret_access_key: str
+    access_key_id: str = ""
+    resources: list[str] = field(default_factory=list)
+
+
+@dataclass
+class IamConfig:
+    region: str = ""
+    # Names/addresses clients use to reach the endpoints (what they sign tokens for).
+    host_names: list[str] = field(default_factory=list)
+    principals: list[IamPrincipalConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -88,12 +120,24 @@ class ProxyConfig:
     shutdown_timeout: float = 30.0
     max_client_connections: int = 100000
     max_message_size: int = 1 << 30
+    secrets_refresh_interval: float = 300.0   # 0 = only on SIGHUP
+    tls: TlsConfig | None = None
+    iam: IamConfig | None = None
     source: str = "<dict>"
     base_dir: str = "."
 
     def resolve_path(self, path: str) -> str:
         """Paths in the config are relative to the config file."""
         return path if os.path.isabs(path) else os.path.join(self.base_dir, path)
+
+    def iam_host_names(self, endpoint: "EndpointConfig") -> list[str]:
+        """Host names an IAM token may name for `endpoint`."""
+        if self.iam is not None and self.iam.host_names:
+            return list(self.iam.host_names)
+        names = [endpoint.host]
+        if endpoint.host in LOOPBACK_NAMES:
+            names += [n for n in LOOPBACK_NAMES if n not in names]
+        return names
 
 
 # --- validation -----------------------------------------------------------------------
@@ -103,6 +147,8 @@ _SECTIONS = {
     "target_group": TargetGroupConfig,
     "targets": TargetConfig,
     "endpoints": EndpointConfig,
+    "tls": TlsConfig,
+    "iam": IamConfig,
 }
 
 
@@ -168,9 +214,6 @@ def config_from_dict(data: dict, *, source: str = "<dict>", base_dir: str | os.P
             top[f.name] = _coerce(f, data[f.name], source, f.name)
     cfg = ProxyConfig(**top, source=source, base_dir=str(base_dir))
     _one_of(cfg.engine_family, ENGINE_FAMILIES, source, "engine_family")
-    if cfg.require_tls:
-        raise ConfigError(source, "require_tls", "TLS is not supported by this version yet, so it "
-                                                 "cannot be required; set it to false")
     if cfg.idle_client_timeout < 0:
         raise ConfigError(source, "idle_client_timeout", "must be 0 (never) or a positive number of seconds")
 
@@ -184,14 +227,57 @@ def config_from_dict(data: dict, *, source: str = "<dict>", base_dir: str | os.P
         a = AuthConfig(**_check_fields(AuthConfig, entry, source, prefix))
         _one_of(a.auth_scheme, ("SECRETS",), source, prefix + "auth_scheme")
         _one_of(a.iam_auth, ("DISABLED", "REQUIRED", "OPTIONAL"), source, prefix + "iam_auth")
-        if a.iam_auth != "DISABLED":
-            raise ConfigError(source, prefix + "iam_auth", "IAM token authentication is not "
-                                                           "supported by this version yet; use DISABLED")
         _one_of(a.client_password_auth_type, CLIENT_AUTH_TYPES[cfg.engine_family], source,
                 prefix + "client_password_auth_type")
-        if not (a.secret.startswith("file:") or a.secret.startswith("env:")):
-            raise ConfigError(source, prefix + "secret", f"must start with 'file:' or 'env:', not {a.secret!r}")
+        _check_reference(a.secret, source, prefix + "secret")
         cfg.auth.append(a)
+    if cfg.secrets_refresh_interval < 0:
+        raise ConfigError(source, "secrets_refresh_interval", "must be 0 (only on SIGHUP) or a "
+                                                              "positive number of seconds")
+
+    if "tls" in data:
+        t = TlsConfig(**_check_fields(TlsConfig, data["tls"], source, "tls."))
+        for key in ("cert_file", "key_file", "ca_file"):
+            path = getattr(t, key)
+            if path:
+                path = cfg.resolve_path(path)
+                setattr(t, key, path)   # absolute from here on: reloads do not depend on cwd
+                if not os.path.isfile(path):
+                    raise ConfigError(source, f"tls.{key}", f"file not found: {path}")
+        if t.require_client_cert and not t.ca_file:
+            raise ConfigError(source, "tls.require_client_cert", "needs tls.ca_file to verify "
+                                                                 "client certificates against")
+        cfg.tls = t
+    if cfg.require_tls and cfg.tls is None:
+        raise ConfigError(source, "require_tls", "needs a [tls] section with cert_file and key_file "
+                                                 "(or `serve --generate-self-signed DIR`)")
+
+    iam_users = [a for a in cfg.auth if a.iam_auth != "DISABLED"]
+    if "iam" in data:
+        raw = data["iam"]
+        if not isinstance(raw, dict):
+            raise ConfigError(source, "iam", f"must be a table, not {type(raw).__name__}")
+        principals = raw.get("principals", [])
+        iam = IamConfig(**_check_fields(IamConfig, {k: v for k, v in raw.items() if k != "principals"},
+                                        source, "iam."))
+        if not isinstance(principals, list):
+            raise ConfigError(source, "iam.principals", "must be a list of [[iam.principals]] tables")
+        for i, entry in enumerate(principals):
+            prefix = f"iam.principals[{i}]."
+            p = IamPrincipalConfig(**_check_fields(IamPrincipalConfig, entry, source, prefix))
+            _check_reference(p.secret_access_key, source, prefix + "secret_access_key")
+            if not p.resources:
+                raise ConfigError(source, prefix + "resources", "at least one rds-db:connect resource "
+                                  "pattern is required (e.g. \"arn:aws:rds-db:*:*:dbuser:*/app\" or \"*\")")
+            iam.principals.append(p)
+        cfg.iam = iam
+    if iam_users:
+        key = f"auth[{cfg.auth.index(iam_users[0])}].iam_auth"
+        if cfg.iam is None or not cfg.iam.principals:
+            raise ConfigError(source, key, "needs at least one [[iam.principals]] entry to verify tokens with")
+        if cfg.tls is None:
+            raise ConfigError(source, key, "IAM tokens are only accepted over TLS: add a [tls] section "
+                                           "(or `serve --generate-self-signed DIR`)")
 
     tg = TargetGroupConfig(**_check_fields(TargetGroupConfig, data.get("target_group", {}), source, "target_group."))
     if tg.max_idle_connections_percent == -1:
@@ -210,6 +296,11 @@ def config_from_dict(data: dict, *, source: str = "<dict>", base_dir: str | os.P
     for i, entry in enumerate(targets):
         t = TargetConfig(**_check_fields(TargetConfig, entry, source, f"targets[{i}]."))
         _range(t.port, 1, 65535, source, f"targets[{i}].port")
+        _one_of(t.tls, TARGET_TLS_MODES, source, f"targets[{i}].tls")
+        if t.tls_ca_file:
+            t.tls_ca_file = cfg.resolve_path(t.tls_ca_file)
+            if not os.path.isfile(t.tls_ca_file):
+                raise ConfigError(source, f"targets[{i}].tls_ca_file", f"file not found: {t.tls_ca_file}")
         cfg.targets.append(t)
 
     endpoints = data.get("endpoints", [{"name": "default", "listen": "127.0.0.1:6432"}])
@@ -233,7 +324,14 @@ def config_from_dict(data: dict, *, source: str = "<dict>", base_dir: str | os.P
     return cfg
 
 
-def load_config(path: str | os.PathLike) -> ProxyConfig:
+def _check_reference(reference: str, source: str, key: str) -> None:
+    if not reference.startswith(SECRET_PROVIDERS):
+        raise ConfigError(source, key, f"must start with {' or '.join(repr(p) for p in SECRET_PROVIDERS)}, "
+                                       f"not {reference!r}")
+
+
+def load_config(path: str | os.PathLike, overrides: dict | None = None) -> ProxyConfig:
+    """Read and validate a TOML file; `overrides` (top-level keys/sections) win over the file's."""
     path = Path(path)
     try:
         with open(path, "rb") as fh:
@@ -242,4 +340,6 @@ def load_config(path: str | os.PathLike) -> ProxyConfig:
         raise ConfigError(str(path), "-", "file not found") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), "-", f"not valid TOML: {exc}") from None
+    if overrides:
+        data.update(overrides)
     return config_from_dict(data, source=str(path), base_dir=path.resolve().parent)

@@ -49,8 +49,8 @@ class Proxy:
             raise NotImplementedError(f"engine_family {self.config.engine_family} is not supported yet")
         from .engines.postgres.engine import PostgresEngine
         self.engine = PostgresEngine(self.config, self.metrics, loop)
-        self.engine.start()
         try:
+            await self.engine.start()
             for endpoint in self.config.endpoints:
                 server = await loop.create_server(
                     self.engine.client_factory(endpoint), endpoint.host, endpoint.port,
@@ -82,6 +82,11 @@ class Proxy:
         self._servers = []
         if self._stopped is not None:
             self._stopped.set()
+
+    async def reload(self) -> None:
+        """What SIGHUP does: re-read secrets (and rebuild accounts) and reload TLS certificates."""
+        if self.engine is not None:
+            await self.engine.reload()
 
     async def serve_forever(self) -> None:
         await self._stopped.wait()

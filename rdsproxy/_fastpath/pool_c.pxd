@@ -24,6 +24,7 @@ cdef class PoolCore:
     cpdef tuple add_waiter(self, object key, object waiter)
     cpdef bint remove_waiter(self, object entry) except -1
     cpdef object pop_waiter(self)
+    cpdef object first_waiter(self)
     @cython.locals(stack=list)
     cpdef bint take_idle(self, object conn, object key) except -1
     cpdef list idle_items(self)

@@ -84,6 +84,10 @@ class PoolCore:
     def pop_waiter(self):
         return self._waiters.popleft() if self._waiters else None
 
+    def first_waiter(self):
+        """The entry that would be served next, without removing it; None when none waits."""
+        return self._waiters[0] if self._waiters else None
+
     @property
     def waiting(self):
         return len(self._waiters)

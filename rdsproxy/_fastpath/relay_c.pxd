@@ -14,6 +14,7 @@ cdef int MODE_RELAY
 cdef int STATUS_IDLE
 cdef int MSG_QUERY
 cdef int MSG_PARSE
+cdef Py_ssize_t PENDING_LIMIT
 cdef bytearray UNSYNCED_MASK
 
 cdef class ServerRelay
@@ -33,6 +34,7 @@ cdef class ClientRelay:
     cdef public bint terminating
     cdef public bint reading_paused
     cdef public list pending
+    cdef public Py_ssize_t pending_size
     cdef public unsigned long long activity
     cdef public unsigned long long queries
     cdef public KeywordScanner prefilter

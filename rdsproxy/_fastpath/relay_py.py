@@ -20,6 +20,7 @@ MODE_RELAY = 1            # the server mode in which bytes are relayed (backend.
 STATUS_IDLE = 73          # ReadyForQuery 'I'
 MSG_QUERY = 81            # 'Q'
 MSG_PARSE = 80            # 'P'
+PENDING_LIMIT = 262144    # bytes a waiting client may queue in the proxy before we pause it
 # Message types after which a client still expects its server with nothing outstanding:
 # extended-protocol messages not yet closed by a Sync ('P', 'B', 'D', 'E', 'C', 'H').
 UNSYNCED_MASK = bytearray(256)
@@ -44,6 +45,7 @@ class ClientRelay:
         self.terminating = False
         self.reading_paused = False
         self.pending = []
+        self.pending_size = 0
         self.activity = 0         # chunks received; the housekeeper turns it into idle time
         self.queries = 0          # Query messages (the QueryRequests metric)
         self.prefilter = None
@@ -68,6 +70,11 @@ class ClientRelay:
                 server.transport.write(data)
         elif data:
             self.pending.append(data)
+            self.pending_size += len(data)
+            if self.pending_size > PENDING_LIMIT and not self.reading_paused:
+                # A client that keeps writing while it waits: leave the rest in the kernel.
+                self.reading_paused = True
+                self.transport.pause_reading()
             if not self.waiting:
                 self.waiting = True
                 conn = self.pool_core.try_borrow(self.key)
@@ -113,6 +120,7 @@ class ClientRelay:
         pending = self.pending
         if pending:
             self.pending = []
+            self.pending_size = 0
             conn.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
         if self.reading_paused:
             self.reading_paused = False

@@ -47,6 +47,7 @@ class Pool:
         self._opening: set[asyncio.Task] = set()
         self._closed = False
         self._reaper = None
+        self._deadline_timer = None
         self.borrow_latency_total = 0.0
 
     # -- budget ------------------------------------------------------------------------
@@ -85,17 +86,18 @@ class Pool:
             if core.reserve_new() or self._evict_idle_for_budget():
                 self._open_for(key, waiter)
                 return None
-        entry = core.add_waiter(key, waiter)
+        waiter.borrow_entry = core.add_waiter(key, waiter)
         if self.borrow_timeout > 0:
-            waiter.borrow_timer = self.loop.call_later(self.borrow_timeout, self._waiter_timed_out, entry)
-        waiter.borrow_entry = entry
+            waiter.borrow_deadline = self.loop.time() + self.borrow_timeout
+            if self._deadline_timer is None:
+                self._deadline_timer = self.loop.call_at(waiter.borrow_deadline, self._expire_waiters)
         return None
 
     def cancel_wait(self, waiter) -> None:
         """The waiter went away before it was served."""
         entry = getattr(waiter, "borrow_entry", None)
         if entry is not None and self.core.remove_waiter(entry):
-            self._stop_timer(waiter)
+            waiter.borrow_entry = None
 
     def _evict_idle_for_budget(self) -> bool:
         """Budget spent, but some other key has an idle connection: close it to make room."""
@@ -106,24 +108,31 @@ class Pool:
                 return self.core.reserve_new()
         return False
 
-    def _waiter_timed_out(self, entry) -> None:
-        if self.core.remove_waiter(entry):
-            key, waiter = entry
+    def _expire_waiters(self) -> None:
+        """Fail the waiters whose connection_borrow_timeout has passed.
+
+        One timer serves the whole queue: every waiter has the same timeout and joins at
+        the back, so deadlines only grow from front to back (no timer per waiter).
+        """
+        self._deadline_timer = None
+        core = self.core
+        now = self.loop.time()
+        while True:
+            entry = core.first_waiter()
+            if entry is None:
+                return
+            waiter = entry[1]
+            if waiter.borrow_deadline > now:
+                self._deadline_timer = self.loop.call_at(waiter.borrow_deadline, self._expire_waiters)
+                return
+            core.pop_waiter()
             waiter.borrow_entry = None
             if self.metrics:
                 self.metrics.DatabaseConnectionsBorrowTimeouts += 1
             waiter.on_borrow_error(BorrowTimeout(
                 f"timed out after {self.borrow_timeout:g} s waiting for a database connection "
-                f"(connection_borrow_timeout; pool {self.name} has {self.core.max_size} connections, "
+                f"(connection_borrow_timeout; pool {self.name} has {core.max_size} connections, "
                 f"all busy)"))
-
-    @staticmethod
-    def _stop_timer(waiter) -> None:
-        timer = getattr(waiter, "borrow_timer", None)
-        if timer is not None:
-            timer.cancel()
-            waiter.borrow_timer = None
-        waiter.borrow_entry = None
 
     def _open_for(self, key, waiter) -> None:
         task = self.loop.create_task(self._open(key, waiter))
@@ -169,7 +178,7 @@ class Pool:
     def hand_over(self, conn, entry) -> None:
         """`conn` came back while `entry` (key, waiter) was first in the queue."""
         key, waiter = entry
-        self._stop_timer(waiter)
+        waiter.borrow_entry = None
         if key == conn.key:
             waiter.on_connection(conn)
         else:
@@ -195,7 +204,7 @@ class Pool:
         core = self.core
         while core.waiting and core.total < core.max_size:
             key, waiter = core.pop_waiter()
-            self._stop_timer(waiter)
+            waiter.borrow_entry = None
             core.reserve_new()
             self._open_for(key, waiter)
 
@@ -218,13 +227,16 @@ class Pool:
 
     async def close(self) -> None:
         self._closed = True
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
         for task in list(self._opening):
             task.cancel()
         while True:
             entry = self.core.pop_waiter()
             if entry is None:
                 break
-            self._stop_timer(entry[1])
+            entry[1].borrow_entry = None
             entry[1].on_borrow_error(PoolClosed(f"pool {self.name} is closed"))
         for key, conn in self.core.idle_items():
             if self.core.take_idle(conn, key):

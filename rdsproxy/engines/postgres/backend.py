@@ -237,15 +237,59 @@ class ServerConnection(ServerRelay, asyncio.Protocol):
         return f"<ServerConnection {self.target_name} pid={self.backend_pid} key={self.key}>"
 
 
+async def _negotiate_tls(loop, target_name: str, host: str, port: int, tls_mode: str):
+    """Connect a plain socket and ask for TLS; return it once the server said 'S'."""
+    import socket
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    last_error: Exception | None = None
+    for family, type_, proto, _, address in infos:
+        sock = socket.socket(family, type_, proto)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, address)
+            await loop.sock_sendall(sock, struct.pack("!ii", 8, pg.SSL_REQUEST_CODE))
+            answer = await loop.sock_recv(sock, 1)
+        except OSError as exc:
+            sock.close()
+            last_error = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        if answer == b"S":
+            # Nothing may follow 'S' before the handshake (a MITM could inject plaintext).
+            return sock
+        sock.close()
+        if answer == b"N":
+            raise ServerError({"S": "FATAL", "C": "08P01",
+                               "M": f"database {target_name} does not accept TLS (it answered 'N' to "
+                                    f"SSLRequest) but the target's tls is {tls_mode!r}"})
+        raise ServerError({"S": "FATAL", "C": "08P01",
+                           "M": f"database {target_name} gave an unexpected answer {answer!r} to SSLRequest"})
+    raise last_error or OSError(f"cannot resolve {host}")
+
+
 async def open_server_connection(loop, target_name: str, host: str, port: int, *, user: str,
                                  password: str, database: str, params: dict[str, str],
-                                 timeout: float, max_message_size: int) -> ServerConnection:
-    """Connect and log in; raise ServerError (refused) or OSError/TimeoutError (unreachable)."""
+                                 timeout: float, max_message_size: int,
+                                 ssl_context=None, tls_mode: str = "disable") -> ServerConnection:
+    """Connect (over TLS when `ssl_context` is given) and log in; raise ServerError (refused)
+    or OSError/TimeoutError/ssl.SSLError (unreachable, or the TLS handshake failed)."""
+    def factory():
+        return ServerConnection(loop, target_name, (host, port), user=user, password=password,
+                                max_message_size=max_message_size)
+
     async def connect():
-        _, conn = await loop.create_connection(
-            lambda: ServerConnection(loop, target_name, (host, port), user=user, password=password,
-                                     max_message_size=max_message_size),
-            host, port)
+        if ssl_context is None:
+            _, conn = await loop.create_connection(factory, host, port)
+        else:
+            sock = await _negotiate_tls(loop, target_name, host, port, tls_mode)
+            try:
+                _, conn = await loop.create_connection(factory, sock=sock, ssl=ssl_context,
+                                                       server_hostname=host)
+            except BaseException:
+                sock.close()
+                raise
         try:
             await conn.login(database, params)
         except BaseException:

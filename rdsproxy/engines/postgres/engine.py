@@ -8,12 +8,15 @@ import random
 import struct
 from dataclasses import dataclass
 
+from ... import tls as tlsmod
+from ...auth.iam import Principal
 from ...auth.scram import ScramSecret, make_server_key_material
+from ...auth.throttle import LoginThrottle
 from ...core.pool import Pool
-from ...secrets import Credentials, read_secret
+from ...secrets import Credentials, SecretCache, SecretError, read_principal_secret, read_secret
 from . import protocol as pg
-from .backend import open_server_connection
-from .frontend import READY, ClientConnection
+from .backend import ServerError, open_server_connection
+from .frontend import CLOSED, READY, ClientConnection
 from .pinning import PinningRules
 
 log = logging.getLogger("rdsproxy.postgres")
@@ -27,6 +30,8 @@ class Account:
     credentials: Credentials
     client_auth: str
     scram_secret: ScramSecret
+    iam_auth: str = "DISABLED"
+    reference: str = ""
 
 
 class PostgresEngine:
@@ -56,23 +61,119 @@ class PostgresEngine:
         self.pinned_sessions = 0
         self._greetings: dict = {}
         self._housekeeper = None
+        self._refresher = None
+        self._refreshing = None
+        # Secrets are read through caches so that AWS reads happen off the loop and a
+        # failed re-read keeps the last good value.
+        self.secrets = SecretCache(config.base_dir, config.secrets_refresh_interval)
+        self.principal_secrets = SecretCache(config.base_dir, config.secrets_refresh_interval,
+                                             reader=read_principal_secret)
+        self.principals: dict[str, Principal] = {}
+        self.iam_region = (config.iam.region or None) if config.iam is not None else None
+        self.throttle = LoginThrottle()
+        self.server_ssl = None           # client-leg TLS context (None: answer 'N')
+        self.target_ssl = None           # database-leg TLS context
+        metrics.ClientConnectionsTLS = 0
+        metrics.ClientConnectionsNoTLS = 0
 
-    def load_accounts(self) -> None:
+    def _build_accounts(self) -> None:
+        """Accounts from the cached secrets (every reference must be in the cache)."""
         accounts = {}
         for entry in self.config.auth:
-            creds = read_secret(entry.secret, self.config.base_dir)
+            creds = self.secrets.get(entry.secret)
             previous = self.accounts.get(creds.username)
             if previous is not None and previous.credentials.password == creds.password:
                 secret = previous.scram_secret
             else:
                 secret = make_server_key_material(creds.password)
-            accounts[creds.username] = Account(creds, entry.client_password_auth_type, secret)
+            accounts[creds.username] = Account(creds, entry.client_password_auth_type, secret,
+                                               entry.iam_auth, entry.secret)
+        principals = {}
+        if self.config.iam is not None:
+            for i, entry in enumerate(self.config.iam.principals):
+                akid, secret_key = self.principal_secrets.get(entry.secret_access_key)
+                if entry.access_key_id and entry.access_key_id != akid:
+                    raise SecretError(f"{self.config.source}: iam.principals[{i}]: secret "
+                                      f"{entry.secret_access_key!r} holds another AccessKeyId than "
+                                      f"access_key_id {entry.access_key_id!r}")
+                principals[akid] = Principal(akid, secret_key, tuple(entry.resources))
         self.accounts = accounts
+        self.principals = principals
+
+    def load_accounts(self) -> None:
+        """Re-read every secret now (blocking; fine for file: and env:) and rebuild the accounts."""
+        for entry in self.config.auth:
+            self.secrets.invalidate(entry.secret)
+        if self.config.iam is not None:
+            for entry in self.config.iam.principals:
+                self.principal_secrets.invalidate(entry.secret_access_key)
+        self._build_accounts()
+
+    async def aload_accounts(self) -> None:
+        """First read of every secret, in worker threads (AWS calls must not block the loop)."""
+        for entry in self.config.auth:
+            await self.secrets.aget(entry.secret)
+        if self.config.iam is not None:
+            for entry in self.config.iam.principals:
+                await asyncio.to_thread(self.principal_secrets.get, entry.secret_access_key)
+        self._build_accounts()
+
+    async def refresh_secrets(self) -> list[str]:
+        """Re-read every secret (off the loop); rebuild the accounts if any changed.
+
+        Concurrent callers (many logins failing at once after a rotation) share one refresh.
+        """
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = self.loop.create_task(self._refresh_secrets())
+        return await asyncio.shield(self._refreshing)
+
+    async def _refresh_secrets(self) -> list[str]:
+        changed = await self.secrets.arefresh_all()
+        changed += await self.principal_secrets.arefresh_all()
+        if changed:
+            self._build_accounts()
+            log.info("credentials updated from %d changed secret(s); new logins and new database "
+                     "connections use them, open sessions continue", len(changed))
+        return changed
+
+    def load_tls(self) -> None:
+        """(Re)build the TLS contexts from the files; new handshakes use the new ones."""
+        cfg = self.config
+        if cfg.tls is not None:
+            self.server_ssl = tlsmod.server_context(cfg.tls.cert_file, cfg.tls.key_file,
+                                                    cfg.tls.ca_file or None,
+                                                    require_client_cert=cfg.tls.require_client_cert)
+        self.target_ssl = tlsmod.client_context(self.target.tls, self.target.tls_ca_file or None)
+
+    async def reload(self) -> None:
+        """SIGHUP: secrets and certificates again; a failure keeps what is in use."""
+        try:
+            await self.refresh_secrets()
+            log.info("secrets reloaded")
+        except SecretError as exc:
+            log.error("secrets not reloaded: %s", exc)
+        try:
+            self.load_tls()
+            if self.server_ssl is not None:
+                log.info("TLS certificate reloaded from %s", self.config.tls.cert_file)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            log.error("TLS certificate not reloaded (keeping the current one): %s", exc)
 
     # -- lifecycle ---------------------------------------------------------------------
-    def start(self) -> None:
-        self.load_accounts()
+    async def start(self) -> None:
+        self.load_tls()
+        await self.aload_accounts()
         self._housekeeper = self.loop.create_task(self._housekeeping())
+        if self.config.secrets_refresh_interval > 0:
+            self._refresher = self.loop.create_task(self._refresh_loop())
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.secrets_refresh_interval)
+            try:
+                await self.refresh_secrets()
+            except Exception:  # noqa: BLE001 - keep refreshing
+                log.exception("secret refresh failed")
 
     def client_factory(self, endpoint):
         return lambda: ClientConnection(self, endpoint)
@@ -112,7 +213,7 @@ class PostgresEngine:
                         log.info("client %s (user %s) idle for %gs: closing (idle_client_timeout)",
                                  client.peer, client.user, idle_timeout)
                         client.fatal("57P05", "terminating connection due to idle_client_timeout")
-                elif now - client.connected_at >= 60 and client.state < READY:
+                elif now - client.connected_at >= 60 and client.state not in (READY, CLOSED):
                     client.fatal("08006", "authentication timed out")
             self.pool.reap()
 
@@ -127,6 +228,8 @@ class PostgresEngine:
     async def close(self) -> None:
         if self._housekeeper is not None:
             self._housekeeper.cancel()
+        if self._refresher is not None:
+            self._refresher.cancel()
         for client in list(self.clients):
             client.fatal("57P01", "terminating connection because the proxy is shutting down")
         await self.pool.close()
@@ -139,11 +242,23 @@ class PostgresEngine:
             raise ConnectionError(f"no secret configured for user {user!r}")
         params = {"options": options} if options else {}
         tg = self.config.target_group
-        conn = await open_server_connection(
-            self.loop, self.pool.name, self.target.host, self.target.port,
-            user=account.credentials.username, password=account.credentials.password,
-            database=database, params=params, timeout=tg.connect_timeout,
-            max_message_size=self.config.max_message_size)
+        try:
+            conn = await self._open(account, database, params)
+        except ServerError as exc:
+            if exc.sqlstate != "28P01":
+                raise
+            # The password may have been rotated since we last read the secret: read it
+            # again now and retry once if it changed (rather than wait for the refresh).
+            try:
+                await self.refresh_secrets()
+            except SecretError as err:
+                log.warning("secret refresh after a failed database login: %s", err)
+            fresh = self.accounts.get(user)
+            if fresh is None or fresh.credentials.password == account.credentials.password:
+                raise
+            log.info("database login for %r failed with the cached password; retrying with the "
+                     "refreshed secret", user)
+            conn = await self._open(fresh, database, params)
         try:
             if discover:
                 rows = await conn.query_internal("SHOW max_connections", rows=[])
@@ -157,6 +272,14 @@ class PostgresEngine:
         if discover:
             self.pool.set_server_max_connections(max_connections)
         return conn
+
+    def _open(self, account, database, params):
+        return open_server_connection(
+            self.loop, self.pool.name, self.target.host, self.target.port,
+            user=account.credentials.username, password=account.credentials.password,
+            database=database, params=params, timeout=self.config.target_group.connect_timeout,
+            max_message_size=self.config.max_message_size,
+            ssl_context=self.target_ssl, tls_mode=self.target.tls)
 
     def parameter_statuses(self, key, desired: tuple) -> bytes:
         """The ParameterStatus messages a new client gets: the server's, then its own."""
@@ -208,7 +331,9 @@ class PostgresEngine:
     def stats(self) -> dict:
         live_queries = sum(client.queries for client in self.clients)
         return {"pool": self.pool.stats(), "pinned_sessions": self.pinned_sessions,
-                "QueryRequests": self.metrics.QueryRequests + live_queries}
+                "QueryRequests": self.metrics.QueryRequests + live_queries,
+                "ClientConnectionsTLS": self.metrics.ClientConnectionsTLS,
+                "ClientConnectionsNoTLS": self.metrics.ClientConnectionsNoTLS}
 
 
 def _first_column(datarow: bytes) -> str:

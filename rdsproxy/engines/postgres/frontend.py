@@ -14,6 +14,7 @@ import os
 
 from ..._fastpath import ClientRelay, MessageScanner, split_messages
 from ..._fastpath.relay_py import STATE_READY
+from ...auth.iam import TokenError, verify_token
 from ...auth.md5 import md5_verify
 from ...auth.scram import ScramError, ScramServer
 from ...core.pool import BorrowTimeout, PoolClosed
@@ -24,8 +25,9 @@ from .pinning import LOAD, PREFILTER, STARTUP_OPTIONS
 log = logging.getLogger("rdsproxy.client")
 
 # Client states, in the order a session goes through them.
-STARTUP, AUTH_SASL_FIRST, AUTH_SASL_FINAL, AUTH_MD5, LOGIN, READY, CLOSED = range(7)
+STARTUP, AUTH_SASL_FIRST, AUTH_SASL_FINAL, AUTH_MD5, LOGIN, READY, CLOSED, AUTH_CLEARTEXT = range(8)
 assert READY == STATE_READY
+TLS_HANDSHAKE_TIMEOUT = 30.0   # below the 60 s login timeout, so the handshake's own error wins
 
 STATUS_IDLE = 73          # 'I'
 MSG_QUERY = 81            # 'Q'
@@ -57,6 +59,9 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
     borrow_timer = None
     borrow_entry = None
     _syncing = None
+    tls = False               # the session runs over TLS
+    _tls_pending = False      # 'S' sent, handshake under way
+    local_port = 0            # the endpoint port the client connected to (IAM tokens name it)
 
     def __init__(self, engine, endpoint):
         ClientRelay.__init__(self)   # the relay's fields: server, outstanding, pending, ...
@@ -66,6 +71,7 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
         self.pool_core = engine.pool.core
         self.prefilter = PREFILTER
         self.peer = "?"
+        self.peer_host = "?"
         self.state = STARTUP
         self.user = ""
         self.database = ""
@@ -85,9 +91,20 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
 
     # -- asyncio.Protocol --------------------------------------------------------------
     def connection_made(self, transport):
+        if self._tls_pending:
+            # The TLS layer reports the finished handshake with its own transport: from
+            # here on every read and write (the relay's too) goes through it.
+            self._tls_pending = False
+            self.transport = transport
+            self.tls = True
+            return
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.peer_host = peer[0] if isinstance(peer, tuple) else str(peer)
+        sock = transport.get_extra_info("sockname")
+        if isinstance(sock, tuple):
+            self.local_port = sock[1]
         self.engine.client_connected(self)
 
     # data_received is the relay's (ClientRelay); before READY it calls startup_data.
@@ -174,11 +191,8 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
             return
         if conn is not None:
             self.on_connection(conn)
-        else:
-            # Hold the client's further bytes in the kernel until a connection is ours
-            # (pausing costs a syscall, so only when we really wait).
-            self.reading_paused = True
-            self.transport.pause_reading()
+        # Otherwise the client's bytes gather in `pending` until a connection is ours; the
+        # relay pauses reading only if they pile up (two syscalls saved per wait).
 
     def on_connection(self, conn):
         """The pool hands over a connection (at once, or after a wait)."""
@@ -252,6 +266,7 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
             return
         log.warning("client %s (user %s): %s", self.peer, self.user, text)
         self.pending = []
+        self.pending_size = 0
         if self.outstanding <= 0 or not self.scanner.at_boundary() or self.scanner.last_type in UNSYNCED:
             # The client is mid-message or mid-pipeline: we cannot resynchronise it.
             self.fatal(code, text)
@@ -342,7 +357,9 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
                     self._on_password_message(payload)
 
     def _on_startup_packet(self, packet):
-        if packet.kind in ("ssl", "gssenc"):
+        if packet.kind == "ssl" and self.engine.server_ssl is not None and not self.tls:
+            self._start_tls()
+        elif packet.kind in ("ssl", "gssenc"):
             self.transport.write(b"N")
         elif packet.kind == "cancel":
             self.engine.cancel(packet.cancel_pid, packet.cancel_secret, self.peer)
@@ -350,8 +367,45 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
         else:
             self._on_startup(packet.params)
 
+    def _start_tls(self):
+        if self._buf:
+            # As PostgreSQL: bytes sent before our 'S' were not protected by TLS and could
+            # have been injected by a man in the middle (CVE-2021-23214).
+            raise pg.ProtocolViolation("received unencrypted data after SSL request")
+        raw = self.transport
+        # Stop reading first so the ClientHello cannot reach us instead of the TLS layer;
+        # start_tls resumes reading once its protocol is in place.
+        raw.pause_reading()
+        raw.write(b"S")
+        self._tls_pending = True
+        self.engine.loop.create_task(self._handshake(raw, self.engine.server_ssl))
+
+    async def _handshake(self, raw, context):
+        try:
+            transport = await self.engine.loop.start_tls(
+                raw, self, context, server_side=True, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+        except Exception as exc:  # noqa: BLE001 - SSLError, reset, timeout: all end the client
+            log.info("client %s: TLS handshake failed: %s", self.peer, exc or type(exc).__name__)
+            self._tls_pending = False
+            if not raw.is_closing():
+                raw.close()
+            # The TLS layer reports no loss of a connection it never handed us.
+            if self in self.engine.clients:
+                self.connection_lost(exc)
+            return
+        if transport is not None:
+            self.transport = transport
+
     def _on_startup(self, params):
         engine = self.engine
+        if self.tls:
+            engine.metrics.ClientConnectionsTLS += 1
+        else:
+            engine.metrics.ClientConnectionsNoTLS += 1
+            if engine.config.require_tls:
+                log.info("client %s: plaintext connection refused (require_tls)", self.peer)
+                self.fatal("28000", "this proxy requires TLS")
+                return
         user = params.get("user", "")
         if not user:
             raise pg.ProtocolViolation("no PostgreSQL user name specified in startup packet", "28000")
@@ -374,7 +428,18 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
             self.pin(STARTUP_OPTIONS)
         account = engine.accounts.get(user)
         self._account = account
-        if account is None or account.client_auth == "POSTGRES_SCRAM_SHA_256":
+        iam = account.iam_auth if account is not None else "DISABLED"
+        if iam == "REQUIRED" and not self.tls:
+            log.info("client %s (user %s): refused, IAM authentication needs TLS", self.peer, user)
+            self.fatal("28000", f'IAM authentication for user "{user}" requires TLS; '
+                                f'connect with sslmode=require (or verify-full)')
+            return
+        if iam != "DISABLED" and self.tls:
+            # The token (or, with OPTIONAL, the password) arrives as a cleartext password,
+            # protected by TLS.
+            self.state = AUTH_CLEARTEXT
+            self.transport.write(pg.authentication(pg.AUTH_CLEARTEXT))
+        elif account is None or account.client_auth == "POSTGRES_SCRAM_SHA_256":
             secret = account.scram_secret if account is not None else engine.dummy_scram_secret
             self._auth = ScramServer(secret)
             self.state = AUTH_SASL_FIRST
@@ -405,14 +470,49 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
                 if account is None or not md5_verify(account.credentials.password, self.user,
                                                      self._auth, response):
                     raise ScramError("wrong password")
-        except (ScramError, pg.ProtocolViolation) as exc:
-            self.engine.metrics.ClientConnectionsSetupFailedAuth += 1
-            log.warning("authentication failed for user %r from %s: %s", self.user, self.peer,
-                        "no such user" if account is None else exc)
-            self.fatal("28P01", f'password authentication failed for user "{self.user}"')
+            elif self.state == AUTH_CLEARTEXT:
+                self._check_cleartext(account, pg.parse_password_message(payload))
+        except (ScramError, pg.ProtocolViolation, TokenError) as exc:
+            self._auth_failed("no such user" if account is None else str(exc))
             return
         self._auth = None
+        self.engine.throttle.record_success(self.peer_host, self.engine.loop.time())
         self._login()
+
+    def _check_cleartext(self, account, response: bytes) -> None:
+        """An IAM token (or, with OPTIONAL, the password) sent in the clear over TLS."""
+        text = response.decode("utf-8", "replace")
+        looks_like_token = "/?" in text and "X-Amz-" in text
+        if account.iam_auth == "REQUIRED" or looks_like_token:
+            try:
+                principal = verify_token(text, host=self.engine.config.iam_host_names(self.endpoint),
+                                         port=self.local_port, user=self.user,
+                                         principals=self.engine.principals,
+                                         region=self.engine.iam_region)
+            except TokenError as exc:
+                raise TokenError(f"IAM token rejected: {exc}") from None
+            log.info("client %s (user %s): IAM token of %s accepted", self.peer, self.user,
+                     principal.access_key_id)
+        elif not hmac.compare_digest(response, account.credentials.password.encode("utf-8")):
+            raise ScramError("wrong password")
+
+    def _auth_failed(self, reason: str) -> None:
+        """28P01 for the client (delayed for an address that keeps failing), the reason in the log."""
+        engine = self.engine
+        engine.metrics.ClientConnectionsSetupFailedAuth += 1
+        log.warning("authentication failed for user %r from %s: %s", self.user, self.peer, reason)
+        now = engine.loop.time()
+        engine.throttle.record_failure(self.peer_host, now)
+        delay = engine.throttle.delay_for(self.peer_host, now)
+        text = f'password authentication failed for user "{self.user}"'
+        if delay <= 0:
+            self.fatal("28P01", text)
+            return
+        # Answer later without blocking the loop; ignore anything the client sends meanwhile.
+        self.state = CLOSED
+        self._buf = bytearray()
+        self.transport.pause_reading()
+        engine.loop.call_later(delay, self.fatal, "28P01", text)
 
     def _login(self):
         """Authenticated: learn the server's parameters for this user and database once."""
