@@ -178,3 +178,81 @@ def proxy_factory(tmp_path, pg):
 def proxy(proxy_factory):
     """A proxy in front of the session cluster: scram clients, 20% of max_connections=60."""
     return proxy_factory()
+
+
+# --- TLS / IAM / secrets fixtures (issue 4) ---
+
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def test_ca(tmp_path_factory):
+    """A private CA with a server certificate for localhost/127.0.0.1 and a client certificate
+    (rdsproxy.tls.make_test_ca paths)."""
+    from rdsproxy.tls import make_test_ca
+
+    return make_test_ca(tmp_path_factory.mktemp("ca"))
+
+
+def postgres_tls_settings(ca) -> dict:
+    """PostgresCluster settings turning on ssl with `ca`'s server pair, copied where the
+    postgres OS user can read them (key 0600, owned by it, as PostgreSQL insists)."""
+    directory = tempfile.mkdtemp(prefix="rdsproxy-pgtls-", dir="/tmp")
+    os.chmod(directory, 0o755)
+    cert = os.path.join(directory, "server.pem")
+    key = os.path.join(directory, "server.key")
+    shutil.copyfile(ca.server_cert, cert)
+    shutil.copyfile(ca.server_key, key)
+    os.chmod(cert, 0o644)
+    os.chmod(key, 0o600)
+    if os.geteuid() == 0:
+        import pwd
+        pw = pwd.getpwnam("postgres")
+        for path in (directory, cert, key):
+            os.chown(path, pw.pw_uid, pw.pw_gid)
+    return {"ssl": "on", "ssl_cert_file": cert, "ssl_key_file": key}
+
+
+@pytest.fixture
+def secure_proxy_factory(tmp_path, pg):
+    """proxy_factory plus issue 4's settings:
+
+    make(cluster=pg, users=[(user, password)], client_auth=..., top={...},
+         tls={cert_file, key_file, ...}, iam={region, host_names, principals: [...]},
+         iam_auth="REQUIRED" or {user: mode}, target={tls, tls_ca_file},
+         secrets={user: "aws-secretsmanager:..."} (instead of a file), **target_group)
+    """
+    proxies: list[RunningProxy] = []
+
+    def make(cluster=None, users=((APP_USER, APP_PASSWORD),), client_auth="POSTGRES_SCRAM_SHA_256",
+             top=None, tls=None, iam=None, iam_auth=None, target=None, secrets=None,
+             **target_group) -> RunningProxy:
+        cluster = cluster or pg
+        auth = []
+        for user, password in users:
+            reference = (secrets or {}).get(user) or f"file:{write_secret(tmp_path, user, password)}"
+            entry = {"secret": reference, "client_password_auth_type": client_auth}
+            mode = iam_auth.get(user) if isinstance(iam_auth, dict) else iam_auth
+            if mode:
+                entry["iam_auth"] = mode
+            auth.append(entry)
+        target_group.setdefault("max_connections_percent", 20)
+        target_group.setdefault("connection_borrow_timeout", 10)
+        data = {
+            "name": "test-proxy", "engine_family": "POSTGRESQL", **(top or {}),
+            "auth": auth, "target_group": target_group,
+            "targets": [{"host": cluster.host, "port": cluster.port, **(target or {})}],
+            "endpoints": [{"name": "default", "listen": "127.0.0.1:0"}],
+        }
+        if tls is not None:
+            data["tls"] = tls
+        if iam is not None:
+            data["iam"] = iam
+        running = RunningProxy(config_from_dict(data, source="<test>", base_dir=tmp_path))
+        proxies.append(running)
+        return running
+
+    yield make
+    for running in proxies:
+        running.stop()

@@ -65,9 +65,11 @@ class PostgresEngine:
         self._refreshing = None
         # Secrets are read through caches so that AWS reads happen off the loop and a
         # failed re-read keeps the last good value.
-        self.secrets = SecretCache(config.base_dir, config.secrets_refresh_interval)
+        self._secret_errors: list[Exception] = []   # from the latest refresh
+        self.secrets = SecretCache(config.base_dir, config.secrets_refresh_interval,
+                                   reader=self._recording(read_secret))
         self.principal_secrets = SecretCache(config.base_dir, config.secrets_refresh_interval,
-                                             reader=read_principal_secret)
+                                             reader=self._recording(read_principal_secret))
         self.principals: dict[str, Principal] = {}
         self.iam_region = (config.iam.region or None) if config.iam is not None else None
         self.throttle = LoginThrottle()
@@ -75,6 +77,16 @@ class PostgresEngine:
         self.target_ssl = None           # database-leg TLS context
         metrics.ClientConnectionsTLS = 0
         metrics.ClientConnectionsNoTLS = 0
+
+    def _recording(self, reader):
+        # The cache keeps the old value on a failed re-read; remember why, so SIGHUP can say so.
+        def read(reference, base_dir):
+            try:
+                return reader(reference, base_dir)
+            except Exception as exc:
+                self._secret_errors.append(exc)
+                raise
+        return read
 
     def _build_accounts(self) -> None:
         """Accounts from the cached secrets (every reference must be in the cache)."""
@@ -128,6 +140,7 @@ class PostgresEngine:
         return await asyncio.shield(self._refreshing)
 
     async def _refresh_secrets(self) -> list[str]:
+        self._secret_errors = []
         changed = await self.secrets.arefresh_all()
         changed += await self.principal_secrets.arefresh_all()
         if changed:
@@ -149,9 +162,13 @@ class PostgresEngine:
         """SIGHUP: secrets and certificates again; a failure keeps what is in use."""
         try:
             await self.refresh_secrets()
+            if self._secret_errors:
+                raise self._secret_errors[0]
             log.info("secrets reloaded")
         except SecretError as exc:
-            log.error("secrets not reloaded: %s", exc)
+            log.error("secrets not reloaded: %s (keeping the previous value)", exc)
+        except Exception as exc:  # noqa: BLE001 - a reload must never stop the proxy
+            log.error("secrets not reloaded: %s (keeping the previous value)", type(exc).__name__)
         try:
             self.load_tls()
             if self.server_ssl is not None:

@@ -62,6 +62,7 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
     tls = False               # the session runs over TLS
     _tls_pending = False      # 'S' sent, handshake under way
     local_port = 0            # the endpoint port the client connected to (IAM tokens name it)
+    local_host = ""           # and the address it reached
 
     def __init__(self, engine, endpoint):
         ClientRelay.__init__(self)   # the relay's fields: server, outstanding, pending, ...
@@ -91,20 +92,13 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
 
     # -- asyncio.Protocol --------------------------------------------------------------
     def connection_made(self, transport):
-        if self._tls_pending:
-            # The TLS layer reports the finished handshake with its own transport: from
-            # here on every read and write (the relay's too) goes through it.
-            self._tls_pending = False
-            self.transport = transport
-            self.tls = True
-            return
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.peer_host = peer[0] if isinstance(peer, tuple) else str(peer)
         sock = transport.get_extra_info("sockname")
         if isinstance(sock, tuple):
-            self.local_port = sock[1]
+            self.local_host, self.local_port = sock[0], sock[1]
         self.engine.client_connected(self)
 
     # data_received is the relay's (ClientRelay); before READY it calls startup_data.
@@ -112,6 +106,10 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
         if self.state == CLOSED:
             return
         self._buf += data
+        if self._tls_pending:
+            # Decrypted bytes can arrive (plain asyncio) before start_tls has handed us the
+            # TLS transport to answer on: keep them for _handshake.
+            return
         try:
             self._startup_phase()
         except pg.ProtocolViolation as exc:
@@ -393,8 +391,12 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
             if self in self.engine.clients:
                 self.connection_lost(exc)
             return
-        if transport is not None:
-            self.transport = transport
+        # From here on every read and write (the relay's too) goes through the TLS transport.
+        self.transport = transport
+        self.tls = True
+        self._tls_pending = False
+        if self._buf and self.state != CLOSED:
+            self.startup_data(b"")
 
     def _on_startup(self, params):
         engine = self.engine
@@ -485,7 +487,12 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
         looks_like_token = "/?" in text and "X-Amz-" in text
         if account.iam_auth == "REQUIRED" or looks_like_token:
             try:
-                principal = verify_token(text, host=self.engine.config.iam_host_names(self.endpoint),
+                # The configured names, plus the address the client really reached (so an
+                # endpoint listening on 0.0.0.0 accepts tokens for its own addresses).
+                names = self.engine.config.iam_host_names(self.endpoint)
+                if self.local_host:
+                    names.append(self.local_host)
+                principal = verify_token(text, host=names,
                                          port=self.local_port, user=self.user,
                                          principals=self.engine.principals,
                                          region=self.engine.iam_region)
