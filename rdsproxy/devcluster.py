@@ -4,7 +4,9 @@ Charter: this module owns the life cycle of short-lived, local-only PostgreSQL s
 built from the distribution's binaries (Debian's /usr/lib/postgresql/<ver>/bin):
 initdb into a private directory, a minimal and fast configuration (no fsync, TCP on
 127.0.0.1 only, a private unix socket directory), start/stop/kill, and a few admin
-helpers (psql, users, databases). It knows nothing about the proxy itself.
+helpers (psql, users, databases). It also makes streaming replicas of a running cluster
+(make_replica: pg_basebackup -R) and promotes them, for failover tests. It knows nothing
+about the proxy itself.
 
 Admin work goes over the cluster's own unix socket with `trust` auth; clients of the
 proxy (and tests) go over TCP 127.0.0.1 with the configured password method, so the
@@ -18,6 +20,7 @@ from __future__ import annotations
 import atexit
 import os
 import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -205,6 +208,11 @@ class PostgresCluster:
         self._running = False
         self._lock = threading.RLock()
         self._set_paths(base_dir)
+        # Set on a replica made by make_replica(): where its first start() clones from
+        # (host, port, user, password) instead of copying the initdb template.
+        self._clone_from: tuple[str, int, str, str] | None = None
+        # On a primary: the replication role's password once make_replica() created it.
+        self._replication_password: str | None = None
 
         self._as_postgres = os.geteuid() == 0
         self._pg_uid = self._pg_gid = None
@@ -410,7 +418,9 @@ class PostgresCluster:
         with self._lock:
             self._prepare_dirs()
             fresh = not os.path.isfile(os.path.join(self.data_dir, "PG_VERSION"))
-            if fresh:
+            if fresh and self._clone_from is not None:
+                self._basebackup()
+            elif fresh:
                 self._initdb()
             elif self._pg_ctl_running():
                 # A server left over on this data dir (e.g. by an earlier process): restart
@@ -429,7 +439,8 @@ class PostgresCluster:
             self._running = True
             with _LIVE_LOCK:
                 _LIVE.add(self)
-            if fresh:
+            if fresh and self._clone_from is None:
+                # (A replica is read-only and already has the primary's password.)
                 self.psql(f"{_DURABLE}ALTER ROLE postgres PASSWORD "
                           f"{_quote_literal(self.superuser_password)}")
             return self
@@ -466,6 +477,86 @@ class PostgresCluster:
                            self.data_dir], check=False, timeout=90)
                 self._running = False
             return self.start()
+
+    # -- replication ---------------------------------------------------------------------
+
+    _REPLICATION_USER = "rdsproxy_replicator"
+
+    def make_replica(self, port: int | None = None) -> "PostgresCluster":
+        """A streaming replica (hot standby) of this running cluster, started on its own
+        port and directory; stop() removes its directory like any cluster's.
+
+        It is cloned over TCP with pg_basebackup -R -X stream as a REPLICATION role, so
+        primary_conninfo (in the replica's postgresql.auto.conf) is a real TCP login too.
+        """
+        with self._lock:
+            if not self._running:
+                raise ClusterError("make_replica() needs a running primary")
+            password = self._ensure_replication_user()
+            replica = PostgresCluster(
+                port, auth=self.auth, max_connections=self.max_connections,
+                superuser_password=self.superuser_password, settings=self.settings,
+                pg_bin=self.pg_bin)
+            replica._clone_from = (self.host, self.port, self._REPLICATION_USER, password)
+        replica.start()
+        try:
+            replica._wait_streaming()
+        except BaseException:
+            replica.stop("immediate")
+            raise
+        return replica
+
+    def _ensure_replication_user(self) -> str:
+        if self._replication_password is None:
+            password = secrets.token_hex(16)
+            name = _quote_ident(self._REPLICATION_USER)
+            exists = self.psql("SELECT count(*) FROM pg_roles WHERE rolname = "
+                               f"{_quote_literal(self._REPLICATION_USER)}") == "1"
+            verb = "ALTER" if exists else "CREATE"
+            self.psql(f"{_DURABLE}{verb} ROLE {name} REPLICATION LOGIN "
+                      f"PASSWORD {_quote_literal(password)}")
+            self._replication_password = password
+        return self._replication_password
+
+    def _basebackup(self) -> None:
+        host, port, user, password = self._clone_from
+        # The password goes in the conninfo (not PGPASSWORD: runuser/_clean_env would drop
+        # it) so that -R writes it into primary_conninfo and the standby can log in.
+        # -c fast: do not wait for a spread checkpoint; -N: throwaway data, skip fsync.
+        conninfo = f"password={_dsn_value(password)} application_name=rdsproxy_replica"
+        proc = self._run([self._bin("pg_basebackup"), "-D", self.data_dir, "-R",
+                          "-X", "stream", "-c", "fast", "-N", "-h", host, "-p", str(port),
+                          "-U", user, "-w", "-d", conninfo], check=False, timeout=300)
+        if proc.returncode != 0:
+            raise ClusterError(f"pg_basebackup from {host}:{port} failed "
+                               f"({proc.returncode}): {(proc.stderr or proc.stdout).strip()}")
+
+    def _wait_streaming(self, timeout: float = 30.0) -> None:
+        # pg_ctl start -w returns once the standby accepts read-only connections; wait
+        # for its WAL receiver too, so writes made on the primary from now on arrive.
+        import time
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.psql("SELECT status FROM pg_stat_wal_receiver")
+            if status == "streaming":
+                return
+            if time.monotonic() > deadline:
+                raise ClusterError(f"replica on port {self.port} is not streaming after "
+                                   f"{timeout}s (status {status!r})\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    def promote(self) -> None:
+        """pg_ctl promote -w: the standby leaves recovery and accepts writes when this returns."""
+        with self._lock:
+            proc = self._run([self._bin("pg_ctl"), "promote", "-w", "-t", "60", "-D",
+                              self.data_dir], check=False, timeout=90)
+            if proc.returncode != 0:
+                raise ClusterError(f"pg_ctl promote failed ({proc.returncode}): "
+                                   f"{(proc.stderr or proc.stdout).strip()}\n{self.log_tail()}")
+
+    def is_in_recovery(self) -> bool:
+        """True on a standby (pg_is_in_recovery())."""
+        return self.psql("SELECT pg_is_in_recovery()") == "t"
 
     @property
     def running(self) -> bool:

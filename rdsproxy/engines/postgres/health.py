@@ -1,0 +1,116 @@
+"""PostgreSQL health probe for rdsproxy.core.targets: is the target up, and is it the writer?
+
+Charter: one probe = one fresh login + `SELECT pg_is_in_recovery(),
+current_setting('max_connections')` + close. A standby (in recovery) is a READER, anything
+else the WRITER. Failures are raised as ProbeError with RDS Proxy's reason codes:
+refused / reset / closed -> CONNECTION_FAILED, timeout / unresolvable / no route ->
+UNREACHABLE, SQLSTATE class 28 (bad password, no pg_hba entry) -> AUTH_FAILURE.
+
+Why a fresh connection each time rather than a persistent one: the probe must follow
+the target's host name. After a DNS-based failover a kept connection would still be
+talking to the old server (and report its old role); a new connection re-resolves
+the name. It also proves that logins work, which is what clients need.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+import struct
+from typing import Awaitable, Callable
+
+from ...core.targets import (AUTH_FAILURE, CONNECTION_FAILED, UNREACHABLE, ProbeError,
+                             ProbeResult, Role, Target)
+from .backend import ServerError, open_server_connection
+
+__all__ = ["probe", "make_probe", "PROBE_SQL"]
+
+PROBE_SQL = "SELECT pg_is_in_recovery(), current_setting('max_connections')"
+# The probe's rows are two tiny columns; anything bigger is a broken server.
+_MAX_MESSAGE = 64 * 1024
+_UNREACHABLE_ERRNOS = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT,
+                       errno.EHOSTDOWN, errno.ENETDOWN}
+
+
+def parse_datarow(payload: bytes) -> list[bytes | None]:
+    """A DataRow body: int16 column count, then per column int32 length (-1 = NULL) + bytes."""
+    (count,) = struct.unpack_from("!h", payload, 0)
+    pos = 2
+    columns: list[bytes | None] = []
+    for _ in range(count):
+        (length,) = struct.unpack_from("!i", payload, pos)
+        pos += 4
+        if length < 0:
+            columns.append(None)
+            continue
+        if pos + length > len(payload):
+            raise ValueError("truncated DataRow")
+        columns.append(bytes(payload[pos:pos + length]))
+        pos += length
+    return columns
+
+
+async def probe(target: Target, *, user: str, password: str, database: str, timeout: float,
+                loop=None, application_name: str = "rdsproxy-health") -> ProbeResult:
+    """Log in to `target` (by host name, resolved now), ask its role and max_connections."""
+    loop = loop or asyncio.get_running_loop()
+    where = f"{target.host}:{target.port}"
+    deadline = loop.time() + timeout
+    try:
+        conn = await open_server_connection(
+            loop, target.name, target.host, target.port, user=user, password=password,
+            database=database, params={"application_name": application_name},
+            timeout=timeout, max_message_size=_MAX_MESSAGE)
+    except BaseException as exc:
+        _raise_classified(exc, where, timeout, "connect")
+    try:
+        rows: list = []
+        await asyncio.wait_for(conn.query_internal(PROBE_SQL, rows),
+                               max(0.001, deadline - loop.time()))
+        if len(rows) != 1:
+            raise ProbeError(CONNECTION_FAILED,
+                             f"{where}: health query returned {len(rows)} rows")
+        try:
+            in_recovery, max_conn = parse_datarow(rows[0])
+            role = Role.READER if in_recovery == b"t" else Role.WRITER
+            return ProbeResult(role=role, max_connections=int(max_conn))
+        except (ValueError, TypeError, struct.error) as exc:
+            raise ProbeError(CONNECTION_FAILED,
+                             f"{where}: unexpected health query answer: {exc}") from None
+    except ProbeError:
+        raise
+    except BaseException as exc:
+        _raise_classified(exc, where, timeout, "health query")
+    finally:
+        conn.close()
+
+
+def _raise_classified(exc: BaseException, where: str, timeout: float, stage: str):
+    if isinstance(exc, asyncio.CancelledError):
+        raise exc
+    if isinstance(exc, ServerError):
+        state = exc.sqlstate
+        msg = exc.fields.get("M", str(exc))
+        if state.startswith("28"):
+            raise ProbeError(AUTH_FAILURE, f"{where}: {msg} (SQLSTATE {state})") from None
+        raise ProbeError(CONNECTION_FAILED, f"{where}: {msg} (SQLSTATE {state})") from None
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        raise ProbeError(UNREACHABLE, f"{where}: {stage} timed out after {timeout:g}s") from None
+    if isinstance(exc, socket.gaierror):
+        raise ProbeError(UNREACHABLE, f"{where}: cannot resolve host: {exc}") from None
+    if isinstance(exc, OSError) and exc.errno in _UNREACHABLE_ERRNOS:
+        raise ProbeError(UNREACHABLE, f"{where}: {exc.strerror or exc}") from None
+    if isinstance(exc, OSError):   # refused, reset, closed during login, ...
+        raise ProbeError(CONNECTION_FAILED, f"{where}: {exc}") from None
+    if isinstance(exc, Exception):
+        raise ProbeError(CONNECTION_FAILED, f"{where}: {type(exc).__name__}: {exc}") from None
+    raise exc
+
+
+def make_probe(*, user: str, password: str, database: str = "postgres", timeout: float,
+               loop=None) -> Callable[[Target], Awaitable[ProbeResult]]:
+    """The `probe` argument of TargetGroup, bound to one login."""
+    async def bound(target: Target) -> ProbeResult:
+        return await probe(target, user=user, password=password, database=database,
+                           timeout=timeout, loop=loop)
+    return bound
