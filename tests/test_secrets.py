@@ -202,69 +202,39 @@ def test_run_refreshes_and_reports(tmp_path):
 
 # -- aws-secretsmanager: against a local moto server --------------------------------------
 
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def aws_env(moto_endpoint, monkeypatch, tmp_path):
-    for key in ("AWS_ENDPOINT_URL_SECRETS_MANAGER", "AWS_PROFILE", "AWS_SESSION_TOKEN",
-                "AWS_SECURITY_TOKEN", "AWS_REGION"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    # Keep any real AWS configuration on this machine out of the test.
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
-    import boto3
-
-    return boto3.session.Session().client("secretsmanager", region_name="us-east-1")
-
-
-def test_aws_read_by_name_and_arn(aws_env):
-    arn = aws_env.create_secret(Name="rdsproxy/app", SecretString=json.dumps(
+def test_aws_read_by_name_and_arn(secretsmanager):
+    arn = secretsmanager.create_secret(Name="rdsproxy/app", SecretString=json.dumps(
         {"username": "app", "password": "first", "engine": "postgres", "port": 5432}))["ARN"]
     by_name = read_secret("aws-secretsmanager:rdsproxy/app")
     assert by_name == Credentials("app", "first", "postgres", "", 5432, "")
     assert read_secret(f"aws-secretsmanager:{arn}") == by_name
 
 
-def test_aws_rotation_seen_by_refresh_all(aws_env):
-    aws_env.create_secret(Name="rotating", SecretString=json.dumps({"username": "app", "password": "v1"}))
+def test_aws_rotation_seen_by_refresh_all(secretsmanager):
+    secretsmanager.create_secret(Name="rotating", SecretString=json.dumps({"username": "app", "password": "v1"}))
     ref = "aws-secretsmanager:rotating"
     cache = SecretCache()
     assert cache.get(ref).password == "v1"
     assert cache.refresh_all() == []
-    aws_env.put_secret_value(SecretId="rotating",
+    secretsmanager.put_secret_value(SecretId="rotating",
                              SecretString=json.dumps({"username": "app", "password": "v2"}))
     assert cache.get(ref).password == "v1"
     assert cache.refresh_all() == [ref]
     assert cache.get(ref).password == "v2"
 
     # Secret gone: the cache keeps serving the last good value.
-    aws_env.delete_secret(SecretId="rotating", ForceDeleteWithoutRecovery=True)
+    secretsmanager.delete_secret(SecretId="rotating", ForceDeleteWithoutRecovery=True)
     assert cache.refresh_all() == []
     assert cache.get(ref).password == "v2"
 
 
-def test_aws_aget_and_async_refresh(aws_env):
-    aws_env.create_secret(Name="async-one", SecretString=json.dumps({"username": "a", "password": "x1"}))
+def test_aws_aget_and_async_refresh(secretsmanager):
+    secretsmanager.create_secret(Name="async-one", SecretString=json.dumps({"username": "a", "password": "x1"}))
     cache = SecretCache()
 
     async def main():
         first = await cache.aget("aws-secretsmanager:async-one")
-        aws_env.put_secret_value(SecretId="async-one",
+        secretsmanager.put_secret_value(SecretId="async-one",
                                  SecretString=json.dumps({"username": "a", "password": "x2"}))
         changed = await cache.arefresh_all()
         return first, changed
@@ -273,12 +243,12 @@ def test_aws_aget_and_async_refresh(aws_env):
     assert first.password == "x1" and changed == ["aws-secretsmanager:async-one"]
 
 
-def test_aws_errors_name_reference_only(aws_env):
+def test_aws_errors_name_reference_only(secretsmanager):
     with pytest.raises(SecretError, match="ResourceNotFoundException") as info:
         read_secret("aws-secretsmanager:does-not-exist")
     assert "aws-secretsmanager:does-not-exist" in str(info.value)
 
-    aws_env.create_secret(Name="garbage", SecretString="oops " + CONTENT)
+    secretsmanager.create_secret(Name="garbage", SecretString="oops " + CONTENT)
     with pytest.raises(SecretError, match="not valid JSON") as info:
         read_secret("aws-secretsmanager:garbage")
     no_content(info)
@@ -289,18 +259,18 @@ def test_aws_errors_name_reference_only(aws_env):
         read_secret("aws-secretsmanager:")
 
 
-def test_aws_binary_secret(aws_env):
-    aws_env.create_secret(Name="binary", SecretBinary=json.dumps({"username": "b", "password": "p"}).encode())
+def test_aws_binary_secret(secretsmanager):
+    secretsmanager.create_secret(Name="binary", SecretBinary=json.dumps({"username": "b", "password": "p"}).encode())
     assert read_secret("aws-secretsmanager:binary").username == "b"
 
 
-def test_aws_principal_secret(aws_env):
-    aws_env.create_secret(Name="iam-key", SecretString=json.dumps(
+def test_aws_principal_secret(secretsmanager):
+    secretsmanager.create_secret(Name="iam-key", SecretString=json.dumps(
         {"AccessKeyId": "AKIAEXAMPLE", "SecretAccessKey": CONTENT}))
     assert read_principal_secret("aws-secretsmanager:iam-key", ".") == ("AKIAEXAMPLE", CONTENT)
 
 
-def test_aws_endpoint_unreachable(aws_env, monkeypatch):
+def test_aws_endpoint_unreachable(secretsmanager, monkeypatch):
     with socket.socket() as s:   # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         dead = s.getsockname()[1]
