@@ -60,6 +60,7 @@ class PostgresEngine:
         self.by_pid: dict[int, ClientConnection] = {}
         self.pinned_sessions = 0
         self._greetings: dict = {}
+        self._entropy = bytearray()
         self._housekeeper = None
         self._refresher = None
         self._refreshing = None
@@ -311,14 +312,26 @@ class PostgresEngine:
             cache[(key, desired)] = block
         return block
 
+    # -- unpredictable bytes -------------------------------------------------------------
+    def random_bytes(self, n: int) -> bytes:
+        """Bytes from the OS CSPRNG (md5 salts, cancel secrets), drawn 4 KiB at a time so a
+        login costs no getrandom() call of its own."""
+        pool = self._entropy
+        if len(pool) < n:
+            pool = self._entropy = bytearray(os.urandom(4096))
+        out = bytes(pool[-n:])
+        del pool[-n:]
+        return out
+
     # -- cancel requests ---------------------------------------------------------------
     def register_cancel_key(self, client) -> tuple[int, int]:
         while True:
-            pid = random.randint(1, 0x7FFFFFFF)
+            pid = random.randint(1, 0x7FFFFFFF)  # not secret: it only names the session
             if pid not in self.by_pid:
                 break
         self.by_pid[pid] = client
-        return pid, random.getrandbits(32)
+        # The secret must not be guessable (it is what authorises a cancel): CSPRNG bytes.
+        return pid, int.from_bytes(self.random_bytes(4), "big")
 
     def cancel(self, pid: int, secret: int, peer: str) -> None:
         self.metrics.CancelRequests += 1

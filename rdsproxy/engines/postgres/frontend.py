@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import os
 
 from ..._fastpath import ClientRelay, MessageScanner, split_messages
 from ..._fastpath.relay_py import STATE_READY
@@ -447,7 +446,7 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
             self.state = AUTH_SASL_FIRST
             self.transport.write(pg.auth_sasl())
         else:
-            self._auth = os.urandom(4)
+            self._auth = self.engine.random_bytes(4)   # the md5 salt
             self.state = AUTH_MD5
             self.transport.write(pg.authentication(pg.AUTH_MD5, self._auth))
 
