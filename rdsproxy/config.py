@@ -293,6 +293,11 @@ def config_from_dict(data: dict, *, source: str = "<dict>", base_dir: str | os.P
     targets = data.get("targets", [])
     if not isinstance(targets, list) or not targets:
         raise ConfigError(source, "targets", "at least one [[targets]] entry is required")
+    if len(targets) > 1:
+        # Refuse rather than silently serve only the first: failover across targets is not
+        # wired in yet (issue 5), and a user listing a replica expects it to be used.
+        raise ConfigError(source, "targets", "only one [[targets]] entry is supported by this "
+                                             "version (health checks and failover come later)")
     for i, entry in enumerate(targets):
         t = TargetConfig(**_check_fields(TargetConfig, entry, source, f"targets[{i}]."))
         _range(t.port, 1, 65535, source, f"targets[{i}].port")

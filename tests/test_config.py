@@ -122,6 +122,8 @@ BAD = [
     ({"auth": []}, "auth", "at least one [[auth]] entry is required"),
     ({"targets": None}, "targets", "at least one [[targets]] entry is required"),
     ({"targets__host": None}, "targets[0].host", "is required"),
+    ({"targets": [{"host": "127.0.0.1", "port": 5432}, {"host": "127.0.0.1", "port": 5433}]},
+     "targets", "only one [[targets]] entry"),
     ({"targets__port": 70000}, "targets[0].port", "between 1 and 65535"),
     ({"endpoints__listen": "nohost"}, "endpoints[0].listen", "HOST:PORT"),
     ({"endpoints__listen": "127.0.0.1:abc"}, "endpoints[0].listen", "HOST:PORT"),
