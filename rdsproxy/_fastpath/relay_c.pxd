@@ -61,6 +61,8 @@ cdef class ServerRelay:
     cdef public MessageScanner scanner
     cdef public object transport
     cdef public object key
+    cdef public object pool
+    cdef public PoolCore pool_core
     cdef public bint closed
     cdef public object applied
     cdef public double idle_since

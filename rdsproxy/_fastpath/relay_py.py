@@ -136,11 +136,12 @@ class ClientRelay:
                 and server.scanner.at_boundary()):
             self.server = None
             server.client = None
-            entry = self.pool_core.give_back(server.key, server)
+            # Back to the pool the connection came from (the client's may have changed).
+            entry = server.pool_core.give_back(server.key, server)
             if entry is None:
                 server.idle_since = self.engine.clock
             else:
-                self.pool.hand_over(server, entry)  # someone is waiting
+                server.pool.hand_over(server, entry)  # someone is waiting
 
 
 class ServerRelay:
@@ -152,6 +153,8 @@ class ServerRelay:
         self.scanner = None
         self.transport = None
         self.key = None
+        self.pool = None
+        self.pool_core = None     # set by the pool that opened it
         self.closed = False
         self.applied = ()
         self.idle_since = 0.0

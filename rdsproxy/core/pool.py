@@ -156,6 +156,7 @@ class Pool:
             self.metrics.DatabaseConnectionsSetupSucceeded += 1
         conn.key = key
         conn.pool = self
+        conn.pool_core = self.core
         if self._closed:
             self.core.forget(True)
             conn.close()
