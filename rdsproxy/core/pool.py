@@ -46,9 +46,7 @@ class Pool:
         self.defaults: dict[Any, dict] = {}       # per key: what the engine learnt at first connect
         self._opening: set[asyncio.Task] = set()
         self._closed = False
-        self._reaper = None
         self._deadline_timer = None
-        self.borrow_latency_total = 0.0
 
     # -- budget ------------------------------------------------------------------------
     def set_server_max_connections(self, value: int) -> None:

@@ -51,7 +51,6 @@ class ServerConnection(ServerRelay, asyncio.Protocol):
         self.backend_secret = 0
         self.parameters: dict[str, str] = {}
         self.applied: tuple = ()      # session parameters the proxy SET on it (sorted pairs)
-        self.status = b"I"
         self.closed = False
         self.scanner = MessageScanner(counted=b"Z", captured=b"S", max_message_size=max_message_size)
         self._buf = bytearray()
@@ -128,7 +127,6 @@ class ServerConnection(ServerRelay, asyncio.Protocol):
         elif mtype == 75:  # 'K'
             self.backend_pid, self.backend_secret = struct.unpack("!iI", payload[:8])
         elif mtype == 90:  # 'Z'
-            self.status = payload[:1]
             if self.mode == STARTING:
                 self.mode = RELAY
                 self._ready.set_result(None)

@@ -113,15 +113,6 @@ class PostgresEngine:
         self.accounts = accounts
         self.principals = principals
 
-    def load_accounts(self) -> None:
-        """Re-read every secret now (blocking; fine for file: and env:) and rebuild the accounts."""
-        for entry in self.config.auth:
-            self.secrets.invalidate(entry.secret)
-        if self.config.iam is not None:
-            for entry in self.config.iam.principals:
-                self.principal_secrets.invalidate(entry.secret_access_key)
-        self._build_accounts()
-
     async def aload_accounts(self) -> None:
         """First read of every secret, in worker threads (AWS calls must not block the loop)."""
         for entry in self.config.auth:

@@ -12,7 +12,7 @@ import hmac
 import logging
 
 from ..._fastpath import ClientRelay, MessageScanner, split_messages
-from ..._fastpath.relay_py import STATE_READY
+from ..._fastpath.relay_py import STATE_READY, UNSYNCED_MASK
 from ...auth.iam import TokenError, verify_token
 from ...auth.md5 import md5_verify
 from ...auth.scram import ScramError, ScramServer
@@ -33,9 +33,6 @@ MSG_QUERY = 81            # 'Q'
 MSG_PARSE = 80            # 'P'
 MSG_TERMINATE = 88        # 'X'
 MSG_PASSWORD = 112        # 'p'
-# Message types after which the client still expects the server to stay with it even with
-# nothing outstanding: extended-protocol messages not yet closed by a Sync.
-UNSYNCED = frozenset(b"PBDECH")
 
 # Startup parameters the proxy carries from client to whichever connection it borrows.
 TRACKED_PARAMETERS = {
@@ -55,7 +52,6 @@ def quote_literal(value: str) -> str:
 class ClientConnection(ClientRelay, asyncio.Protocol):
     """One client of the proxy, from its first byte to its last."""
 
-    borrow_timer = None
     borrow_entry = None
     _syncing = None
     tls = False               # the session runs over TLS
@@ -120,6 +116,9 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
         if self.state == CLOSED and self.transport is None:
             return
         self.state = CLOSED
+        if self.pinned_server:  # also when its server died first and it was closed for that
+            self.pinned_server = False
+            self.engine.pinned_sessions -= 1
         if self.waiting:
             self.waiting = False
             if self._syncing is None:  # a syncing connection comes back through its callback
@@ -264,15 +263,20 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
         log.warning("client %s (user %s): %s", self.peer, self.user, text)
         self.pending = []
         self.pending_size = 0
-        if self.outstanding <= 0 or not self.scanner.at_boundary() or self.scanner.last_type in UNSYNCED:
+        if (self.outstanding <= 0 or not self.scanner.at_boundary()
+                or UNSYNCED_MASK[self.scanner.last_type]):
             # The client is mid-message or mid-pipeline: we cannot resynchronise it.
             self.fatal(code, text)
             return
+        self._fail_outstanding(code, text)
+        self._resume_reading()
+
+    def _fail_outstanding(self, code: str, text: str) -> None:
+        """Answer the unanswered requests ourselves: one error, then a ReadyForQuery each."""
         out = [pg.error_response(code, text)]
-        out += [pg.ready_for_query(b"I")] * self.outstanding
+        out += [pg.READY_FOR_QUERY_IDLE] * self.outstanding
         self.outstanding = 0
         self.transport.write(b"".join(out))
-        self._resume_reading()
 
     def on_server_lost(self, server):
         """The database connection serving this client died."""
@@ -289,19 +293,14 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
             self.fatal("08006", text + "; the open transaction or session state is gone")
             return
         if self.outstanding:
-            out = [pg.error_response("08006", text + "; the statement may or may not have completed")]
-            out += [pg.ready_for_query(b"I")] * self.outstanding
-            self.outstanding = 0
-            self.transport.write(b"".join(out))
+            self._fail_outstanding("08006", text + "; the statement may or may not have completed")
 
     def _return_after_exit(self, server):
         """The client left while holding `server`: return it clean or close it."""
         pool = self.pool
         scanner = self.scanner
-        if self.pinned_server:
-            self.engine.pinned_sessions -= 1
         if (server.closed or self.outstanding or not scanner.at_boundary()
-                or scanner.last_type in UNSYNCED or self.pin_reason in (LOAD, STARTUP_OPTIONS)):
+                or UNSYNCED_MASK[scanner.last_type] or self.pin_reason in (LOAD, STARTUP_OPTIONS)):
             # Mid-request (results still coming), or state nothing can undo: close it.
             pool.discard(server)
             return
