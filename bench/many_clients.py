@@ -78,7 +78,8 @@ listen = "127.0.0.1:{port}"
         def sample():
             while not stop.is_set():
                 n = int(cluster.psql(f"select count(*) from pg_stat_activity where usename = '{USER}' "
-                                     "and backend_type = 'client backend'"))
+                                     "and backend_type = 'client backend' "
+                                     "and application_name <> 'rdsproxy-health'"))
                 peak[0] = max(peak[0], n)
                 stop.wait(0.1)
         sampler = threading.Thread(target=sample, daemon=True)

@@ -53,12 +53,22 @@ class TargetGroupConfig:
     idle_connection_grace: float = 60.0      # seconds an excess idle connection lingers
     max_connection_lifetime: float = 86400.0  # RDS Proxy recycles after about 24 h
     connect_timeout: float = 10.0
+    # Health checks and failover (issue 5).
+    health_check_interval: float = 1.0        # seconds between checks of one target
+    health_check_timeout: float = 2.0         # a check slower than this fails
+    health_check_failures: int = 2            # consecutive failures before UNAVAILABLE
+    read_only_fallback_to_writer: bool = False
+    # A shell command run once when the writer has been UNAVAILABLE for a whole check and a
+    # reader is AVAILABLE; RDSPROXY_PROMOTE_HOST/PORT/NAME name the reader. Off by default:
+    # the proxy follows the database's own topology.
+    failover_promote_command: str = ""
 
 
 @dataclass
 class TargetConfig:
     host: str
     port: int = 5432
+    name: str = ""              # as RdsResourceId in describe-targets; default host:port
     # Database-leg TLS, with libpq's sslmode meanings.
     tls: str = "disable"
     tls_ca_file: str = ""
@@ -88,6 +98,12 @@ class IamConfig:
     # Names/addresses clients use to reach the endpoints (what they sign tokens for).
     host_names: list[str] = field(default_factory=list)
     principals: list[IamPrincipalConfig] = field(default_factory=list)
+
+
+@dataclass
+class AdminConfig:
+    """A small HTTP endpoint: GET /targets (describe-targets as JSON) and GET /stats."""
+    listen: str = ""
 
 
 @dataclass
@@ -123,6 +139,7 @@ class ProxyConfig:
     secrets_refresh_interval: float = 300.0   # 0 = only on SIGHUP
     tls: TlsConfig | None = None
     iam: IamConfig | None = None
+    admin: AdminConfig | None = None
     source: str = "<dict>"
     base_dir: str = "."
 
@@ -149,6 +166,7 @@ _SECTIONS = {
     "endpoints": EndpointConfig,
     "tls": TlsConfig,
     "iam": IamConfig,
+    "admin": AdminConfig,
 }
 
 
@@ -286,6 +304,10 @@ def config_from_dict(data: dict, *, source: str = "<dict>", base_dir: str | os.P
     _range(tg.max_idle_connections_percent, 0, tg.max_connections_percent, source,
            "target_group.max_idle_connections_percent")
     _range(tg.connection_borrow_timeout, 0, 300, source, "target_group.connection_borrow_timeout")
+    if tg.health_check_interval <= 0 or tg.health_check_timeout <= 0:
+        raise ConfigError(source, "target_group.health_check_interval" if tg.health_check_interval <= 0
+                          else "target_group.health_check_timeout", "must be a positive number of seconds")
+    _range(tg.health_check_failures, 1, 100, source, "target_group.health_check_failures")
     for flt in tg.session_pinning_filters:
         _one_of(flt, PINNING_FILTERS, source, "target_group.session_pinning_filters")
     cfg.target_group = tg
@@ -293,11 +315,7 @@ def config_from_dict(data: dict, *, source: str = "<dict>", base_dir: str | os.P
     targets = data.get("targets", [])
     if not isinstance(targets, list) or not targets:
         raise ConfigError(source, "targets", "at least one [[targets]] entry is required")
-    if len(targets) > 1:
-        # Refuse rather than silently serve only the first: failover across targets is not
-        # wired in yet (issue 5), and a user listing a replica expects it to be used.
-        raise ConfigError(source, "targets", "only one [[targets]] entry is supported by this "
-                                             "version (health checks and failover come later)")
+    seen = set()
     for i, entry in enumerate(targets):
         t = TargetConfig(**_check_fields(TargetConfig, entry, source, f"targets[{i}]."))
         _range(t.port, 1, 65535, source, f"targets[{i}].port")
@@ -306,7 +324,19 @@ def config_from_dict(data: dict, *, source: str = "<dict>", base_dir: str | os.P
             t.tls_ca_file = cfg.resolve_path(t.tls_ca_file)
             if not os.path.isfile(t.tls_ca_file):
                 raise ConfigError(source, f"targets[{i}].tls_ca_file", f"file not found: {t.tls_ca_file}")
+        t.name = t.name or f"{t.host}:{t.port}"
+        if t.name in seen:
+            raise ConfigError(source, f"targets[{i}]", f"duplicate target {t.name!r} (give each a "
+                                                       "distinct host:port or name)")
+        seen.add(t.name)
         cfg.targets.append(t)
+
+    if "admin" in data:
+        cfg.admin = AdminConfig(**_check_fields(AdminConfig, data["admin"], source, "admin."))
+        try:
+            _range(int(cfg.admin.listen.rsplit(":", 1)[1]), 0, 65535, source, "admin.listen")
+        except (ValueError, IndexError):
+            raise ConfigError(source, "admin.listen", f"must be HOST:PORT, not {cfg.admin.listen!r}") from None
 
     endpoints = data.get("endpoints", [{"name": "default", "listen": "127.0.0.1:6432"}])
     if not isinstance(endpoints, list) or not endpoints:
@@ -316,8 +346,6 @@ def config_from_dict(data: dict, *, source: str = "<dict>", base_dir: str | os.P
         prefix = f"endpoints[{i}]."
         e = EndpointConfig(**_check_fields(EndpointConfig, entry, source, prefix))
         _one_of(e.target_role, TARGET_ROLES, source, prefix + "target_role")
-        if e.target_role != "READ_WRITE":
-            raise ConfigError(source, prefix + "target_role", "READ_ONLY endpoints are not supported yet")
         try:
             _range(e.port, 0, 65535, source, prefix + "listen")
         except (ValueError, IndexError):

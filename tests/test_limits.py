@@ -13,8 +13,11 @@ from utils import run_cmd, wait_until
 
 def proxy_backends(cluster, user=APP_USER) -> int:
     """Client backends the proxy holds on `cluster` (its only client there is the proxy)."""
+    # Health checks log in briefly as application_name rdsproxy-health; like RDS Proxy's
+    # monitoring connections they are outside the pool's budget, so not counted here.
     return int(cluster.psql(f"select count(*) from pg_stat_activity where usename = '{user}' "
-                            "and backend_type = 'client backend'"))
+                            "and backend_type = 'client backend' "
+                            "and application_name <> 'rdsproxy-health'"))
 
 
 class BackendSampler:

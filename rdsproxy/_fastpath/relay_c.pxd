@@ -15,6 +15,9 @@ cdef int STATUS_IDLE
 cdef int MSG_QUERY
 cdef int MSG_PARSE
 cdef Py_ssize_t PENDING_LIMIT
+cdef Py_ssize_t REPLAY_CHUNKS
+cdef int MSG_ERROR
+cdef int MSG_NOTICE
 cdef bytearray UNSYNCED_MASK
 
 cdef class ServerRelay
@@ -41,9 +44,11 @@ cdef class ClientRelay:
     cdef public object engine
     cdef public object pool
     cdef public object transport
+    cdef public list replay
     cdef dict __dict__
 
-    @cython.locals(n=Py_ssize_t, server=ServerRelay, scanner=MessageScanner, conn=ServerRelay)
+    @cython.locals(n=Py_ssize_t, server=ServerRelay, scanner=MessageScanner, conn=ServerRelay,
+                   replay=list)
     cpdef data_received(self, data)
 
     @cython.locals(mtype=int, payload=bytes, entry=tuple, prefilter=KeywordScanner, unpinned=bint)
@@ -68,5 +73,5 @@ cdef class ServerRelay:
     cdef public double idle_since
     cdef dict __dict__
 
-    @cython.locals(n=Py_ssize_t, client=ClientRelay, scanner=MessageScanner)
+    @cython.locals(n=Py_ssize_t, client=ClientRelay, scanner=MessageScanner, first=int)
     cpdef data_received(self, data)

@@ -5,8 +5,9 @@ Pure-Python twin of `relay_c`, which setup.py compiles from this very file with
 classes subclass these two and supply the slow paths this file calls by name:
 
   ClientRelay: startup_data(data), inspect(data) -> data, framing_error(exc), borrow(),
-               on_connection(conn), close(), and the attributes engine, pool, transport,
-               prefilter (a KeywordScanner that flags statements worth inspect()ing).
+               on_connection(conn), close(), first_response_notice(server, data) -> bool,
+               and the attributes engine, pool, transport, prefilter (a KeywordScanner
+               that flags statements worth inspect()ing).
   ServerRelay: slow_data(data), parameter_status(), framing_error(exc).
 
 Per chunk the relay feeds the framing scanner (headers only), writes the chunk on
@@ -21,6 +22,10 @@ STATUS_IDLE = 73          # ReadyForQuery 'I'
 MSG_QUERY = 81            # 'Q'
 MSG_PARSE = 80            # 'P'
 PENDING_LIMIT = 262144    # bytes a waiting client may queue in the proxy before we pause it
+REPLAY_CHUNKS = 16        # chunks of one request kept for a replay; a longer one is not replayed
+MSG_ERROR = 69            # 'E'
+MSG_NOTICE = 78           # 'N'
+
 # Message types after which a client still expects its server with nothing outstanding:
 # extended-protocol messages not yet closed by a Sync ('P', 'B', 'D', 'E', 'C', 'H').
 UNSYNCED_MASK = bytearray(256)
@@ -49,6 +54,9 @@ class ClientRelay:
         self.activity = 0         # chunks received; the housekeeper turns it into idle time
         self.queries = 0          # Query messages (the QueryRequests metric)
         self.prefilter = None
+        # The request bytes sent on a connection taken idle, until its answer starts: if the
+        # connection dies first, the engine may send them again elsewhere (failover).
+        self.replay = None
 
     def data_received(self, data):
         if self.state != STATE_READY:
@@ -68,6 +76,12 @@ class ClientRelay:
         if server is not None:
             if data:
                 server.transport.write(data)
+                replay = self.replay
+                if replay is not None:
+                    if len(replay) < REPLAY_CHUNKS:
+                        replay.append(data)
+                    else:
+                        self.replay = None
         elif data:
             self.pending.append(data)
             self.pending_size += len(data)
@@ -122,6 +136,10 @@ class ClientRelay:
             self.pending = []
             self.pending_size = 0
             conn.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+            # Requests starting on a clean connection can be replayed until answered.
+            self.replay = pending if self.outstanding > 0 and self.pin_reason is None else None
+        else:
+            self.replay = None
         if self.reading_paused:
             self.reading_paused = False
             self.transport.resume_reading()
@@ -170,6 +188,13 @@ class ServerRelay:
         except Exception as exc:  # FramingError
             self.framing_error(exc)
             return
+        if client.replay is not None:
+            # The first bytes of an answer. A notice or error first may be the server going
+            # away (the engine then holds the request back); anything else: no replay.
+            first = data[0]
+            if (first == MSG_ERROR or first == MSG_NOTICE) and not client.first_response_notice(self, data):
+                return
+            client.replay = None
         client.transport.write(data)
         if scanner.captured:
             self.parameter_status()

@@ -29,7 +29,7 @@ class Pool:
     def __init__(self, name: str, connector: Callable[[Any, bool], Awaitable[Any]], *,
                  max_connections_percent: int, max_idle_connections_percent: int,
                  borrow_timeout: float, idle_grace: float = 60.0, lifetime: float = 86400.0,
-                 metrics=None, loop=None):
+                 metrics=None, loop=None, defaults: dict | None = None, on_open_failure=None):
         self.name = name
         self._connector = connector
         self.max_connections_percent = max_connections_percent
@@ -43,7 +43,11 @@ class Pool:
         self.server_max_connections: int | None = None
         self.core = PoolCore(1)
         self.max_idle = 0
-        self.defaults: dict[Any, dict] = {}       # per key: what the engine learnt at first connect
+        # Per key, what the engine learnt at the first connect (shared by a target group's pools).
+        self.defaults: dict[Any, dict] = {} if defaults is None else defaults
+        # Called as on_open_failure(key, waiter, exc) when opening fails; True means it took
+        # care of the waiter (the router queues it while the target's health is checked).
+        self.on_open_failure = on_open_failure
         self._opening: set[asyncio.Task] = set()
         self._closed = False
         self._deadline_timer = None
@@ -61,6 +65,10 @@ class Pool:
     @property
     def max_size(self) -> int:
         return self.core.max_size
+
+    def load(self) -> int:
+        """Connections lent out or asked for: what least-connections routing compares."""
+        return self.core.borrowed + self.core.waiting
 
     def stats(self) -> dict:
         core = self.core
@@ -86,7 +94,8 @@ class Pool:
                 return None
         waiter.borrow_entry = core.add_waiter(key, waiter)
         if self.borrow_timeout > 0:
-            waiter.borrow_deadline = self.loop.time() + self.borrow_timeout
+            if waiter.borrow_deadline is None:  # one deadline per borrow, wherever it waits
+                waiter.borrow_deadline = self.loop.time() + self.borrow_timeout
             if self._deadline_timer is None:
                 self._deadline_timer = self.loop.call_at(waiter.borrow_deadline, self._expire_waiters)
         return None
@@ -147,7 +156,8 @@ class Pool:
             if self.metrics:
                 self.metrics.DatabaseConnectionsSetupFailed += 1
             log.warning("pool %s: cannot open a database connection: %s", self.name, exc)
-            waiter.on_borrow_error(exc)
+            if self.on_open_failure is None or not self.on_open_failure(key, waiter, exc):
+                waiter.on_borrow_error(exc)
             self._serve_waiters()
             return
         if self.metrics:
@@ -207,6 +217,26 @@ class Pool:
             core.reserve_new()
             self._open_for(key, waiter)
 
+    def close_idle(self) -> int:
+        """Close every idle connection (its target went away or changed role)."""
+        closed = 0
+        for key, conn in self.core.idle_items():
+            if self.core.take_idle(conn, key):
+                self.core.forget(False)
+                conn.close()
+                closed += 1
+        return closed
+
+    def take_waiters(self) -> list:
+        """Remove and return every queued (key, waiter): they are to be routed elsewhere."""
+        moved = []
+        while True:
+            entry = self.core.pop_waiter()
+            if entry is None:
+                return moved
+            entry[1].borrow_entry = None
+            moved.append(entry)
+
     # -- housekeeping ------------------------------------------------------------------
     def reap(self) -> None:
         """Close idle connections past their lifetime, and those above the idle limit."""
@@ -237,8 +267,5 @@ class Pool:
                 break
             entry[1].borrow_entry = None
             entry[1].on_borrow_error(PoolClosed(f"pool {self.name} is closed"))
-        for key, conn in self.core.idle_items():
-            if self.core.take_idle(conn, key):
-                self.core.forget(False)
-                conn.close()
+        self.close_idle()
 

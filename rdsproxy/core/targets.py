@@ -97,6 +97,8 @@ class Target:
     last_probe_at: float | None = None      # time.time() of the last finished probe
     max_connections: int | None = None
     probes: int = field(default=0, repr=False)
+    probe_started: float | None = field(default=None, repr=False)   # loop time
+    ever_available: bool = False   # since it was registered
 
     @property
     def endpoint(self) -> str:
@@ -107,7 +109,8 @@ class TargetGroup:
     def __init__(self, targets: list[Target],
                  probe: Callable[[Target], Awaitable[ProbeResult]], *,
                  interval: float, timeout: float, failures: int, loop=None,
-                 on_change: Callable[[Target, str], None] | None = None):
+                 on_change: Callable[[Target, str], None] | None = None,
+                 on_probe: Callable[[Target], None] | None = None):
         if interval <= 0 or timeout <= 0 or failures < 1:
             raise ValueError("interval and timeout must be > 0 and failures >= 1")
         self._targets: list[Target] = []
@@ -117,6 +120,8 @@ class TargetGroup:
         self.failures = int(failures)
         self.loop = loop
         self.on_change = on_change
+        self.on_probe = on_probe              # after every finished probe
+        self._wake: dict[Target, asyncio.Event] = {}
         self._tasks: dict[Target, asyncio.Task] = {}
         self._started = False
         self._split: set[Target] = set()    # writers of the current split-brain episode
@@ -187,6 +192,7 @@ class TargetGroup:
         if any(t.name == target.name for t in self._targets):
             raise ValueError(f"target {target.name!r} is already registered")
         target.state = TargetState.REGISTERING
+        target.ever_available = False
         target.reason = None
         target.description = "waiting for the first health check"
         target.consecutive_failures = 0
@@ -242,6 +248,15 @@ class TargetGroup:
                              "Description": t.description},
         } for t in self._targets]
 
+    def probe_soon(self, target: Target) -> None:
+        """Check `target` now rather than at its next interval (a connection to it failed)."""
+        event = self._wake.get(target)
+        if event is not None:
+            event.set()
+
+    def summary(self) -> str:
+        return self._summary()
+
     def _summary(self) -> str:
         return "; ".join(f"{t.name} {t.state.value} {t.role.value}"
                          + (f" ({t.reason}: {t.description})" if t.reason else "")
@@ -261,9 +276,15 @@ class TargetGroup:
             # A first failure after a success is re-probed at once: if the target is
             # really gone we reach `failures` (and fail over) an interval sooner.
             delay = 0 if (ok_before and not ok) else self.interval
-            await asyncio.sleep(delay)
+            wake = self._wake.setdefault(target, asyncio.Event())
+            wake.clear()
+            try:
+                await _with_timeout(wake.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
 
     async def _probe_once(self, target: Target) -> bool:
+        target.probe_started = self.loop.time()
         try:
             result = await _with_timeout(self._probe(target), self.timeout)
         except asyncio.CancelledError:
@@ -283,9 +304,14 @@ class TargetGroup:
             return result is not None
         if result is not None:
             self._on_success(target, result)
-            return True
-        self._on_failure(target, reason, description)
-        return False
+        else:
+            self._on_failure(target, reason, description)
+        if self.on_probe is not None:
+            try:
+                self.on_probe(target)
+            except Exception:
+                log.exception("target group on_probe callback failed for %s", target.name)
+        return result is not None
 
     def _on_success(self, target: Target, result: ProbeResult) -> None:
         target.consecutive_failures = 0
@@ -326,6 +352,8 @@ class TargetGroup:
     def _set_state(self, target: Target, state: TargetState, reason, description) -> None:
         changed = target.state is not state
         target.state = state
+        if state is TargetState.AVAILABLE:
+            target.ever_available = True
         target.reason = reason
         target.description = description
         if changed:

@@ -13,10 +13,13 @@ from ...auth.iam import Principal
 from ...auth.scram import ScramSecret, make_server_key_material
 from ...auth.throttle import LoginThrottle
 from ...core.pool import Pool
+from ...core.router import Router
+from ...core.targets import Target, TargetGroup
 from ...secrets import Credentials, SecretCache, SecretError, read_principal_secret, read_secret
 from . import protocol as pg
 from .backend import ServerError, open_server_connection
 from .frontend import CLOSED, READY, ClientConnection
+from .health import probe as health_probe
 from .pinning import PinningRules
 
 log = logging.getLogger("rdsproxy.postgres")
@@ -48,15 +51,25 @@ class PostgresEngine:
         self.accounts: dict[str, Account] = {}
         self.dummy_scram_secret = make_server_key_material(os.urandom(16).hex())
         tg = config.target_group
-        target = config.targets[0]
-        self.target = target
-        self.pool = Pool(f"{target.host}:{target.port}", self._connect,
-                         max_connections_percent=tg.max_connections_percent,
-                         max_idle_connections_percent=tg.max_idle_connections_percent,
-                         borrow_timeout=tg.connection_borrow_timeout,
-                         idle_grace=tg.idle_connection_grace, lifetime=tg.max_connection_lifetime,
-                         metrics=metrics, loop=loop)
+        self.defaults: dict = {}   # per (user, database, options): the server's parameters
+        self.target_configs: dict[Target, object] = {}
+        self.target_ssl: dict[Target, object] = {}   # database-leg TLS context per target
+        self.group = TargetGroup([], self._probe, interval=tg.health_check_interval,
+                                 timeout=tg.health_check_timeout, failures=tg.health_check_failures,
+                                 loop=loop)
+        self.router = Router(self.group, {}, borrow_timeout=tg.connection_borrow_timeout,
+                             read_only_fallback_to_writer=tg.read_only_fallback_to_writer,
+                             metrics=metrics, loop=loop)
+        self.group.on_change = self._on_target_change
+        self.group.on_probe = self._on_probe
+        self._promoting = None
+        # Clients whose connection died before answering, per target, until a health check
+        # started after that tells whether the target is going away (see hold_for_health_check).
+        self._held: dict[Target, list] = {}
+        for tcfg in config.targets:
+            self._add_target(tcfg)
         self.clients: set[ClientConnection] = set()
+        self.router.borrowers = self.clients
         self.by_pid: dict[int, ClientConnection] = {}
         self.pinned_sessions = 0
         self._greetings: dict = {}
@@ -75,7 +88,6 @@ class PostgresEngine:
         self.iam_region = (config.iam.region or None) if config.iam is not None else None
         self.throttle = LoginThrottle()
         self.server_ssl = None           # client-leg TLS context (None: answer 'N')
-        self.target_ssl = None           # database-leg TLS context
         metrics.ClientConnectionsTLS = 0
         metrics.ClientConnectionsNoTLS = 0
 
@@ -148,7 +160,8 @@ class PostgresEngine:
             self.server_ssl = tlsmod.server_context(cfg.tls.cert_file, cfg.tls.key_file,
                                                     cfg.tls.ca_file or None,
                                                     require_client_cert=cfg.tls.require_client_cert)
-        self.target_ssl = tlsmod.client_context(self.target.tls, self.target.tls_ca_file or None)
+        for target, tcfg in self.target_configs.items():
+            self.target_ssl[target] = tlsmod.client_context(tcfg.tls, tcfg.tls_ca_file or None)
 
     async def reload(self) -> None:
         """SIGHUP: secrets and certificates again; a failure keeps what is in use."""
@@ -172,6 +185,7 @@ class PostgresEngine:
     async def start(self) -> None:
         self.load_tls()
         await self.aload_accounts()
+        await self.group.start()
         self._housekeeper = self.loop.create_task(self._housekeeping())
         if self.config.secrets_refresh_interval > 0:
             self._refresher = self.loop.create_task(self._refresh_loop())
@@ -224,7 +238,8 @@ class PostgresEngine:
                         client.fatal("57P05", "terminating connection due to idle_client_timeout")
                 elif now - client.connected_at >= 60 and client.state not in (READY, CLOSED):
                     client.fatal("08006", "authentication timed out")
-            self.pool.reap()
+            for pool in self.router.pools.values():
+                pool.reap()
 
     async def drain(self, timeout: float) -> None:
         """Wait (bounded) until no client holds a database connection."""
@@ -239,12 +254,161 @@ class PostgresEngine:
             self._housekeeper.cancel()
         if self._refresher is not None:
             self._refresher.cancel()
+        await self.group.stop()
         for client in list(self.clients):
             client.fatal("57P01", "terminating connection because the proxy is shutting down")
-        await self.pool.close()
+        for pool in self.router.pools.values():
+            await pool.close()
 
     # -- database connections ----------------------------------------------------------
-    async def _connect(self, key, discover: bool):
+    # -- targets -----------------------------------------------------------------------
+    def _add_target(self, tcfg) -> Target:
+        tg = self.config.target_group
+        target = Target(tcfg.name, tcfg.host, tcfg.port)
+        self.target_configs[target] = tcfg
+        self.router.pools[target] = Pool(
+            tcfg.name, lambda key, discover: self._connect(target, key, discover),
+            max_connections_percent=tg.max_connections_percent,
+            max_idle_connections_percent=tg.max_idle_connections_percent,
+            borrow_timeout=tg.connection_borrow_timeout, idle_grace=tg.idle_connection_grace,
+            lifetime=tg.max_connection_lifetime, metrics=self.metrics, loop=self.loop,
+            defaults=self.defaults,
+            on_open_failure=lambda key, waiter, exc: self._open_failed(target, key, waiter, exc))
+        self.router.pools[target].target = target
+        if target.name not in (t.name for t in self.group.targets):
+            self.group.add_target(target)
+        return target
+
+    async def apply_targets(self, configs) -> None:
+        """Config reload: register new targets, deregister removed ones (their pools close)."""
+        current = {t.name: t for t in self.target_configs}
+        wanted = {c.name: c for c in configs}
+        for name, tcfg in wanted.items():
+            if name not in current:
+                target = self._add_target(tcfg)
+                self.target_ssl[target] = tlsmod.client_context(tcfg.tls, tcfg.tls_ca_file or None)
+                log.info("target %s added", name)
+        for name, target in current.items():
+            if name not in wanted:
+                log.info("target %s removed: deregistering", name)
+                await self.group.remove_target(target)
+                # Deregistering already closed its idle connections and re-routed its
+                # waiters; connections still lent out are closed when they come back.
+                pool = self.router.pools.pop(target)
+                await pool.close()
+                self.target_configs.pop(target, None)
+                self.target_ssl.pop(target, None)
+
+    def hold_for_health_check(self, client, server) -> None:
+        """`client`'s request went to a connection that died without answering. Decide at
+        the next health check of its target that starts from now: target down (or no longer
+        in the role the client needs) -> send the request again; target fine -> report."""
+        target = getattr(server.pool, "target", None)
+        if target is None or target not in self.router.pools:
+            self.loop.call_soon(client.replay_request)   # the target was removed
+            return
+        self._held.setdefault(target, []).append((client, server, self.loop.time()))
+        self.group.probe_soon(target)
+
+    def _on_probe(self, target: Target) -> None:
+        self.router.on_probe(target)
+        held = self._held.get(target)
+        if not held:
+            return
+        keep = []
+        for client, server, since in held:
+            if client.state != READY:
+                continue
+            if target.probe_started is None or target.probe_started < since:
+                keep.append((client, server, since))   # this check began before the loss
+            elif (target.consecutive_failures or target.state.value != "AVAILABLE"
+                  or self.router.target_for(client.route_role) is not target):
+                client.replay_request()
+            else:
+                client.report_server_lost(server)
+        if keep:
+            self._held[target] = keep
+        else:
+            self._held.pop(target, None)
+
+    def _on_target_change(self, target: Target, what: str) -> None:
+        self.router.on_change(target, what)
+        if target.state.value != "AVAILABLE" and self.config.target_group.failover_promote_command:
+            self._maybe_promote()
+
+    def _maybe_promote(self) -> None:
+        """failover_promote_command: once per failover, when there is no writer but a reader."""
+        if self.group.writer() is not None or self._promoting is not None:
+            return
+        readers = self.group.readers()
+        writers_down = [t for t in self.group.targets if t.role.value == "READ_WRITE"]
+        if not readers or not writers_down:
+            return
+        reader = readers[0]
+        self._promoting = self.loop.create_task(self._run_promote(reader))
+
+    async def _run_promote(self, reader: Target) -> None:
+        command = self.config.target_group.failover_promote_command
+        env = dict(os.environ, RDSPROXY_PROMOTE_HOST=reader.host,
+                   RDSPROXY_PROMOTE_PORT=str(reader.port), RDSPROXY_PROMOTE_NAME=reader.name)
+        log.warning("no writer: running failover_promote_command for %s", reader.name)
+        try:
+            proc = await asyncio.create_subprocess_shell(command, env=env,
+                                                         stdout=asyncio.subprocess.PIPE,
+                                                         stderr=asyncio.subprocess.STDOUT)
+            out, _ = await asyncio.wait_for(proc.communicate(), 120)
+            log.warning("failover_promote_command exited with %s: %s", proc.returncode,
+                        out.decode(errors="replace").strip()[-500:])
+        except Exception as exc:  # noqa: BLE001 - a failed hook must not stop the proxy
+            log.error("failover_promote_command failed: %s", exc)
+        finally:
+            # Allow another run only after a writer has been seen again.
+            await self.group.wait_for_writer(3600)
+            self._promoting = None
+
+    def _open_failed(self, target: Target, key, waiter, exc) -> bool:
+        """A new connection to `target` failed. Unreachable (not refused by the server):
+        hold the borrower until the health checks decide, rather than fail it."""
+        if isinstance(exc, ServerError) and not exc.sqlstate.startswith("57P"):
+            return False   # the server answered (bad password, no database, TLS refused...)
+        if self.loop.time() >= (waiter.borrow_deadline or 0) and waiter.borrow_deadline is not None:
+            return False
+        self.router.requeue(waiter.route_role, key, waiter, target, exc)
+        return True
+
+    async def _probe(self, target: Target):
+        account = self._probe_account()
+        tcfg = self.target_configs.get(target)
+        return await health_probe(
+            target, user=account.credentials.username, password=account.credentials.password,
+            database=account.credentials.dbname or "postgres",
+            timeout=self.config.target_group.health_check_timeout, loop=self.loop,
+            ssl_context=self.target_ssl.get(target), tls_mode=tcfg.tls if tcfg else "disable")
+
+    def _probe_account(self) -> Account:
+        """Health checks log in as the first configured account."""
+        first = self.config.auth[0]
+        creds = self.secrets.get(first.secret)
+        return self.accounts.get(creds.username)
+
+    def describe_targets(self) -> list[dict]:
+        """describe-db-proxy-targets, plus each target's pool figures."""
+        out = self.group.describe()
+        by_name = {t.name: t for t in self.router.pools}
+        for entry in out:
+            target = by_name.get(entry["RdsResourceId"])
+            pool = self.router.pools.get(target)
+            if pool is not None:
+                stats = pool.stats()
+                pinned = sum(1 for c in self.clients if c.pinned_server and c.server is not None
+                             and c.server.pool is pool)
+                entry["Pool"] = {"InUse": stats["borrowed"], "Idle": stats["idle"],
+                                 "Open": stats["open"], "Max": stats["max"],
+                                 "Waiting": stats["waiting"], "Pinned": pinned}
+        return out
+
+    # -- database connections ----------------------------------------------------------
+    async def _connect(self, target: Target, key, discover: bool):
         user, database, options = key
         account = self.accounts.get(user)
         if account is None:
@@ -252,7 +416,7 @@ class PostgresEngine:
         params = {"options": options} if options else {}
         tg = self.config.target_group
         try:
-            conn = await self._open(account, database, params)
+            conn = await self._open(target, account, database, params)
         except ServerError as exc:
             if exc.sqlstate != "28P01":
                 raise
@@ -267,7 +431,7 @@ class PostgresEngine:
                 raise
             log.info("database login for %r failed with the cached password; retrying with the "
                      "refreshed secret", user)
-            conn = await self._open(fresh, database, params)
+            conn = await self._open(target, fresh, database, params)
         try:
             if discover:
                 rows = await conn.query_internal("SHOW max_connections", rows=[])
@@ -277,25 +441,26 @@ class PostgresEngine:
         except BaseException:
             conn.close()
             raise
-        self.pool.defaults.setdefault(key, dict(conn.parameters))
+        self.defaults.setdefault(key, dict(conn.parameters))
         if discover:
-            self.pool.set_server_max_connections(max_connections)
+            self.router.pools[target].set_server_max_connections(max_connections)
         return conn
 
-    def _open(self, account, database, params):
+    def _open(self, target, account, database, params):
+        tcfg = self.target_configs[target]
         return open_server_connection(
-            self.loop, self.pool.name, self.target.host, self.target.port,
+            self.loop, target.name, target.host, target.port,
             user=account.credentials.username, password=account.credentials.password,
             database=database, params=params, timeout=self.config.target_group.connect_timeout,
             max_message_size=self.config.max_message_size,
-            ssl_context=self.target_ssl, tls_mode=self.target.tls)
+            ssl_context=self.target_ssl.get(target), tls_mode=tcfg.tls)
 
     def parameter_statuses(self, key, desired: tuple) -> bytes:
         """The ParameterStatus messages a new client gets: the server's, then its own."""
         cache = self._greetings
         block = cache.get((key, desired))
         if block is None:
-            params = dict(self.pool.defaults.get(key, {}))
+            params = dict(self.defaults.get(key, {}))
             params.update(desired)
             block = b"".join(pg.parameter_status(k, v) for k, v in params.items())
             if len(cache) >= 1024:  # clients with ever-new application_names: stay bounded
@@ -351,7 +516,12 @@ class PostgresEngine:
 
     def stats(self) -> dict:
         live_queries = sum(client.queries for client in self.clients)
-        return {"pool": self.pool.stats(), "pinned_sessions": self.pinned_sessions,
+        pools = [pool.stats() for pool in self.router.pools.values()]
+        total = {name: sum(p[name] for p in pools) for name in ("max", "open", "borrowed", "idle",
+                                                                 "waiting", "max_idle")}
+        total["waiting"] += self.router.waiting
+        return {"pool": total, "targets": self.describe_targets(),
+                "pinned_sessions": self.pinned_sessions,
                 "QueryRequests": self.metrics.QueryRequests + live_queries,
                 "ClientConnectionsTLS": self.metrics.ClientConnectionsTLS,
                 "ClientConnectionsNoTLS": self.metrics.ClientConnectionsNoTLS}

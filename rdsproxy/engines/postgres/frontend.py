@@ -17,6 +17,7 @@ from ...auth.iam import TokenError, verify_token
 from ...auth.md5 import md5_verify
 from ...auth.scram import ScramError, ScramServer
 from ...core.pool import BorrowTimeout, PoolClosed
+from ...core.router import UNROUTED
 from . import protocol as pg
 from .backend import ServerError
 from .pinning import LOAD, PREFILTER, STARTUP_OPTIONS
@@ -33,6 +34,11 @@ MSG_QUERY = 81            # 'Q'
 MSG_PARSE = 80            # 'P'
 MSG_TERMINATE = 88        # 'X'
 MSG_PASSWORD = 112        # 'p'
+MSG_ERROR = 69            # 'E'
+MSG_NOTICE = 78           # 'N'
+# SQLSTATEs of a server ending sessions: admin shutdown / terminate, crash of another
+# backend, cannot connect now (starting up or shutting down).
+SERVER_GOING_AWAY = {"57P01", "57P02", "57P03"}
 
 # Startup parameters the proxy carries from client to whichever connection it borrows.
 TRACKED_PARAMETERS = {
@@ -63,8 +69,13 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
         ClientRelay.__init__(self)   # the relay's fields: server, outstanding, pending, ...
         self.engine = engine
         self.endpoint = endpoint
-        self.pool = engine.pool
-        self.pool_core = engine.pool.core
+        # The pool this client borrows from is chosen per borrow by the router (writer for
+        # READ_WRITE endpoints, a reader for READ_ONLY ones); UNROUTED makes it ask.
+        self.pool = None
+        self.pool_core = UNROUTED
+        self.route_role = endpoint.target_role
+        self.waiting_for_route = False
+        self.borrow_deadline = None
         self.prefilter = PREFILTER
         self.peer = "?"
         self.peer_host = "?"
@@ -122,7 +133,7 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
         if self.waiting:
             self.waiting = False
             if self._syncing is None:  # a syncing connection comes back through its callback
-                self.pool.cancel_wait(self)
+                self.engine.router.cancel_wait(self)
         server = self.server
         if server is not None:
             self.server = None
@@ -180,8 +191,9 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
 
     def borrow(self):
         self.waiting = True
+        self.borrow_deadline = None
         try:
-            conn = self.pool.acquire(self.key, self)
+            conn = self.engine.router.acquire(self.route_role, self.key, self)
         except PoolClosed as exc:
             self.on_borrow_error(exc)
             return
@@ -194,15 +206,15 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
         """The pool hands over a connection (at once, or after a wait)."""
         if self.state == LOGIN:
             self.waiting = False
-            self.pool.release(conn)
+            conn.pool.release(conn)
             self._finish_login()
             self._resume_reading()
             return
         if self.state != READY:
-            self.pool.release(conn)
+            conn.pool.release(conn)
             return
         if conn.closed:  # died while idle, before the pool heard of it
-            self.pool.discard(conn)
+            conn.pool.discard(conn)
             self.borrow()
             return
         if conn.applied != self.desired:
@@ -230,13 +242,13 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
             conn.applied = self.desired
         if self.state != READY:  # the client left meanwhile
             if error is None:
-                self.pool.release(conn)
+                conn.pool.release(conn)
             else:
-                self.pool.discard(conn)
+                conn.pool.discard(conn)
             return
         if error is not None:
             self.waiting = False
-            self.pool.discard(conn)
+            conn.pool.discard(conn)
             fields = getattr(error, "fields", {})
             self.fatal(fields.get("C", "08006"), f"cannot apply session parameters: {fields.get('M', error)}")
             return
@@ -278,16 +290,67 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
         self.outstanding = 0
         self.transport.write(b"".join(out))
 
+    def first_response_notice(self, server, data) -> bool:
+        """The answer to a replayable request starts with a notice or error: forward it
+        (True), unless it is the server ending the session (shutdown, crash, terminate):
+        then keep it back, close the connection and let on_server_lost decide (False)."""
+        try:
+            messages, _ = split_messages(data)
+        except Exception:  # noqa: BLE001 - FramingError; the relay reports it
+            return True
+        if not messages or messages[0][0] not in (MSG_ERROR, MSG_NOTICE):
+            return True
+        fields = pg.parse_error_fields(messages[0][1])
+        if fields.get("C") not in SERVER_GOING_AWAY:
+            return True
+        server.last_error = fields
+        server.close()
+        return False
+
     def on_server_lost(self, server):
         """The database connection serving this client died."""
         self.server = None
         server.client = None
-        self.pool.discard(server)
+        server.pool.discard(server)
         if self.state != READY:
             return
+        if self.replay is not None:
+            # Nothing of the answer came back, so the request may never have run. If the
+            # target is going away (failover) it is sent again on the next writer; if the
+            # target is fine (one backend was terminated), the client gets the error.
+            # The next health check, started from now, tells which.
+            self.pending = self.replay + self.pending
+            self.pending_size = sum(len(chunk) for chunk in self.pending)
+            self.replay = None
+            self.waiting = True
+            self.engine.hold_for_health_check(self, server)
+            return
+        log.debug("client %s: connection lost with no replayable request (outstanding %d, "
+                  "server at boundary %s, status %r)", self.peer, self.outstanding,
+                  server.scanner.at_boundary(), chr(server.scanner.status or 32))
+        self.report_server_lost(server)
+
+    def replay_request(self):
+        """Send the held-back request again, through whatever target is routed now."""
+        self.waiting = False
+        if self.state == READY:
+            log.info("client %s (user %s): database connection lost before answering; "
+                     "sending the request again", self.peer, self.user)
+            self.borrow()
+
+    def report_server_lost(self, server):
+        if self.state != READY:
+            return
+        if self.waiting:  # held for a health check: the request is not to be sent again
+            self.waiting = False
+            self.pending = []
+            self.pending_size = 0
         clean_cut = (server.scanner.at_boundary() and server.scanner.status == STATUS_IDLE
                      and self.pin_reason is None)
         text = "the database connection serving this session was lost"
+        last_error = getattr(server, "last_error", None)
+        if last_error:
+            text += f" ({last_error.get('M', '')})"
         log.warning("client %s (user %s): %s (pid %d)", self.peer, self.user, text, server.backend_pid)
         if not clean_cut:
             self.fatal("08006", text + "; the open transaction or session state is gone")
@@ -297,7 +360,7 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
 
     def _return_after_exit(self, server):
         """The client left while holding `server`: return it clean or close it."""
-        pool = self.pool
+        pool = server.pool
         scanner = self.scanner
         if (server.closed or self.outstanding or not scanner.at_boundary()
                 or UNSYNCED_MASK[scanner.last_type] or self.pin_reason in (LOAD, STARTUP_OPTIONS)):
@@ -522,7 +585,7 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
     def _login(self):
         """Authenticated: learn the server's parameters for this user and database once."""
         self.state = LOGIN
-        if self.key in self.pool.defaults:
+        if self.key in self.engine.defaults:
             self._finish_login(pg.AUTH_OK_MESSAGE)  # one write for the whole greeting
         else:
             self.transport.write(pg.AUTH_OK_MESSAGE)

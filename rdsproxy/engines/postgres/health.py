@@ -51,7 +51,8 @@ def parse_datarow(payload: bytes) -> list[bytes | None]:
 
 
 async def probe(target: Target, *, user: str, password: str, database: str, timeout: float,
-                loop=None, application_name: str = "rdsproxy-health") -> ProbeResult:
+                loop=None, application_name: str = "rdsproxy-health", ssl_context=None,
+                tls_mode: str = "disable") -> ProbeResult:
     """Log in to `target` (by host name, resolved now), ask its role and max_connections."""
     loop = loop or asyncio.get_running_loop()
     where = f"{target.host}:{target.port}"
@@ -60,7 +61,8 @@ async def probe(target: Target, *, user: str, password: str, database: str, time
         conn = await open_server_connection(
             loop, target.name, target.host, target.port, user=user, password=password,
             database=database, params={"application_name": application_name},
-            timeout=timeout, max_message_size=_MAX_MESSAGE)
+            timeout=timeout, max_message_size=_MAX_MESSAGE, ssl_context=ssl_context,
+            tls_mode=tls_mode)
     except BaseException as exc:
         _raise_classified(exc, where, timeout, "connect")
     try:

@@ -1,0 +1,202 @@
+"""Which target's pool serves a borrow, and where borrowers wait while no target fits.
+
+Engine-agnostic. One Pool per target; the TargetGroup says which targets are AVAILABLE and
+which one is the writer. `acquire(role, key, waiter)` routes a READ_WRITE borrow to the
+writer's pool and a READ_ONLY borrow to the AVAILABLE reader with the fewest connections
+(or the writer, with read_only_fallback_to_writer). When no target fits (the writer died
+and nothing is promoted yet, split brain, all readers down), the borrower waits here, first
+come first served, until the topology changes or its connection_borrow_timeout passes:
+that is what turns a failover into a pause instead of errors.
+
+A borrower keeps pointing at the pool it was routed to (its `pool`/`pool_core`), so the
+relay can take idle connections from it without asking again. On any topology change the
+router points every such borrower at an empty core, which sends its next borrow back here
+to be routed afresh; idle connections of a target that is down or changed role are closed.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+from .._fastpath import PoolCore
+from .pool import BorrowTimeout, Pool
+from .targets import Role, Target, TargetGroup, TargetState
+
+log = logging.getLogger("rdsproxy.router")
+
+READ_WRITE = "READ_WRITE"
+READ_ONLY = "READ_ONLY"
+
+# A core that never has an idle connection: a borrower pointing here asks the router.
+UNROUTED = PoolCore(0)
+
+
+class Router:
+    def __init__(self, group: TargetGroup, pools: dict[Target, Pool], *, borrow_timeout: float,
+                 read_only_fallback_to_writer: bool = False, metrics=None, loop=None):
+        self.group = group
+        self.pools = pools
+        self.borrow_timeout = borrow_timeout
+        self.read_only_fallback_to_writer = read_only_fallback_to_writer
+        self.metrics = metrics
+        self.loop = loop
+        self.borrowers: set = set()     # every client that may hold a routed pool_core
+        self._waiters: deque = deque()  # (role, key, waiter), FIFO
+        self._timer = None
+        self._routes: dict[str, Target | None] = {}
+
+    # -- routing -----------------------------------------------------------------------
+    def target_for(self, role: str) -> Target | None:
+        if role == READ_ONLY:
+            readers = [t for t in self.group.readers() if t in self.pools]
+            if readers:
+                # Least connections: spread sessions over the readers.
+                return min(readers, key=lambda t: self.pools[t].load())
+            if not self.read_only_fallback_to_writer:
+                return None
+        writer = self.group.writer()
+        return writer if writer in self.pools else None
+
+    def acquire(self, role: str, key, waiter):
+        """Like Pool.acquire, through the pool of the target that fits `role` now."""
+        target = self.target_for(role)
+        if target is None:
+            self._wait(role, key, waiter)
+            return None
+        pool = self.pools[target]
+        waiter.pool = pool
+        waiter.pool_core = pool.core
+        return pool.acquire(key, waiter)
+
+    def _hopeless(self) -> bool:
+        """No target has ever been AVAILABLE and every one has failed its checks: a wrong
+        address, password or TLS setting rather than a failover. Waiting would only turn
+        the clear reason into a timeout."""
+        targets = self.group.targets
+        return bool(targets) and all(t.state is TargetState.UNAVAILABLE and not t.ever_available
+                                     for t in targets)
+
+    def _fail_hopeless(self, waiter) -> None:
+        waiter.on_borrow_error(ConnectionError(
+            f"no database target is reachable: {self.group.summary()}"))
+
+    def _wait(self, role: str, key, waiter) -> None:
+        if self._hopeless():
+            waiter.waiting_for_route = False
+            self._fail_hopeless(waiter)
+            return
+        if waiter.borrow_deadline is None:  # a new borrow (a moved one keeps its deadline)
+            waiter.borrow_deadline = self.loop.time() + self.borrow_timeout
+        waiter.waiting_for_route = True
+        waiter.pool_core = UNROUTED
+        self._waiters.append((role, key, waiter))
+        if self._timer is None and self.borrow_timeout > 0:
+            self._timer = self.loop.call_at(waiter.borrow_deadline, self._expire)
+
+    def requeue(self, role: str, key, waiter, target: Target, exc: Exception) -> None:
+        """Opening a connection to `target` failed as if it were down: wait for the health
+        checks to say so (or not) instead of failing the client, and check it now."""
+        log.info("cannot open a connection to %s (%s); the borrower waits for its health check",
+                 target.name, exc)
+        self.group.probe_soon(target)
+        self._wait(role, key, waiter)
+
+    def cancel_wait(self, waiter) -> None:
+        if waiter.waiting_for_route:
+            waiter.waiting_for_route = False
+            for entry in self._waiters:
+                if entry[2] is waiter:
+                    self._waiters.remove(entry)
+                    break
+        elif waiter.pool is not None:
+            waiter.pool.cancel_wait(waiter)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def _expire(self) -> None:
+        self._timer = None
+        now = self.loop.time()
+        keep = deque()
+        expired = []
+        for entry in self._waiters:
+            (expired if entry[2].borrow_deadline <= now else keep).append(entry)
+        self._waiters = keep
+        for role, _key, waiter in expired:
+            waiter.waiting_for_route = False
+            if self.metrics:
+                self.metrics.DatabaseConnectionsBorrowTimeouts += 1
+            what = "writer" if role == READ_WRITE else "reader"
+            waiter.on_borrow_error(BorrowTimeout(
+                f"timed out after {self.borrow_timeout:g} s waiting for an AVAILABLE {what} "
+                f"(connection_borrow_timeout; targets: {self.group.summary()})"))
+        if keep:
+            first = min(entry[2].borrow_deadline for entry in keep)
+            self._timer = self.loop.call_at(first, self._expire)
+
+    def serve_waiters(self) -> None:
+        """Route the queued borrowers whose role has a target now, in arrival order."""
+        if not self._waiters:
+            return
+        queued, self._waiters = self._waiters, deque()
+        for role, key, waiter in queued:
+            if not waiter.waiting_for_route:
+                continue
+            if self.target_for(role) is None:
+                if self._hopeless():
+                    waiter.waiting_for_route = False
+                    self._fail_hopeless(waiter)
+                else:
+                    self._waiters.append((role, key, waiter))
+                continue
+            waiter.waiting_for_route = False
+            try:
+                conn = self.acquire(role, key, waiter)
+            except Exception as exc:  # PoolClosed
+                waiter.on_borrow_error(exc)
+                continue
+            if conn is not None:
+                waiter.on_connection(conn)
+
+    # -- topology changes --------------------------------------------------------------
+    def on_change(self, target: Target, what: str) -> None:
+        """TargetGroup callback: a target changed state or role."""
+        pool = self.pools.get(target)
+        if pool is not None:
+            if target.state is not TargetState.AVAILABLE or what == "role":
+                # Connections to a dead target are useless; after a role change they would
+                # send writes to a reader (or reads meant for replicas to the writer).
+                closed = pool.close_idle()
+                moved = pool.take_waiters()
+                if closed or moved:
+                    log.info("target %s %s %s: closed %d idle connection(s), %d borrower(s) "
+                             "re-routed", target.name, target.state.value, target.role.value,
+                             closed, len(moved))
+                for key, waiter in moved:
+                    self._wait(waiter.route_role, key, waiter)
+            if target.max_connections and target.state is TargetState.AVAILABLE:
+                pool.set_server_max_connections(target.max_connections)
+        self.reroute_all()
+        routes = {role: self.target_for(role) for role in (READ_WRITE, READ_ONLY)}
+        if routes != self._routes:
+            self._routes = routes
+            log.info("routing: READ_WRITE -> %s, READ_ONLY -> %s",
+                     *(t.name if t else "none (borrowers wait)" for t in routes.values()))
+        self.serve_waiters()
+
+    def on_probe(self, target: Target) -> None:
+        """After every health check: the budget may have changed; queued borrowers may fit."""
+        pool = self.pools.get(target)
+        if (pool is not None and target.max_connections and target.state is TargetState.AVAILABLE
+                and target.max_connections != pool.server_max_connections):
+            pool.set_server_max_connections(target.max_connections)
+        self.serve_waiters()
+
+    def reroute_all(self) -> None:
+        """Every borrower asks again at its next borrow (its idle shortcut is cut)."""
+        for client in self.borrowers:
+            client.pool_core = UNROUTED
+
+    def stats(self) -> dict:
+        return {"waiting_for_target": len(self._waiters)}
