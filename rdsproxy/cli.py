@@ -47,7 +47,7 @@ async def _serve(config) -> None:
 
     def on_hup():
         # Secrets (maybe from AWS) are re-read in worker threads, certificates reloaded.
-        log.info("SIGHUP: reloading secrets and TLS certificates")
+        log.info("SIGHUP: reloading secrets, TLS certificates and the [[targets]] list")
         loop.create_task(proxy.reload())
 
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -128,6 +128,73 @@ def serve(config_path, listen, self_signed_dir):
         return
     _setup_logging(False)
     _quickstart(listen)
+
+
+@main.command("describe-targets")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True), required=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON (as the admin endpoint serves it)")
+def describe_targets(config_path, as_json):
+    """Show each target's role, health and pool figures.
+
+    Asks the running proxy's admin endpoint ([admin] listen). Without one, checks each target
+    once from here (role and health only: pool figures live in the running proxy)."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    if config.admin is not None and config.admin.listen:
+        import urllib.request
+        host, port = config.admin.listen.rsplit(":", 1)
+        host = host.strip("[]")
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
+        url = f"http://{host if ':' not in host else f'[{host}]'}:{port}/targets"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                data = orjson.loads(response.read())
+        except OSError as exc:
+            raise click.ClickException(f"cannot reach the admin endpoint {url}: {exc} "
+                                       f"(is the proxy running?)") from None
+    else:
+        data = {"Targets": _run_and_return(_probe_targets(config))}
+    if as_json:
+        click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+        return
+    rows = [("TARGET", "ENDPOINT", "ROLE", "STATE", "REASON", "IN USE", "IDLE", "WAITING", "PINNED")]
+    for t in data["Targets"]:
+        pool = t.get("Pool") or {}
+        health = t["TargetHealth"]
+        rows.append((t["RdsResourceId"], f"{t['Endpoint']}:{t['Port']}", t["Role"], health["State"],
+                     health.get("Reason") or "-", *(str(pool.get(k, "-")) for k in
+                                                    ("InUse", "Idle", "Waiting", "Pinned"))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    for t in data["Targets"]:
+        if t["TargetHealth"].get("Description"):
+            click.echo(f"{t['RdsResourceId']}: {t['TargetHealth']['Description']}")
+
+
+def _run_and_return(coro):
+    box = []
+
+    async def wrapper():
+        box.append(await coro)
+    _run(wrapper())
+    return box[0]
+
+
+async def _probe_targets(config) -> list[dict]:
+    """One health check of every target, from this process (no proxy running)."""
+    from .engines.postgres.engine import PostgresEngine
+    from .core.metrics import Metrics
+
+    engine = PostgresEngine(config, Metrics(), asyncio.get_running_loop())
+    engine.load_tls()
+    await engine.aload_accounts()
+    if engine.group.loop is None:
+        engine.group.loop = asyncio.get_running_loop()
+    await engine.group.check_all()
+    return engine.group.describe()
 
 
 def _quickstart(listen: str) -> None:

@@ -34,6 +34,8 @@ class Proxy:
         self.config = _as_config(config)
         self.metrics = Metrics()
         self.addresses: dict[str, tuple[str, int]] = {}
+        self.admin_address: tuple[str, int] | None = None
+        self._admin = None
         self.engine = None
         self._servers: list[asyncio.AbstractServer] = []
         self._stopped: asyncio.Event | None = None
@@ -60,6 +62,13 @@ class Proxy:
                 self.addresses[endpoint.name] = sock.getsockname()[:2]
                 log.info("endpoint %s listening on %s:%d (%s)", endpoint.name,
                          *self.addresses[endpoint.name], endpoint.target_role)
+            if self.config.admin is not None and self.config.admin.listen:
+                from .admin import AdminServer
+                self._admin = AdminServer({"/targets": self.describe_targets, "/stats": self.stats})
+                host, port = self.config.admin.listen.rsplit(":", 1)
+                self.admin_address = await self._admin.start(host.strip("[]"), int(port))
+                log.info("admin endpoint on http://%s:%d/ (/targets, /stats, /health)",
+                         *self.admin_address)
         except BaseException:
             await self.stop(drain=False)
             raise
@@ -70,6 +79,9 @@ class Proxy:
         """Stop accepting, let running transactions finish (bounded), then close everything."""
         for server in self._servers:
             server.close()
+        if self._admin is not None:
+            await self._admin.close()
+            self._admin = None
         if self.engine is not None:
             if drain:
                 await self.engine.drain(self.config.shutdown_timeout)
@@ -83,10 +95,28 @@ class Proxy:
         if self._stopped is not None:
             self._stopped.set()
 
-    async def reload(self) -> None:
-        """What SIGHUP does: re-read secrets (and rebuild accounts) and reload TLS certificates."""
-        if self.engine is not None:
-            await self.engine.reload()
+    async def reload(self, config=None) -> None:
+        """What SIGHUP does: re-read secrets (and rebuild accounts), reload TLS certificates,
+        and apply the config file's [[targets]] list (added ones register, removed ones
+        deregister). `config` (a ProxyConfig, dict or path) replaces re-reading the file."""
+        if self.engine is None:
+            return
+        await self.engine.reload()
+        fresh = None
+        try:
+            if config is not None:
+                fresh = _as_config(config)
+            elif self.config.source not in ("<dict>", "<test>") and os.path.isfile(self.config.source):
+                fresh = load_config(self.config.source)
+        except Exception as exc:  # noqa: BLE001 - a bad edit must not stop the proxy
+            log.error("config not reloaded (keeping the running one): %s", exc)
+        if fresh is not None:
+            await self.engine.apply_targets(fresh.targets)
+            self.config.targets = fresh.targets
+
+    def describe_targets(self) -> dict:
+        """Like `aws rds describe-db-proxy-targets`, plus each target's pool figures."""
+        return {"Targets": self.engine.describe_targets() if self.engine is not None else []}
 
     async def serve_forever(self) -> None:
         await self._stopped.wait()

@@ -587,3 +587,4 @@ def test_fastpath_selection():
     assert fastpath.IMPLEMENTATION == expected
     if REQUIRE_CYTHON and not fastpath.PURE_PYTHON_FORCED:
         assert fastpath.IMPLEMENTATION == "cython"
+

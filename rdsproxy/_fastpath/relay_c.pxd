@@ -16,8 +16,9 @@ cdef int MSG_QUERY
 cdef int MSG_PARSE
 cdef Py_ssize_t PENDING_LIMIT
 cdef Py_ssize_t REPLAY_CHUNKS
-cdef int MSG_ERROR
-cdef int MSG_NOTICE
+cdef Py_ssize_t HOLD_CHUNKS
+cdef int MSG_COPY_IN
+cdef int MSG_COPY_BOTH
 cdef bytearray UNSYNCED_MASK
 
 cdef class ServerRelay
@@ -71,7 +72,9 @@ cdef class ServerRelay:
     cdef public bint closed
     cdef public object applied
     cdef public double idle_since
+    cdef public list held
     cdef dict __dict__
 
-    @cython.locals(n=Py_ssize_t, client=ClientRelay, scanner=MessageScanner, first=int)
+    @cython.locals(n=Py_ssize_t, client=ClientRelay, scanner=MessageScanner, last=int,
+                   held=list)
     cpdef data_received(self, data)

@@ -5,8 +5,7 @@ Pure-Python twin of `relay_c`, which setup.py compiles from this very file with
 classes subclass these two and supply the slow paths this file calls by name:
 
   ClientRelay: startup_data(data), inspect(data) -> data, framing_error(exc), borrow(),
-               on_connection(conn), close(), first_response_notice(server, data) -> bool,
-               and the attributes engine, pool, transport, prefilter (a KeywordScanner
+               on_connection(conn), close(), and the attributes engine, pool, transport, prefilter (a KeywordScanner
                that flags statements worth inspect()ing).
   ServerRelay: slow_data(data), parameter_status(), framing_error(exc).
 
@@ -23,8 +22,9 @@ MSG_QUERY = 81            # 'Q'
 MSG_PARSE = 80            # 'P'
 PENDING_LIMIT = 262144    # bytes a waiting client may queue in the proxy before we pause it
 REPLAY_CHUNKS = 16        # chunks of one request kept for a replay; a longer one is not replayed
-MSG_ERROR = 69            # 'E'
-MSG_NOTICE = 78           # 'N'
+HOLD_CHUNKS = 16          # reads of an answer held back while its request may be replayed
+MSG_COPY_IN = 71          # 'G' CopyInResponse
+MSG_COPY_BOTH = 87        # 'W' CopyBothResponse
 
 # Message types after which a client still expects its server with nothing outstanding:
 # extended-protocol messages not yet closed by a Sync ('P', 'B', 'D', 'E', 'C', 'H').
@@ -176,6 +176,7 @@ class ServerRelay:
         self.closed = False
         self.applied = ()
         self.idle_since = 0.0
+        self.held = None          # answer chunks held back while a replay is still possible
 
     def data_received(self, data):
         client = self.client
@@ -189,12 +190,24 @@ class ServerRelay:
             self.framing_error(exc)
             return
         if client.replay is not None:
-            # The first bytes of an answer. A notice or error first may be the server going
-            # away (the engine then holds the request back); anything else: no replay.
-            first = data[0]
-            if (first == MSG_ERROR or first == MSG_NOTICE) and not client.first_response_notice(self, data):
-                return
+            # The answer to a request that could still be replayed: hold it back until it
+            # is complete (a ReadyForQuery), so that if the connection dies first the client
+            # has seen nothing and the engine may send the request elsewhere. Not for COPY
+            # (the server waits for the client) nor for answers longer than HOLD_CHUNKS reads.
+            last = scanner.last_type
+            if n == 0 and last != MSG_COPY_IN and last != MSG_COPY_BOTH:
+                held = self.held
+                if held is None:
+                    self.held = [data]
+                    return
+                if len(held) < HOLD_CHUNKS:
+                    held.append(data)
+                    return
             client.replay = None
+            if self.held is not None:
+                self.held.append(data)
+                data = b"".join(self.held)
+                self.held = None
         client.transport.write(data)
         if scanner.captured:
             self.parameter_status()

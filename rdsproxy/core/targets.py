@@ -248,6 +248,10 @@ class TargetGroup:
                              "Description": t.description},
         } for t in self._targets]
 
+    async def check_all(self) -> None:
+        """Probe every target once, now (without the checker tasks): a one-shot view."""
+        await asyncio.gather(*(self._probe_once(t) for t in self._targets))
+
     def probe_soon(self, target: Target) -> None:
         """Check `target` now rather than at its next interval (a connection to it failed)."""
         event = self._wake.get(target)

@@ -36,9 +36,7 @@ MSG_TERMINATE = 88        # 'X'
 MSG_PASSWORD = 112        # 'p'
 MSG_ERROR = 69            # 'E'
 MSG_NOTICE = 78           # 'N'
-# SQLSTATEs of a server ending sessions: admin shutdown / terminate, crash of another
-# backend, cannot connect now (starting up or shutting down).
-SERVER_GOING_AWAY = {"57P01", "57P02", "57P03"}
+MSG_COMMAND_COMPLETE = 67 # 'C'
 
 # Startup parameters the proxy carries from client to whichever connection it borrows.
 TRACKED_PARAMETERS = {
@@ -53,6 +51,29 @@ STARTUP_KEYWORDS = {"user", "database", "options", "replication"}
 
 def quote_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
+
+
+def _held_messages(held):
+    if not held:
+        return []
+    try:
+        messages, _ = split_messages(bytearray(b"".join(held)))
+    except Exception:  # noqa: BLE001 - FramingError: a broken stream completed nothing we know of
+        return []
+    return messages
+
+
+def answer_completed_a_statement(held) -> bool:
+    """Whether the held-back part of an answer reports a finished statement."""
+    return any(mtype == MSG_COMMAND_COMPLETE for mtype, _ in _held_messages(held))
+
+
+def server_last_words(held) -> str:
+    """The message of the last error or notice the server sent before it went away."""
+    for mtype, payload in reversed(_held_messages(held)):
+        if mtype in (MSG_ERROR, MSG_NOTICE):
+            return pg.parse_error_fields(payload).get("M", "")
+    return ""
 
 
 class ClientConnection(ClientRelay, asyncio.Protocol):
@@ -290,23 +311,6 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
         self.outstanding = 0
         self.transport.write(b"".join(out))
 
-    def first_response_notice(self, server, data) -> bool:
-        """The answer to a replayable request starts with a notice or error: forward it
-        (True), unless it is the server ending the session (shutdown, crash, terminate):
-        then keep it back, close the connection and let on_server_lost decide (False)."""
-        try:
-            messages, _ = split_messages(data)
-        except Exception:  # noqa: BLE001 - FramingError; the relay reports it
-            return True
-        if not messages or messages[0][0] not in (MSG_ERROR, MSG_NOTICE):
-            return True
-        fields = pg.parse_error_fields(messages[0][1])
-        if fields.get("C") not in SERVER_GOING_AWAY:
-            return True
-        server.last_error = fields
-        server.close()
-        return False
-
     def on_server_lost(self, server):
         """The database connection serving this client died."""
         self.server = None
@@ -314,11 +318,20 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
         server.pool.discard(server)
         if self.state != READY:
             return
+        if self.replay is not None and answer_completed_a_statement(server.held):
+            # A statement finished but its transaction's end (ReadyForQuery) never came: it
+            # was committing when the server went away, and may or may not have committed.
+            # Sending it again could run it twice, so say so (08007) and let the client decide.
+            self.replay = None
+            self.report_server_lost(server, in_doubt=True)
+            return
         if self.replay is not None:
-            # Nothing of the answer came back, so the request may never have run. If the
-            # target is going away (failover) it is sent again on the next writer; if the
-            # target is fine (one backend was terminated), the client gets the error.
-            # The next health check, started from now, tells which.
+            # The client has seen nothing of the answer and no statement finished, so none
+            # can have committed (PostgreSQL commits an implicit transaction only after the
+            # statement's CommandComplete, and a dying backend flushes what it buffered).
+            # If the target is going away (failover) the request is sent again through the
+            # router; if the target is fine (one backend was terminated), the client gets
+            # the error. The next health check, started from now, tells which.
             self.pending = self.replay + self.pending
             self.pending_size = sum(len(chunk) for chunk in self.pending)
             self.replay = None
@@ -338,7 +351,7 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
                      "sending the request again", self.peer, self.user)
             self.borrow()
 
-    def report_server_lost(self, server):
+    def report_server_lost(self, server, in_doubt=False):
         if self.state != READY:
             return
         if self.waiting:  # held for a health check: the request is not to be sent again
@@ -348,14 +361,18 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
         clean_cut = (server.scanner.at_boundary() and server.scanner.status == STATUS_IDLE
                      and self.pin_reason is None)
         text = "the database connection serving this session was lost"
-        last_error = getattr(server, "last_error", None)
-        if last_error:
-            text += f" ({last_error.get('M', '')})"
+        last_words = server_last_words(server.held)
+        if last_words:
+            text += f" ({last_words})"
+        server.held = None
         log.warning("client %s (user %s): %s (pid %d)", self.peer, self.user, text, server.backend_pid)
         if not clean_cut:
             self.fatal("08006", text + "; the open transaction or session state is gone")
             return
-        if self.outstanding:
+        if in_doubt:
+            self._fail_outstanding("08007", text + " while its transaction was committing; it may "
+                                   "or may not have committed (transaction resolution unknown)")
+        elif self.outstanding:
             self._fail_outstanding("08006", text + "; the statement may or may not have completed")
 
     def _return_after_exit(self, server):

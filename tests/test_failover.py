@@ -1,0 +1,336 @@
+"""Targets through the proxy: role routing, failover, a dead or flapping target, reloads,
+describe-targets (CLI and admin HTTP). Real primaries and streaming replicas throughout."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import psycopg
+import pytest
+from conftest import RunningProxy, write_secret
+from utils import free_port, wait_until
+
+from rdsproxy import config_from_dict
+from rdsproxy.devcluster import PostgresCluster
+
+USER, PASSWORD, DB = "app", "app-secret", "appdb"
+FAST_CHECKS = {"health_check_interval": 0.2, "health_check_timeout": 1.0, "health_check_failures": 2}
+
+
+def _prepare(primary: PostgresCluster) -> None:
+    primary.psql(f"CREATE ROLE {USER} LOGIN PASSWORD '{PASSWORD}'")
+    primary.psql(f"CREATE DATABASE {DB} OWNER {USER}")
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """A primary with user app/appdb and its streaming replica (not to be killed)."""
+    primary = PostgresCluster(max_connections=40).start()
+    replica = None
+    try:
+        _prepare(primary)
+        replica = primary.make_replica()
+        yield primary, replica
+    finally:
+        if replica is not None:
+            replica.stop("immediate")
+        primary.stop("immediate")
+
+
+def proxy_config(tmp_path, targets, *, admin=False, endpoints=None, **target_group) -> dict:
+    secret = write_secret(tmp_path, USER, PASSWORD, dbname=DB)
+    tg = {"max_connections_percent": 20, "connection_borrow_timeout": 10, **FAST_CHECKS,
+          **target_group}
+    config = {
+        "name": "failover-test", "engine_family": "POSTGRESQL",
+        "auth": [{"secret": f"file:{secret}", "client_password_auth_type": "POSTGRES_MD5"}],
+        "target_group": tg,
+        "targets": [{"name": name, "host": c.host, "port": c.port} for name, c in targets],
+        "endpoints": endpoints or [{"name": "rw", "listen": "127.0.0.1:0"},
+                                   {"name": "ro", "listen": "127.0.0.1:0", "target_role": "READ_ONLY"}],
+    }
+    if admin:
+        config["admin"] = {"listen": f"127.0.0.1:{free_port()}"}
+    return config
+
+
+@pytest.fixture
+def start_proxy(tmp_path):
+    running: list[RunningProxy] = []
+
+    def start(config: dict) -> RunningProxy:
+        proxy = RunningProxy(config_from_dict(config, source="<test>", base_dir=tmp_path))
+        running.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in running:
+        proxy.stop()
+
+
+def dsn(proxy: RunningProxy, endpoint: str = "rw", **extra) -> str:
+    host, port = proxy.proxy.addresses[endpoint]
+    parts = [f"host={host} port={port} user={USER} password={PASSWORD} dbname={DB}",
+             "sslmode=disable connect_timeout=20"] + [f"{k}={v}" for k, v in extra.items()]
+    return " ".join(parts)
+
+
+def query(proxy, sql, endpoint="rw"):
+    with psycopg.connect(dsn(proxy, endpoint), autocommit=True) as conn:
+        return conn.execute(sql).fetchone()[0]
+
+
+def targets_by_name(proxy) -> dict:
+    return {t["RdsResourceId"]: t for t in proxy.call(proxy.proxy.describe_targets)["Targets"]}
+
+
+def wait_available(proxy, *names, timeout=10):
+    def ready():
+        found = targets_by_name(proxy)
+        return all(found.get(n, {}).get("TargetHealth", {}).get("State") == "AVAILABLE" for n in names)
+    wait_until(ready, timeout=timeout, message=f"{names} AVAILABLE")
+
+
+# -- routing by role -----------------------------------------------------------------------
+
+def test_roles_reader_endpoint_and_describe(pair, start_proxy, tmp_path):
+    primary, replica = pair
+    proxy = start_proxy(proxy_config(tmp_path, [("primary", primary), ("replica", replica)], admin=True))
+    wait_available(proxy, "primary", "replica")
+    assert query(proxy, "SELECT pg_is_in_recovery()") is False
+    assert query(proxy, "SELECT inet_server_port()") == primary.port
+    assert query(proxy, "SELECT pg_is_in_recovery()", "ro") is True
+    assert query(proxy, "SELECT inet_server_port()", "ro") == replica.port
+    with psycopg.connect(dsn(proxy, "ro"), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            conn.execute("CREATE TABLE nope (x int)")
+
+    # The admin endpoint serves describe-targets as JSON, with pool figures.
+    host, port = proxy.proxy.admin_address
+    with urllib.request.urlopen(f"http://{host}:{port}/targets", timeout=5) as response:
+        data = json.loads(response.read())
+    by_name = {t["RdsResourceId"]: t for t in data["Targets"]}
+    assert by_name["primary"]["Role"] == "READ_WRITE"
+    assert by_name["replica"]["Role"] == "READ_ONLY"
+    assert by_name["primary"]["Endpoint"] == "127.0.0.1" and by_name["primary"]["Port"] == primary.port
+    for t in by_name.values():
+        assert t["TargetHealth"] == {"State": "AVAILABLE", "Reason": None, "Description": None}
+        assert t["Pool"]["Open"] >= 1 and t["Pool"]["InUse"] == 0
+    with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=5) as response:
+        assert response.read() == b"ok\n"
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(f"http://{host}:{port}/nothing", timeout=5)
+    assert info.value.code == 404
+
+
+def test_describe_targets_cli_with_and_without_admin(pair, tmp_path):
+    primary, replica = pair
+    secret = write_secret(tmp_path, USER, PASSWORD, dbname=DB)
+    admin_port, port = free_port(), free_port()
+    base = f"""
+name = "cli-test"
+[[auth]]
+secret = "file:{secret}"
+[target_group]
+health_check_interval = 0.2
+[[targets]]
+name = "primary"
+host = "127.0.0.1"
+port = {primary.port}
+[[targets]]
+name = "replica"
+host = "127.0.0.1"
+port = {replica.port}
+[[endpoints]]
+name = "rw"
+listen = "127.0.0.1:{port}"
+"""
+    # Without [admin]: one check from the CLI itself, no pool figures.
+    plain = tmp_path / "plain.toml"
+    plain.write_text(base)
+    out = subprocess.run([sys.executable, "-m", "rdsproxy", "describe-targets", "--config", str(plain),
+                          "--json"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    roles = {t["RdsResourceId"]: (t["Role"], t["TargetHealth"]["State"]) for t in json.loads(out.stdout)["Targets"]}
+    assert roles == {"primary": ("READ_WRITE", "AVAILABLE"), "replica": ("READ_ONLY", "AVAILABLE")}
+
+    # With [admin]: asks the running proxy.
+    with_admin = tmp_path / "admin.toml"
+    with_admin.write_text(base + f'\n[admin]\nlisten = "127.0.0.1:{admin_port}"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "rdsproxy", "serve", "--config", str(with_admin)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        def table():
+            out = subprocess.run([sys.executable, "-m", "rdsproxy", "describe-targets", "--config",
+                                  str(with_admin)], capture_output=True, text=True, timeout=30)
+            return out.stdout if out.returncode == 0 and out.stdout.count("AVAILABLE") == 2 else None
+        text = wait_until(table, timeout=20, interval=0.3, message="describe-targets through the admin endpoint")
+        header, *rows = text.strip().splitlines()
+        assert header.split() == ["TARGET", "ENDPOINT", "ROLE", "STATE", "REASON", "IN", "USE", "IDLE",
+                                  "WAITING", "PINNED"]
+        assert any(r.split()[:4] == ["primary", f"127.0.0.1:{primary.port}", "READ_WRITE", "AVAILABLE"]
+                   for r in rows)
+        assert any(r.split()[:4] == ["replica", f"127.0.0.1:{replica.port}", "READ_ONLY", "AVAILABLE"]
+                   for r in rows)
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def test_read_only_endpoint_waits_or_falls_back_to_writer(pair, start_proxy, tmp_path):
+    primary, _ = pair
+    # No reader at all: the READ_ONLY endpoint waits for one, up to the borrow timeout...
+    proxy = start_proxy(proxy_config(tmp_path, [("primary", primary)], connection_borrow_timeout=1))
+    wait_available(proxy, "primary")
+    started = time.monotonic()
+    with pytest.raises(psycopg.OperationalError, match="AVAILABLE reader"):
+        query(proxy, "SELECT 1", "ro")
+    assert 0.9 <= time.monotonic() - started < 5
+    assert query(proxy, "SELECT 1") == 1            # the proxy is fine
+    # ...unless read_only_fallback_to_writer sends it to the writer.
+    fallback = start_proxy(proxy_config(tmp_path, [("primary", primary)],
+                                        read_only_fallback_to_writer=True))
+    wait_available(fallback, "primary")
+    assert query(fallback, "SELECT inet_server_port()", "ro") == primary.port
+
+
+def test_reader_endpoint_spreads_by_least_connections(pair, start_proxy, tmp_path):
+    primary, replica = pair
+    # Two "readers": the replica twice under different names (same server, two pools).
+    proxy = start_proxy(proxy_config(tmp_path, [("primary", primary), ("replica-a", replica),
+                                                ("replica-b", replica)]))
+    wait_available(proxy, "primary", "replica-a", "replica-b")
+    conns = [psycopg.connect(dsn(proxy, "ro")) for _ in range(4)]   # each holds a transaction
+    try:
+        for conn in conns:
+            conn.execute("SELECT 1")
+        in_use = {name: t["Pool"]["InUse"] for name, t in targets_by_name(proxy).items()}
+        assert in_use == {"primary": 0, "replica-a": 2, "replica-b": 2}
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def test_targets_removed_and_readded_by_reload(pair, start_proxy, tmp_path):
+    primary, replica = pair
+    both = proxy_config(tmp_path, [("primary", primary), ("replica", replica)], connection_borrow_timeout=2)
+    proxy = start_proxy(both)
+    wait_available(proxy, "primary", "replica")
+    assert query(proxy, "SELECT inet_server_port()", "ro") == replica.port
+
+    only_primary = proxy_config(tmp_path, [("primary", primary)], connection_borrow_timeout=2)
+    proxy.call(proxy.proxy.reload, config_from_dict(only_primary, base_dir=tmp_path))
+    assert set(targets_by_name(proxy)) == {"primary"}
+    with pytest.raises(psycopg.OperationalError, match="AVAILABLE reader"):
+        query(proxy, "SELECT 1", "ro")
+    assert query(proxy, "SELECT 1") == 1
+
+    proxy.call(proxy.proxy.reload, config_from_dict(both, base_dir=tmp_path))
+    assert targets_by_name(proxy)["replica"]["TargetHealth"]["State"] in ("REGISTERING", "AVAILABLE")
+    wait_available(proxy, "replica")
+    assert query(proxy, "SELECT inet_server_port()", "ro") == replica.port
+
+
+# -- a dead target, a flapping one ---------------------------------------------------------
+
+def test_target_that_never_comes_back(pg_factory, start_proxy, tmp_path):
+    cluster = pg_factory(max_connections=20)
+    _prepare(cluster)
+    proxy = start_proxy(proxy_config(tmp_path, [("only", cluster)], connection_borrow_timeout=2,
+                                     endpoints=[{"name": "rw", "listen": "127.0.0.1:0"}]))
+    wait_available(proxy, "only")
+    conn = psycopg.connect(dsn(proxy), autocommit=True)
+    assert conn.execute("SELECT 1").fetchone()[0] == 1
+    cluster.kill()
+    wait_until(lambda: targets_by_name(proxy)["only"]["TargetHealth"]["State"] == "UNAVAILABLE",
+               timeout=5, message="UNAVAILABLE")
+    assert targets_by_name(proxy)["only"]["TargetHealth"]["Reason"] == "CONNECTION_FAILED"
+    started = time.monotonic()
+    with pytest.raises(psycopg.OperationalError, match="waiting for an AVAILABLE writer"):
+        conn.execute("SELECT 1")
+    assert 1.5 <= time.monotonic() - started < 6
+    # New clients get the same clear error after the same wait; the proxy itself is fine.
+    with pytest.raises(psycopg.OperationalError, match="connection_borrow_timeout"):
+        with psycopg.connect(dsn(proxy), autocommit=True) as other:
+            other.execute("SELECT 1")
+    stats = proxy.stats()
+    assert stats["pool"]["borrowed"] == 0 and stats["pool"]["waiting"] == 0
+    cluster.start()
+    wait_available(proxy, "only")
+    assert query(proxy, "SELECT 1") == 1
+
+
+def test_flapping_target_clients_wait_instead_of_failing(pg_factory, start_proxy, tmp_path):
+    cluster = pg_factory(max_connections=20)
+    _prepare(cluster)
+    proxy = start_proxy(proxy_config(tmp_path, [("only", cluster)], connection_borrow_timeout=20,
+                                     endpoints=[{"name": "rw", "listen": "127.0.0.1:0"}]))
+    wait_available(proxy, "only")
+    stop = threading.Event()
+    results = {"ok": 0, "errors": []}
+
+    def client():
+        conn = psycopg.connect(dsn(proxy), autocommit=True, prepare_threshold=None)
+        while not stop.is_set():
+            try:
+                conn.execute("SELECT 1").fetchone()
+                results["ok"] += 1
+            except psycopg.Error as exc:
+                results["errors"].append(str(exc))
+                conn = psycopg.connect(dsn(proxy), autocommit=True, prepare_threshold=None)
+            time.sleep(0.01)
+        conn.close()
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(3):            # down for about a second, up again, three times
+            time.sleep(0.5)
+            cluster.kill()
+            time.sleep(1.0)
+            cluster.start()
+        before = results["ok"]
+        wait_until(lambda: results["ok"] > before + 20, timeout=20, message="clients working again")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert results["errors"] == []
+    assert targets_by_name(proxy)["only"]["TargetHealth"]["State"] == "AVAILABLE"
+
+
+def test_pinned_session_on_a_dead_target_gets_a_clear_error(pg_factory, start_proxy, tmp_path):
+    cluster = pg_factory(max_connections=20)
+    _prepare(cluster)
+    proxy = start_proxy(proxy_config(tmp_path, [("only", cluster)],
+                                     endpoints=[{"name": "rw", "listen": "127.0.0.1:0"}]))
+    wait_available(proxy, "only")
+    pinned = psycopg.connect(dsn(proxy), autocommit=True)
+    pinned.execute("SET statement_timeout = '5min'")          # pins (RDS Proxy's SET rule)
+    plain = psycopg.connect(dsn(proxy), autocommit=True, prepare_threshold=None)
+    plain.execute("SELECT 1")
+    cluster.kill()
+    with pytest.raises(psycopg.OperationalError, match="session state is gone"):
+        pinned.execute("SELECT 1")
+    cluster.start()
+    # The unpinned client only waited.
+    assert plain.execute("SELECT 2").fetchone()[0] == 2
+
+
+# -- failover --------------------------------------------------------------------------------
+
+def test_failover_drill_no_errors_outside_transactions():
+    """The issue's scenario: 50 clients, primary stopped -m immediate, replica promoted."""
+    from bench.failover import drill
+
+    result = drill(clients=50, promote_after=0.5, interval=0.2, failures=2, log=lambda m: None)
+    summary = json.dumps(result, indent=1)
+    assert result["errors_outside_transaction"] == 0, summary
+    assert result["errors_inside_transaction_max"] <= 1, summary
+    assert result["workers_on_new_writer"] == 50, summary      # every client resumed there
+    assert result["pause_seconds"] is not None and result["pause_seconds"] < 2.0, summary
