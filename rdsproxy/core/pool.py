@@ -156,7 +156,12 @@ class Pool:
             if self.metrics:
                 self.metrics.DatabaseConnectionsSetupFailed += 1
             log.warning("pool %s: cannot open a database connection: %s", self.name, exc)
-            if self.on_open_failure is None or not self.on_open_failure(key, waiter, exc):
+            try:
+                handled = self.on_open_failure is not None and self.on_open_failure(key, waiter, exc)
+            except Exception:  # a bug there must not leave the waiter hanging
+                log.exception("pool %s: on_open_failure failed", self.name)
+                handled = False
+            if not handled:
                 waiter.on_borrow_error(exc)
             self._serve_waiters()
             return

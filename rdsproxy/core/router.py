@@ -20,7 +20,7 @@ from collections import deque
 
 from .._fastpath import PoolCore
 from .pool import BorrowTimeout, Pool
-from .targets import Role, Target, TargetGroup, TargetState
+from .targets import Target, TargetGroup, TargetState
 
 log = logging.getLogger("rdsproxy.router")
 
