@@ -334,3 +334,35 @@ def test_failover_drill_no_errors_outside_transactions():
     assert result["errors_inside_transaction_max"] <= 1, summary
     assert result["workers_on_new_writer"] == 50, summary      # every client resumed there
     assert result["pause_seconds"] is not None and result["pause_seconds"] < 2.0, summary
+
+
+def test_failover_promote_command_promotes_the_reader(start_proxy, tmp_path):
+    """Off by default; when set, the proxy runs it once when the writer is gone and a reader
+    is AVAILABLE, naming the reader in RDSPROXY_PROMOTE_* variables."""
+    import os
+    import shlex
+
+    primary = PostgresCluster(max_connections=30).start()
+    replica = None
+    try:
+        _prepare(primary)
+        replica = primary.make_replica()
+        marker = tmp_path / "promoted"
+        pg_ctl = os.path.join(replica.pg_bin, "pg_ctl")
+        command = (f'echo "$RDSPROXY_PROMOTE_NAME $RDSPROXY_PROMOTE_PORT" > {shlex.quote(str(marker))} && '
+                   f"runuser -u postgres -- {pg_ctl} promote -w -D {shlex.quote(replica.data_dir)}")
+        proxy = start_proxy(proxy_config(tmp_path, [("primary", primary), ("replica", replica)],
+                                         failover_promote_command=command,
+                                         connection_borrow_timeout=30))
+        wait_available(proxy, "primary", "replica")
+        conn = psycopg.connect(dsn(proxy), autocommit=True, prepare_threshold=None)
+        assert conn.execute("SELECT inet_server_port()").fetchone()[0] == primary.port
+        primary.kill()
+        # Nobody promotes but the proxy: the next query waits, then runs on the new writer.
+        assert conn.execute("SELECT inet_server_port()").fetchone()[0] == replica.port
+        assert marker.read_text().split() == ["replica", str(replica.port)]
+        assert replica.is_in_recovery() is False
+    finally:
+        if replica is not None:
+            replica.stop("immediate")
+        primary.stop("immediate")

@@ -186,3 +186,22 @@ def test_budget_is_shared_by_users_and_databases(proxy_factory, pg):
                              autocommit=True) as b:
             assert b.execute("select current_user").fetchone()[0] == "budget2"
         assert proxy.stats()["pool"]["open"] <= 1
+
+
+def test_max_client_connections_refuses_the_next_client(proxy_factory):
+    """Over max_client_connections a client gets 53300 like PostgreSQL's own limit; the
+    others keep working and a slot frees when one leaves."""
+    proxy = proxy_factory(top={"max_client_connections": 3})
+    held = [psycopg.connect(proxy.dsn(), autocommit=True) for _ in range(3)]
+    try:
+        with pytest.raises(psycopg.OperationalError, match="too many clients already"):
+            psycopg.connect(proxy.dsn())
+        assert all(c.execute("SELECT 1").fetchone()[0] == 1 for c in held)
+        assert proxy.stats()["ClientConnectionsRefused"] == 1
+        held.pop().close()
+        wait_until(lambda: proxy.stats()["ClientConnections"] == 2, message="slot freed")
+        with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+            assert conn.execute("SELECT 2").fetchone()[0] == 2
+    finally:
+        for c in held:
+            c.close()

@@ -216,10 +216,16 @@ class BaseEngine:
     def client_factory(self, endpoint):
         return lambda: self.client_class(self, endpoint)
 
-    def client_connected(self, client) -> None:
-        self.clients.add(client)
+    def client_connected(self, client) -> bool:
+        """Register a new client; False when max_client_connections is reached (the client
+        is then refused with the engine's "too many connections" error, and not counted)."""
         self.metrics.ClientConnectionsReceived += 1
+        if len(self.clients) >= self.config.max_client_connections:
+            self.metrics.ClientConnectionsRefused += 1
+            return False
+        self.clients.add(client)
         self.metrics.ClientConnections = len(self.clients)
+        return True
 
     def client_gone(self, client) -> None:
         self.clients.discard(client)

@@ -12,6 +12,7 @@ class Metrics:
         "ClientConnectionsSetupSucceeded",
         "ClientConnectionsSetupFailedAuth",
         "ClientConnectionsClosed",
+        "ClientConnectionsRefused",      # over max_client_connections
         "DatabaseConnectionRequests",
         "DatabaseConnectionsSetupSucceeded",
         "DatabaseConnectionsSetupFailed",

@@ -85,6 +85,7 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
     _tls_pending = False      # 'S' sent, handshake under way
     local_port = 0            # the endpoint port the client connected to (IAM tokens name it)
     local_host = ""           # and the address it reached
+    refused = False           # over max_client_connections: answered after its startup packet
 
     def __init__(self, engine, endpoint):
         ClientRelay.__init__(self)   # the relay's fields: server, outstanding, pending, ...
@@ -126,7 +127,10 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
         sock = transport.get_extra_info("sockname")
         if isinstance(sock, tuple):
             self.local_host, self.local_port = sock[0], sock[1]
-        self.engine.client_connected(self)
+        if not self.engine.client_connected(self):
+            # As PostgreSQL does at max_connections: the answer waits for the startup packet.
+            self.refused = True
+            self.engine.loop.call_later(10.0, self.close)  # if no startup packet comes
 
     # data_received is the relay's (ClientRelay); before READY it calls startup_data.
     def startup_data(self, data):
@@ -478,6 +482,11 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
 
     def _on_startup(self, params):
         engine = self.engine
+        if self.refused:
+            log.warning("client %s refused: max_client_connections (%d) reached", self.peer,
+                        engine.config.max_client_connections)
+            self.fatal("53300", "sorry, too many clients already (max_client_connections)")
+            return
         if self.tls:
             engine.metrics.ClientConnectionsTLS += 1
         else:
