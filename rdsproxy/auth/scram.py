@@ -1,6 +1,7 @@
 """SCRAM-SHA-256 (RFC 5802 / RFC 7677) as PostgreSQL speaks it, server and client side, sans-IO."""
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import os
@@ -102,6 +103,14 @@ def saslprep_password(password):
 
 def _salted_password(password, salt, iterations):
     return hashlib.pbkdf2_hmac("sha256", saslprep_password(password), salt, iterations)
+
+
+@functools.lru_cache(maxsize=64)
+def _client_salted_password(password, salt, iterations):
+    """The client side's PBKDF2, remembered per (password, salt, iterations): a server keeps
+    its salt until the password changes, so every new pool connection and health check
+    after the first skips the 4096 rounds (a few ms of CPU each)."""
+    return _salted_password(password, salt, iterations)
 
 
 def make_server_key_material(password, salt=None, iterations=DEFAULT_ITERATIONS):
@@ -295,7 +304,7 @@ class ScramClient:
         iterations = int(iter_text)
         if not 1 <= iterations <= MAX_ITERATIONS:
             raise ScramError("SCRAM iteration count out of range")
-        salted = _salted_password(self._password, salt, iterations)
+        salted = _client_salted_password(self._password, bytes(salt), iterations)
         client_key = _hmac(salted, b"Client Key")
         without_proof = b"c=" + _b64(b"n,,") + b",r=" + nonce
         auth_message = b",".join((self._first_bare, data, without_proof))
