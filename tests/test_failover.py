@@ -3,6 +3,7 @@ describe-targets (CLI and admin HTTP). Real primaries and streaming replicas thr
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -176,6 +177,18 @@ listen = "127.0.0.1:{port}"
                    for r in rows)
         assert any(r.split()[:4] == ["replica", f"127.0.0.1:{replica.port}", "READ_ONLY", "AVAILABLE"]
                    for r in rows)
+
+        # SIGHUP re-reads the file's [[targets]]: the replica removed from it is deregistered.
+        without_replica = base[:base.index('[[targets]]\nname = "replica"')] + \
+            base[base.index('[[endpoints]]'):]
+        with_admin.write_text(without_replica + f'\n[admin]\nlisten = "127.0.0.1:{admin_port}"\n')
+        proc.send_signal(signal.SIGHUP)
+
+        def names():
+            out = subprocess.run([sys.executable, "-m", "rdsproxy", "describe-targets", "--config",
+                                  str(with_admin), "--json"], capture_output=True, text=True, timeout=30)
+            return [t["RdsResourceId"] for t in json.loads(out.stdout)["Targets"]] == ["primary"]
+        wait_until(names, timeout=20, interval=0.3, message="replica deregistered after SIGHUP")
     finally:
         proc.terminate()
         proc.wait(20)
