@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import psycopg
@@ -217,6 +218,11 @@ def drill(*, clients: int = 50, promote_after: float = 0.5, warmup: float = 1.5,
         stop.set()
         for w in workers:
             w.join(30)
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/stats", timeout=5) as response:
+                proxy_stats = json.loads(response.read())
+        except OSError as exc:
+            proxy_stats = {"error": str(exc)}
         autocommit = [w for w in workers if not w.in_transaction]
         transactional = [w for w in workers if w.in_transaction]
         first = first_write.get("at")
@@ -235,6 +241,8 @@ def drill(*, clients: int = 50, promote_after: float = 0.5, warmup: float = 1.5,
             "promote_seconds": round(t_promoted - t_promote, 3),
             "first_write_on_new_writer_after_stop": round(first - t_kill, 3) if first else None,
             "pause_seconds": round(first - t_kill - (t_promote - t_kill), 3) if first else None,
+            "proxy_requests_replayed": proxy_stats.get("RequestsReplayed"),
+            "proxy_transactions_in_doubt": proxy_stats.get("TransactionsInDoubt"),
             "error_samples": ([e for w in autocommit for e in w.errors + w.in_doubt]
                               + [e for w in transactional for e in w.errors])[:10],
             "proxy_log": str(directory / "proxy.log"),

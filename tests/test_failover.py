@@ -333,6 +333,7 @@ def test_pinned_session_on_a_dead_target_gets_a_clear_error(pg_factory, start_pr
     cluster.start()
     # The unpinned client only waited.
     assert plain.execute("SELECT 2").fetchone()[0] == 2
+    assert proxy.stats()["RequestsReplayed"] == 0     # nothing was in flight
 
 
 # -- failover --------------------------------------------------------------------------------
@@ -379,3 +380,24 @@ def test_failover_promote_command_promotes_the_reader(start_proxy, tmp_path):
         if replica is not None:
             replica.stop("immediate")
         primary.stop("immediate")
+
+
+def test_split_brain_routes_writes_nowhere(pg_factory, start_proxy, tmp_path):
+    """Two targets both claiming to be the writer: no write goes to either (it could be lost
+    on the wrong one), and the describe output and the client's error say why."""
+    one, two = pg_factory(max_connections=20), pg_factory(max_connections=20)
+    for cluster in (one, two):
+        _prepare(cluster)
+    proxy = start_proxy(proxy_config(tmp_path, [("one", one), ("two", two)], connection_borrow_timeout=1))
+    wait_available(proxy, "one", "two")
+    wait_until(lambda: all(t["TargetHealth"]["Reason"] == "INVALID_REPLICATION_STATE"
+                           for t in targets_by_name(proxy).values()), timeout=5, message="split brain seen")
+    assert "split brain" in targets_by_name(proxy)["one"]["TargetHealth"]["Description"]
+    assert proxy.stats()["TargetStateChanges"] >= 2
+    with pytest.raises(psycopg.OperationalError, match="split brain"):
+        query(proxy, "SELECT 1")
+    # Once one of them is gone, the other is the writer again.
+    two.kill()
+    wait_until(lambda: targets_by_name(proxy)["two"]["TargetHealth"]["State"] == "UNAVAILABLE",
+               timeout=5, message="two UNAVAILABLE")
+    assert query(proxy, "SELECT inet_server_port()") == one.port

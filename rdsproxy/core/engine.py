@@ -351,6 +351,7 @@ class BaseEngine:
             self._held.pop(target, None)
 
     def _on_target_change(self, target: Target, what: str) -> None:
+        self.metrics.TargetStateChanges += 1
         self.router.on_change(target, what)
         if target.state.value != "AVAILABLE" and self.config.target_group.failover_promote_command:
             self._maybe_promote()

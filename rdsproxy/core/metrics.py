@@ -20,6 +20,11 @@ class Metrics:
         "QueryRequests",
         "CancelRequests",
         "ProtocolErrors",
+        # Failover (rdsproxy's own): requests sent again after their connection died
+        # unanswered, statements answered 08007 (caught committing), and target changes.
+        "RequestsReplayed",
+        "TransactionsInDoubt",
+        "TargetStateChanges",
     )
 
     def __init__(self):

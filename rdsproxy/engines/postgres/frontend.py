@@ -351,6 +351,7 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
         """Send the held-back request again, through whatever target is routed now."""
         self.waiting = False
         if self.state == READY:
+            self.engine.metrics.RequestsReplayed += 1
             log.info("client %s (user %s): database connection lost before answering; "
                      "sending the request again", self.peer, self.user)
             self.borrow()
@@ -374,6 +375,7 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
             self.fatal("08006", text + "; the open transaction or session state is gone")
             return
         if in_doubt:
+            self.engine.metrics.TransactionsInDoubt += 1
             self._fail_outstanding("08007", text + " while its transaction was committing; it may "
                                    "or may not have committed (transaction resolution unknown)")
         elif self.outstanding:
