@@ -207,9 +207,11 @@ def test_backend_killed_mid_query(proxy, pg):
             wait_until(lambda: pg.psql(sql) == "t", message="sleeping backend killed")
         killer = threading.Thread(target=kill_the_sleeper)
         killer.start()
-        with pytest.raises(psycopg.OperationalError):
+        with pytest.raises(psycopg.OperationalError, match="administrator command"):
             conn.execute("select pg_sleep(10)")
         killer.join()
+        # The target stayed healthy, so the killed statement is reported, not run again.
+        assert proxy.stats()["RequestsReplayed"] == 0
         # Outside a transaction the client keeps its proxy connection and carries on.
         assert conn.execute("select 1").fetchone() == (1,)
         conn.close()

@@ -16,7 +16,7 @@ cdef int MSG_QUERY
 cdef int MSG_PARSE
 cdef Py_ssize_t PENDING_LIMIT
 cdef Py_ssize_t REPLAY_CHUNKS
-cdef Py_ssize_t HOLD_CHUNKS
+cdef Py_ssize_t HOLD_LIMIT
 cdef int MSG_COPY_IN
 cdef int MSG_COPY_BOTH
 cdef bytearray UNSYNCED_MASK
@@ -73,6 +73,7 @@ cdef class ServerRelay:
     cdef public object applied
     cdef public double idle_since
     cdef public list held
+    cdef public Py_ssize_t held_size
     cdef dict __dict__
 
     @cython.locals(n=Py_ssize_t, client=ClientRelay, scanner=MessageScanner, last=int,

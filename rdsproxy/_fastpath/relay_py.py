@@ -22,7 +22,7 @@ MSG_QUERY = 81            # 'Q'
 MSG_PARSE = 80            # 'P'
 PENDING_LIMIT = 262144    # bytes a waiting client may queue in the proxy before we pause it
 REPLAY_CHUNKS = 16        # chunks of one request kept for a replay; a longer one is not replayed
-HOLD_CHUNKS = 16          # reads of an answer held back while its request may be replayed
+HOLD_LIMIT = 65536        # bytes of an answer held back while its request may be replayed
 MSG_COPY_IN = 71          # 'G' CopyInResponse
 MSG_COPY_BOTH = 87        # 'W' CopyBothResponse
 
@@ -177,6 +177,7 @@ class ServerRelay:
         self.applied = ()
         self.idle_since = 0.0
         self.held = None          # answer chunks held back while a replay is still possible
+        self.held_size = 0
 
     def data_received(self, data):
         client = self.client
@@ -193,21 +194,24 @@ class ServerRelay:
             # The answer to a request that could still be replayed: hold it back until it
             # is complete (a ReadyForQuery), so that if the connection dies first the client
             # has seen nothing and the engine may send the request elsewhere. Not for COPY
-            # (the server waits for the client) nor for answers longer than HOLD_CHUNKS reads.
+            # (the server waits for the client) nor past HOLD_LIMIT bytes (big results
+            # stream as usual, without a replay).
             last = scanner.last_type
-            if n == 0 and last != MSG_COPY_IN and last != MSG_COPY_BOTH:
+            if (n == 0 and last != MSG_COPY_IN and last != MSG_COPY_BOTH
+                    and self.held_size + len(data) <= HOLD_LIMIT):
                 held = self.held
                 if held is None:
                     self.held = [data]
-                    return
-                if len(held) < HOLD_CHUNKS:
+                else:
                     held.append(data)
-                    return
+                self.held_size += len(data)
+                return
             client.replay = None
             if self.held is not None:
                 self.held.append(data)
                 data = b"".join(self.held)
                 self.held = None
+                self.held_size = 0
         client.transport.write(data)
         if scanner.captured:
             self.parameter_status()

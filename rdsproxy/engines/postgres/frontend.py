@@ -370,6 +370,7 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
         if last_words:
             text += f" ({last_words})"
         server.held = None
+        server.held_size = 0
         log.warning("client %s (user %s): %s (pid %d)", self.peer, self.user, text, server.backend_pid)
         if not clean_cut:
             self.fatal("08006", text + "; the open transaction or session state is gone")
