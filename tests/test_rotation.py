@@ -125,3 +125,23 @@ def test_failed_database_login_rereads_the_secret(pg_factory, secretsmanager, se
     assert "retrying with the refreshed secret" in caplog.text
     with psycopg.connect(dsn(proxy, NEW)) as conn:
         conn.execute("select 1")
+
+
+def test_health_checks_follow_a_rotated_password(pg_factory, secretsmanager, secure_proxy_factory):
+    """Health checks log in with the first account's secret: after a rotation a refused check
+    re-reads the secret instead of declaring the target UNAVAILABLE for everyone."""
+    cluster = rotated_setup(pg_factory, secretsmanager, "rdsproxy/rot3")
+    proxy = secure_proxy_factory(cluster=cluster, users=[(USER, OLD)],
+                                 secrets={USER: "aws-secretsmanager:rdsproxy/rot3"},
+                                 top={"secrets_refresh_interval": 0},
+                                 health_check_interval=0.2, health_check_failures=2)
+    target = lambda: proxy.stats()["targets"][0]["TargetHealth"]  # noqa: E731
+    wait_until(lambda: target()["State"] == "AVAILABLE", timeout=10, message="AVAILABLE")
+    secretsmanager.put_secret_value(SecretId="rdsproxy/rot3", SecretString=secret_doc(NEW))
+    cluster.psql(f"ALTER ROLE {USER} PASSWORD '{NEW}'")
+    changes = proxy.stats()["TargetStateChanges"]
+    time.sleep(1.5)                       # several checks with the old password's salt gone
+    assert target()["State"] == "AVAILABLE", target()
+    assert proxy.stats()["TargetStateChanges"] == changes
+    with psycopg.connect(dsn(proxy, NEW)) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)

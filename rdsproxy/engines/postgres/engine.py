@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from ...auth.scram import ScramSecret, make_server_key_material
 from ...core.engine import BaseEngine
-from ...core.targets import Target
+from ...core.targets import AUTH_FAILURE, ProbeError, Target
 from ...secrets import Credentials, SecretError
 from . import protocol as pg
 from .backend import ServerError, open_server_connection
@@ -70,8 +70,22 @@ class PostgresEngine(BaseEngine):
 
     async def probe(self, target: Target):
         account = self.probe_account()
+        try:
+            return await self._probe_as(target, account)
+        except ProbeError as exc:
+            if exc.reason != AUTH_FAILURE:
+                raise
+            # A rotated password: re-read the secret and try once more before calling the
+            # target unavailable for everyone.
+            await self.refresh_secrets()
+            fresh = self.probe_account()
+            if fresh is None or fresh.credentials.password == account.credentials.password:
+                raise
+            return await self._probe_as(target, fresh)
+
+    def _probe_as(self, target: Target, account):
         tcfg = self.target_configs.get(target)
-        return await health_probe(
+        return health_probe(
             target, user=account.credentials.username, password=account.credentials.password,
             database=account.credentials.dbname or "postgres",
             timeout=self.config.target_group.health_check_timeout, loop=self.loop,
