@@ -374,3 +374,26 @@ def test_pgbench(proxy_factory, bench_db, mode, clients):
         assert stats["SessionPinReasons"].get("prepared_statement", 0) >= clients
     else:
         assert "prepared_statement" not in stats["SessionPinReasons"]
+
+
+def test_driver_settings_the_readme_gives_keep_sessions_unpinned(proxy):
+    """README: psycopg with prepare_threshold=None and asyncpg with statement_cache_size=0
+    use unnamed statements only, so their sessions are never pinned."""
+    async def with_asyncpg():
+        conn = await asyncpg.connect(host=proxy.host, port=proxy.port, user=APP_USER,
+                                     password=APP_PASSWORD, database=APP_DB, ssl=False,
+                                     statement_cache_size=0)
+        try:
+            return [await conn.fetchval("SELECT $1::int + 1", i) for i in range(6)]
+        finally:
+            await conn.close()
+
+    assert asyncio.run(with_asyncpg()) == [1, 2, 3, 4, 5, 6]
+    with psycopg.connect(proxy.dsn(), prepare_threshold=None, autocommit=True) as conn:
+        assert [conn.execute("SELECT %s::int", (i,)).fetchone()[0] for i in range(8)] == list(range(8))
+    assert proxy.stats()["SessionPinReasons"] == {}
+    # The defaults do pin (named statements), which is why the README names the settings.
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        for i in range(8):
+            conn.execute("SELECT %s::int", (i,))
+    assert proxy.stats()["SessionPinReasons"]
