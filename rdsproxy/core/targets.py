@@ -23,7 +23,9 @@ This module knows nothing about PostgreSQL; see rdsproxy.engines.postgres.health
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -31,7 +33,7 @@ from typing import Awaitable, Callable
 
 log = logging.getLogger("rdsproxy.targets")
 
-__all__ = ["TargetState", "Role", "ProbeResult", "ProbeError", "Target", "TargetGroup",
+__all__ = ["TargetState", "Role", "ProbeResult", "ProbeError", "Target", "TargetGroup", "probe_failure",
            "CONNECTION_FAILED", "AUTH_FAILURE", "PENDING_PROXY_CAPACITY", "UNREACHABLE",
            "INVALID_REPLICATION_STATE"]
 
@@ -43,6 +45,28 @@ UNREACHABLE = "UNREACHABLE"
 INVALID_REPLICATION_STATE = "INVALID_REPLICATION_STATE"
 REASONS = (CONNECTION_FAILED, AUTH_FAILURE, PENDING_PROXY_CAPACITY, UNREACHABLE,
            INVALID_REPLICATION_STATE)
+
+
+_UNREACHABLE_ERRNOS = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT,
+                       errno.EHOSTDOWN, errno.ENETDOWN}
+
+
+def probe_failure(exc: BaseException, where: str, timeout: float, stage: str) -> ProbeError:
+    """RDS Proxy's reason for a probe that failed without an answer from the database
+    (engines classify their servers' own errors first): timeouts, unresolvable names and
+    unreachable networks -> UNREACHABLE; refused, reset, closed and the rest ->
+    CONNECTION_FAILED. Cancellation and other BaseExceptions are re-raised."""
+    if not isinstance(exc, Exception):
+        raise exc
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return ProbeError(UNREACHABLE, f"{where}: {stage} timed out after {timeout:g}s")
+    if isinstance(exc, socket.gaierror):
+        return ProbeError(UNREACHABLE, f"{where}: cannot resolve host: {exc}")
+    if isinstance(exc, OSError) and exc.errno in _UNREACHABLE_ERRNOS:
+        return ProbeError(UNREACHABLE, f"{where}: {exc.strerror or exc}")
+    if isinstance(exc, OSError):
+        return ProbeError(CONNECTION_FAILED, f"{where}: {exc}")
+    return ProbeError(CONNECTION_FAILED, f"{where}: {type(exc).__name__}: {exc}")
 
 
 async def _with_timeout(aw, timeout: float):

@@ -14,13 +14,11 @@ the name. It also proves that logins work, which is what clients need.
 from __future__ import annotations
 
 import asyncio
-import errno
-import socket
 import struct
 from typing import Awaitable, Callable
 
-from ...core.targets import (AUTH_FAILURE, CONNECTION_FAILED, UNREACHABLE, ProbeError,
-                             ProbeResult, Role, Target)
+from ...core.targets import (AUTH_FAILURE, CONNECTION_FAILED, ProbeError, ProbeResult, Role,
+                             Target, probe_failure)
 from .backend import ServerError, open_server_connection
 
 __all__ = ["probe", "make_probe", "PROBE_SQL"]
@@ -28,8 +26,6 @@ __all__ = ["probe", "make_probe", "PROBE_SQL"]
 PROBE_SQL = "SELECT pg_is_in_recovery(), current_setting('max_connections')"
 # The probe's rows are two tiny columns; anything bigger is a broken server.
 _MAX_MESSAGE = 64 * 1024
-_UNREACHABLE_ERRNOS = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT,
-                       errno.EHOSTDOWN, errno.ENETDOWN}
 
 
 def parse_datarow(payload: bytes) -> list[bytes | None]:
@@ -96,17 +92,7 @@ def _raise_classified(exc: BaseException, where: str, timeout: float, stage: str
         if state.startswith("28"):
             raise ProbeError(AUTH_FAILURE, f"{where}: {msg} (SQLSTATE {state})") from None
         raise ProbeError(CONNECTION_FAILED, f"{where}: {msg} (SQLSTATE {state})") from None
-    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-        raise ProbeError(UNREACHABLE, f"{where}: {stage} timed out after {timeout:g}s") from None
-    if isinstance(exc, socket.gaierror):
-        raise ProbeError(UNREACHABLE, f"{where}: cannot resolve host: {exc}") from None
-    if isinstance(exc, OSError) and exc.errno in _UNREACHABLE_ERRNOS:
-        raise ProbeError(UNREACHABLE, f"{where}: {exc.strerror or exc}") from None
-    if isinstance(exc, OSError):   # refused, reset, closed during login, ...
-        raise ProbeError(CONNECTION_FAILED, f"{where}: {exc}") from None
-    if isinstance(exc, Exception):
-        raise ProbeError(CONNECTION_FAILED, f"{where}: {type(exc).__name__}: {exc}") from None
-    raise exc
+    raise probe_failure(exc, where, timeout, stage) from None
 
 
 def make_probe(*, user: str, password: str, database: str = "postgres", timeout: float,
