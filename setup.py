@@ -10,7 +10,7 @@ import sys
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-FASTPATH_MODULES = ["framing", "pool", "keywords", "relay"]
+FASTPATH_MODULES = ["framing", "pool", "keywords", "relay", "mysql_framing"]
 
 
 class OptionalBuildExt(build_ext):

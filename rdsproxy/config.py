@@ -318,6 +318,8 @@ def config_from_dict(data: dict, *, source: str = "<dict>", base_dir: str | os.P
     seen = set()
     for i, entry in enumerate(targets):
         t = TargetConfig(**_check_fields(TargetConfig, entry, source, f"targets[{i}]."))
+        if cfg.engine_family == "MYSQL" and "port" not in entry:
+            t.port = 3306
         _range(t.port, 1, 65535, source, f"targets[{i}].port")
         _one_of(t.tls, TARGET_TLS_MODES, source, f"targets[{i}].tls")
         if t.tls_ca_file:

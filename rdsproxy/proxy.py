@@ -47,10 +47,12 @@ class Proxy:
     async def start(self) -> "Proxy":
         loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
-        if self.config.engine_family != "POSTGRESQL":
-            raise NotImplementedError(f"engine_family {self.config.engine_family} is not supported yet")
-        from .engines.postgres.engine import PostgresEngine
-        self.engine = PostgresEngine(self.config, self.metrics, loop)
+        if self.config.engine_family == "MYSQL":
+            from .engines.mysql.engine import MysqlEngine
+            self.engine = MysqlEngine(self.config, self.metrics, loop)
+        else:
+            from .engines.postgres.engine import PostgresEngine
+            self.engine = PostgresEngine(self.config, self.metrics, loop)
         try:
             await self.engine.start()
             for endpoint in self.config.endpoints:

@@ -1,9 +1,17 @@
 """The MySQL / MariaDB engine family.
 
+- `engine`: MysqlEngine, the BaseEngine subclass (accounts, server connections, health
+  checks, proxy-issued connection ids and KILL).
+- `frontend`: client sessions (handshake, TLS, auth, commands relayed over borrowed
+  connections, tracked session state, prepared-statement id mapping, pinning).
+- `backend`: server connections (login, one command at a time, the proxy's own commands).
+- `pinning`: RDS Proxy's MySQL pinning rules and the tracked variables.
+- `health`: the health probe (@@read_only / @@innodb_read_only / @@max_connections).
 - `protocol`: the client/server wire protocol, sans-IO (framing, handshake, OK/ERR/EOF,
   prepared-statement ids, and a response tracker that finds where a response ends).
 - `login`: the proxy's login to a database server (handshake, TLS, auth plugins), sans-IO.
 - `devserver`: throwaway MariaDB servers for tests and benchmarks.
 
-Password scrambles and the RSA exchange live in `rdsproxy.auth.mysql`.
+Password scrambles and the RSA exchange live in `rdsproxy.auth.mysql`; the relay's answer
+scanner in `rdsproxy._fastpath.mysql_framing_py` (compiled as `mysql_framing_c`).
 """

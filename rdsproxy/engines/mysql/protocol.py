@@ -1568,6 +1568,11 @@ class ResponseTracker:
         return bool(self.status_flags & SERVER_STATUS_IN_TRANS)
 
     @property
+    def in_rows(self) -> bool:
+        """True while rows are expected (a relay may count plain rows itself)."""
+        return self._state == _ROWS
+
+    @property
     def cursor_open(self) -> bool:
         return bool(self.status_flags & SERVER_STATUS_CURSOR_EXISTS)
 

@@ -1,0 +1,91 @@
+"""MySQL / MariaDB health probe for rdsproxy.core.targets: is the target up, is it the writer?
+
+One probe = a fresh login + `SELECT @@read_only, @@innodb_read_only, @@max_connections`
++ COM_QUIT. Either read-only flag makes the target a READER. Failures become ProbeError with
+RDS Proxy's reasons, as the PostgreSQL probe classifies them: refused / reset / closed ->
+CONNECTION_FAILED, timeout / unresolvable / no route -> UNREACHABLE, access denied (1045,
+1044, 1698) -> AUTH_FAILURE. A fresh connection each time follows DNS changes.
+
+The probe's query carries the comment `rdsproxy-health` and its connection the attribute
+program_name=rdsproxy-health, so it can be told apart from the pool's connections (in SHOW
+PROCESSLIST, while it runs its query): like RDS Proxy's monitoring connections it is
+outside the connection budget.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+
+from ...core.targets import (AUTH_FAILURE, CONNECTION_FAILED, UNREACHABLE, ProbeError,
+                             ProbeResult, Role, Target)
+from . import protocol as p
+from .backend import first_row, open_server_connection
+from .login import LoginError
+from .protocol import ServerError
+
+PROBE_MARK = "rdsproxy-health"
+PROBE_SQL = f"SELECT /* {PROBE_MARK} */ @@read_only, @@innodb_read_only, @@max_connections"
+_MAX_PAYLOAD = 64 * 1024
+_UNREACHABLE_ERRNOS = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT,
+                       errno.EHOSTDOWN, errno.ENETDOWN}
+_AUTH_CODES = {1045, 1044, 1698, 1251}
+
+
+async def probe(target: Target, *, user: str, password: str, database: str | None,
+                timeout: float, loop=None, ssl_context=None, on_server=None) -> ProbeResult:
+    """Log in to `target`, ask its role and max_connections. `on_server(conn)` sees the
+    logged-in connection (the engine learns the server's version and capabilities)."""
+    loop = loop or asyncio.get_running_loop()
+    where = f"{target.host}:{target.port}"
+    deadline = loop.time() + timeout
+    try:
+        conn = await open_server_connection(
+            loop, target.name, target.host, target.port, user=user, password=password,
+            database=database, capabilities=p.CLIENT_DEPRECATE_EOF, charset=p.CHARSET_UTF8MB4,
+            timeout=timeout, max_payload=_MAX_PAYLOAD, ssl_context=ssl_context,
+            program=PROBE_MARK)
+    except BaseException as exc:
+        _raise_classified(exc, where, timeout, "connect")
+    try:
+        if on_server is not None:
+            on_server(conn)
+        packets: list = []
+        await asyncio.wait_for(conn.query(p.com_query(PROBE_SQL), packets),
+                               max(0.001, deadline - loop.time()))
+        try:
+            read_only, innodb_read_only, max_conn = first_row(packets, conn.capabilities)
+            reader = read_only not in (b"0", None) or innodb_read_only not in (b"0", None)
+            return ProbeResult(role=Role.READER if reader else Role.WRITER,
+                               max_connections=int(max_conn))
+        except (ValueError, TypeError, p.ProtocolViolation) as exc:
+            raise ProbeError(CONNECTION_FAILED,
+                             f"{where}: unexpected health query answer: {exc}") from None
+    except ProbeError:
+        raise
+    except BaseException as exc:
+        _raise_classified(exc, where, timeout, "health query")
+    finally:
+        conn.close()
+
+
+def _raise_classified(exc: BaseException, where: str, timeout: float, stage: str):
+    if isinstance(exc, asyncio.CancelledError):
+        raise exc
+    if isinstance(exc, ServerError):
+        reason = AUTH_FAILURE if exc.code in _AUTH_CODES else CONNECTION_FAILED
+        raise ProbeError(reason, f"{where}: {exc.message} (error {exc.code}, "
+                                 f"SQLSTATE {exc.sqlstate})") from None
+    if isinstance(exc, LoginError):
+        raise ProbeError(CONNECTION_FAILED, f"{where}: {exc}") from None
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        raise ProbeError(UNREACHABLE, f"{where}: {stage} timed out after {timeout:g}s") from None
+    if isinstance(exc, socket.gaierror):
+        raise ProbeError(UNREACHABLE, f"{where}: cannot resolve host: {exc}") from None
+    if isinstance(exc, OSError) and exc.errno in _UNREACHABLE_ERRNOS:
+        raise ProbeError(UNREACHABLE, f"{where}: {exc.strerror or exc}") from None
+    if isinstance(exc, OSError):
+        raise ProbeError(CONNECTION_FAILED, f"{where}: {exc}") from None
+    if isinstance(exc, Exception):
+        raise ProbeError(CONNECTION_FAILED, f"{where}: {type(exc).__name__}: {exc}") from None
+    raise exc
