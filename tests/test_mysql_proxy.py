@@ -715,10 +715,10 @@ def test_client_hello_in_the_same_read_as_the_ssl_request(make_proxy, test_ca, m
     one read, the ClientHello must still reach the TLS layer."""
     import ssl
 
-    from rdsproxy.engines.mysql import frontend
+    from rdsproxy.core import engine as core_engine
     fed = []
-    original = frontend._feed_protocol
-    monkeypatch.setattr(frontend, "_feed_protocol",
+    original = core_engine._feed_protocol
+    monkeypatch.setattr(core_engine, "_feed_protocol",
                         lambda transport, data: (fed.append(len(data)), original(transport, data)))
 
     px = make_proxy(tls={"cert_file": test_ca.server_cert, "key_file": test_ca.server_key})

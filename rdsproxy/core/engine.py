@@ -36,6 +36,24 @@ from .targets import Target, TargetGroup
 
 log = logging.getLogger("rdsproxy.engine")
 
+# Below the 60 s login timeout, so the handshake's own error wins.
+TLS_HANDSHAKE_TIMEOUT = 30.0
+
+
+def _feed_protocol(transport, data: bytes) -> None:
+    """Hand bytes already read from `transport` to its (new) protocol."""
+    proto = transport.get_protocol()
+    if hasattr(proto, "get_buffer"):
+        view = memoryview(data)
+        while view:
+            buf = proto.get_buffer(len(view))
+            n = min(len(buf), len(view))
+            buf[:n] = view[:n]
+            proto.buffer_updated(n)
+            view = view[n:]
+    else:
+        proto.data_received(data)
+
 
 class BaseEngine:
     client_class = None
@@ -104,6 +122,70 @@ class BaseEngine:
         """Whether a failed connection attempt looks like the target being down (network
         errors, timeouts); engines add their servers' own "shutting down" answers."""
         return isinstance(exc, (OSError, TimeoutError, asyncio.TimeoutError, ConnectionError))
+
+    async def retry_with_fresh_secret(self, account, attempt, refused):
+        """`await attempt(account)`; if the database refuses the password (`refused(exc)`),
+        the secret may have been rotated since we read it: read it again and, if the
+        password changed, try once more with it (rather than wait for the next refresh)."""
+        try:
+            return await attempt(account)
+        except Exception as exc:
+            if not refused(exc):
+                raise
+            user = account.credentials.username
+            try:
+                await self.refresh_secrets()
+            except SecretError as err:
+                log.warning("secret refresh after a refused database login: %s", err)
+            fresh = self.accounts.get(user)
+            if fresh is None or fresh.credentials.password == account.credentials.password:
+                raise
+            log.info("database login for %r failed with the cached password; retrying with the "
+                     "refreshed secret", user)
+            return await attempt(fresh)
+
+    # -- client sessions: what both engines' frontends share -------------------------------
+    def admit_transport(self, client) -> bool:
+        """Count the client as TLS or not; False when it is plaintext and require_tls is on
+        (the frontend then refuses it in its protocol's words)."""
+        if client.tls:
+            self.metrics.ClientConnectionsTLS += 1
+            return True
+        self.metrics.ClientConnectionsNoTLS += 1
+        if self.config.require_tls:
+            log.info("client %s: plaintext connection refused (require_tls)", client.peer)
+            return False
+        return True
+
+    async def upgrade_client_tls(self, client, raw, early: bytes = b"") -> bool:
+        """Server-side TLS on a client's connection, `client` staying its protocol. `early`:
+        bytes of the ClientHello already read with the TLS request. True when done (the
+        client's transport is then the TLS one); on failure the connection is closed, the
+        reason logged and the session told it is lost."""
+        loop = self.loop
+        try:
+            handshake = loop.create_task(loop.start_tls(
+                raw, client, self.server_ssl, server_side=True,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT))
+            if early:
+                # start_tls installs its protocol in its first step and schedules that
+                # protocol's connection_made: feed it the early bytes right after.
+                loop.call_soon(loop.call_soon, _feed_protocol, raw, early)
+            transport = await handshake
+        except Exception as exc:  # noqa: BLE001 - SSLError, reset, timeout: all end the client
+            log.info("client %s: TLS handshake failed: %s", client.peer, exc or type(exc).__name__)
+            client._tls_pending = False
+            if not raw.is_closing():
+                raw.close()
+            # The TLS layer reports no loss of a connection it never handed us.
+            if client in self.clients:
+                client.connection_lost(exc)
+            return False
+        # From here on every read and write (the relay's too) goes through the TLS transport.
+        client.transport = transport
+        client.tls = True
+        client._tls_pending = False
+        return True
 
     def probe_account(self):
         """Health checks log in as the first configured account."""

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from ...auth import mysql as auth
 from ...core.engine import BaseEngine
-from ...core.targets import Target
-from ...secrets import Credentials, SecretError
+from ...core.targets import AUTH_FAILURE, ProbeError, Target
+from ...secrets import Credentials
 from . import protocol as p
 from .backend import first_row, open_server_connection
 from .frontend import CLOSED, READY, PROXY_CAPABILITIES, ClientSession
@@ -126,8 +126,13 @@ class MysqlEngine(BaseEngine):
 
     # -- health --------------------------------------------------------------------------
     async def probe(self, target: Target):
-        account = self.probe_account()
-        return await health_probe(
+        # A check refused for the password re-reads the secret first (a rotation).
+        return await self.retry_with_fresh_secret(
+            self.probe_account(), lambda acc: self._probe_as(target, acc),
+            lambda exc: isinstance(exc, ProbeError) and exc.reason == AUTH_FAILURE)
+
+    def _probe_as(self, target: Target, account):
+        return health_probe(
             target, user=account.credentials.username, password=account.credentials.password,
             database=account.credentials.dbname or None,
             timeout=self.config.target_group.health_check_timeout, loop=self.loop,
@@ -143,22 +148,9 @@ class MysqlEngine(BaseEngine):
         account = self.accounts.get(user)
         if account is None:
             raise ConnectionError(f"no secret configured for user {user!r}")
-        try:
-            conn = await self._open(target, account, database, caps, charset)
-        except ServerError as exc:
-            if exc.code != 1045:
-                raise
-            # The password may have been rotated: read the secret again, retry once if new.
-            try:
-                await self.refresh_secrets()
-            except SecretError as err:
-                log.warning("secret refresh after a failed database login: %s", err)
-            fresh = self.accounts.get(user)
-            if fresh is None or fresh.credentials.password == account.credentials.password:
-                raise
-            log.info("database login for %r failed with the cached password; retrying with "
-                     "the refreshed secret", user)
-            conn = await self._open(target, fresh, database, caps, charset)
+        conn = await self.retry_with_fresh_secret(
+            account, lambda acc: self._open(target, acc, database, caps, charset),
+            lambda exc: isinstance(exc, ServerError) and exc.code == 1045)
         try:
             if discover:
                 packets: list = []

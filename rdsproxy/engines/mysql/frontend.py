@@ -33,7 +33,6 @@ from .protocol import ProtocolViolation, ServerError
 log = logging.getLogger("rdsproxy.mysql.client")
 
 STARTUP, AUTH, LOGIN, READY, CLOSED = range(5)
-TLS_HANDSHAKE_TIMEOUT = 30.0
 MAX_AUTH_PACKET = 64 * 1024
 MAX_QUEUED = 256
 MAX_PREPARED_PER_CONNECTION = 512
@@ -345,26 +344,8 @@ class ClientSession(asyncio.Protocol):
         engine.loop.create_task(self._handshake(raw, engine.server_ssl, bytes(early)))
 
     async def _handshake(self, raw, context, early=b""):
-        loop = self.engine.loop
-        try:
-            handshake = loop.create_task(loop.start_tls(
-                raw, self, context, server_side=True, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT))
-            if early:
-                # start_tls installs its protocol in its first step and schedules that
-                # protocol's connection_made: feed it the early bytes right after.
-                loop.call_soon(loop.call_soon, _feed_protocol, raw, early)
-            transport = await handshake
-        except Exception as exc:  # noqa: BLE001 - any failure ends the client
-            log.info("client %s: TLS handshake failed: %s", self.peer, exc or type(exc).__name__)
-            self._tls_pending = False
-            if not raw.is_closing():
-                raw.close()
-            if self in self.engine.clients:
-                self.connection_lost(exc)
+        if not await self.engine.upgrade_client_tls(self, raw, early):
             return
-        self.transport = transport
-        self.tls = True
-        self._tls_pending = False
         early = getattr(self, "_early", b"")
         if early and self.state != CLOSED:
             self._early = b""
@@ -372,15 +353,10 @@ class ClientSession(asyncio.Protocol):
 
     def _on_handshake_response(self, resp: p.HandshakeResponse) -> None:
         engine = self.engine
-        if self.tls:
-            engine.metrics.ClientConnectionsTLS += 1
-        else:
-            engine.metrics.ClientConnectionsNoTLS += 1
-            if engine.config.require_tls:
-                log.info("client %s: plaintext connection refused (require_tls)", self.peer)
-                self.fatal(ER_SECURE_TRANSPORT, "Connections using insecure transport are "
-                                                "prohibited: this proxy requires TLS")
-                return
+        if not engine.admit_transport(self):
+            self.fatal(ER_SECURE_TRANSPORT, "Connections using insecure transport are "
+                                            "prohibited: this proxy requires TLS")
+            return
         self.capabilities = resp.capabilities & self.offered & ~p.CLIENT_SSL
         if not resp.capabilities & p.CLIENT_PLUGIN_AUTH:
             self.capabilities &= ~p.CLIENT_PLUGIN_AUTH
@@ -1229,21 +1205,6 @@ class ClientSession(asyncio.Protocol):
                 return
             server.run(steps.pop(0)[0], step)
         step()
-
-
-def _feed_protocol(transport, data: bytes) -> None:
-    """Hand bytes already read from `transport` to its (new) protocol."""
-    proto = transport.get_protocol()
-    if hasattr(proto, "get_buffer"):
-        view = memoryview(data)
-        while view:
-            buf = proto.get_buffer(len(view))
-            n = min(len(buf), len(view))
-            buf[:n] = view[:n]
-            proto.buffer_updated(n)
-            view = view[n:]
-    else:
-        proto.data_received(data)
 
 
 _SSL_HEAD = b"\x20\x00\x00\x01"   # a 32-byte packet with sequence id 1: an SSLRequest

@@ -14,11 +14,9 @@ outside the connection budget.
 from __future__ import annotations
 
 import asyncio
-import errno
-import socket
 
-from ...core.targets import (AUTH_FAILURE, CONNECTION_FAILED, UNREACHABLE, ProbeError,
-                             ProbeResult, Role, Target)
+from ...core.targets import (AUTH_FAILURE, CONNECTION_FAILED, ProbeError, ProbeResult, Role,
+                             Target, probe_failure)
 from . import protocol as p
 from .backend import first_row, open_server_connection
 from .login import LoginError
@@ -27,8 +25,6 @@ from .protocol import ServerError
 PROBE_MARK = "rdsproxy-health"
 PROBE_SQL = f"SELECT /* {PROBE_MARK} */ @@read_only, @@innodb_read_only, @@max_connections"
 _MAX_PAYLOAD = 64 * 1024
-_UNREACHABLE_ERRNOS = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT,
-                       errno.EHOSTDOWN, errno.ENETDOWN}
 _AUTH_CODES = {1045, 1044, 1698, 1251}
 
 
@@ -78,14 +74,4 @@ def _raise_classified(exc: BaseException, where: str, timeout: float, stage: str
                                  f"SQLSTATE {exc.sqlstate})") from None
     if isinstance(exc, LoginError):
         raise ProbeError(CONNECTION_FAILED, f"{where}: {exc}") from None
-    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-        raise ProbeError(UNREACHABLE, f"{where}: {stage} timed out after {timeout:g}s") from None
-    if isinstance(exc, socket.gaierror):
-        raise ProbeError(UNREACHABLE, f"{where}: cannot resolve host: {exc}") from None
-    if isinstance(exc, OSError) and exc.errno in _UNREACHABLE_ERRNOS:
-        raise ProbeError(UNREACHABLE, f"{where}: {exc.strerror or exc}") from None
-    if isinstance(exc, OSError):
-        raise ProbeError(CONNECTION_FAILED, f"{where}: {exc}") from None
-    if isinstance(exc, Exception):
-        raise ProbeError(CONNECTION_FAILED, f"{where}: {type(exc).__name__}: {exc}") from None
-    raise exc
+    raise probe_failure(exc, where, timeout, stage) from None

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from ...auth.scram import ScramSecret, make_server_key_material
 from ...core.engine import BaseEngine
 from ...core.targets import AUTH_FAILURE, ProbeError, Target
-from ...secrets import Credentials, SecretError
+from ...secrets import Credentials
 from . import protocol as pg
 from .backend import ServerError, open_server_connection
 from .frontend import CLOSED, READY, ClientConnection
@@ -69,19 +69,11 @@ class PostgresEngine(BaseEngine):
             self.by_pid.pop(client.pid, None)
 
     async def probe(self, target: Target):
-        account = self.probe_account()
-        try:
-            return await self._probe_as(target, account)
-        except ProbeError as exc:
-            if exc.reason != AUTH_FAILURE:
-                raise
-            # A rotated password: re-read the secret and try once more before calling the
-            # target unavailable for everyone.
-            await self.refresh_secrets()
-            fresh = self.probe_account()
-            if fresh is None or fresh.credentials.password == account.credentials.password:
-                raise
-            return await self._probe_as(target, fresh)
+        # A check refused for the password re-reads the secret before calling the target
+        # unavailable for everyone (a rotation).
+        return await self.retry_with_fresh_secret(
+            self.probe_account(), lambda acc: self._probe_as(target, acc),
+            lambda exc: isinstance(exc, ProbeError) and exc.reason == AUTH_FAILURE)
 
     def _probe_as(self, target: Target, account):
         tcfg = self.target_configs.get(target)
@@ -98,30 +90,16 @@ class PostgresEngine(BaseEngine):
         if account is None:
             raise ConnectionError(f"no secret configured for user {user!r}")
         params = {"options": options} if options else {}
-        tg = self.config.target_group
-        try:
-            conn = await self._open(target, account, database, params)
-        except ServerError as exc:
-            if exc.sqlstate != "28P01":
-                raise
-            # The password may have been rotated since we last read the secret: read it
-            # again now and retry once if it changed (rather than wait for the refresh).
-            try:
-                await self.refresh_secrets()
-            except SecretError as err:
-                log.warning("secret refresh after a failed database login: %s", err)
-            fresh = self.accounts.get(user)
-            if fresh is None or fresh.credentials.password == account.credentials.password:
-                raise
-            log.info("database login for %r failed with the cached password; retrying with the "
-                     "refreshed secret", user)
-            conn = await self._open(target, fresh, database, params)
+        conn = await self.retry_with_fresh_secret(
+            account, lambda acc: self._open(target, acc, database, params),
+            lambda exc: isinstance(exc, ServerError) and exc.sqlstate == "28P01")
         try:
             if discover:
                 rows = await conn.query_internal("SHOW max_connections", rows=[])
                 max_connections = int(_first_column(rows[0]))
-            if tg.init_query:
-                await conn.query_internal(tg.init_query)
+            init_query = self.config.target_group.init_query
+            if init_query:
+                await conn.query_internal(init_query)
         except BaseException:
             conn.close()
             raise

@@ -27,7 +27,6 @@ log = logging.getLogger("rdsproxy.client")
 # Client states, in the order a session goes through them.
 STARTUP, AUTH_SASL_FIRST, AUTH_SASL_FINAL, AUTH_MD5, LOGIN, READY, CLOSED, AUTH_CLEARTEXT = range(8)
 assert READY == STATE_READY
-TLS_HANDSHAKE_TIMEOUT = 30.0   # below the 60 s login timeout, so the handshake's own error wins
 
 STATUS_IDLE = 73          # 'I'
 MSG_QUERY = 81            # 'Q'
@@ -464,23 +463,7 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
         self.engine.loop.create_task(self._handshake(raw, self.engine.server_ssl))
 
     async def _handshake(self, raw, context):
-        try:
-            transport = await self.engine.loop.start_tls(
-                raw, self, context, server_side=True, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
-        except Exception as exc:  # noqa: BLE001 - SSLError, reset, timeout: all end the client
-            log.info("client %s: TLS handshake failed: %s", self.peer, exc or type(exc).__name__)
-            self._tls_pending = False
-            if not raw.is_closing():
-                raw.close()
-            # The TLS layer reports no loss of a connection it never handed us.
-            if self in self.engine.clients:
-                self.connection_lost(exc)
-            return
-        # From here on every read and write (the relay's too) goes through the TLS transport.
-        self.transport = transport
-        self.tls = True
-        self._tls_pending = False
-        if self._buf and self.state != CLOSED:
+        if await self.engine.upgrade_client_tls(self, raw) and self._buf and self.state != CLOSED:
             self.startup_data(b"")
 
     def _on_startup(self, params):
@@ -490,14 +473,9 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
                         engine.config.max_client_connections)
             self.fatal("53300", "sorry, too many clients already (max_client_connections)")
             return
-        if self.tls:
-            engine.metrics.ClientConnectionsTLS += 1
-        else:
-            engine.metrics.ClientConnectionsNoTLS += 1
-            if engine.config.require_tls:
-                log.info("client %s: plaintext connection refused (require_tls)", self.peer)
-                self.fatal("28000", "this proxy requires TLS")
-                return
+        if not engine.admit_transport(self):
+            self.fatal("28000", "this proxy requires TLS")
+            return
         user = params.get("user", "")
         if not user:
             raise pg.ProtocolViolation("no PostgreSQL user name specified in startup packet", "28000")
