@@ -175,7 +175,8 @@ class Router:
                              closed, len(moved))
                 for key, waiter in moved:
                     self._wait(waiter.route_role, key, waiter)
-            if target.max_connections and target.state is TargetState.AVAILABLE:
+            if (target.max_connections and target.state is TargetState.AVAILABLE
+                    and target.max_connections != pool.server_max_connections):
                 pool.set_server_max_connections(target.max_connections)
         self.reroute_all()
         routes = {role: self.target_for(role) for role in (READ_WRITE, READ_ONLY)}
