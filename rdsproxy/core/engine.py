@@ -82,6 +82,7 @@ class BaseEngine:
         # Clients whose connection died before answering, per target, until a health check
         # started after that tells whether the target is going away (see hold_for_health_check).
         self._held: dict[Target, list] = {}
+        self._last_purge: dict[Target, float] = {}
         self.clients: set = set()
         self.router.borrowers = self.clients
         for tcfg in config.targets:
@@ -376,6 +377,7 @@ class BaseEngine:
             defaults=self.defaults,
             on_open_failure=lambda key, waiter, exc: self._open_failed(target, key, waiter, exc))
         self.router.pools[target].target = target
+        self.router.pools[target].on_connection_died = self.server_connection_died
         if target.name not in (t.name for t in self.group.targets):
             self.group.add_target(target)
         return target
@@ -399,6 +401,24 @@ class BaseEngine:
                 await pool.close()
                 self.target_configs.pop(target, None)
                 self.target_ssl.pop(target, None)
+
+    def server_connection_died(self, pool) -> None:
+        """A database connection ended unexpectedly. A crash or a failover ends all of a
+        target's connections within moments, and lending a sibling that is about to die
+        would cost a client its transaction: close the idle ones (new ones are cheap) and
+        check the target now. Once per half second per target, for a burst of losses."""
+        target = getattr(pool, "target", None)
+        if target is None or target not in self.router.pools:
+            return
+        now = self.loop.time()
+        if now - self._last_purge.get(target, -1.0) < 0.5:
+            return
+        self._last_purge[target] = now
+        closed = pool.close_idle()
+        if closed:
+            log.info("a connection to %s died: closed its %d idle sibling(s); checking it now",
+                     target.name, closed)
+        self.group.probe_soon(target)
 
     def hold_for_health_check(self, client, server) -> None:
         """`client`'s request went to a connection that died without answering. Decide at

@@ -48,6 +48,8 @@ class Pool:
         # Called as on_open_failure(key, waiter, exc) when opening fails; True means it took
         # care of the waiter (the router queues it while the target's health is checked).
         self.on_open_failure = on_open_failure
+        # Called as on_connection_died(pool) when one of its connections ends unexpectedly.
+        self.on_connection_died = None
         self._opening: set[asyncio.Task] = set()
         self._closed = False
         self._deadline_timer = None
@@ -212,6 +214,8 @@ class Pool:
         """An idle connection was closed by the server or the network."""
         if self.core.take_idle(conn, conn.key):
             self.core.forget(False)
+            if self.on_connection_died is not None:
+                self.on_connection_died(self)
             self._serve_waiters()
 
     def _serve_waiters(self) -> None:

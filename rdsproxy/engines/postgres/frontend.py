@@ -319,6 +319,7 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
         self.server = None
         server.client = None
         server.pool.discard(server)
+        self.engine.server_connection_died(server.pool)
         if self.state != READY:
             return
         if self.replay is not None and answer_completed_a_statement(server.held):
