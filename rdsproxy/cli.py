@@ -24,13 +24,13 @@ def _setup_logging(debug: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-def _run(coro) -> None:
+def _run(coro):
+    """Run `coro` to completion on uvloop (asyncio's loop without it); its result."""
     try:
         import uvloop
     except ImportError:
-        asyncio.run(coro)
-    else:
-        uvloop.run(coro)
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 async def _serve(config) -> None:
@@ -155,7 +155,7 @@ def describe_targets(config_path, as_json):
             raise click.ClickException(f"cannot reach the admin endpoint {url}: {exc} "
                                        f"(is the proxy running?)") from None
     else:
-        data = {"Targets": _run_and_return(_probe_targets(config))}
+        data = {"Targets": _run(_probe_targets(config))}
     if as_json:
         click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
         return
@@ -172,15 +172,6 @@ def describe_targets(config_path, as_json):
     for t in data["Targets"]:
         if t["TargetHealth"].get("Description"):
             click.echo(f"{t['RdsResourceId']}: {t['TargetHealth']['Description']}")
-
-
-def _run_and_return(coro):
-    box = []
-
-    async def wrapper():
-        box.append(await coro)
-    _run(wrapper())
-    return box[0]
 
 
 async def _probe_targets(config) -> list[dict]:

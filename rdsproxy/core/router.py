@@ -198,6 +198,3 @@ class Router:
         """Every borrower asks again at its next borrow (its idle shortcut is cut)."""
         for client in self.borrowers:
             client.pool_core = UNROUTED
-
-    def stats(self) -> dict:
-        return {"waiting_for_target": len(self._waiters)}

@@ -254,7 +254,7 @@ class TargetGroup:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise asyncio.TimeoutError(
-                    f"no AVAILABLE {what} within {timeout:g}s: {self._summary()}")
+                    f"no AVAILABLE {what} within {timeout:g}s: {self.summary()}")
             try:
                 await _with_timeout(self._changed.wait(), remaining)
             except asyncio.TimeoutError:
@@ -283,9 +283,6 @@ class TargetGroup:
             event.set()
 
     def summary(self) -> str:
-        return self._summary()
-
-    def _summary(self) -> str:
         return "; ".join(f"{t.name} {t.state.value} {t.role.value}"
                          + (f" ({t.reason}: {t.description})" if t.reason else "")
                          for t in self._targets) or "no targets"

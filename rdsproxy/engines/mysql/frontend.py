@@ -244,9 +244,7 @@ class ClientSession(asyncio.Protocol):
             return
         self.state = CLOSED
         self.transport = None
-        if self.pinned_server:
-            self.pinned_server = False
-            self.engine.pinned_sessions -= 1
+        self._uncount_pinned()
         if self.waiting:
             self.waiting = False
             self.engine.router.cancel_wait(self)
@@ -594,11 +592,7 @@ class ClientSession(asyncio.Protocol):
         self.cmd = None
         server = self.server
         if server is not None and not self._must_keep(server):
-            self.server = None
-            server.client = None
-            if self.pinned_server:
-                self.pinned_server = False
-                self.engine.pinned_sessions -= 1
+            self._detach(server)
             server.pool.release(server)
         self._next()
 
@@ -814,9 +808,19 @@ class ClientSession(asyncio.Protocol):
 
     def _unpin(self) -> None:
         self.pin_reason = None
+        self._uncount_pinned()
+
+    def _uncount_pinned(self) -> None:
+        """The pinned-sessions gauge counts clients that hold a pinned server connection."""
         if self.pinned_server:
             self.pinned_server = False
             self.engine.pinned_sessions -= 1
+
+    def _detach(self, conn) -> None:
+        """`conn` no longer serves this client."""
+        self.server = None
+        conn.client = None
+        self._uncount_pinned()
 
     # -- borrowing ---------------------------------------------------------------------
     def _send_to_server(self) -> None:
@@ -936,11 +940,7 @@ class ClientSession(asyncio.Protocol):
             else:
                 steps = self._sync_steps(conn)
         except _Unresettable:
-            self.server = None
-            conn.client = None
-            if self.pinned_server:
-                self.pinned_server = False
-                self.engine.pinned_sessions -= 1
+            self._detach(conn)
             conn.pool.discard(conn)
             self.borrow()
             return
@@ -1005,11 +1005,7 @@ class ClientSession(asyncio.Protocol):
             return
         log.warning("client %s (user %s): restoring session state on %r failed: %s",
                     self.peer, self.user, conn, error.message)
-        self.server = None
-        conn.client = None
-        if self.pinned_server:
-            self.pinned_server = False
-            self.engine.pinned_sessions -= 1
+        self._detach(conn)
         conn.pool.discard(conn)
         self._reply_err((error.code, error.sqlstate),
                         f"cannot restore the session state: {error.message}")
