@@ -401,3 +401,34 @@ def test_split_brain_routes_writes_nowhere(pg_factory, start_proxy, tmp_path):
     wait_until(lambda: targets_by_name(proxy)["two"]["TargetHealth"]["State"] == "UNAVAILABLE",
                timeout=5, message="two UNAVAILABLE")
     assert query(proxy, "SELECT inet_server_port()") == one.port
+
+
+def test_admin_endpoint_answers_bad_requests_and_keeps_serving(pair, start_proxy, tmp_path):
+    """Garbage, a wrong method, an oversized head or a silent peer get an HTTP error (or a
+    close) for that connection only; the endpoint and the proxy go on."""
+    import socket as sock
+
+    primary, _ = pair
+    proxy = start_proxy(proxy_config(tmp_path, [("primary", primary)], admin=True,
+                                     endpoints=[{"name": "rw", "listen": "127.0.0.1:0"}]))
+    host, port = proxy.proxy.admin_address
+
+    def raw(data: bytes) -> bytes:
+        with sock.create_connection((host, port), timeout=10) as s:
+            s.sendall(data)
+            chunks = []
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    return b"".join(chunks)
+                chunks.append(chunk)
+
+    assert raw(b"\xff\xfe garbage\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+    assert raw(b"POST /targets HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 405 ")
+    assert raw(b"GET /" + b"x" * 9000 + b" HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 431 ")
+    with sock.create_connection((host, port), timeout=10) as silent:
+        silent.sendall(b"GET /targets HTTP/1.1\r\n")     # never finishes its head
+        healthy = raw(b"GET /health HTTP/1.1\r\n\r\n")
+    assert healthy.startswith(b"HTTP/1.1 200 ") and healthy.endswith(b"ok\n")
+    wait_available(proxy, "primary")
+    assert query(proxy, "SELECT 1") == 1
