@@ -475,6 +475,38 @@ def test_pool_waiters_fifo(pool):
     assert p.idle_count == 1
 
 
+class _Waiter:
+    borrow_entry = None
+    borrow_deadline = None
+
+
+def test_pool_queue_waiter_only_behind_others(pool):
+    """The relay's shortcut queues a borrower only where the pool would do nothing else."""
+    p = pool.PoolCore(1)
+    p.clock = lambda: 100.0
+    p.borrow_timeout = 5.0
+    assert p.reserve_new()
+    first, second, third = _Waiter(), _Waiter(), _Waiter()
+    # Nobody waits yet: the pool must decide (it may open a connection or evict an idle one).
+    assert p.queue_waiter("k", first) is False
+    assert p.waiting == 0 and first.borrow_entry is None
+    p.add_waiter("k", first)
+    # Someone waits but no deadline timer runs: the pool must arm it.
+    assert p.queue_waiter("k", second) is False
+    p.deadline_armed = True
+    assert p.queue_waiter("k", second) is True
+    assert second.borrow_entry == ("k", second) and second.borrow_deadline == 105.0
+    assert p.waiting == 2
+    # No timeout configured: queued without a deadline, armed timer or not.
+    p.borrow_timeout = 0.0
+    p.deadline_armed = False
+    assert p.queue_waiter("j", third) is True and third.borrow_deadline is None
+    # Served first come, first served, and removable like any other entry.
+    assert p.give_back("k", "conn") == ("k", first)
+    assert p.remove_waiter(third.borrow_entry) is True
+    assert p.pop_waiter() == ("k", second)
+
+
 def test_pool_take_idle_and_idle_items(pool):
     p = pool.PoolCore(5)
     for _ in range(4):

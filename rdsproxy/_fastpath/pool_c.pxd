@@ -13,6 +13,9 @@ cdef class PoolCore:
     cdef public Py_ssize_t idle_count
     cdef dict _idle
     cdef object _waiters  # collections.deque of (key, waiter)
+    cdef public object clock
+    cdef public double borrow_timeout
+    cdef public bint deadline_armed
 
     @cython.locals(stack=list)
     cpdef object try_borrow(self, object key)
@@ -22,6 +25,8 @@ cdef class PoolCore:
     cpdef object give_back(self, object key, object conn)
     @cython.locals(entry=tuple)
     cpdef tuple add_waiter(self, object key, object waiter)
+    @cython.locals(entry=tuple)
+    cpdef bint queue_waiter(self, object key, object waiter) except -1
     cpdef bint remove_waiter(self, object entry) except -1
     cpdef object pop_waiter(self)
     cpdef object first_waiter(self)

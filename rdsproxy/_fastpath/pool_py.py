@@ -23,6 +23,12 @@ class PoolCore:
         self.idle_count = 0
         self._idle = {}
         self._waiters = deque()
+        # Set by the owning Pool so the relay can queue a borrower without calling it:
+        # its loop's clock, its connection_borrow_timeout, and whether its deadline timer
+        # is running (it then covers every waiter queued behind the first).
+        self.clock = None
+        self.borrow_timeout = 0.0
+        self.deadline_armed = False
 
     # -- borrowing ---------------------------------------------------------------------
     def try_borrow(self, key):
@@ -72,6 +78,23 @@ class PoolCore:
         entry = (key, waiter)
         self._waiters.append(entry)
         return entry
+
+    def queue_waiter(self, key, waiter):
+        """Queue `waiter` behind others already waiting, when that is all the pool would do.
+
+        With waiters queued the pool never opens a connection for a newcomer (no jumping the
+        queue), so a borrower that found no idle connection just joins the back; it gets
+        the deadline the pool would give it. Returns False when the pool must decide
+        (nobody waits yet, or no deadline timer is running): the caller asks the pool.
+        """
+        if not self._waiters or (self.borrow_timeout > 0 and not self.deadline_armed):
+            return False
+        entry = (key, waiter)
+        self._waiters.append(entry)
+        waiter.borrow_entry = entry
+        if self.borrow_timeout > 0:
+            waiter.borrow_deadline = self.clock() + self.borrow_timeout
+        return True
 
     def remove_waiter(self, entry):
         """Drop a waiter that timed out or went away; False if it was already served."""

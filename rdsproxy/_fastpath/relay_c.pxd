@@ -46,19 +46,23 @@ cdef class ClientRelay:
     cdef public object pool
     cdef public object transport
     cdef public list replay
+    cdef public object borrow_entry
     cdef dict __dict__
 
     @cython.locals(n=Py_ssize_t, server=ServerRelay, scanner=MessageScanner, conn=ServerRelay,
                    replay=list)
     cpdef data_received(self, data)
 
+    # cdef (C calls only): Cython checks every call of a cpdef method on an instance with a
+    # __dict__ for a Python override, an attribute lookup plus a bound method per call.
     @cython.locals(mtype=int, payload=bytes, entry=tuple, prefilter=KeywordScanner, unpinned=bint)
-    cpdef screen(self, data)
+    cdef screen(self, data)
 
     cpdef attach(self, ServerRelay conn)
+    cdef _attach(self, ServerRelay conn)
 
-    @cython.locals(outstanding=Py_ssize_t, server=ServerRelay)
-    cpdef on_server_ready(self, Py_ssize_t n, int status)
+    @cython.locals(outstanding=Py_ssize_t, server=ServerRelay, entry=tuple, client=ClientRelay)
+    cdef on_server_ready(self, Py_ssize_t n, int status)
 
 
 cdef class ServerRelay:

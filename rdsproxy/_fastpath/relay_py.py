@@ -57,6 +57,7 @@ class ClientRelay:
         # The request bytes sent on a connection taken idle, until its answer starts: if the
         # connection dies first, the engine may send them again elsewhere (failover).
         self.replay = None
+        self.borrow_entry = None  # our place in a pool's queue of waiters
 
     def data_received(self, data):
         if self.state != STATE_READY:
@@ -93,9 +94,12 @@ class ClientRelay:
                 self.waiting = True
                 conn = self.pool_core.try_borrow(self.key)
                 if conn is None:
-                    self.borrow()                 # open one, or queue for one
+                    # Others are queued already: join them (the common case of a busy
+                    # pool); otherwise let the pool decide (open one, or queue first).
+                    if not self.pool_core.queue_waiter(self.key, self):
+                        self.borrow()
                 elif (conn.applied is self.desired or conn.applied == self.desired) and not conn.closed:
-                    self.attach(conn)             # the common case: an idle one, ready
+                    self._attach(conn)            # the common case: an idle one, ready
                 else:
                     self.on_connection(conn)      # parameters to sync first
         if self.terminating:
@@ -125,6 +129,9 @@ class ClientRelay:
 
     def attach(self, conn):
         """Start relaying to `conn`, sending what the client wrote meanwhile."""
+        self._attach(conn)
+
+    def _attach(self, conn):  # the relay's own calls, straight from C
         self.waiting = False
         if self.pin_reason is not None and not self.pinned_server:  # pinned before attaching
             self.pinned_server = True
@@ -158,8 +165,19 @@ class ClientRelay:
             entry = server.pool_core.give_back(server.key, server)
             if entry is None:
                 server.idle_since = self.engine.clock
-            else:
-                server.pool.hand_over(server, entry)  # someone is waiting
+                return
+            # Someone is waiting. A relay client of the same key whose session parameters
+            # the connection already carries takes it here; anything else (another key, a
+            # parameter sync, a login) is the pool's business.
+            waiter = entry[1]
+            if isinstance(waiter, ClientRelay) and entry[0] == server.key:
+                client = waiter
+                if (client.state == STATE_READY and client.waiting and not server.closed
+                        and (server.applied is client.desired or server.applied == client.desired)):
+                    client.borrow_entry = None
+                    client._attach(server)
+                    return
+            server.pool.hand_over(server, entry)
 
 
 class ServerRelay:

@@ -42,6 +42,8 @@ class Pool:
         # Until the first connection tells us the database's max_connections, allow one.
         self.server_max_connections: int | None = None
         self.core = PoolCore(1)
+        self.core.clock = self.loop.time
+        self.core.borrow_timeout = borrow_timeout
         self.max_idle = 0
         # Per key, what the engine learnt at the first connect (shared by a target group's pools).
         self.defaults: dict[Any, dict] = {} if defaults is None else defaults
@@ -99,8 +101,12 @@ class Pool:
             if waiter.borrow_deadline is None:  # one deadline per borrow, wherever it waits
                 waiter.borrow_deadline = self.loop.time() + self.borrow_timeout
             if self._deadline_timer is None:
-                self._deadline_timer = self.loop.call_at(waiter.borrow_deadline, self._expire_waiters)
+                self._arm_deadline(waiter.borrow_deadline)
         return None
+
+    def _arm_deadline(self, when: float) -> None:
+        self._deadline_timer = self.loop.call_at(when, self._expire_waiters)
+        self.core.deadline_armed = True  # lets the relay queue waiters without asking us
 
     def cancel_wait(self, waiter) -> None:
         """The waiter went away before it was served."""
@@ -125,6 +131,7 @@ class Pool:
         """
         self._deadline_timer = None
         core = self.core
+        core.deadline_armed = False
         now = self.loop.time()
         while True:
             entry = core.first_waiter()
@@ -132,7 +139,7 @@ class Pool:
                 return
             waiter = entry[1]
             if waiter.borrow_deadline > now:
-                self._deadline_timer = self.loop.call_at(waiter.borrow_deadline, self._expire_waiters)
+                self._arm_deadline(waiter.borrow_deadline)
                 return
             core.pop_waiter()
             waiter.borrow_entry = None
@@ -268,6 +275,7 @@ class Pool:
         if self._deadline_timer is not None:
             self._deadline_timer.cancel()
             self._deadline_timer = None
+            self.core.deadline_armed = False
         for task in list(self._opening):
             task.cancel()
         while True:

@@ -78,7 +78,6 @@ def server_last_words(held) -> str:
 class ClientConnection(ClientRelay, asyncio.Protocol):
     """One client of the proxy, from its first byte to its last."""
 
-    borrow_entry = None
     _syncing = None
     tls = False               # the session runs over TLS
     _tls_pending = False      # 'S' sent, handshake under way
