@@ -1,4 +1,5 @@
 """PostgreSQL md5 password authentication: stored hash, client response and server check, sans-IO."""
+import functools
 import hashlib
 import hmac
 
@@ -12,10 +13,15 @@ def md5_password_hash(password, user):
     return "md5" + _md5_hex(password.encode("utf-8") + user.encode("utf-8")).decode("ascii")
 
 
+@functools.lru_cache(maxsize=256)
+def _inner_hash(password, user):
+    # The same for every login of an account: computed once (a rotated password is a new key).
+    return _md5_hex(password.encode("utf-8") + user.encode("utf-8"))
+
+
 def md5_response(password, user, salt):
     """The PasswordMessage payload a client sends for a 4-byte salt, without the trailing NUL."""
-    inner = _md5_hex(password.encode("utf-8") + user.encode("utf-8"))
-    return b"md5" + _md5_hex(inner + bytes(salt))
+    return b"md5" + _md5_hex(_inner_hash(password, user) + bytes(salt))
 
 
 def md5_verify(password, user, salt, response):

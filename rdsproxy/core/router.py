@@ -57,6 +57,15 @@ class Router:
         writer = self.group.writer()
         return writer if writer in self.pools else None
 
+    def route(self, client) -> None:
+        """Point a client that just logged in at the pool that fits its role, so its first
+        borrow can take an idle connection in the relay without asking here."""
+        target = self.target_for(client.route_role)
+        if target is not None:
+            pool = self.pools[target]
+            client.pool = pool
+            client.pool_core = pool.core
+
     def acquire(self, role: str, key, waiter):
         """Like Pool.acquire, through the pool of the target that fits `role` now."""
         target = self.target_for(role)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import struct
 from dataclasses import dataclass
 
@@ -51,6 +50,9 @@ class PostgresEngine(BaseEngine):
         self.dummy_scram_secret = make_server_key_material(os.urandom(16).hex())
         self.by_pid: dict[int, ClientConnection] = {}
         self._greetings: dict = {}
+        # Raw startup packet -> what it means (frontend.startup_session), for clients that
+        # connect again and again with the same packet.
+        self.startup_sessions: dict[bytes, tuple] = {}
 
     def make_account(self, creds, entry, previous) -> Account:
         if previous is not None and previous.credentials.password == creds.password:
@@ -130,15 +132,23 @@ class PostgresEngine(BaseEngine):
             cache[(key, desired)] = block
         return block
 
+    def remember_startup(self, raw: bytes, session: tuple) -> None:
+        cache = self.startup_sessions
+        if len(cache) >= 1024:  # ever-new application_names: stay bounded
+            cache.clear()
+        cache[raw] = session
+
     # -- cancel requests ---------------------------------------------------------------
     def register_cancel_key(self, client) -> tuple[int, int]:
+        # Both from the CSPRNG: the secret must not be guessable (it authorises a cancel);
+        # the pid only names the session, but one draw serves both.
         while True:
-            pid = random.randint(1, 0x7FFFFFFF)  # not secret: it only names the session
-            if pid not in self.by_pid:
+            key = int.from_bytes(self.random_bytes(8), "big")
+            pid = (key >> 32) & 0x7FFFFFFF
+            if pid and pid not in self.by_pid:
                 break
         self.by_pid[pid] = client
-        # The secret must not be guessable (it is what authorises a cancel): CSPRNG bytes.
-        return pid, int.from_bytes(self.random_bytes(4), "big")
+        return pid, key & 0xFFFFFFFF
 
     def cancel(self, pid: int, secret: int, peer: str) -> None:
         self.metrics.CancelRequests += 1

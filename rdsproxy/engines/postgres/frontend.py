@@ -75,6 +75,27 @@ def server_last_words(held) -> str:
     return ""
 
 
+def startup_session(params: dict) -> tuple:
+    """What a startup packet's parameters mean for the session:
+    (user, database, options, pool key, tracked parameters as sorted (name, value) pairs)."""
+    user = params.get("user", "")
+    if not user:
+        raise pg.ProtocolViolation("no PostgreSQL user name specified in startup packet", "28000")
+    if params.get("replication", "false").lower() not in ("false", "off", "no", "0"):
+        raise pg.ProtocolViolation("replication connections are not supported by the proxy", "0A000")
+    database = params.get("database") or user
+    options = params.get("options", "").strip()
+    desired = {}
+    for name, value in params.items():
+        canonical = TRACKED_PARAMETERS.get(name.lower())
+        if canonical is not None:
+            desired[canonical] = value
+        elif name not in STARTUP_KEYWORDS and not name.startswith("_pq_."):
+            # Any other setting is a session parameter the server would apply: carry it too.
+            desired[name] = value
+    return user, database, options, (user, database, options), tuple(sorted(desired.items()))
+
+
 class ClientConnection(ClientRelay, asyncio.Protocol):
     """One client of the proxy, from its first byte to its last."""
 
@@ -418,11 +439,20 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
     def _startup_phase(self):
         while self._buf and self.state not in (CLOSED, LOGIN, READY):
             if self.state == STARTUP:
+                # Short-lived clients send the same startup packet again and again: reuse
+                # what the last identical one parsed to (also sharing its key and parameter
+                # tuples, so the relay's comparisons of them are identity checks).
+                session = self.engine.startup_sessions.get(bytes(self._buf))
+                if session is not None:
+                    self._buf.clear()
+                    self._on_startup(session)
+                    continue
                 packet, used = pg.read_startup_packet(self._buf)
                 if packet is None:
                     return
+                raw = bytes(self._buf[:used])
                 del self._buf[:used]
-                self._on_startup_packet(packet)
+                self._on_startup_packet(packet, raw)
             else:
                 messages, used = split_messages(self._buf)
                 if not messages:
@@ -438,7 +468,7 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
                             f"expected password response, got message type {chr(mtype)!r}")
                     self._on_password_message(payload)
 
-    def _on_startup_packet(self, packet):
+    def _on_startup_packet(self, packet, raw):
         if packet.kind == "ssl" and self.engine.server_ssl is not None and not self.tls:
             self._start_tls()
         elif packet.kind in ("ssl", "gssenc"):
@@ -447,7 +477,9 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
             self.engine.cancel(packet.cancel_pid, packet.cancel_secret, self.peer)
             self.close()
         else:
-            self._on_startup(packet.params)
+            session = startup_session(packet.params)
+            self.engine.remember_startup(raw, session)
+            self._on_startup(session)
 
     def _start_tls(self):
         if self._buf:
@@ -466,7 +498,7 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
         if await self.engine.upgrade_client_tls(self, raw) and self._buf and self.state != CLOSED:
             self.startup_data(b"")
 
-    def _on_startup(self, params):
+    def _on_startup(self, session):
         engine = self.engine
         if self.refused:
             log.warning("client %s refused: max_client_connections (%d) reached", self.peer,
@@ -476,24 +508,8 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
         if not engine.admit_transport(self):
             self.fatal("28000", "this proxy requires TLS")
             return
-        user = params.get("user", "")
-        if not user:
-            raise pg.ProtocolViolation("no PostgreSQL user name specified in startup packet", "28000")
-        if params.get("replication", "false").lower() not in ("false", "off", "no", "0"):
-            raise pg.ProtocolViolation("replication connections are not supported by the proxy", "0A000")
+        user, self.database, options, self.key, self.desired = session
         self.user = user
-        self.database = params.get("database") or user
-        options = params.get("options", "").strip()
-        self.key = (user, self.database, options)
-        desired = {}
-        for name, value in params.items():
-            canonical = TRACKED_PARAMETERS.get(name.lower())
-            if canonical is not None:
-                desired[canonical] = value
-            elif name not in STARTUP_KEYWORDS and not name.startswith("_pq_."):
-                # Any other setting is a session parameter the server would apply: carry it too.
-                desired[name] = value
-        self.desired = tuple(sorted(desired.items()))
         if options:
             self.pin(STARTUP_OPTIONS)
         account = engine.accounts.get(user)
@@ -602,6 +618,8 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
         engine = self.engine
         self.pid, self.secret = engine.register_cancel_key(self)
         self.state = READY
+        if self.pool_core is UNROUTED:
+            engine.router.route(self)
         engine.metrics.ClientConnectionsSetupSucceeded += 1
         self.transport.write(b"".join((prefix, engine.parameter_statuses(self.key, self.desired),
                                        pg.backend_key_data(self.pid, self.secret),
