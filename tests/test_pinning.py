@@ -172,6 +172,21 @@ def test_tracked_startup_parameters_follow_the_client(proxy_factory):
         b.close()
 
 
+def test_repeated_startup_packets_share_one_parse_but_not_their_settings(proxy_factory):
+    """Short-lived clients reuse the parse of an identical startup packet; a packet that
+    differs in any parameter is parsed for itself and keeps its own settings."""
+    proxy = proxy_factory(max_connections_percent=2)
+    sessions = proxy.proxy.engine.startup_sessions
+    for round_ in range(3):
+        for name in ("lambda-a", "lambda-b"):
+            with psycopg.connect(proxy.dsn(application_name=name), autocommit=True) as conn:
+                assert conn.execute("show application_name").fetchone()[0] == name
+                assert conn.execute("select current_user").fetchone()[0] == APP_USER
+    mine = [s for s in sessions.values() if dict(s[4]).get("application_name", "").startswith("lambda-")]
+    assert sorted(dict(s[4])["application_name"] for s in mine) == ["lambda-a", "lambda-b"]
+    assert all(s[0] == APP_USER and s[3] == (APP_USER, APP_DB, "") for s in mine)
+
+
 def test_second_user_never_sees_first_users_connection(proxy_factory, pg):
     pg.create_user("other", "other-secret")
     proxy = proxy_factory(users=[(APP_USER, APP_PASSWORD), ("other", "other-secret")],
