@@ -40,7 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 3; quick 2)")
     p.add_argument("--workloads", help="comma list (default: all, incl. the memory probe)")
     p.add_argument("--targets", default=",".join(tg.ALL_TARGETS), help="comma list of "
-                   + ", ".join(tg.ALL_TARGETS))
+                   + ", ".join(tg.ALL_TARGETS) + " (default: all of these), and optionally "
+                   + ", ".join(tg.OPTIONAL_TARGETS))
     p.add_argument("--scale", type=int, default=10, help="pgbench -i scale factor (default 10)")
     p.add_argument("--quick", action="store_true",
                    help="CI preset: --duration 5 --rounds 2 --workloads "
@@ -85,9 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.memory_probe is None:
         args.memory_probe = any(w in (MEMORY_PROBE, "idle_clients") for w in names)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    bad = [t for t in args.targets if t not in tg.ALL_TARGETS]
+    bad = [t for t in args.targets if t not in tg.ALL_TARGETS + tg.OPTIONAL_TARGETS]
     if bad:
-        p.error(f"unknown target(s) {bad}; known: {list(tg.ALL_TARGETS)}")
+        p.error(f"unknown target(s) {bad}; known: {list(tg.ALL_TARGETS + tg.OPTIONAL_TARGETS)}")
     if (args.pool_size * 100) % args.server_max_connections:
         p.error("--pool-size x 100 must be divisible by --server-max-connections "
                 "(rdsproxy's max_connections_percent is an integer)")
@@ -121,6 +122,8 @@ def _start_targets(names, reaper, workdir, creds, args, results, *, suffix="") -
         try:
             if name == "direct":
                 t = tg.direct_target(creds)
+            elif name == "uvloop-floor":
+                t = tg.start_floor(reaper, workdir, creds, pool_size=args.pool_size, name=key)
             elif name == "pgbouncer":
                 t = tg.start_pgbouncer(reaper, workdir, creds, pool_size=args.pool_size,
                                        max_client_conn=max(12000, args.idle_clients + 1000),
@@ -197,7 +200,7 @@ def _run_workloads(args, cluster, creds, live: dict, results: dict, scratch: Pat
 
 
 def _memory_probe(args, reaper, workdir, creds, results) -> None:
-    names = [n for n in args.targets if n != "direct"]
+    names = [n for n in args.targets if n not in ("direct",) + tg.OPTIONAL_TARGETS]
     mem = results["memory"] = {"clients": args.idle_clients, "targets": {}}
     if not names:
         return

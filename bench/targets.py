@@ -24,6 +24,9 @@ from bench.procs import Reaper, free_port, log, proc_nofile, tail
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ALL_TARGETS = ("direct", "pgbouncer", "rdsproxy-cython", "rdsproxy-pure")
+# Not run unless asked for (--targets ...,uvloop-floor): bench/floor.py, the least a uvloop +
+# Python proxy can do per transaction, to show how much of a gap is Python's and not ours.
+OPTIONAL_TARGETS = ("uvloop-floor",)
 
 
 @dataclass
@@ -220,4 +223,26 @@ def start_rdsproxy(reaper: Reaper, workdir: Path, creds: Credentials, *, pure: b
     target.info = {"implementation": impl, "pure_python_env": pure, "source": where,
                    "max_connections_percent": max_connections_percent,
                    "nofile": proc_nofile(target.proc.pid)}
+    return target
+
+
+def start_floor(reaper: Reaper, workdir: Path, creds: Credentials, *, pool_size: int,
+                name: str = "uvloop-floor") -> Target:
+    confdir = workdir / name
+    confdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log_path = confdir / "floor.log"
+    target = Target(name, "127.0.0.1", port)
+    target.proc = reaper.spawn(name, [sys.executable, "-m", "bench.floor",
+                                      "--listen", f"127.0.0.1:{port}",
+                                      "--server", f"{creds.server_host}:{creds.server_port}",
+                                      "--user", creds.user, "--password", creds.password,
+                                      "--dbname", creds.dbname, "--pool", str(pool_size)],
+                               log_path=log_path, env=rdsproxy_env(False, REPO_ROOT), cwd=REPO_ROOT)
+    try:
+        _wait_ready(target, creds, log_path, timeout=30)
+    except TargetUnavailable:
+        reaper.stop(target.proc)
+        raise
+    target.info = {"pool_size": pool_size, "what": "reference: bench/floor.py, not a pooler"}
     return target
