@@ -27,6 +27,22 @@ STATUS_IDLE = 73  # 'I'
 from .errors import FramingError  # noqa: E402  (one class for both twins)
 
 
+_MASKS = {}
+
+
+def type_mask(types):
+    """A 256-byte table, 1 at each message type in `types`. Scanners only read their masks,
+    so one table per set of types is shared (a new session builds none)."""
+    key = bytes(types)
+    mask = _MASKS.get(key)
+    if mask is None:
+        mask = bytearray(256)
+        for t in key:
+            mask[t] = 1
+        _MASKS[key] = mask
+    return mask
+
+
 class MessageScanner:
     """Finds message boundaries in a stream of typed PostgreSQL messages.
 
@@ -39,12 +55,8 @@ class MessageScanner:
 
     def __init__(self, counted=b"", captured=b"", capture_limit=65536,
                  max_message_size=1 << 30):
-        self.counted_mask = bytearray(256)
-        for t in counted:
-            self.counted_mask[t] = 1
-        self.captured_mask = bytearray(256)
-        for t in captured:
-            self.captured_mask[t] = 1
+        self.counted_mask = type_mask(counted)
+        self.captured_mask = type_mask(captured)
         self.capture_limit = capture_limit
         self.max_message_size = max_message_size
         self.captured = []
