@@ -125,6 +125,43 @@ def test_borrow_timeout_is_an_error_for_that_client_only(proxy_factory):
     waiter.close()
 
 
+def test_each_queued_waiter_times_out_on_its_own_deadline(proxy_factory):
+    """Waiters behind the first join the queue in the relay (C); each still gets its own
+    connection_borrow_timeout, counted from its own arrival."""
+    proxy = proxy_factory(max_connections_percent=2, connection_borrow_timeout=1.5)  # budget 1
+    holder = psycopg.connect(proxy.dsn())
+    holder.execute("select 1")  # the only connection is held
+    outcomes = {}
+
+    def waiter(i):
+        with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+            started = time.monotonic()
+            try:
+                conn.execute("select 2")
+                outcomes[i] = ("served", time.monotonic() - started)
+            except psycopg.OperationalError as exc:
+                outcomes[i] = (exc.sqlstate, time.monotonic() - started)
+            # Refused once, the session goes on: it is served when a connection is free.
+            wait_until(lambda: proxy.stats()["pool"]["borrowed"] == 0, timeout=10,
+                       message="holder committed")
+            assert conn.execute("select 3").fetchone() == (3,)
+
+    threads = []
+    for i in range(3):
+        threads.append(threading.Thread(target=waiter, args=(i,)))
+        threads[-1].start()
+        wait_until(lambda: proxy.stats()["pool"]["waiting"] == i + 1, message=f"waiter {i} queued")
+        time.sleep(0.4)  # staggered arrivals: staggered deadlines
+    wait_until(lambda: len(outcomes) == 3, timeout=10, message="all three timed out")
+    holder.commit()
+    for t in threads:
+        t.join(15)
+    assert [outcomes[i][0] for i in range(3)] == ["53300"] * 3, outcomes
+    assert all(1.3 <= outcomes[i][1] < 3.0 for i in range(3)), outcomes
+    assert proxy.stats()["DatabaseConnectionsBorrowTimeouts"] == 3
+    holder.close()
+
+
 def test_waiters_are_served_in_arrival_order(proxy_factory):
     proxy = proxy_factory(max_connections_percent=2, connection_borrow_timeout=20)
     holder = psycopg.connect(proxy.dsn())
