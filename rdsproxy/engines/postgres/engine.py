@@ -133,8 +133,12 @@ class PostgresEngine(BaseEngine):
         return block
 
     def remember_startup(self, raw: bytes, session: tuple) -> None:
+        # Packets arrive before authentication: bound what anyone can make us keep
+        # (1024 packets of at most 1 KiB; real ones are about 100 bytes).
+        if len(raw) > 1024:
+            return
         cache = self.startup_sessions
-        if len(cache) >= 1024:  # ever-new application_names: stay bounded
+        if len(cache) >= 1024:  # ever-new application_names
             cache.clear()
         cache[raw] = session
 
