@@ -55,6 +55,8 @@ cdef class ClientRelay:
 
     # cdef (C calls only): Cython checks every call of a cpdef method on an instance with a
     # __dict__ for a Python override, an attribute lookup plus a bound method per call.
+    cdef bint ready_on(self, ServerRelay conn) except -1
+
     @cython.locals(mtype=int, payload=bytes, entry=tuple, prefilter=KeywordScanner, unpinned=bint)
     cdef screen(self, data)
 

@@ -98,12 +98,16 @@ class ClientRelay:
                     # pool); otherwise let the pool decide (open one, or queue first).
                     if not self.pool_core.queue_waiter(self.key, self):
                         self.borrow()
-                elif (conn.applied is self.desired or conn.applied == self.desired) and not conn.closed:
+                elif self.ready_on(conn):
                     self._attach(conn)            # the common case: an idle one, ready
                 else:
                     self.on_connection(conn)      # parameters to sync first
         if self.terminating:
             self.close()
+
+    def ready_on(self, conn):
+        """Whether `conn` is open and already carries this client's session parameters."""
+        return (conn.applied is self.desired or conn.applied == self.desired) and not conn.closed
 
     def screen(self, data):
         """Captured Query/Parse texts the prefilter clears pass here; the rest go to inspect()."""
@@ -172,8 +176,7 @@ class ClientRelay:
             waiter = entry[1]
             if isinstance(waiter, ClientRelay) and entry[0] == server.key:
                 client = waiter
-                if (client.state == STATE_READY and client.waiting and not server.closed
-                        and (server.applied is client.desired or server.applied == client.desired)):
+                if client.state == STATE_READY and client.waiting and client.ready_on(server):
                     client.borrow_entry = None
                     client._attach(server)
                     return

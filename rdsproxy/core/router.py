@@ -57,24 +57,23 @@ class Router:
         writer = self.group.writer()
         return writer if writer in self.pools else None
 
-    def route(self, client) -> None:
-        """Point a client that just logged in at the pool that fits its role, so its first
-        borrow can take an idle connection in the relay without asking here."""
-        target = self.target_for(client.route_role)
-        if target is not None:
-            pool = self.pools[target]
-            client.pool = pool
-            client.pool_core = pool.core
+    def route(self, client, role: str | None = None):
+        """Point `client` at the pool of the target that fits its role now (a client that
+        just logged in: its first borrow can then take an idle connection in the relay
+        without asking here). The pool, or None when no target fits."""
+        target = self.target_for(client.route_role if role is None else role)
+        if target is None:
+            return None
+        pool = client.pool = self.pools[target]
+        client.pool_core = pool.core
+        return pool
 
     def acquire(self, role: str, key, waiter):
         """Like Pool.acquire, through the pool of the target that fits `role` now."""
-        target = self.target_for(role)
-        if target is None:
+        pool = self.route(waiter, role)
+        if pool is None:
             self._wait(role, key, waiter)
             return None
-        pool = self.pools[target]
-        waiter.pool = pool
-        waiter.pool_core = pool.core
         return pool.acquire(key, waiter)
 
     def _hopeless(self) -> bool:

@@ -127,20 +127,14 @@ class PostgresEngine(BaseEngine):
             params = dict(self.defaults.get(key, {}))
             params.update(desired)
             block = b"".join(pg.parameter_status(k, v) for k, v in params.items())
-            if len(cache) >= 1024:  # clients with ever-new application_names: stay bounded
-                cache.clear()
-            cache[(key, desired)] = block
+            _keep(cache, (key, desired), block)
         return block
 
     def remember_startup(self, raw: bytes, session: tuple) -> None:
         # Packets arrive before authentication: bound what anyone can make us keep
         # (1024 packets of at most 1 KiB; real ones are about 100 bytes).
-        if len(raw) > 1024:
-            return
-        cache = self.startup_sessions
-        if len(cache) >= 1024:  # ever-new application_names
-            cache.clear()
-        cache[raw] = session
+        if len(raw) <= 1024:
+            _keep(self.startup_sessions, raw, session)
 
     # -- cancel requests ---------------------------------------------------------------
     def register_cancel_key(self, client) -> tuple[int, int]:
@@ -179,6 +173,14 @@ class PostgresEngine(BaseEngine):
         except (OSError, asyncio.TimeoutError) as exc:
             log.warning("cannot forward cancel request to %s: %s", server.target_name, exc)
 
+
+
+def _keep(cache: dict, key, value, limit: int = 1024) -> None:
+    """Cache `value`; start afresh when full (clients with ever-new application_names
+    must not make these caches grow without bound)."""
+    if len(cache) >= limit:
+        cache.clear()
+    cache[key] = value
 
 
 def _first_column(datarow: bytes) -> str:
