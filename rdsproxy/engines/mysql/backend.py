@@ -13,6 +13,7 @@ import asyncio
 import logging
 
 from ..._fastpath import PURE_PYTHON_FORCED
+from ...core.sessions import ServerSide
 from . import protocol as p
 from .login import DEFAULT_CAPABILITIES, LoginError, ServerLogin
 from .protocol import ProtocolViolation, ServerError
@@ -46,7 +47,7 @@ COLLATIONS = {
 }
 
 
-class ServerConnection(asyncio.Protocol):
+class ServerConnection(ServerSide, asyncio.Protocol):
     """One database connection; see the module docstring."""
 
     def __init__(self, loop, target_name: str, address: tuple[str, int], *, max_payload: int):
@@ -161,14 +162,6 @@ class ServerConnection(asyncio.Protocol):
             client.on_server_lost(self)
         elif self.pool is not None and not was_closed:
             self.pool.idle_connection_lost(self)
-
-    def pause_writing(self):
-        if self.client is not None and self.client.transport is not None:
-            self.client.transport.pause_reading()
-
-    def resume_writing(self):
-        if self.client is not None and self.client.transport is not None:
-            self.client.transport.resume_reading()
 
     def _unsolicited(self, packets):
         for _seq, payload in packets:

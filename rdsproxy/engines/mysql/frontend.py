@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 from ...auth import mysql as auth
 from ...auth.iam import TokenError, verify_token
-from ...core.pool import BorrowTimeout, PoolClosed
+from ...core.pool import BorrowTimeout
 from ...core.router import UNROUTED
+from ...core.sessions import ClientSide
 from . import pinning
 from . import protocol as p
 from .backend import BUSY, COLLATIONS
@@ -88,7 +89,7 @@ def err(code_state, message: str, capabilities: int = p.CLIENT_PROTOCOL_41) -> b
     return p.ErrPacket(code, message, state).build(capabilities)
 
 
-class ClientSession(asyncio.Protocol):
+class ClientSession(ClientSide, asyncio.Protocol):
     """One MySQL client of the proxy, from its greeting to its last byte."""
 
     borrow_entry = None
@@ -160,12 +161,7 @@ class ClientSession(asyncio.Protocol):
     # -- asyncio.Protocol --------------------------------------------------------------
     def connection_made(self, transport):
         self.transport = transport
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        self.peer_host = peer[0] if isinstance(peer, tuple) else "localhost"
-        sock = transport.get_extra_info("sockname")
-        if isinstance(sock, tuple):
-            self.local_host, self.local_port = sock[0], sock[1]
+        self.note_addresses(transport, unknown_host="localhost")
         engine = self.engine
         if not engine.client_connected(self):
             log.warning("client %s refused: max_client_connections (%d) reached", self.peer,
@@ -256,14 +252,6 @@ class ClientSession(asyncio.Protocol):
         self.queue.clear()
         if self in self.engine.clients:
             self.engine.client_gone(self)
-
-    def pause_writing(self):
-        if self.server is not None and self.server.transport is not None:
-            self.server.transport.pause_reading()
-
-    def resume_writing(self):
-        if self.server is not None and self.server.transport is not None:
-            self.server.transport.resume_reading()
 
     # -- replies -------------------------------------------------------------------------
     def _reply_seq(self) -> int:
@@ -838,17 +826,6 @@ class ClientSession(asyncio.Protocol):
             pool.core.forget(True)
             conn.close()
         self.borrow()
-
-    def borrow(self) -> None:
-        self.waiting = True
-        self.borrow_deadline = None
-        try:
-            conn = self.engine.router.acquire(self.route_role, self.key, self)
-        except PoolClosed as exc:
-            self.on_borrow_error(exc)
-            return
-        if conn is not None:
-            self.on_connection(conn)
 
     def on_connection(self, conn) -> None:
         self.waiting = False

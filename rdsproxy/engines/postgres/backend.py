@@ -9,6 +9,7 @@ from ..._fastpath import FramingError, MessageScanner, ServerRelay, split_messag
 from ..._fastpath.relay_py import MODE_RELAY
 from ...auth.md5 import md5_response
 from ...auth.scram import ScramClient, ScramError
+from ...core.sessions import ServerSide
 from . import protocol as pg
 
 log = logging.getLogger("rdsproxy.backend")
@@ -31,7 +32,7 @@ class ServerError(Exception):
         return self.fields.get("C", "08000")
 
 
-class ServerConnection(ServerRelay, asyncio.Protocol):
+class ServerConnection(ServerRelay, ServerSide, asyncio.Protocol):
     """One PostgreSQL connection. In RELAY mode its bytes go straight to the attached client."""
 
     def __init__(self, loop, target_name: str, address: tuple[str, int], *,
@@ -102,14 +103,6 @@ class ServerConnection(ServerRelay, asyncio.Protocol):
             client.on_server_lost(self)
         elif self.pool is not None and not was_closed:
             self.pool.idle_connection_lost(self)
-
-    def pause_writing(self):
-        if self.client is not None:
-            self.client.transport.pause_reading()
-
-    def resume_writing(self):
-        if self.client is not None:
-            self.client.transport.resume_reading()
 
     # -- login -------------------------------------------------------------------------
     async def login(self, database: str, params: dict[str, str]) -> None:

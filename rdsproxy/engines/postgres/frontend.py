@@ -16,8 +16,9 @@ from ..._fastpath.relay_py import STATE_READY, UNSYNCED_MASK
 from ...auth.iam import TokenError, verify_token
 from ...auth.md5 import md5_verify
 from ...auth.scram import ScramError, ScramServer
-from ...core.pool import BorrowTimeout, PoolClosed
+from ...core.pool import BorrowTimeout
 from ...core.router import UNROUTED
+from ...core.sessions import ClientSide
 from . import protocol as pg
 from .backend import ServerError
 from .pinning import LOAD, PREFILTER, STARTUP_OPTIONS
@@ -96,7 +97,7 @@ def startup_session(params: dict) -> tuple:
     return user, database, options, (user, database, options), tuple(sorted(desired.items()))
 
 
-class ClientConnection(ClientRelay, asyncio.Protocol):
+class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
     """One client of the proxy, from its first byte to its last."""
 
     _syncing = None
@@ -140,12 +141,7 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
     # -- asyncio.Protocol --------------------------------------------------------------
     def connection_made(self, transport):
         self.transport = transport
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        self.peer_host = peer[0] if isinstance(peer, tuple) else str(peer)
-        sock = transport.get_extra_info("sockname")
-        if isinstance(sock, tuple):
-            self.local_host, self.local_port = sock[0], sock[1]
+        self.note_addresses(transport)
         if not self.engine.client_connected(self):
             # As PostgreSQL does at max_connections: the answer waits for the startup packet.
             self.refused = True
@@ -186,14 +182,6 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
         self.pending = []
         self.engine.client_gone(self)
 
-    def pause_writing(self):
-        if self.server is not None and self.server.transport is not None:
-            self.server.transport.pause_reading()
-
-    def resume_writing(self):
-        if self.server is not None and self.server.transport is not None:
-            self.server.transport.resume_reading()
-
     # -- the relay's slow paths --------------------------------------------------------
     def framing_error(self, exc):
         self.engine.metrics.ProtocolErrors += 1
@@ -233,18 +221,8 @@ class ClientConnection(ClientRelay, asyncio.Protocol):
             self.engine.pinned_sessions += 1
         log.debug("client %s (user %s) pinned: %s", self.peer, self.user, reason)
 
-    def borrow(self):
-        self.waiting = True
-        self.borrow_deadline = None
-        try:
-            conn = self.engine.router.acquire(self.route_role, self.key, self)
-        except PoolClosed as exc:
-            self.on_borrow_error(exc)
-            return
-        if conn is not None:
-            self.on_connection(conn)
-        # Otherwise the client's bytes gather in `pending` until a connection is ours; the
-        # relay pauses reading only if they pile up (two syscalls saved per wait).
+    # borrow() is ClientSide's. While it waits, the client's bytes gather in `pending`; the
+    # relay pauses reading only if they pile up (two syscalls saved per wait).
 
     def on_connection(self, conn):
         """The pool hands over a connection (at once, or after a wait)."""

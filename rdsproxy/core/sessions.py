@@ -1,0 +1,67 @@
+"""What every engine's client and server sessions do alike, whatever their wire protocol.
+
+Mixins, listed before asyncio.Protocol among a session class's bases (whose flow-control
+methods are no-ops). A client session supplies `engine`, `server`, `route_role`, `key`,
+`on_connection(conn)` and `on_borrow_error(exc)`; a server connection supplies `client`.
+"""
+from __future__ import annotations
+
+from .pool import PoolClosed
+
+
+def _pause_reading(peer) -> None:
+    if peer is not None and peer.transport is not None:
+        peer.transport.pause_reading()
+
+
+def _resume_reading(peer) -> None:
+    if peer is not None and peer.transport is not None:
+        peer.transport.resume_reading()
+
+
+class ClientSide:
+    __slots__ = ()
+
+    def note_addresses(self, transport, unknown_host: str | None = None) -> None:
+        """peer ("host:port"), peer_host, local_host and local_port of a new connection.
+        A peer without an address is named by `unknown_host`, or else by what it is."""
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer, self.peer_host = f"{peer[0]}:{peer[1]}", peer[0]
+        else:
+            self.peer = str(peer)
+            self.peer_host = self.peer if unknown_host is None else unknown_host
+        sock = transport.get_extra_info("sockname")
+        if isinstance(sock, tuple):
+            self.local_host, self.local_port = sock[0], sock[1]
+
+    def borrow(self) -> None:
+        """A connection for this client's next request: now (on_connection) or later
+        (on_connection or on_borrow_error), through the router."""
+        self.waiting = True
+        self.borrow_deadline = None  # a new borrow gets a new deadline
+        try:
+            conn = self.engine.router.acquire(self.route_role, self.key, self)
+        except PoolClosed as exc:
+            self.on_borrow_error(exc)
+            return
+        if conn is not None:
+            self.on_connection(conn)
+
+    # asyncio flow control: while the client cannot keep up, stop reading from its server.
+    def pause_writing(self) -> None:
+        _pause_reading(self.server)
+
+    def resume_writing(self) -> None:
+        _resume_reading(self.server)
+
+
+class ServerSide:
+    __slots__ = ()
+
+    # asyncio flow control: while the server cannot keep up, stop reading from its client.
+    def pause_writing(self) -> None:
+        _pause_reading(self.client)
+
+    def resume_writing(self) -> None:
+        _resume_reading(self.client)
