@@ -34,6 +34,7 @@ from typing import Awaitable, Callable
 log = logging.getLogger("rdsproxy.targets")
 
 __all__ = ["TargetState", "Role", "ProbeResult", "ProbeError", "Target", "TargetGroup", "probe_failure",
+           "run_probe",
            "CONNECTION_FAILED", "AUTH_FAILURE", "PENDING_PROXY_CAPACITY", "UNREACHABLE",
            "INVALID_REPLICATION_STATE"]
 
@@ -106,6 +107,28 @@ class ProbeError(Exception):
         super().__init__(description)
         self.reason = reason
         self.description = description
+
+
+async def run_probe(connect, ask, classify, timeout: float, loop=None) -> ProbeResult:
+    """The frame of every engine's health check. `connect()` opens a logged-in connection
+    (within `timeout`, its own business); `ask(conn)` gets the ProbeResult in what is left
+    of `timeout` (raising ProbeError for an answer it cannot read); the connection is always
+    closed. Any other failure becomes the ProbeError `classify(exc, stage)` returns, stage
+    being "connect" or "health query"."""
+    loop = loop or asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        conn = await connect()
+    except BaseException as exc:
+        raise classify(exc, "connect") from None
+    try:
+        return await asyncio.wait_for(ask(conn), max(0.001, deadline - loop.time()))
+    except ProbeError:
+        raise
+    except BaseException as exc:
+        raise classify(exc, "health query") from None
+    finally:
+        conn.close()
 
 
 @dataclass(eq=False)  # identity semantics: targets are dict keys of their checker tasks

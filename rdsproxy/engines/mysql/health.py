@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 
 from ...core.targets import (AUTH_FAILURE, CONNECTION_FAILED, ProbeError, ProbeResult, Role,
-                             Target, probe_failure)
+                             Target, probe_failure, run_probe)
 from . import protocol as p
 from .backend import first_row, open_server_connection
 from .login import LoginError
@@ -34,21 +34,19 @@ async def probe(target: Target, *, user: str, password: str, database: str | Non
     logged-in connection (the engine learns the server's version and capabilities)."""
     loop = loop or asyncio.get_running_loop()
     where = f"{target.host}:{target.port}"
-    deadline = loop.time() + timeout
-    try:
-        conn = await open_server_connection(
+
+    def connect():
+        return open_server_connection(
             loop, target.name, target.host, target.port, user=user, password=password,
             database=database, capabilities=p.CLIENT_DEPRECATE_EOF, charset=p.CHARSET_UTF8MB4,
             timeout=timeout, max_payload=_MAX_PAYLOAD, ssl_context=ssl_context,
             program=PROBE_MARK)
-    except BaseException as exc:
-        _raise_classified(exc, where, timeout, "connect")
-    try:
+
+    async def ask(conn) -> ProbeResult:
         if on_server is not None:
             on_server(conn)
         packets: list = []
-        await asyncio.wait_for(conn.query(p.com_query(PROBE_SQL), packets),
-                               max(0.001, deadline - loop.time()))
+        await conn.query(p.com_query(PROBE_SQL), packets)
         try:
             read_only, innodb_read_only, max_conn = first_row(packets, conn.capabilities)
             reader = read_only not in (b"0", None) or innodb_read_only not in (b"0", None)
@@ -57,21 +55,14 @@ async def probe(target: Target, *, user: str, password: str, database: str | Non
         except (ValueError, TypeError, p.ProtocolViolation) as exc:
             raise ProbeError(CONNECTION_FAILED,
                              f"{where}: unexpected health query answer: {exc}") from None
-    except ProbeError:
-        raise
-    except BaseException as exc:
-        _raise_classified(exc, where, timeout, "health query")
-    finally:
-        conn.close()
 
+    def classify(exc: BaseException, stage: str) -> ProbeError:
+        if isinstance(exc, ServerError):
+            reason = AUTH_FAILURE if exc.code in _AUTH_CODES else CONNECTION_FAILED
+            return ProbeError(reason, f"{where}: {exc.message} (error {exc.code}, "
+                                      f"SQLSTATE {exc.sqlstate})")
+        if isinstance(exc, LoginError):
+            return ProbeError(CONNECTION_FAILED, f"{where}: {exc}")
+        return probe_failure(exc, where, timeout, stage)
 
-def _raise_classified(exc: BaseException, where: str, timeout: float, stage: str):
-    if isinstance(exc, asyncio.CancelledError):
-        raise exc
-    if isinstance(exc, ServerError):
-        reason = AUTH_FAILURE if exc.code in _AUTH_CODES else CONNECTION_FAILED
-        raise ProbeError(reason, f"{where}: {exc.message} (error {exc.code}, "
-                                 f"SQLSTATE {exc.sqlstate})") from None
-    if isinstance(exc, LoginError):
-        raise ProbeError(CONNECTION_FAILED, f"{where}: {exc}") from None
-    raise probe_failure(exc, where, timeout, stage) from None
+    return await run_probe(connect, ask, classify, timeout, loop)

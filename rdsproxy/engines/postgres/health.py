@@ -18,7 +18,7 @@ import struct
 from typing import Awaitable, Callable
 
 from ...core.targets import (AUTH_FAILURE, CONNECTION_FAILED, ProbeError, ProbeResult, Role,
-                             Target, probe_failure)
+                             Target, probe_failure, run_probe)
 from .backend import ServerError, open_server_connection
 
 __all__ = ["probe", "make_probe", "PROBE_SQL"]
@@ -52,22 +52,19 @@ async def probe(target: Target, *, user: str, password: str, database: str, time
     """Log in to `target` (by host name, resolved now), ask its role and max_connections."""
     loop = loop or asyncio.get_running_loop()
     where = f"{target.host}:{target.port}"
-    deadline = loop.time() + timeout
-    try:
-        conn = await open_server_connection(
+
+    def connect():
+        return open_server_connection(
             loop, target.name, target.host, target.port, user=user, password=password,
             database=database, params={"application_name": application_name},
             timeout=timeout, max_message_size=_MAX_MESSAGE, ssl_context=ssl_context,
             tls_mode=tls_mode)
-    except BaseException as exc:
-        _raise_classified(exc, where, timeout, "connect")
-    try:
+
+    async def ask(conn) -> ProbeResult:
         rows: list = []
-        await asyncio.wait_for(conn.query_internal(PROBE_SQL, rows),
-                               max(0.001, deadline - loop.time()))
+        await conn.query_internal(PROBE_SQL, rows)
         if len(rows) != 1:
-            raise ProbeError(CONNECTION_FAILED,
-                             f"{where}: health query returned {len(rows)} rows")
+            raise ProbeError(CONNECTION_FAILED, f"{where}: health query returned {len(rows)} rows")
         try:
             in_recovery, max_conn = parse_datarow(rows[0])
             role = Role.READER if in_recovery == b"t" else Role.WRITER
@@ -75,24 +72,15 @@ async def probe(target: Target, *, user: str, password: str, database: str, time
         except (ValueError, TypeError, struct.error) as exc:
             raise ProbeError(CONNECTION_FAILED,
                              f"{where}: unexpected health query answer: {exc}") from None
-    except ProbeError:
-        raise
-    except BaseException as exc:
-        _raise_classified(exc, where, timeout, "health query")
-    finally:
-        conn.close()
 
+    def classify(exc: BaseException, stage: str) -> ProbeError:
+        if isinstance(exc, ServerError):
+            state = exc.sqlstate
+            reason = AUTH_FAILURE if state.startswith("28") else CONNECTION_FAILED
+            return ProbeError(reason, f"{where}: {exc.fields.get('M', str(exc))} (SQLSTATE {state})")
+        return probe_failure(exc, where, timeout, stage)
 
-def _raise_classified(exc: BaseException, where: str, timeout: float, stage: str):
-    if isinstance(exc, asyncio.CancelledError):
-        raise exc
-    if isinstance(exc, ServerError):
-        state = exc.sqlstate
-        msg = exc.fields.get("M", str(exc))
-        if state.startswith("28"):
-            raise ProbeError(AUTH_FAILURE, f"{where}: {msg} (SQLSTATE {state})") from None
-        raise ProbeError(CONNECTION_FAILED, f"{where}: {msg} (SQLSTATE {state})") from None
-    raise probe_failure(exc, where, timeout, stage) from None
+    return await run_probe(connect, ask, classify, timeout, loop)
 
 
 def make_probe(*, user: str, password: str, database: str = "postgres", timeout: float,
