@@ -20,6 +20,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from ...core.sql import split_statements
+
 LONG_STATEMENT = "statement_over_16kb"
 LOCK_TABLES = "lock_tables"
 GET_LOCK = "get_lock"
@@ -126,22 +128,6 @@ def _tokens(text: str):
     return out, xcomment
 
 
-def _split(tokens):
-    statements, current = [], []
-    for tok in tokens:
-        if tok == (PUNCT, ";"):
-            if current:
-                statements.append(current)
-            current = []
-        elif tok == (PUNCT, "/"):    # stray half of a closing "*/" of an executable comment
-            current.append(tok)
-        else:
-            current.append(tok)
-    if current:
-        statements.append(current)
-    return statements
-
-
 def _word(stmt, i):
     return stmt[i][1] if i < len(stmt) and stmt[i][0] == WORD else None
 
@@ -176,7 +162,7 @@ class Rules:
     def _analyze(self, text: str) -> Verdict:
         tokens, xcomment = _tokens(text)
         verdict = Verdict()
-        statements = _split(tokens)
+        statements = split_statements(tokens, (PUNCT, ";"))
         verdict.statements = len(statements)
         read_only = True
         reasons = []

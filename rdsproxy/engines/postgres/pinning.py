@@ -2,6 +2,7 @@
 import re
 
 from ..._fastpath import KeywordScanner
+from ...core.sql import split_statements
 
 SET_VARIABLE = "set_variable"
 PREPARED_STATEMENT = "prepared_statement"
@@ -148,21 +149,6 @@ def _tokenize(text):
         append((_PUNCT, ch))
         pos += 1
     return tokens
-
-
-def _statements(tokens):
-    statements = []
-    current = []
-    for tok in tokens:
-        if tok[0] == _PUNCT and tok[1] == ";":
-            if current:
-                statements.append(current)
-            current = []
-        else:
-            current.append(tok)
-    if current:
-        statements.append(current)
-    return statements
 
 
 def _word(tokens, i):
@@ -356,7 +342,7 @@ class PinningRules:
 
     def _analyze(self, text, nesting, plpgsql=False):
         excluded = self._excluded
-        for stmt in _statements(_tokenize(text)):
+        for stmt in split_statements(_tokenize(text), (_PUNCT, ";")):
             starts = [0]
             if plpgsql:
                 starts += [k + 1 for k, tok in enumerate(stmt)
