@@ -11,6 +11,6 @@ cdef class ResponseScanner:
     cpdef reset(self)
 
     @cython.locals(n=Py_ssize_t, pos=Py_ssize_t, length=Py_ssize_t, body=Py_ssize_t,
-                   end=Py_ssize_t, base=Py_ssize_t, rows=Py_ssize_t, in_rows=bint, deprecate=bint, first=int,
+                   end=Py_ssize_t, base=Py_ssize_t, rows=Py_ssize_t, in_rows=bint, deprecate=bint, passed=bint, first=int,
                    buf='const unsigned char *')
     cpdef Py_ssize_t scan(self, bytes data, object tracker) except -2

@@ -67,15 +67,10 @@ class ResponseScanner:
             length = buf[pos] | (buf[pos + 1] << 8) | (buf[pos + 2] << 16)
             body = pos + 4
             end = body + length
-            if self.continued:
-                self.continued = length == 0xFFFFFF
-                if end > n:
-                    self.skip = end - n
-                    tracker.rows += rows
-                    return -1
-                pos = end
-                continue
-            if in_rows and length:
+            # Packets the tracker need not see (a fragment's continuation, a row) are
+            # stepped over, their bodies skipped across chunks without being buffered.
+            passed = self.continued
+            if not passed and in_rows and length:
                 if body >= n:
                     self.partial = data[pos:]
                     tracker.rows += rows
@@ -83,13 +78,15 @@ class ResponseScanner:
                 first = buf[body]
                 if first < 0xFE or (first == 0xFE and (length >= 0xFFFFFF if deprecate else length >= 9)):
                     rows += 1
-                    self.continued = length == 0xFFFFFF
-                    if end > n:
-                        self.skip = end - n
-                        tracker.rows += rows
-                        return -1
-                    pos = end
-                    continue
+                    passed = True
+            if passed:
+                self.continued = length == 0xFFFFFF
+                if end > n:
+                    self.skip = end - n
+                    tracker.rows += rows
+                    return -1
+                pos = end
+                continue
             if end > n:
                 self.partial = data[pos:]
                 tracker.rows += rows
