@@ -22,9 +22,12 @@ from collections import deque
 
 import uvloop
 
+from rdsproxy._fastpath import split_messages
 from rdsproxy.auth.md5 import md5_response
+from rdsproxy.engines.postgres.protocol import message
 
-_HEADER = struct.Struct("!ci")
+AUTH_OK = b"\0\0\0\0"
+AUTH_MD5 = b"\0\0\0\x05"
 READY_IDLE_TAIL = b"Z\x00\x00\x00\x05I"
 TERMINATE = b"X\x00\x00\x00\x04"
 
@@ -69,29 +72,23 @@ class ServerSide(asyncio.Protocol):
         self._login()
 
     def _login(self):
-        messages, pos = [], 0
-        while pos + 5 <= len(self.buf):
-            mtype, length = _HEADER.unpack_from(self.buf, pos)
-            if pos + 1 + length > len(self.buf):
-                break
-            messages.append((mtype, self.buf[pos:pos + 1 + length]))
-            pos += 1 + length
-        self.buf = self.buf[pos:]
-        for mtype, raw in messages:
-            if mtype == b"E":
-                self.ready.set_exception(ConnectionError(raw[5:].replace(b"\0", b" ").decode()))
+        messages, used = split_messages(self.buf)
+        self.buf = self.buf[used:]
+        for mtype, payload in messages:
+            if mtype == ord("E"):
+                self.ready.set_exception(ConnectionError(payload.replace(b"\0", b" ").decode()))
                 return
-            if mtype == b"R" and raw[5:9] == struct.pack("!i", 5):  # md5 request
-                answer = md5_response(self.floor.password, self.floor.user, raw[9:13]) + b"\0"
-                self.transport.write(b"p" + struct.pack("!i", len(answer) + 4) + answer)
-            elif mtype == b"R" and raw[5:9] not in (b"\0\0\0\0",):
+            if mtype == ord("R") and payload[:4] == AUTH_MD5:
+                answer = md5_response(self.floor.password, self.floor.user, payload[4:8]) + b"\0"
+                self.transport.write(message(b"p", answer))
+            elif mtype == ord("R") and payload[:4] != AUTH_OK:
                 self.ready.set_exception(ConnectionError("the floor speaks md5 or trust only"))
                 return
-            elif mtype == b"Z":
+            elif mtype == ord("Z"):
                 if not self.floor.greeting:
-                    statuses = b"".join(r for t, r in messages if t == b"S")
-                    self.floor.greeting = (struct.pack("!ci", b"R", 8) + b"\0\0\0\0" + statuses
-                                           + b"K\0\0\0\x0c" + os.urandom(8) + raw)
+                    statuses = b"".join(message(b"S", p) for t, p in messages if t == ord("S"))
+                    self.floor.greeting = (message(b"R", AUTH_OK) + statuses
+                                           + message(b"K", os.urandom(8)) + message(b"Z", payload))
                 self.ready.set_result(None)
 
 
@@ -110,7 +107,7 @@ class ClientSide(asyncio.Protocol):
         if not self.logged_in:
             if not self.salt:  # the startup packet
                 self.salt = os.urandom(4)
-                self.transport.write(b"R\0\0\0\x0c\0\0\0\x05" + self.salt)
+                self.transport.write(message(b"R", AUTH_MD5 + self.salt))
                 return
             expected = md5_response(self.floor.password, self.floor.user, self.salt) + b"\0"
             if not hmac.compare_digest(data[5:], expected):
