@@ -13,7 +13,7 @@ import orjson
 
 from . import __version__, _fastpath
 from .config import ConfigError, config_from_dict, load_config
-from .proxy import Proxy
+from .proxy import Proxy, engine_class
 from .secrets import SecretError
 
 log = logging.getLogger("rdsproxy")
@@ -176,10 +176,9 @@ def describe_targets(config_path, as_json):
 
 async def _probe_targets(config) -> list[dict]:
     """One health check of every target, from this process (no proxy running)."""
-    from .engines.postgres.engine import PostgresEngine
     from .core.metrics import Metrics
 
-    engine = PostgresEngine(config, Metrics(), asyncio.get_running_loop())
+    engine = engine_class(config)(config, Metrics(), asyncio.get_running_loop())
     engine.load_tls()
     await engine.aload_accounts()
     if engine.group.loop is None:

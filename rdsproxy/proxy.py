@@ -23,6 +23,15 @@ def _as_config(config) -> ProxyConfig:
     raise TypeError(f"config must be a ProxyConfig, a dict or a path, not {type(config).__name__}")
 
 
+def engine_class(config: ProxyConfig):
+    """The engine that speaks `config.engine_family`'s protocol (imported on demand)."""
+    if config.engine_family == "MYSQL":
+        from .engines.mysql.engine import MysqlEngine
+        return MysqlEngine
+    from .engines.postgres.engine import PostgresEngine
+    return PostgresEngine
+
+
 class Proxy:
     """`async with Proxy(config) as proxy:` serves until the block ends.
 
@@ -47,12 +56,7 @@ class Proxy:
     async def start(self) -> "Proxy":
         loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
-        if self.config.engine_family == "MYSQL":
-            from .engines.mysql.engine import MysqlEngine
-            self.engine = MysqlEngine(self.config, self.metrics, loop)
-        else:
-            from .engines.postgres.engine import PostgresEngine
-            self.engine = PostgresEngine(self.config, self.metrics, loop)
+        self.engine = engine_class(self.config)(self.config, self.metrics, loop)
         try:
             await self.engine.start()
             for endpoint in self.config.endpoints:

@@ -9,6 +9,8 @@ so each server gets the table the clients use.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 
@@ -145,3 +147,36 @@ def test_writer_goes_away_clients_wait_for_the_new_one(writer_and_reader, start_
     # after the server had it); the rest only waited.
     print("mysql failover:", results["ok"], "ok,", len(results["errors"]), "errors", results["errors"][:3])
     assert len(results["errors"]) <= 8, results["errors"][:5]
+
+
+def test_describe_targets_cli_checks_mysql_targets_as_mysql(writer_and_reader, tmp_path):
+    """Without an admin endpoint the CLI checks each target itself, with the engine the
+    config names (it used to speak PostgreSQL to MySQL targets)."""
+    writer, reader = writer_and_reader
+    secret = tmp_path / "secret.json"
+    secret.write_text(json.dumps({"username": APP, "password": APP_PW, "dbname": APP_DB}))
+    config = tmp_path / "mysql.toml"
+    config.write_text(f"""
+name = "cli-mysql"
+engine_family = "MYSQL"
+[[auth]]
+secret = "file:{secret}"
+client_password_auth_type = "MYSQL_NATIVE_PASSWORD"
+[[targets]]
+name = "writer"
+host = "{writer.host}"
+port = {writer.port}
+[[targets]]
+name = "reader"
+host = "{reader.host}"
+port = {reader.port}
+[[endpoints]]
+name = "rw"
+listen = "127.0.0.1:0"
+""")
+    out = subprocess.run([sys.executable, "-m", "rdsproxy", "describe-targets", "--config", str(config),
+                          "--json"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    roles = {t["RdsResourceId"]: (t["Role"], t["TargetHealth"]["State"])
+             for t in json.loads(out.stdout)["Targets"]}
+    assert roles == {"writer": ("READ_WRITE", "AVAILABLE"), "reader": ("READ_ONLY", "AVAILABLE")}
