@@ -58,9 +58,12 @@ def check(runs: list[dict] | dict, baseline: dict,
                    "measurements. Re-baseline:")
         out.append("!!!   python3 -m bench.gate RUN1.json RUN2.json ci/bench_baseline.json --rebaseline")
         out.append("!" * 78)
-    impl = results.get("targets", {}).get(cand, {}).get("implementation")
-    if cand.endswith("cython") and impl and impl != "cython":
-        out.append(f"WARNING: {cand} ran the '{impl}' twins (Cython fast path not built)")
+    impls = {r.get("targets", {}).get(cand, {}).get("implementation") for r in runs}
+    if cand.endswith("cython") and impls != {"cython"}:
+        # Measuring the twins under the Cython label would gate nothing that matters.
+        out.append(f"GATE FAILED: {cand} ran {sorted(map(str, impls))}, not only Cython (the "
+                   "fast path did not build: see the build log in the report)")
+        return False, "\n".join(out)
     if baseline.get("implementation") and baseline["implementation"] != "cython" \
             and cand.endswith("cython"):
         out.append(f"WARNING: the baseline was measured with the '{baseline['implementation']}' "
