@@ -11,6 +11,9 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 FASTPATH_MODULES = ["framing", "pool", "keywords", "relay", "mysql_framing"]
+# Written in Cython itself (system calls the pure twin makes through the event loop), and
+# built only where they compile: the client-socket reactor needs Linux's epoll.
+NATIVE_MODULES = ["reactor"] if sys.platform.startswith("linux") else []
 
 
 class OptionalBuildExt(build_ext):
@@ -46,14 +49,15 @@ def fastpath_extensions():
         return []
     here = os.path.dirname(os.path.abspath(__file__))
     extensions = []
-    for name in FASTPATH_MODULES:
-        source = f"rdsproxy/_fastpath/{name}_py.py"
-        pxd = f"rdsproxy/_fastpath/{name}_c.pxd"
+    sources = [(name, f"rdsproxy/_fastpath/{name}_py.py", f"rdsproxy/_fastpath/{name}_c.pxd")
+               for name in FASTPATH_MODULES]
+    sources += [(name, f"rdsproxy/_fastpath/{name}_c.pyx", None) for name in NATIVE_MODULES]
+    for name, source, pxd in sources:
         if not os.path.exists(os.path.join(here, source)):
             continue
         # The module is named *_c but compiled from *_py.py: Cython then looks for the pxd
         # by the module name (*_c.pxd) and names the init function PyInit_<name>_c.
-        ext = Extension(f"rdsproxy._fastpath.{name}_c", [source], depends=[pxd])
+        ext = Extension(f"rdsproxy._fastpath.{name}_c", [source], depends=[pxd] if pxd else [])
         try:
             extensions += cythonize(
                 [ext],
@@ -68,7 +72,8 @@ def fastpath_extensions():
                 },
                 # Cython's dependency scan looks for <source>.pxd (*_py.pxd), so it would
                 # miss edits to *_c.pxd: regenerate the C file when the pxd is newer.
-                force=_newer(os.path.join(here, pxd), os.path.join(here, source[:-3] + ".c")),
+                force=bool(pxd) and _newer(os.path.join(here, pxd),
+                                           os.path.join(here, source[:-3] + ".c")),
                 quiet=True,
             )
         except Exception as exc:

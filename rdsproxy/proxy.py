@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from . import _fastpath
+from ._fastpath import reactor_py
 from .config import ProxyConfig, config_from_dict, load_config
 from .core.metrics import Metrics
 
@@ -59,10 +60,13 @@ class Proxy:
         self.engine = engine_class(self.config)(self.config, self.metrics, loop)
         try:
             await self.engine.start()
+            engine = self.engine
             for endpoint in self.config.endpoints:
-                server = await loop.create_server(
-                    self.engine.client_factory(endpoint), endpoint.host, endpoint.port,
-                    reuse_address=True, backlog=4096)
+                sockets = reactor_py.listening_sockets(
+                    endpoint.host, endpoint.port, client_speaks_first=engine.client_speaks_first)
+                server = await engine.client_reactor.serve(
+                    loop, engine.client_factory(endpoint), sockets,
+                    client_speaks_first=engine.client_speaks_first)
                 self._servers.append(server)
                 sock = server.sockets[0]
                 self.addresses[endpoint.name] = sock.getsockname()[:2]
@@ -78,7 +82,9 @@ class Proxy:
         except BaseException:
             await self.stop(drain=False)
             raise
-        log.info("proxy %s started (fast path: %s)", self.config.name, _fastpath.IMPLEMENTATION)
+        log.info("proxy %s started (fast path: %s; client sockets: %s)", self.config.name,
+                 _fastpath.IMPLEMENTATION, getattr(self.engine.client_reactor, "IMPLEMENTATION",
+                                                   "event loop transports"))
         return self
 
     async def stop(self, drain: bool = True) -> None:

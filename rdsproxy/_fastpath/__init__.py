@@ -26,6 +26,17 @@ else:
     from . import relay_py as relay
     IMPLEMENTATION = "python"
 
+# The client-socket reactor compiles only where epoll exists: elsewhere (and in pure mode)
+# the loop's own transports serve clients, whatever the other modules are.
+reactor = None
+if IMPLEMENTATION == "cython":
+    try:
+        from . import reactor_c as reactor
+    except ImportError:
+        pass
+if reactor is None:
+    from . import reactor_py as reactor
+
 MessageScanner = framing.MessageScanner
 FramingError = framing.FramingError  # the same class in both twins (errors.py)
 split_messages = framing.split_messages
@@ -34,5 +45,5 @@ KeywordScanner = keywords.KeywordScanner
 ClientRelay = relay.ClientRelay
 ServerRelay = relay.ServerRelay
 
-__all__ = ["IMPLEMENTATION", "MessageScanner", "FramingError", "split_messages", "PoolCore",
+__all__ = ["IMPLEMENTATION", "reactor", "MessageScanner", "FramingError", "split_messages", "PoolCore",
            "KeywordScanner", "ClientRelay", "ServerRelay"]

@@ -58,6 +58,7 @@ class ClientRelay:
         # connection dies first, the engine may send them again elsewhere (failover).
         self.replay = None
         self.borrow_entry = None  # our place in a pool's queue of waiters
+        self.transport = None
 
     def data_received(self, data):
         if self.state != STATE_READY:

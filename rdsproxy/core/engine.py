@@ -15,6 +15,11 @@ parts:
   probe(target) -> ProbeResult                                  (coroutine)
                           the health check: is the target up, and what is its role
   forget_client(client)   drop per-client indexes (cancel keys, connection ids)
+  client_reactor          the module that accepts and serves its client sockets
+                          (rdsproxy._fastpath.reactor_py or the C reactor); the default is
+                          the event loop's own transports
+  client_speaks_first     the client sends the first bytes (then a connection is accepted
+                          only once they have arrived: TCP_DEFER_ACCEPT)
 
 Clients offer fatal(sqlstate, text), replay_request(), report_server_lost(server) and the
 relay attributes read here (state, activity, outstanding, waiting, server, pinned_server,
@@ -27,6 +32,7 @@ import logging
 import os
 
 from .. import tls as tlsmod
+from .._fastpath import reactor_py
 from ..auth.iam import Principal
 from ..auth.throttle import LoginThrottle
 from ..secrets import SecretCache, SecretError, read_principal_secret, read_secret
@@ -59,6 +65,8 @@ class BaseEngine:
     client_class = None
     ready_state = None
     closed_state = None
+    client_reactor = reactor_py
+    client_speaks_first = False
 
     def __init__(self, config, metrics, loop):
         self.config = config
@@ -165,9 +173,8 @@ class BaseEngine:
         reason logged and the session told it is lost."""
         loop = self.loop
         try:
-            handshake = loop.create_task(loop.start_tls(
-                raw, client, self.server_ssl, server_side=True,
-                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT))
+            handshake = loop.create_task(self.client_reactor.start_tls(
+                loop, raw, client, self.server_ssl, TLS_HANDSHAKE_TIMEOUT))
             if early:
                 # start_tls installs its protocol in its first step and schedules that
                 # protocol's connection_made: feed it the early bytes right after.

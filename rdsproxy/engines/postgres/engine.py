@@ -11,6 +11,7 @@ import os
 import struct
 from dataclasses import dataclass
 
+from ... import _fastpath
 from ...auth.scram import ScramSecret, make_server_key_material
 from ...core.engine import BaseEngine
 from ...core.targets import AUTH_FAILURE, ProbeError, Target
@@ -40,6 +41,8 @@ class PostgresEngine(BaseEngine):
     """Everything PostgreSQL-specific the proxy core needs, for one target group."""
 
     client_class = ClientConnection
+    client_reactor = _fastpath.reactor   # the C reactor where built (see reactor_c.pyx)
+    client_speaks_first = True
     ready_state = READY
     closed_state = CLOSED
     rules_capture_limit = RULES_CAPTURE_LIMIT

@@ -140,6 +140,10 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
 
     # -- asyncio.Protocol --------------------------------------------------------------
     def connection_made(self, transport):
+        if self.transport is not None:
+            # The C reactor handed the socket to the loop for TLS: the same connection,
+            # now on the TLS transport (upgrade_client_tls takes it from here).
+            return
         self.transport = transport
         self.note_addresses(transport)
         if not self.engine.client_connected(self):

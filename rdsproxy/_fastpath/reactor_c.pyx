@@ -1,0 +1,690 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Client sockets without the event loop's transports: the C twin of `reactor_py` (Linux).
+
+Why: a short-lived client (a Lambda invocation, pgbench -C) costs the proxy one accepted
+socket, four small reads and writes and a close. Through uvloop's transports each of those
+steps goes through libuv callbacks that re-take the GIL, a weak-value registry of
+transports written in Python, and a scheduled handle for connection_made: about 50 us of
+user CPU per connection before the proxy's own work, three times what PgBouncer spends in
+all. Here the endpoint's accepted sockets live in one epoll set of the reactor's own, and
+that set is a single reader of the loop: one callback serves every client that is ready,
+and reads, writes, accepts and closes are plain system calls on the descriptors.
+
+FdTransport offers what asyncio protocols use of a transport (write, writelines, close,
+abort, is_closing, pause/resume_reading, get_extra_info, flow control, write_eof), with
+asyncio's semantics: data_received with bytes, eof_received, connection_lost scheduled
+with call_soon after the close. TLS is handed to the loop (start_tls below): the socket
+leaves the reactor and becomes one of the loop's own transports.
+"""
+import socket as _socket
+
+# Linux only (epoll), where EWOULDBLOCK is EAGAIN.
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.ref cimport PyObject, Py_DECREF, Py_INCREF
+from libc.errno cimport EAGAIN, ECONNABORTED, EINTR, EMFILE, ENFILE, ENOBUFS, ENOMEM, EPROTO, errno
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcpy, memset, strerror
+
+from rdsproxy._fastpath.reactor_py import BACKLOG, Listening
+
+cdef extern from "<sys/types.h>":
+    ctypedef long ssize_t
+
+cdef extern from "<unistd.h>" nogil:
+    int c_close "close"(int fd)
+
+cdef extern from "<sys/epoll.h>" nogil:
+    ctypedef union epoll_data_t:
+        void *ptr
+        int fd
+        unsigned int u32
+        unsigned long long u64
+    cdef struct epoll_event:
+        unsigned int events
+        epoll_data_t data
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
+    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
+    enum:
+        EPOLLIN
+        EPOLLOUT
+        EPOLLERR
+        EPOLLHUP
+        EPOLL_CTL_ADD
+        EPOLL_CTL_MOD
+        EPOLL_CTL_DEL
+        EPOLL_CLOEXEC
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    cdef struct sockaddr:
+        unsigned short sa_family
+    cdef struct sockaddr_storage:
+        unsigned short ss_family
+    int accept4(int sockfd, sockaddr *addr, socklen_t *addrlen, int flags)
+    ssize_t recv(int sockfd, void *buf, size_t len, int flags)
+    ssize_t send(int sockfd, const void *buf, size_t len, int flags)
+    int setsockopt(int sockfd, int level, int optname, const void *optval, socklen_t optlen)
+    int getsockname(int sockfd, sockaddr *addr, socklen_t *addrlen)
+    int shutdown(int sockfd, int how)
+    enum:
+        SOCK_NONBLOCK
+        SOCK_CLOEXEC
+        MSG_NOSIGNAL
+        SHUT_WR
+        AF_INET
+        AF_INET6
+
+cdef extern from "<netinet/in.h>" nogil:
+    enum:
+        IPPROTO_TCP
+    cdef struct in_addr:
+        pass
+    cdef struct in6_addr:
+        pass
+    cdef struct sockaddr_in:
+        unsigned short sin_family
+        unsigned short sin_port
+        in_addr sin_addr
+    cdef struct sockaddr_in6:
+        unsigned short sin6_family
+        unsigned short sin6_port
+        unsigned int sin6_flowinfo
+        in6_addr sin6_addr
+        unsigned int sin6_scope_id
+    unsigned short ntohs(unsigned short)
+    unsigned int ntohl(unsigned int)
+
+cdef extern from "<netinet/tcp.h>" nogil:
+    enum:
+        TCP_NODELAY
+
+cdef extern from "<arpa/inet.h>" nogil:
+    const char *inet_ntop(int af, const void *src, char *dst, socklen_t size)
+
+cdef enum:
+    MAX_EVENTS = 256        # events taken per wakeup
+    RECV_SIZE = 262144      # one read's buffer, shared by the reactor's transports (as libuv's)
+    ACCEPT_BATCH = 128      # connections accepted per wakeup before serving the others
+    HIGH_WATER = 65536      # asyncio's default write-buffer limits
+    LOW_WATER = 16384
+    ADDR_SIZE = 28          # sizeof(struct sockaddr_in6): the largest address we accept
+
+IMPLEMENTATION = "epoll"
+
+
+cdef object _address(const char *raw, socklen_t size):
+    """A socket address as Python's socket module reports it."""
+    cdef char text[64]
+    cdef const sockaddr_in *v4
+    cdef const sockaddr_in6 *v6
+    if size == 0:
+        return None
+    family = (<const sockaddr *>raw).sa_family
+    if family == AF_INET:
+        v4 = <const sockaddr_in *>raw
+        inet_ntop(AF_INET, &v4.sin_addr, text, sizeof(text))
+        return (text.decode("ascii"), ntohs(v4.sin_port))
+    if family == AF_INET6:
+        v6 = <const sockaddr_in6 *>raw
+        inet_ntop(AF_INET6, &v6.sin6_addr, text, sizeof(text))
+        return (text.decode("ascii"), ntohs(v6.sin6_port), ntohl(v6.sin6_flowinfo),
+                v6.sin6_scope_id)
+    return None
+
+
+cdef inline object _os_error(int err):
+    # OSError(errno, text) is the right subclass already (ConnectionResetError, ...).
+    return OSError(err, strerror(err).decode("utf-8", "replace"))
+
+
+cdef class Reactor:
+    """One epoll set of accepted client sockets (and the listening ones), served by one
+    reader callback of the event loop."""
+    cdef int epfd
+    cdef object loop
+    cdef epoll_event *events
+    cdef char *rbuf
+    # fd -> the Listener or FdTransport registered for it (a strong reference), so an event
+    # is always looked up afresh: a descriptor closed earlier in the same batch finds NULL.
+    cdef PyObject **slots
+    cdef int nslots
+    cdef Py_ssize_t transports
+    cdef Py_ssize_t listeners
+    cdef bint registered
+    cdef object idle_waiters
+
+    def __cinit__(self):
+        self.epfd = -1
+
+    def __init__(self, loop):
+        self.loop = loop
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self.epfd < 0:
+            raise _os_error(errno)
+        self.events = <epoll_event *>malloc(sizeof(epoll_event) * MAX_EVENTS)
+        self.rbuf = <char *>malloc(RECV_SIZE)
+        if self.events == NULL or self.rbuf == NULL:
+            raise MemoryError()
+        self.idle_waiters = []
+        loop.add_reader(self.epfd, self._ready)
+        self.registered = True
+
+    def __dealloc__(self):
+        cdef int fd
+        if self.slots != NULL:
+            for fd in range(self.nslots):
+                if self.slots[fd] != NULL:
+                    Py_DECREF(<object>self.slots[fd])
+            free(self.slots)
+        if self.epfd >= 0:
+            c_close(self.epfd)
+        free(self.events)
+        free(self.rbuf)
+
+    cdef int _watch(self, int fd, object handler, unsigned int events) except -1:
+        cdef epoll_event ev
+        cdef int size
+        cdef PyObject **grown
+        if fd >= self.nslots:
+            size = self.nslots * 2 if self.nslots else 1024
+            while size <= fd:
+                size *= 2
+            grown = <PyObject **>realloc(self.slots, sizeof(PyObject *) * size)
+            if grown == NULL:
+                raise MemoryError()
+            memset(grown + self.nslots, 0, sizeof(PyObject *) * (size - self.nslots))
+            self.slots = grown
+            self.nslots = size
+        memset(&ev, 0, sizeof(ev))
+        ev.events = events
+        ev.data.fd = fd
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+            raise _os_error(errno)
+        Py_INCREF(handler)
+        self.slots[fd] = <PyObject *>handler
+        return 0
+
+    cdef int _change(self, int fd, unsigned int events) except -1:
+        cdef epoll_event ev
+        memset(&ev, 0, sizeof(ev))
+        ev.events = events
+        ev.data.fd = fd
+        if epoll_ctl(self.epfd, EPOLL_CTL_MOD, fd, &ev) < 0:
+            raise _os_error(errno)
+        return 0
+
+    cdef void _forget(self, int fd, bint unwatch):
+        """Drop `fd`'s handler; `unwatch` also takes it out of the epoll set (a descriptor
+        that is closed right after leaves it by itself)."""
+        cdef PyObject *handler
+        if unwatch:
+            epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, NULL)
+        if 0 <= fd < self.nslots and self.slots[fd] != NULL:
+            handler = self.slots[fd]
+            self.slots[fd] = NULL
+            Py_DECREF(<object>handler)
+
+    def _ready(self):
+        """The loop's reader callback: serve every descriptor that is ready."""
+        cdef int n, i, fd
+        cdef unsigned int ev
+        cdef FdTransport transport
+        n = epoll_wait(self.epfd, self.events, MAX_EVENTS, 0)
+        if n < 0:
+            if errno != EINTR:
+                self.loop.call_exception_handler({"message": "reactor: epoll_wait failed",
+                                                  "exception": _os_error(errno)})
+            return
+        for i in range(n):
+            fd = self.events[i].data.fd
+            ev = self.events[i].events
+            if fd >= self.nslots or self.slots[fd] == NULL:
+                continue  # closed earlier in this batch
+            handler = <object>self.slots[fd]
+            if type(handler) is FdTransport:
+                transport = <FdTransport>handler
+                if ev & EPOLLOUT:
+                    transport._write_ready()
+                if ev & (EPOLLIN | EPOLLHUP | EPOLLERR) and transport.fd == fd:
+                    # A hang-up or error is confirmed by the read itself (a reused
+                    # descriptor may carry a stale event: then the read finds nothing).
+                    transport._read_ready()
+            else:
+                (<Listener>handler)._accept_ready()
+
+    cdef void _transport_done(self):
+        self.transports -= 1
+        self._maybe_retire()
+
+    cdef void _maybe_retire(self):
+        """With no listener and no transport left the reactor leaves the loop."""
+        if self.transports > 0 or self.listeners > 0:
+            return
+        waiters, self.idle_waiters = self.idle_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        if self.registered:
+            self.registered = False
+            try:
+                self.loop.remove_reader(self.epfd)
+            except Exception:  # noqa: BLE001 - the loop is closing
+                pass
+            c_close(self.epfd)
+            self.epfd = -1
+
+    async def wait_idle(self):
+        if self.transports > 0 or self.listeners > 0:
+            waiter = self.loop.create_future()
+            self.idle_waiters.append(waiter)
+            await waiter
+
+
+cdef class Listener:
+    """A listening socket of the reactor; each accepted connection gets a protocol from
+    `factory` and an FdTransport."""
+    cdef Reactor reactor
+    cdef object sock
+    cdef object factory
+    cdef int fd
+    cdef bint closed
+    cdef bint read_first
+
+    def __init__(self, Reactor reactor, sock, factory, bint read_first):
+        self.reactor = reactor
+        self.sock = sock
+        self.factory = factory
+        self.fd = sock.fileno()
+        self.read_first = read_first
+        reactor._watch(self.fd, self, EPOLLIN)
+        reactor.listeners += 1
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        self.reactor._forget(self.fd, True)
+        self.sock.close()
+        self.reactor.listeners -= 1
+        self.reactor._maybe_retire()
+
+    def _resume_accepting(self):
+        if not self.closed:
+            self.reactor._change(self.fd, EPOLLIN)
+
+    cdef void _accept_ready(self):
+        cdef sockaddr_storage addr
+        cdef socklen_t size
+        cdef int fd, err, i, one = 1
+        for i in range(ACCEPT_BATCH):
+            size = sizeof(addr)
+            fd = accept4(self.fd, <sockaddr *>&addr, &size, SOCK_NONBLOCK | SOCK_CLOEXEC)
+            if fd < 0:
+                err = errno
+                if err == EAGAIN:
+                    return
+                if err == EINTR or err == ECONNABORTED or err == EPROTO:
+                    continue  # that one connection is gone; others may wait
+                if err == EMFILE or err == ENFILE or err == ENOBUFS or err == ENOMEM:
+                    # Out of descriptors or memory: stop accepting for a second rather
+                    # than spin on a listener that stays readable.
+                    self.reactor.loop.call_exception_handler({
+                        "message": "reactor: cannot accept connections; pausing for 1 s",
+                        "exception": _os_error(err)})
+                    try:
+                        self.reactor._change(self.fd, 0)
+                        self.reactor.loop.call_later(1.0, self._resume_accepting)
+                    except OSError:
+                        pass
+                    return
+                self.reactor.loop.call_exception_handler({
+                    "message": "reactor: accept failed", "exception": _os_error(err)})
+                return
+            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+            self._connection(fd, <const char *>&addr, size)
+
+    cdef void _connection(self, int fd, const char *addr, socklen_t size):
+        cdef FdTransport transport = FdTransport.__new__(FdTransport)
+        cdef Reactor reactor = self.reactor
+        transport.fd = fd
+        transport.reactor = reactor
+        transport.interest = EPOLLIN
+        if size > ADDR_SIZE:
+            size = 0
+        memcpy(transport.peer, addr, size)
+        transport.peer_size = size
+        try:
+            protocol = self.factory()
+            reactor._watch(fd, transport, EPOLLIN)
+        except BaseException as exc:
+            c_close(fd)
+            transport.fd = -1
+            reactor.loop.call_exception_handler({
+                "message": "reactor: cannot serve an accepted connection", "exception": exc})
+            return
+        reactor.transports += 1
+        transport.protocol = protocol
+        try:
+            protocol.connection_made(transport)
+        except BaseException as exc:
+            transport._protocol_failed(exc, "connection_made")
+            return
+        if self.read_first and transport.interest & EPOLLIN:
+            # TCP_DEFER_ACCEPT: the first bytes are here already; serve them in this wakeup.
+            transport._read_ready()
+
+
+cdef class FdTransport:
+    """An accepted TCP connection of the reactor, as an asyncio transport."""
+    cdef int fd
+    cdef Reactor reactor
+    cdef object protocol
+    cdef unsigned int interest      # the epoll events asked for
+    cdef bint closing
+    cdef bint lost                  # connection_lost scheduled (or the socket detached)
+    cdef bint reading_paused
+    cdef bint protocol_paused
+    cdef bint eof_pending           # write_eof() once the buffer is sent
+    cdef bytearray wbuf             # what the kernel did not take yet
+    cdef Py_ssize_t high_water
+    cdef Py_ssize_t low_water
+    cdef char peer[ADDR_SIZE]
+    cdef socklen_t peer_size
+    cdef object sockname
+
+    def __cinit__(self):
+        self.fd = -1
+        self.high_water = HIGH_WATER
+        self.low_water = LOW_WATER
+
+    def __repr__(self):
+        return f"<FdTransport fd={self.fd} closing={bool(self.closing)}>"
+
+    # -- reading ------------------------------------------------------------------------
+    cdef void _read_ready(self):
+        cdef ssize_t n
+        cdef int err
+        if self.closing or self.reading_paused:
+            return
+        n = recv(self.fd, self.reactor.rbuf, RECV_SIZE, 0)
+        if n > 0:
+            data = PyBytes_FromStringAndSize(self.reactor.rbuf, n)
+            try:
+                self.protocol.data_received(data)
+            except BaseException as exc:
+                self._protocol_failed(exc, "data_received")
+        elif n == 0:
+            self._eof()
+        else:
+            err = errno
+            if err != EAGAIN and err != EINTR:
+                self._finish(_os_error(err))
+
+    cdef void _eof(self):
+        try:
+            keep_open = self.protocol.eof_received()
+        except BaseException as exc:
+            self._protocol_failed(exc, "eof_received")
+            return
+        if keep_open and not self.closing:
+            self.reading_paused = True   # half-closed: a readable EOF would wake us forever
+            self._set_interest(self.interest & ~EPOLLIN)
+        else:
+            self.close()
+
+    def pause_reading(self):
+        if self.closing or self.reading_paused:
+            return
+        self.reading_paused = True
+        self._set_interest(self.interest & ~EPOLLIN)
+
+    def resume_reading(self):
+        if self.closing or not self.reading_paused:
+            return
+        self.reading_paused = False
+        self._set_interest(self.interest | EPOLLIN)
+
+    def is_reading(self):
+        return not self.closing and not self.reading_paused
+
+    cdef void _set_interest(self, unsigned int events):
+        if events == self.interest or self.fd < 0:
+            return
+        self.interest = events
+        try:
+            self.reactor._change(self.fd, events)
+        except OSError as exc:
+            self._finish(exc)
+
+    # -- writing ------------------------------------------------------------------------
+    cpdef write(self, data):
+        cdef const char *p
+        cdef Py_ssize_t size
+        cdef Py_buffer view
+        if self.closing or self.fd < 0:
+            return  # as asyncio: writes after close() are dropped
+        if PyBytes_CheckExact(data):
+            p = PyBytes_AS_STRING(data)
+            size = PyBytes_GET_SIZE(data)
+            self._write(p, size, data)
+        else:
+            PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+            try:
+                self._write(<const char *>view.buf, view.len, None)
+            finally:
+                PyBuffer_Release(&view)
+
+    cdef void _write(self, const char *p, Py_ssize_t size, object whole):
+        cdef ssize_t n = 0
+        cdef int err
+        if size == 0:
+            return
+        if self.wbuf is None or not self.wbuf:
+            n = send(self.fd, p, size, MSG_NOSIGNAL)
+            if n == size:
+                return
+            if n < 0:
+                err = errno
+                if err != EAGAIN and err != EINTR:
+                    self._finish(_os_error(err))
+                    return
+                n = 0
+            if self.wbuf is None:
+                self.wbuf = bytearray()
+            self._set_interest(self.interest | EPOLLOUT)
+        self.wbuf += p[n:size]
+        if not self.protocol_paused and len(self.wbuf) > self.high_water:
+            self.protocol_paused = True
+            try:
+                self.protocol.pause_writing()
+            except BaseException as exc:
+                self._protocol_failed(exc, "pause_writing")
+
+    def writelines(self, chunks):
+        self.write(b"".join(chunks))
+
+    cdef void _write_ready(self):
+        cdef ssize_t n
+        cdef int err
+        if self.fd < 0 or self.wbuf is None or not self.wbuf:
+            self._set_interest(self.interest & ~EPOLLOUT)
+            return
+        n = send(self.fd, <char *>self.wbuf, len(self.wbuf), MSG_NOSIGNAL)
+        if n < 0:
+            err = errno
+            if err != EAGAIN and err != EINTR:
+                self.wbuf.clear()
+                self._finish(_os_error(err))
+            return
+        del self.wbuf[:n]
+        if self.protocol_paused and len(self.wbuf) <= self.low_water:
+            self.protocol_paused = False
+            try:
+                self.protocol.resume_writing()
+            except BaseException as exc:
+                self._protocol_failed(exc, "resume_writing")
+                return
+        if self.wbuf:
+            return
+        self._set_interest(self.interest & ~EPOLLOUT)
+        if self.closing:
+            self._finish(None)
+        elif self.eof_pending:
+            self.eof_pending = False
+            shutdown(self.fd, SHUT_WR)
+
+    def get_write_buffer_size(self):
+        return len(self.wbuf) if self.wbuf is not None else 0
+
+    def get_write_buffer_limits(self):
+        return (self.low_water, self.high_water)
+
+    def set_write_buffer_limits(self, high=None, low=None):
+        if high is None:
+            high = HIGH_WATER if low is None else 4 * low
+        if low is None:
+            low = high // 4
+        if not high >= low >= 0:
+            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+        self.high_water = high
+        self.low_water = low
+
+    def can_write_eof(self):
+        return True
+
+    def write_eof(self):
+        if self.closing or self.fd < 0:
+            return
+        if self.wbuf:
+            self.eof_pending = True
+        else:
+            shutdown(self.fd, SHUT_WR)
+
+    # -- closing ------------------------------------------------------------------------
+    def is_closing(self):
+        return self.closing
+
+    cpdef close(self):
+        if self.closing:
+            return
+        self.closing = True
+        if self.wbuf:
+            self._set_interest(EPOLLOUT)   # flush what is buffered, then close
+        else:
+            self._finish(None)
+
+    def abort(self):
+        self.closing = True
+        if self.wbuf is not None:
+            self.wbuf.clear()
+        self._finish(None)
+
+    cdef void _finish(self, exc):
+        """Close the descriptor now; connection_lost(exc) follows from the loop."""
+        cdef int fd = self.fd
+        self.closing = True
+        if fd < 0:
+            return
+        self.fd = -1
+        self.reactor._forget(fd, False)   # close() takes it out of the epoll set
+        c_close(fd)
+        if not self.lost:
+            self.lost = True
+            self.reactor.loop.call_soon(self._connection_lost, exc)
+
+    def _connection_lost(self, exc):
+        protocol, self.protocol = self.protocol, None
+        try:
+            protocol.connection_lost(exc)
+        except BaseException as err:
+            self.reactor.loop.call_exception_handler({
+                "message": "reactor: protocol.connection_lost() failed", "exception": err,
+                "transport": self, "protocol": protocol})
+        finally:
+            self.reactor._transport_done()
+
+    cdef void _protocol_failed(self, exc, what):
+        """A protocol callback raised: report it and drop the connection (asyncio's rule)."""
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            self.abort()
+            raise exc
+        self.reactor.loop.call_exception_handler({
+            "message": f"reactor: protocol.{what}() failed", "exception": exc,
+            "transport": self, "protocol": self.protocol})
+        self.abort()
+
+    cdef int _detach(self) except -2:
+        """Take the socket out of the reactor without closing it; returns the descriptor."""
+        cdef int fd = self.fd
+        if fd < 0 or self.wbuf:
+            return -1
+        self.fd = -1
+        self.closing = True
+        self.lost = True
+        self.reactor._forget(fd, True)
+        self.reactor._transport_done()
+        return fd
+
+    # -- the rest of the transport API ----------------------------------------------------
+    def get_extra_info(self, name, default=None):
+        cdef sockaddr_storage addr
+        cdef socklen_t size
+        if name == "peername":
+            return _address(self.peer, self.peer_size)
+        if name == "sockname":
+            if self.sockname is None and self.fd >= 0:
+                size = sizeof(addr)
+                if getsockname(self.fd, <sockaddr *>&addr, &size) == 0:
+                    self.sockname = _address(<const char *>&addr, size)
+            return self.sockname if self.sockname is not None else default
+        return default
+
+    def get_protocol(self):
+        return self.protocol
+
+    def set_protocol(self, protocol):
+        self.protocol = protocol
+
+
+async def serve(loop, protocol_factory, sockets, *, bint client_speaks_first=False):
+    """Accept connections on `sockets` (from reactor_py.listening_sockets) in one reactor."""
+    reactor = Reactor(loop)
+    listeners = [Listener(reactor, sock, protocol_factory, client_speaks_first)
+                 for sock in sockets]
+    return Listening([_ReactorServer(reactor, listeners)], sockets)
+
+
+class _ReactorServer:
+    """close() stops accepting; wait_closed() waits for the accepted connections to end."""
+
+    def __init__(self, reactor, listeners):
+        self._reactor = reactor
+        self._listeners = listeners
+
+    def close(self):
+        for listener in self._listeners:
+            listener.close()
+
+    async def wait_closed(self):
+        await self._reactor.wait_idle()
+
+
+async def start_tls(loop, transport, protocol, sslcontext, handshake_timeout):
+    """Server-side TLS: the socket leaves the reactor and the loop runs the handshake on it
+    (uvloop's start_tls only accepts its own transports). The protocol then sees
+    connection_made(tls_transport), data_received, connection_lost from the loop."""
+    if type(transport) is not FdTransport:
+        return await loop.start_tls(transport, protocol, sslcontext, server_side=True,
+                                    ssl_handshake_timeout=handshake_timeout)
+    peer = transport.get_extra_info("peername")
+    fd = (<FdTransport>transport)._detach()
+    if fd < 0:
+        raise ConnectionError("connection closed (or still writing) before the TLS handshake")
+    family = _socket.AF_INET6 if peer is not None and len(peer) == 4 else _socket.AF_INET
+    sock = _socket.socket(family, _socket.SOCK_STREAM, 0, fileno=fd)
+    tls_transport, _ = await loop.connect_accepted_socket(
+        lambda: protocol, sock, ssl=sslcontext, ssl_handshake_timeout=handshake_timeout)
+    return tls_transport
