@@ -172,6 +172,7 @@ class TargetGroup:
         self._tasks: dict[Target, asyncio.Task] = {}
         self._started = False
         self._split: set[Target] = set()    # writers of the current split-brain episode
+        self._writer: Target | None = None  # see writer()
         # Replaced on every change; waiters hold the old one, so one set() wakes them all.
         self._changed = asyncio.Event()
         for t in targets:
@@ -251,9 +252,9 @@ class TargetGroup:
 
     # -- routing -----------------------------------------------------------------------
     def writer(self) -> Target | None:
-        """The one AVAILABLE writer; None when there is none or more than one (split brain)."""
-        writers = self._available_writers()
-        return writers[0] if len(writers) == 1 else None
+        """The one AVAILABLE writer; None when there is none or more than one (split brain).
+        Every login routes through here: it is worked out in _recompute, after each change."""
+        return self._writer
 
     def readers(self) -> list[Target]:
         return [t for t in self._targets
@@ -409,7 +410,7 @@ class TargetGroup:
 
     def _recompute(self) -> None:
         """Split-brain bookkeeping, then wake every waiter (something changed)."""
-        writers = self._available_writers()
+        writers = self._refresh_writer()
         if len(writers) >= 2:
             names = ", ".join(f"{t.name} ({t.endpoint})" for t in writers)
             text = (f"split brain: {len(writers)} AVAILABLE targets report role READ_WRITE "
@@ -439,7 +440,14 @@ class TargetGroup:
         return [t for t in self._targets
                 if t.state is TargetState.AVAILABLE and t.role is Role.WRITER]
 
+    def _refresh_writer(self) -> list[Target]:
+        """writer() after a change of state, role or membership; the available writers."""
+        writers = self._available_writers()
+        self._writer = writers[0] if len(writers) == 1 else None
+        return writers
+
     def _emit(self, target: Target, what: str) -> None:
+        self._refresh_writer()   # what the callback reads must already be true
         if self.on_change is None:
             return
         try:
