@@ -176,23 +176,24 @@ def test_repeated_startup_packets_share_one_parse_but_not_their_settings(proxy_f
     """Short-lived clients reuse the parse of an identical startup packet; a packet that
     differs in any parameter is parsed for itself and keeps its own settings."""
     proxy = proxy_factory(max_connections_percent=2)
-    sessions = proxy.proxy.engine.startup_sessions
+    plans = proxy.proxy.engine.startup_plans
     for round_ in range(3):
         for name in ("lambda-a", "lambda-b"):
             with psycopg.connect(proxy.dsn(application_name=name), autocommit=True) as conn:
                 assert conn.execute("show application_name").fetchone()[0] == name
                 assert conn.execute("select current_user").fetchone()[0] == APP_USER
-    mine = [s for s in sessions.values() if dict(s[4]).get("application_name", "").startswith("lambda-")]
+    mine = [p.session for p in plans.values()
+            if dict(p.desired).get("application_name", "").startswith("lambda-")]
     assert sorted(dict(s[4])["application_name"] for s in mine) == ["lambda-a", "lambda-b"]
     assert all(s[0] == APP_USER and s[3] == (APP_USER, APP_DB, "") for s in mine)
     # Packets come before authentication, so what is kept is bounded: no packet over 1 KiB,
     # at most 1024 of them (no client is connecting while the test pokes the table).
     engine = proxy.proxy.engine
     engine.remember_startup(b"x" * 1025, mine[0])
-    assert b"x" * 1025 not in sessions
+    assert b"x" * 1025 not in plans
     for i in range(1100):
         engine.remember_startup(b"p%d" % i, mine[0])
-    assert 0 < len(sessions) <= 1024
+    assert 0 < len(plans) <= 1024
 
 
 def test_second_user_never_sees_first_users_connection(proxy_factory, pg):

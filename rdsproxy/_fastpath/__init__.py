@@ -44,6 +44,9 @@ PoolCore = pool.PoolCore
 KeywordScanner = keywords.KeywordScanner
 ClientRelay = relay.ClientRelay
 ServerRelay = relay.ServerRelay
+Entropy = relay.Entropy
+StartupPlan = relay.StartupPlan
+LoginDesk = relay.LoginDesk
 
 __all__ = ["IMPLEMENTATION", "reactor", "MessageScanner", "FramingError", "split_messages", "PoolCore",
-           "KeywordScanner", "ClientRelay", "ServerRelay"]
+           "KeywordScanner", "ClientRelay", "ServerRelay", "Entropy", "StartupPlan", "LoginDesk"]

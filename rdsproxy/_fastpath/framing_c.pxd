@@ -32,6 +32,9 @@ cdef class MessageScanner:
     cdef bint _status_next
     cdef int _status_byte
 
+    @cython.locals(twin=MessageScanner)
+    cpdef MessageScanner fresh(self)
+    cdef int _start(self) except -1
     cpdef Py_ssize_t feed(self, object data) except -1
     cpdef bint at_boundary(self)
 

@@ -59,6 +59,20 @@ class MessageScanner:
         self.captured_mask = type_mask(captured)
         self.capture_limit = capture_limit
         self.max_message_size = max_message_size
+        self._start()
+
+    def fresh(self):
+        """A new scanner with this one's settings, at the start of a stream (an engine keeps
+        one as the template of its sessions' scanners)."""
+        twin = MessageScanner.__new__(MessageScanner)
+        twin.counted_mask = self.counted_mask
+        twin.captured_mask = self.captured_mask
+        twin.capture_limit = self.capture_limit
+        twin.max_message_size = self.max_message_size
+        twin._start()
+        return twin
+
+    def _start(self):
         self.captured = []
         self.status = STATUS_IDLE
         self.last_type = 0

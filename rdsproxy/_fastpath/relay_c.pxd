@@ -9,6 +9,8 @@ from rdsproxy._fastpath.framing_c cimport MessageScanner
 from rdsproxy._fastpath.keywords_c cimport KeywordScanner
 from rdsproxy._fastpath.pool_c cimport PoolCore
 
+cdef int STATE_STARTUP
+cdef int STATE_AUTH_MD5
 cdef int STATE_READY
 cdef int MODE_RELAY
 cdef int STATUS_IDLE
@@ -20,6 +22,47 @@ cdef Py_ssize_t HOLD_LIMIT
 cdef int MSG_COPY_IN
 cdef int MSG_COPY_BOTH
 cdef bytearray UNSYNCED_MASK
+cdef int MSG_PASSWORD
+cdef Py_ssize_t MD5_PASSWORD_SIZE
+cdef bytes AUTH_MD5_REQUEST
+cdef bytes AUTH_OK_MESSAGE
+cdef bytes READY_FOR_QUERY_IDLE
+cdef bytes TERMINATE
+cdef object _BACKEND_KEY_DATA
+cdef Py_ssize_t ENTROPY_BLOCK
+
+
+cdef class Entropy:
+    cdef public object urandom
+    cdef public bytearray pool
+
+    cpdef bytes take(self, Py_ssize_t n)
+
+
+cdef class StartupPlan:
+    cdef public tuple session
+    cdef public object user
+    cdef public object database
+    cdef public object key
+    cdef public object desired
+    cdef public object account
+    cdef public bytes md5_inner
+    cdef public bytes greeting
+
+
+cdef class LoginDesk:
+    cdef public dict plans
+    cdef public dict by_pid
+    cdef public Entropy entropy
+    cdef public object metrics
+    cdef public object router
+    cdef public object unrouted
+    cdef public object throttle_entries
+    cdef public unsigned long long quick_logins
+
+    @cython.locals(key="unsigned long long", pid=long)
+    cpdef tuple register_cancel_key(self, client)
+
 
 cdef class ServerRelay
 
@@ -47,6 +90,11 @@ cdef class ClientRelay:
     cdef public object transport
     cdef public list replay
     cdef public object borrow_entry
+    cdef public object user
+    cdef public object database
+    cdef public LoginDesk logins
+    cdef public int login_step
+    cdef public StartupPlan plan
     cdef dict __dict__
 
     @cython.locals(n=Py_ssize_t, server=ServerRelay, scanner=MessageScanner, conn=ServerRelay,
@@ -57,8 +105,13 @@ cdef class ClientRelay:
     # __dict__ for a Python override, an attribute lookup plus a bound method per call.
     cdef bint ready_on(self, ServerRelay conn) except -1
 
+    @cython.locals(logins=LoginDesk, plan=StartupPlan, salt=bytes, expected=bytes, pid=long,
+                   secret="unsigned long")
+    cdef bint quick_login(self, data) except -1
+
     @cython.locals(mtype=int, payload=bytes, entry=tuple, prefilter=KeywordScanner, unpinned=bint)
     cdef screen(self, data)
+    cpdef terminate(self, data)
 
     cpdef attach(self, ServerRelay conn)
     cdef _attach(self, ServerRelay conn)

@@ -13,8 +13,19 @@ Per chunk the relay feeds the framing scanner (headers only), writes the chunk o
 unchanged (one write call), borrows an idle connection straight from the pool core when
 the client has none, and hands it back at the ReadyForQuery that answers the client's last
 request. Anything less common (opening, waiting, parameter sync) goes to the engine.
-"""
 
+Before that, the common login of a short-lived client runs here too: a startup packet seen
+before (its StartupPlan) for an md5 account, answered with the salt, then the password
+checked and the whole greeting written, two chunks and two writes with no Python frame.
+Anything else, wrong passwords included, goes to the engine's login code (startup_data)
+in the same state, so there is one set of rules and this is only its quick lane.
+"""
+from hashlib import md5 as _md5
+from hmac import compare_digest as _compare_digest
+from struct import Struct as _Struct
+
+STATE_STARTUP = 0         # the client states of frontend.py the relay needs to know
+STATE_AUTH_MD5 = 3
 STATE_READY = 5           # the client state in which bytes are relayed (frontend.READY)
 MODE_RELAY = 1            # the server mode in which bytes are relayed (backend.RELAY)
 STATUS_IDLE = 73          # ReadyForQuery 'I'
@@ -32,6 +43,76 @@ UNSYNCED_MASK = bytearray(256)
 for _t in (80, 66, 68, 69, 67, 72):  # ints: Cython iterates a bytes literal as chars
     UNSYNCED_MASK[_t] = 1
 
+# The login's messages (protocol.py builds the same for the engine's own path).
+MSG_PASSWORD = 112        # 'p'
+MD5_PASSWORD_SIZE = 41    # 'p', length 40, "md5" + 32 hex digits, NUL
+AUTH_MD5_REQUEST = b"R\x00\x00\x00\x0c\x00\x00\x00\x05"   # AuthenticationMD5Password, then the salt
+AUTH_OK_MESSAGE = b"R\x00\x00\x00\x08\x00\x00\x00\x00"
+READY_FOR_QUERY_IDLE = b"Z\x00\x00\x00\x05I"
+TERMINATE = b"X\x00\x00\x00\x04"
+_BACKEND_KEY_DATA = _Struct("!cIiI")   # 'K', length 12, pid, secret
+ENTROPY_BLOCK = 4096
+
+
+class Entropy:
+    """Bytes from the OS CSPRNG (salts, cancel secrets), drawn 4 KiB at a time so that a
+    login costs no getrandom() call of its own."""
+
+    def __init__(self, urandom):
+        self.urandom = urandom
+        self.pool = bytearray()
+
+    def take(self, n):
+        pool = self.pool
+        if len(pool) < n:
+            pool = self.pool = bytearray(self.urandom(ENTROPY_BLOCK))
+        out = bytes(pool[len(pool) - n:])
+        del pool[len(pool) - n:]
+        return out
+
+
+class StartupPlan:
+    """What one raw startup packet means, kept by the engine for the clients that send it
+    again: the session tuple (frontend.startup_session), and, when the quick lane may log
+    such a client in, the account, md5(password + user) and the greeting's parameters."""
+
+    def __init__(self, session, account=None, md5_inner=None):
+        self.session = session
+        self.user = session[0]
+        self.database = session[1]
+        self.key = session[3]
+        self.desired = session[4]
+        self.account = account
+        self.md5_inner = md5_inner   # hex digest as bytes; None: the engine's path logs in
+        self.greeting = None         # ParameterStatus block, set by the first login that knows it
+
+
+class LoginDesk:
+    """An engine's shared login state the quick lane reads: plans by raw startup packet,
+    cancel keys, entropy and the counters it moves."""
+
+    def __init__(self, entropy, metrics, router, unrouted, throttle_entries):
+        self.plans = {}
+        self.by_pid = {}
+        self.entropy = entropy
+        self.metrics = metrics
+        self.router = router
+        self.unrouted = unrouted
+        self.throttle_entries = throttle_entries   # LoginThrottle's table: empty, no work
+        self.quick_logins = 0   # logins the quick lane completed
+
+    def register_cancel_key(self, client):
+        """A (pid, secret) pair for the client's BackendKeyData, both from the CSPRNG (the
+        secret authorises a cancel; one draw serves both)."""
+        by_pid = self.by_pid
+        while True:
+            key = int.from_bytes(self.entropy.take(8), "big")
+            pid = (key >> 32) & 0x7FFFFFFF
+            if pid and pid not in by_pid:
+                break
+        by_pid[pid] = client
+        return pid, key & 0xFFFFFFFF
+
 
 class ClientRelay:
     """The client half: its bytes go to the attached server, or wait for one."""
@@ -41,6 +122,7 @@ class ClientRelay:
         self.server = None
         self.scanner = None
         self.pool_core = None
+        self.pool = None          # the pool of its last route (see Router.route)
         self.key = None
         self.desired = ()
         self.outstanding = 0
@@ -59,10 +141,20 @@ class ClientRelay:
         self.replay = None
         self.borrow_entry = None  # our place in a pool's queue of waiters
         self.transport = None
+        self.user = ""
+        self.database = ""
+        # The login's quick lane: the engine's LoginDesk (None: no quick lane), how far it
+        # got (0: nothing seen yet, 1: salt sent, -1: the engine's path has the login) and
+        # the plan it follows.
+        self.logins = None
+        self.login_step = 0
+        self.plan = None
 
     def data_received(self, data):
         if self.state != STATE_READY:
-            self.startup_data(data)
+            if self.login_step < 0 or not self.quick_login(data):
+                self.login_step = -1
+                self.startup_data(data)
             return
         self.activity += 1
         scanner = self.scanner
@@ -106,6 +198,55 @@ class ClientRelay:
         if self.terminating:
             self.close()
 
+    def quick_login(self, data):
+        """Take this chunk of the login in the quick lane; False leaves it (and the rest of
+        the login) to the engine's path, the session's state as that path expects it."""
+        logins = self.logins
+        if logins is None:
+            return False
+        if self.login_step == 0:
+            plan = logins.plans.get(data)   # the whole first chunk is a known packet
+            if plan is None or plan.md5_inner is None or plan.greeting is None:
+                return False
+            self.plan = plan
+            self.user = plan.user
+            self.database = plan.database
+            self.key = plan.key
+            self.desired = plan.desired
+            self._account = plan.account
+            logins.metrics.ClientConnectionsNoTLS += 1  # the first chunk of a TLS session is its request
+            salt = logins.entropy.take(4)
+            self._auth = salt
+            self.state = STATE_AUTH_MD5
+            self.login_step = 1
+            self.transport.write(AUTH_MD5_REQUEST + salt)
+            return True
+        if self.login_step != 1 or self.state != STATE_AUTH_MD5:
+            return False
+        if (len(data) != MD5_PASSWORD_SIZE or data[0] != MSG_PASSWORD or data[1] != 0
+                or data[2] != 0 or data[3] != 0 or data[4] != 40 or data[40] != 0):
+            return False
+        plan = self.plan
+        expected = _md5(plan.md5_inner + self._auth).hexdigest().encode("ascii")
+        # Constant time whatever byte differs; a mismatch is the engine's to report.
+        if data[5:8] != b"md5" or not _compare_digest(data[8:40], expected):
+            return False
+        self._auth = None
+        if logins.throttle_entries:
+            self.engine.throttle.record_success(self.peer_host, self.engine.loop.time())
+        pid, secret = logins.register_cancel_key(self)
+        self.pid = pid
+        self.secret = secret
+        self.state = STATE_READY
+        if self.pool_core is logins.unrouted:
+            logins.router.route(self)
+        logins.metrics.ClientConnectionsSetupSucceeded += 1
+        logins.quick_logins += 1
+        self.transport.write(b"".join((AUTH_OK_MESSAGE, plan.greeting,
+                                       _BACKEND_KEY_DATA.pack(b"K", 12, pid, secret),
+                                       READY_FOR_QUERY_IDLE)))
+        return True
+
     def ready_on(self, conn):
         """Whether `conn` is open and already carries this client's session parameters."""
         return (conn.applied is self.desired or conn.applied == self.desired) and not conn.closed
@@ -128,9 +269,17 @@ class ClientRelay:
                                  or prefilter.may_match(payload)):
                     return self.inspect(data)
             else:
-                return self.inspect(data)  # Terminate
+                captured.clear()
+                return self.terminate(data)
         captured.clear()
         return data
+
+    def terminate(self, data):
+        """The client sent Terminate: it is leaving, and nothing from that message on is
+        for the server. What of the chunk is left to send."""
+        self.terminating = True
+        end = data.rfind(TERMINATE)
+        return data[:end] if end >= 0 else b""
 
     def attach(self, conn):
         """Start relaying to `conn`, sending what the client wrote meanwhile."""

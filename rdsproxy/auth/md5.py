@@ -14,14 +14,15 @@ def md5_password_hash(password, user):
 
 
 @functools.lru_cache(maxsize=256)
-def _inner_hash(password, user):
-    # The same for every login of an account: computed once (a rotated password is a new key).
+def md5_inner_hash(password, user):
+    """hex(md5(password + user)), what a salt is hashed with. The same for every login of
+    an account: computed once (a rotated password is a new key)."""
     return _md5_hex(password.encode("utf-8") + user.encode("utf-8"))
 
 
 def md5_response(password, user, salt):
     """The PasswordMessage payload a client sends for a 4-byte salt, without the trailing NUL."""
-    return b"md5" + _md5_hex(_inner_hash(password, user) + bytes(salt))
+    return b"md5" + _md5_hex(md5_inner_hash(password, user) + bytes(salt))
 
 
 def md5_verify(password, user, salt, response):

@@ -39,6 +39,12 @@ class LoginThrottle:
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def entries(self):
+        """The table itself (read-only use): the relay's login lane skips record_success
+        while it is empty."""
+        return self._entries
+
     def _expire(self, now: float) -> None:
         entries = self._entries
         while entries:

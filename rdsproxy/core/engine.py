@@ -32,7 +32,7 @@ import logging
 import os
 
 from .. import tls as tlsmod
-from .._fastpath import reactor_py
+from .._fastpath import Entropy, reactor_py
 from ..auth.iam import Principal
 from ..auth.throttle import LoginThrottle
 from ..secrets import SecretCache, SecretError, read_principal_secret, read_secret
@@ -96,7 +96,8 @@ class BaseEngine:
         for tcfg in config.targets:
             self._add_target(tcfg)
         self.pinned_sessions = 0
-        self._entropy = bytearray()
+        # The OS CSPRNG, 4 KiB at a time: md5 salts, cancel secrets, connection ids.
+        self.entropy = Entropy(os.urandom)
         self._housekeeper = None
         self._refresher = None
         self._refreshing = None
@@ -229,6 +230,10 @@ class BaseEngine:
                 principals[akid] = Principal(akid, secret_key, tuple(entry.resources))
         self.accounts = accounts
         self.principals = principals
+        self.accounts_changed()
+
+    def accounts_changed(self) -> None:
+        """Hook: the accounts were rebuilt (a start, a secret refresh or rotation)."""
 
     async def aload_accounts(self) -> None:
         """First read of every secret, in worker threads (AWS calls must not block the loop)."""
@@ -523,14 +528,8 @@ class BaseEngine:
 
     # -- unpredictable bytes -------------------------------------------------------------
     def random_bytes(self, n: int) -> bytes:
-        """Bytes from the OS CSPRNG (md5 salts, cancel secrets), drawn 4 KiB at a time so a
-        login costs no getrandom() call of its own."""
-        pool = self._entropy
-        if len(pool) < n:
-            pool = self._entropy = bytearray(os.urandom(4096))
-        out = bytes(pool[-n:])
-        del pool[-n:]
-        return out
+        """Unpredictable bytes (md5 salts, cancel secrets) from the engine's Entropy."""
+        return self.entropy.take(n)
 
     def stats(self) -> dict:
         live_queries = sum(client.queries for client in self.clients)

@@ -23,17 +23,20 @@ class ClientSide:
     __slots__ = ()
 
     def note_addresses(self, transport, unknown_host: str | None = None) -> None:
-        """peer ("host:port"), peer_host, local_host and local_port of a new connection.
-        A peer without an address is named by `unknown_host`, or else by what it is."""
+        """peer ("host:port") and peer_host of a new connection (local_address() gives the
+        other end, when asked: only IAM tokens name it). A peer without an address is named
+        by `unknown_host`, or else by what it is."""
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.peer, self.peer_host = f"{peer[0]}:{peer[1]}", peer[0]
         else:
             self.peer = str(peer)
             self.peer_host = self.peer if unknown_host is None else unknown_host
-        sock = transport.get_extra_info("sockname")
-        if isinstance(sock, tuple):
-            self.local_host, self.local_port = sock[0], sock[1]
+
+    def local_address(self) -> tuple[str, int]:
+        """(host, port) the client reached: ("", 0) when the transport cannot tell."""
+        sock = self.transport.get_extra_info("sockname") if self.transport is not None else None
+        return (sock[0], sock[1]) if isinstance(sock, tuple) else ("", 0)
 
     def borrow(self) -> None:
         """A connection for this client's next request: now (on_connection) or later

@@ -105,7 +105,6 @@ class ClientSession(ClientSide, asyncio.Protocol):
         self.borrow_deadline = None
         self.state = STARTUP
         self.peer = self.peer_host = "?"
-        self.local_host, self.local_port = "", 0
         self.user = ""
         self.database = ""
         self.key = None
@@ -433,10 +432,11 @@ class ClientSession(ClientSide, asyncio.Protocol):
         text = response.decode("utf-8", "replace")
         if account.iam_auth == "REQUIRED" or ("/?" in text and "X-Amz-" in text):
             names = self.engine.config.iam_host_names(self.endpoint)
-            if self.local_host:
-                names.append(self.local_host)
+            local_host, local_port = self.local_address()
+            if local_host:
+                names.append(local_host)
             try:
-                principal = verify_token(text, host=names, port=self.local_port, user=self.user,
+                principal = verify_token(text, host=names, port=local_port, user=self.user,
                                          principals=self.engine.principals,
                                          region=self.engine.iam_region)
             except TokenError as exc:

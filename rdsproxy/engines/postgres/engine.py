@@ -12,8 +12,11 @@ import struct
 from dataclasses import dataclass
 
 from ... import _fastpath
+from ..._fastpath import LoginDesk, MessageScanner, StartupPlan
+from ...auth.md5 import md5_inner_hash
 from ...auth.scram import ScramSecret, make_server_key_material
 from ...core.engine import BaseEngine
+from ...core.router import UNROUTED
 from ...core.targets import AUTH_FAILURE, ProbeError, Target
 from ...secrets import Credentials
 from . import protocol as pg
@@ -51,11 +54,17 @@ class PostgresEngine(BaseEngine):
         super().__init__(config, metrics, loop)
         self.rules = PinningRules(config.target_group.session_pinning_filters)
         self.dummy_scram_secret = make_server_key_material(os.urandom(16).hex())
-        self.by_pid: dict[int, ClientConnection] = {}
         self._greetings: dict = {}
-        # Raw startup packet -> what it means (frontend.startup_session), for clients that
-        # connect again and again with the same packet.
-        self.startup_sessions: dict[bytes, tuple] = {}
+        # The template of every client's scanner (ClientConnection: .fresh() of it).
+        self.client_scanner = MessageScanner(counted=b"QSF", captured=b"QPX",
+                                             capture_limit=self.rules_capture_limit,
+                                             max_message_size=config.max_message_size)
+        # What the relay's login lane shares: StartupPlans by raw startup packet (clients
+        # that connect again and again send the same one), cancel keys (pid -> client).
+        self.logins = LoginDesk(self.entropy, metrics, self.router, UNROUTED,
+                                self.throttle.entries)
+        self.startup_plans: dict[bytes, StartupPlan] = self.logins.plans
+        self.by_pid: dict[int, ClientConnection] = self.logins.by_pid
 
     def make_account(self, creds, entry, previous) -> Account:
         if previous is not None and previous.credentials.password == creds.password:
@@ -133,23 +142,34 @@ class PostgresEngine(BaseEngine):
             _keep(cache, (key, desired), block)
         return block
 
-    def remember_startup(self, raw: bytes, session: tuple) -> None:
+    def remember_startup(self, raw: bytes, session: tuple) -> StartupPlan:
+        """The plan for a parsed startup packet, kept for the next client that sends it.
+        The relay may log such clients in itself when the account is a plain md5 one."""
+        user, _, options, _, _ = session
+        account = self.accounts.get(user)
+        quick = (account is not None and account.client_auth == "POSTGRES_MD5"
+                 and account.iam_auth == "DISABLED" and not options
+                 and not self.config.require_tls)
+        plan = StartupPlan(session, account, md5_inner_hash(account.credentials.password, user)
+                           if quick else None)
         # Packets arrive before authentication: bound what anyone can make us keep
         # (1024 packets of at most 1 KiB; real ones are about 100 bytes).
         if len(raw) <= 1024:
-            _keep(self.startup_sessions, raw, session)
+            _keep(self.startup_plans, raw, plan)
+        return plan
+
+    def stats(self) -> dict:
+        out = super().stats()
+        out["QuickLogins"] = self.logins.quick_logins   # logins the relay's C lane completed
+        return out
+
+    def accounts_changed(self) -> None:
+        # Plans hold their account (and its md5 hash): a rotation must not leave old ones.
+        self.startup_plans.clear()
 
     # -- cancel requests ---------------------------------------------------------------
     def register_cancel_key(self, client) -> tuple[int, int]:
-        # Both from the CSPRNG: the secret must not be guessable (it authorises a cancel);
-        # the pid only names the session, but one draw serves both.
-        while True:
-            key = int.from_bytes(self.random_bytes(8), "big")
-            pid = (key >> 32) & 0x7FFFFFFF
-            if pid and pid not in self.by_pid:
-                break
-        self.by_pid[pid] = client
-        return pid, key & 0xFFFFFFFF
+        return self.logins.register_cancel_key(client)
 
     def cancel(self, pid: int, secret: int, peer: str) -> None:
         self.metrics.CancelRequests += 1

@@ -11,8 +11,8 @@ import asyncio
 import hmac
 import logging
 
-from ..._fastpath import ClientRelay, MessageScanner, split_messages
-from ..._fastpath.relay_py import STATE_READY, UNSYNCED_MASK
+from ..._fastpath import ClientRelay, split_messages
+from ..._fastpath.relay_py import STATE_AUTH_MD5, STATE_READY, STATE_STARTUP, UNSYNCED_MASK
 from ...auth.iam import TokenError, verify_token
 from ...auth.md5 import md5_verify
 from ...auth.scram import ScramError, ScramServer
@@ -27,7 +27,7 @@ log = logging.getLogger("rdsproxy.client")
 
 # Client states, in the order a session goes through them.
 STARTUP, AUTH_SASL_FIRST, AUTH_SASL_FINAL, AUTH_MD5, LOGIN, READY, CLOSED, AUTH_CLEARTEXT = range(8)
-assert READY == STATE_READY
+assert (STARTUP, AUTH_MD5, READY) == (STATE_STARTUP, STATE_AUTH_MD5, STATE_READY)
 
 STATUS_IDLE = 73          # 'I'
 MSG_QUERY = 81            # 'Q'
@@ -103,40 +103,30 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
     _syncing = None
     tls = False               # the session runs over TLS
     _tls_pending = False      # 'S' sent, handshake under way
-    local_port = 0            # the endpoint port the client connected to (IAM tokens name it)
-    local_host = ""           # and the address it reached
     refused = False           # over max_client_connections: answered after its startup packet
+    # Defaults of what a session sets later (class attributes: a new client costs less).
+    # Never one of ClientRelay's C fields: a class attribute would hide the field.
+    waiting_for_route = False
+    borrow_deadline = None
+    peer = peer_host = "?"
+    pid = secret = 0          # its BackendKeyData
+    seen_activity = 0
+    _auth = None              # the login's state: a salt or a ScramServer
+    _buf = None               # bytes of the login the engine's path has not used yet
 
     def __init__(self, engine, endpoint):
-        ClientRelay.__init__(self)   # the relay's fields: server, outstanding, pending, ...
+        # The relay's fields (state STARTUP, no server, key None, desired (), ...).
+        ClientRelay.__init__(self)
         self.engine = engine
         self.endpoint = endpoint
         # The pool this client borrows from is chosen per borrow by the router (writer for
         # READ_WRITE endpoints, a reader for READ_ONLY ones); UNROUTED makes it ask.
-        self.pool = None
         self.pool_core = UNROUTED
         self.route_role = endpoint.target_role
-        self.waiting_for_route = False
-        self.borrow_deadline = None
         self.prefilter = PREFILTER
-        self.peer = "?"
-        self.peer_host = "?"
-        self.state = STARTUP
-        self.user = ""
-        self.database = ""
-        self.key = None
-        self.desired: tuple = ()      # tracked parameters as sorted (name, value) pairs
-        self.pinned_server = False
-        self.pid = 0
-        self.secret = 0
-        self.connected_at = engine.clock
-        self.last_active = engine.clock   # advanced by the housekeeper from `activity`
-        self.seen_activity = 0
-        self.scanner = MessageScanner(counted=b"QSF", captured=b"QPX",
-                                      capture_limit=engine.rules_capture_limit,
-                                      max_message_size=engine.config.max_message_size)
-        self._buf = bytearray()
-        self._auth = None
+        self.logins = engine.logins   # the relay's login lane (see relay_py.quick_login)
+        self.connected_at = self.last_active = engine.clock  # the housekeeper advances it
+        self.scanner = engine.client_scanner.fresh()
 
     # -- asyncio.Protocol --------------------------------------------------------------
     def connection_made(self, transport):
@@ -149,12 +139,15 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         if not self.engine.client_connected(self):
             # As PostgreSQL does at max_connections: the answer waits for the startup packet.
             self.refused = True
+            self.login_step = -1   # not the relay's quick lane either
             self.engine.loop.call_later(10.0, self.close)  # if no startup packet comes
 
     # data_received is the relay's (ClientRelay); before READY it calls startup_data.
     def startup_data(self, data):
         if self.state == CLOSED:
             return
+        if self._buf is None:
+            self._buf = bytearray()
         self._buf += data
         if self._tls_pending:
             # Decrypted bytes can arrive (plain asyncio) before start_tls has handed us the
@@ -197,9 +190,7 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         rules = self.engine.rules
         for mtype, payload, length in self.scanner.captured:
             if mtype == MSG_TERMINATE:
-                self.terminating = True
-                end = data.rfind(pg.TERMINATE)
-                data = data[:end] if end >= 0 else b""
+                data = self.terminate(data)
                 break
             if self.pin_reason is not None:
                 continue
@@ -424,10 +415,11 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
                 # Short-lived clients send the same startup packet again and again: reuse
                 # what the last identical one parsed to (also sharing its key and parameter
                 # tuples, so the relay's comparisons of them are identity checks).
-                session = self.engine.startup_sessions.get(bytes(self._buf))
-                if session is not None:
+                plan = self.engine.startup_plans.get(bytes(self._buf))
+                if plan is not None:
                     self._buf.clear()
-                    self._on_startup(session)
+                    self.plan = plan
+                    self._on_startup(plan.session)
                     continue
                 packet, used = pg.read_startup_packet(self._buf)
                 if packet is None:
@@ -436,19 +428,24 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
                 del self._buf[:used]
                 self._on_startup_packet(packet, raw)
             else:
-                messages, used = split_messages(self._buf)
-                if not messages:
-                    if len(self._buf) > 5 and int.from_bytes(self._buf[1:5], "big") > 65536:
-                        raise pg.ProtocolViolation("authentication message too long")
+                # One message at a time: once the login is done, what follows it (a query
+                # sent right after the password) stays in _buf for _finish_login.
+                buf = self._buf
+                if len(buf) < 5:
                     return
-                del self._buf[:used]
-                for mtype, payload in messages:
-                    if self.state in (CLOSED, LOGIN, READY):
-                        raise pg.ProtocolViolation("unexpected message during authentication")
-                    if mtype != MSG_PASSWORD:
-                        raise pg.ProtocolViolation(
-                            f"expected password response, got message type {chr(mtype)!r}")
-                    self._on_password_message(payload)
+                length = int.from_bytes(buf[1:5], "big")
+                if length > 65536:
+                    raise pg.ProtocolViolation("authentication message too long")
+                if length < 4:
+                    raise pg.ProtocolViolation(f"invalid message length {length}")
+                if len(buf) <= length:
+                    return
+                if buf[0] != MSG_PASSWORD:
+                    raise pg.ProtocolViolation(
+                        f"expected password response, got message type {chr(buf[0])!r}")
+                payload = bytes(buf[5:length + 1])
+                del buf[:length + 1]
+                self._on_password_message(payload)
 
     def _on_startup_packet(self, packet, raw):
         if packet.kind == "ssl" and self.engine.server_ssl is not None and not self.tls:
@@ -459,9 +456,8 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
             self.engine.cancel(packet.cancel_pid, packet.cancel_secret, self.peer)
             self.close()
         else:
-            session = startup_session(packet.params)
-            self.engine.remember_startup(raw, session)
-            self._on_startup(session)
+            self.plan = self.engine.remember_startup(raw, startup_session(packet.params))
+            self._on_startup(self.plan.session)
 
     def _start_tls(self):
         if self._buf:
@@ -556,10 +552,11 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
                 # The configured names, plus the address the client really reached (so an
                 # endpoint listening on 0.0.0.0 accepts tokens for its own addresses).
                 names = self.engine.config.iam_host_names(self.endpoint)
-                if self.local_host:
-                    names.append(self.local_host)
+                local_host, local_port = self.local_address()
+                if local_host:
+                    names.append(local_host)
                 principal = verify_token(text, host=names,
-                                         port=self.local_port, user=self.user,
+                                         port=local_port, user=self.user,
                                          principals=self.engine.principals,
                                          region=self.engine.iam_region)
             except TokenError as exc:
@@ -603,8 +600,11 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         if self.pool_core is UNROUTED:
             engine.router.route(self)
         engine.metrics.ClientConnectionsSetupSucceeded += 1
-        self.transport.write(b"".join((prefix, engine.parameter_statuses(self.key, self.desired),
-                                       pg.backend_key_data(self.pid, self.secret),
+        statuses = engine.parameter_statuses(self.key, self.desired)
+        plan = self.plan
+        if plan is not None and plan.greeting is None and plan.key == self.key:
+            plan.greeting = statuses   # the relay can now greet this packet's clients itself
+        self.transport.write(b"".join((prefix, statuses, pg.backend_key_data(self.pid, self.secret),
                                        pg.READY_FOR_QUERY_IDLE)))
         if self._buf:  # pipelined right after the password (libpq does not, others may)
             data, self._buf = bytes(self._buf), bytearray()
