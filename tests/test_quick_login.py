@@ -199,3 +199,58 @@ def test_a_rotated_password_takes_effect_in_the_quick_lane(md5_proxy, pg, tmp_pa
         assert quick_logins(md5_proxy) > before          # the new password, quick again
     finally:
         pg.psql(f"ALTER ROLE {APP_USER} PASSWORD '{APP_PASSWORD}'")
+
+
+# -- the lane's C pieces against their pure twins (no database) ----------------------------
+import importlib  # noqa: E402
+import random  # noqa: E402
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+RELAY = {"py": importlib.import_module("rdsproxy._fastpath.relay_py")}
+try:
+    RELAY["c"] = importlib.import_module("rdsproxy._fastpath.relay_c")
+except ImportError:  # test_fastpath fails the run when RDSPROXY_REQUIRE_CYTHON=1
+    pass
+
+
+def block_of(seed: int) -> bytes:
+    return random.Random(seed).randbytes(4096)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2 ** 32), st.lists(st.integers(1, 16), max_size=600))
+def test_entropy_hands_out_each_byte_once_alike_in_both_twins(seed, sizes):
+    block = block_of(seed)
+    outs = {}
+    for name, relay in RELAY.items():
+        blocks = iter([block, block[::-1]] * 100)
+        entropy = relay.Entropy(lambda n: next(blocks))
+        outs[name] = [entropy.take(n) for n in sizes]
+    reference = outs["py"]
+    assert all(got == reference for got in outs.values())
+    assert [len(x) for x in reference] == sizes
+    joined = b"".join(reference)
+    # Until a block runs out, the pieces are consecutive bytes of it, none used twice.
+    first = 0
+    for size in sizes:
+        if first + size > 4096:
+            break
+        first += size
+    assert joined[:first] == block[:first]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 2 ** 32))
+def test_cancel_keys_alike_in_both_twins(seed):
+    block = block_of(seed)
+    keys = {}
+    for name, relay in RELAY.items():
+        blocks = iter([block] + [bytes(range(256)) * 16] * 10)
+        desk = relay.LoginDesk(relay.Entropy(lambda n: next(blocks)), None, None, None, {})
+        keys[name] = [desk.register_cancel_key(object()) for _ in range(100)]
+        assert len(desk.by_pid) == len({pid for pid, _ in keys[name]}) == 100
+    assert all(got == keys["py"] for got in keys.values())
+    for pid, secret in keys["py"]:
+        assert 0 < pid < 2 ** 31 and 0 <= secret < 2 ** 32

@@ -391,3 +391,23 @@ def test_start_tls_hands_the_connection_to_a_tls_transport(reactor, test_ca):
         assert made[0].events.count("made") == 1 and made[0].events[-1] == "lost"
         server.close()
     run(main())
+
+
+def test_listening_sockets_pass_nodelay_to_accepted_ones():
+    from rdsproxy._fastpath.reactor_py import listening_sockets
+    speaks_first, = listening_sockets("127.0.0.1", 0, client_speaks_first=True)
+    greets_first, = listening_sockets("127.0.0.1", 0, client_speaks_first=False)
+    try:
+        assert speaks_first.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT) > 0
+        assert greets_first.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT) == 0
+        client = socket.create_connection(speaks_first.getsockname())
+        client.sendall(b"x")
+        speaks_first.setblocking(True)
+        accepted, _ = speaks_first.accept()
+        # The C reactor sets no option of its own on accepted sockets.
+        assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        accepted.close()
+        client.close()
+    finally:
+        speaks_first.close()
+        greets_first.close()

@@ -47,6 +47,8 @@ ServerRelay = relay.ServerRelay
 Entropy = relay.Entropy
 StartupPlan = relay.StartupPlan
 LoginDesk = relay.LoginDesk
+SessionFactory = relay.SessionFactory
 
 __all__ = ["IMPLEMENTATION", "reactor", "MessageScanner", "FramingError", "split_messages", "PoolCore",
-           "KeywordScanner", "ClientRelay", "ServerRelay", "Entropy", "StartupPlan", "LoginDesk"]
+           "KeywordScanner", "ClientRelay", "ServerRelay", "Entropy", "StartupPlan", "LoginDesk",
+           "SessionFactory"]

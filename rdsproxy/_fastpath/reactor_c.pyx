@@ -318,7 +318,7 @@ cdef class Listener:
     cdef void _accept_ready(self):
         cdef sockaddr_storage addr
         cdef socklen_t size
-        cdef int fd, err, i, one = 1
+        cdef int fd, err, i
         for i in range(ACCEPT_BATCH):
             size = sizeof(addr)
             fd = accept4(self.fd, <sockaddr *>&addr, &size, SOCK_NONBLOCK | SOCK_CLOEXEC)
@@ -343,7 +343,7 @@ cdef class Listener:
                 self.reactor.loop.call_exception_handler({
                     "message": "reactor: accept failed", "exception": _os_error(err)})
                 return
-            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+            # TCP_NODELAY comes from the listening socket (Linux passes it on).
             self._connection(fd, <const char *>&addr, size)
 
     cdef void _connection(self, int fd, const char *addr, socklen_t size):

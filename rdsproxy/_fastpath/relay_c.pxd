@@ -12,6 +12,7 @@ from rdsproxy._fastpath.pool_c cimport PoolCore
 cdef int STATE_STARTUP
 cdef int STATE_AUTH_MD5
 cdef int STATE_READY
+cdef int STATE_CLOSED
 cdef int MODE_RELAY
 cdef int STATUS_IDLE
 cdef int MSG_QUERY
@@ -34,8 +35,10 @@ cdef Py_ssize_t ENTROPY_BLOCK
 
 cdef class Entropy:
     cdef public object urandom
-    cdef public bytearray pool
+    cdef public bytes block
+    cdef public Py_ssize_t used
 
+    @cython.locals(used=Py_ssize_t)
     cpdef bytes take(self, Py_ssize_t n)
 
 
@@ -60,8 +63,22 @@ cdef class LoginDesk:
     cdef public object throttle_entries
     cdef public unsigned long long quick_logins
 
-    @cython.locals(key="unsigned long long", pid=long)
+    @cython.locals(raw=bytes, pid=long, secret="unsigned long", i=int)
     cpdef tuple register_cancel_key(self, client)
+
+
+cdef class SessionFactory:
+    cdef public object cls
+    cdef public object engine
+    cdef public object endpoint
+    cdef public object route_role
+    cdef public object unrouted
+    cdef public KeywordScanner prefilter
+    cdef public LoginDesk logins
+    cdef public MessageScanner scanner
+
+    @cython.locals(client=ClientRelay)
+    cpdef ClientRelay make(self)
 
 
 cdef class ServerRelay
@@ -95,7 +112,21 @@ cdef class ClientRelay:
     cdef public LoginDesk logins
     cdef public int login_step
     cdef public StartupPlan plan
+    cdef public object _auth
+    cdef public object _account
+    cdef public long pid
+    cdef public unsigned long secret
+    cdef public object endpoint
+    cdef public object route_role
+    cdef public double connected_at
+    cdef public double last_active
     cdef dict __dict__
+
+    @cython.locals(engine=object)
+    cpdef setup(self, SessionFactory factory)
+    cpdef connection_made(self, transport)
+    cpdef connection_lost(self, exc)
+    cpdef close(self)
 
     @cython.locals(n=Py_ssize_t, server=ServerRelay, scanner=MessageScanner, conn=ServerRelay,
                    replay=list)

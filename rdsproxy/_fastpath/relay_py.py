@@ -5,8 +5,11 @@ Pure-Python twin of `relay_c`, which setup.py compiles from this very file with
 classes subclass these two and supply the slow paths this file calls by name:
 
   ClientRelay: startup_data(data), inspect(data) -> data, framing_error(exc), borrow(),
-               on_connection(conn), close(), and the attributes engine, pool, transport, prefilter (a KeywordScanner
-               that flags statements worth inspect()ing).
+               on_connection(conn), refuse() (over max_client_connections),
+               release_on_exit() (it leaves pinned, waiting or holding a server), and the
+               engine's client_connected / client_gone. Sessions are made by a
+               SessionFactory, which fills the fields (engine, pool_core, prefilter: a
+               KeywordScanner that flags statements worth inspect()ing, ...).
   ServerRelay: slow_data(data), parameter_status(), framing_error(exc).
 
 Per chunk the relay feeds the framing scanner (headers only), writes the chunk on
@@ -20,13 +23,14 @@ checked and the whole greeting written, two chunks and two writes with no Python
 Anything else, wrong passwords included, goes to the engine's login code (startup_data)
 in the same state, so there is one set of rules and this is only its quick lane.
 """
-from hashlib import md5 as _md5
+from rdsproxy.auth.md5 import md5 as _md5
 from hmac import compare_digest as _compare_digest
 from struct import Struct as _Struct
 
 STATE_STARTUP = 0         # the client states of frontend.py the relay needs to know
 STATE_AUTH_MD5 = 3
 STATE_READY = 5           # the client state in which bytes are relayed (frontend.READY)
+STATE_CLOSED = 6
 MODE_RELAY = 1            # the server mode in which bytes are relayed (backend.RELAY)
 STATUS_IDLE = 73          # ReadyForQuery 'I'
 MSG_QUERY = 81            # 'Q'
@@ -56,19 +60,20 @@ ENTROPY_BLOCK = 4096
 
 class Entropy:
     """Bytes from the OS CSPRNG (salts, cancel secrets), drawn 4 KiB at a time so that a
-    login costs no getrandom() call of its own."""
+    login costs no getrandom() call of its own; each byte is handed out once."""
 
     def __init__(self, urandom):
         self.urandom = urandom
-        self.pool = bytearray()
+        self.block = b""
+        self.used = 0
 
     def take(self, n):
-        pool = self.pool
-        if len(pool) < n:
-            pool = self.pool = bytearray(self.urandom(ENTROPY_BLOCK))
-        out = bytes(pool[len(pool) - n:])
-        del pool[len(pool) - n:]
-        return out
+        used = self.used
+        if used + n > len(self.block):
+            self.block = self.urandom(ENTROPY_BLOCK)
+            used = 0
+        self.used = used + n
+        return self.block[used:used + n]
 
 
 class StartupPlan:
@@ -106,18 +111,50 @@ class LoginDesk:
         secret authorises a cancel; one draw serves both)."""
         by_pid = self.by_pid
         while True:
-            key = int.from_bytes(self.entropy.take(8), "big")
-            pid = (key >> 32) & 0x7FFFFFFF
+            raw = self.entropy.take(8)
+            # `& 0xFF`: compiled, a byte of `bytes` is a signed C char.
+            pid = ((raw[0] & 0x7F) << 24) | ((raw[1] & 0xFF) << 16) | ((raw[2] & 0xFF) << 8) \
+                | (raw[3] & 0xFF)
             if pid and pid not in by_pid:
                 break
         by_pid[pid] = client
-        return pid, key & 0xFFFFFFFF
+        secret = raw[4] & 0xFF   # built in an unsigned long (a C int would overflow)
+        for i in range(5, 8):
+            secret = (secret << 8) | (raw[i] & 0xFF)
+        return pid, secret
+
+
+class SessionFactory:
+    """Makes one endpoint's client sessions, one per accepted connection: the class's
+    __new__ and the relay's own setup (below), no Python __init__ to run."""
+
+    def __init__(self, cls, engine, endpoint, unrouted, prefilter, logins, scanner):
+        self.cls = cls
+        self.engine = engine
+        self.endpoint = endpoint
+        self.route_role = endpoint.target_role
+        self.unrouted = unrouted      # the pool core of a client the router has not placed
+        self.prefilter = prefilter    # the keyword scan that picks statements to inspect
+        self.logins = logins          # the engine's LoginDesk
+        self.scanner = scanner        # every session's scanner is a fresh() copy of this
+
+    def __call__(self):
+        return self.make()
+
+    def make(self):
+        client = self.cls.__new__(self.cls)
+        client.setup(self)
+        return client
 
 
 class ClientRelay:
     """The client half: its bytes go to the attached server, or wait for one."""
 
-    def __init__(self):
+    def __init__(self, factory=None):
+        self.setup(factory)
+
+    def setup(self, factory):
+        """Every field's first value; with a SessionFactory, a session of its endpoint."""
         self.state = 0
         self.server = None
         self.scanner = None
@@ -149,6 +186,51 @@ class ClientRelay:
         self.logins = None
         self.login_step = 0
         self.plan = None
+        self._auth = None         # the login's state: a salt or a ScramServer
+        self._account = None
+        self.pid = 0              # its BackendKeyData
+        self.secret = 0
+        self.engine = None
+        self.endpoint = None
+        self.route_role = None
+        self.connected_at = 0.0
+        self.last_active = 0.0    # advanced by the housekeeper from `activity`
+        if factory is not None:
+            engine = factory.engine
+            self.engine = engine
+            self.endpoint = factory.endpoint
+            self.route_role = factory.route_role
+            self.pool_core = factory.unrouted
+            self.prefilter = factory.prefilter
+            self.logins = factory.logins
+            self.scanner = factory.scanner.fresh()
+            self.connected_at = self.last_active = engine.clock
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+    def connection_made(self, transport):
+        if self.transport is not None:
+            # The C reactor handed the socket to the loop for TLS: the same connection,
+            # now on the TLS transport (the engine's upgrade_client_tls takes it from here).
+            return
+        self.transport = transport
+        if not self.engine.client_connected(self):
+            self.refuse()
+
+    def connection_lost(self, exc):
+        if self.state == STATE_CLOSED and self.transport is None:
+            return
+        self.state = STATE_CLOSED
+        if self.pinned_server or self.waiting or self.server is not None:
+            self.release_on_exit()
+        self.pending = []
+        self.engine.client_gone(self)
+
+    def close(self):
+        transport = self.transport
+        if transport is None:
+            self.state = STATE_CLOSED
+        elif not transport.is_closing():
+            transport.close()
 
     def data_received(self, data):
         if self.state != STATE_READY:
@@ -204,10 +286,17 @@ class ClientRelay:
         logins = self.logins
         if logins is None:
             return False
+        # Each step answers first and does its bookkeeping after: the client (a process
+        # waiting on the other core) gets on with its part meanwhile.
         if self.login_step == 0:
             plan = logins.plans.get(data)   # the whole first chunk is a known packet
             if plan is None or plan.md5_inner is None or plan.greeting is None:
                 return False
+            salt = logins.entropy.take(4)
+            self.transport.write(AUTH_MD5_REQUEST + salt)
+            self._auth = salt
+            self.state = STATE_AUTH_MD5
+            self.login_step = 1
             self.plan = plan
             self.user = plan.user
             self.database = plan.database
@@ -215,11 +304,6 @@ class ClientRelay:
             self.desired = plan.desired
             self._account = plan.account
             logins.metrics.ClientConnectionsNoTLS += 1  # the first chunk of a TLS session is its request
-            salt = logins.entropy.take(4)
-            self._auth = salt
-            self.state = STATE_AUTH_MD5
-            self.login_step = 1
-            self.transport.write(AUTH_MD5_REQUEST + salt)
             return True
         if self.login_step != 1 or self.state != STATE_AUTH_MD5:
             return False
@@ -231,20 +315,20 @@ class ClientRelay:
         # Constant time whatever byte differs; a mismatch is the engine's to report.
         if data[5:8] != b"md5" or not _compare_digest(data[8:40], expected):
             return False
-        self._auth = None
-        if logins.throttle_entries:
-            self.engine.throttle.record_success(self.peer_host, self.engine.loop.time())
         pid, secret = logins.register_cancel_key(self)
+        self.transport.write(b"".join((AUTH_OK_MESSAGE, plan.greeting,
+                                       _BACKEND_KEY_DATA.pack(b"K", 12, pid, secret),
+                                       READY_FOR_QUERY_IDLE)))
         self.pid = pid
         self.secret = secret
         self.state = STATE_READY
+        self._auth = None
+        if logins.throttle_entries:
+            self.engine.throttle.record_success(self.peer_host, self.engine.loop.time())
         if self.pool_core is logins.unrouted:
             logins.router.route(self)
         logins.metrics.ClientConnectionsSetupSucceeded += 1
         logins.quick_logins += 1
-        self.transport.write(b"".join((AUTH_OK_MESSAGE, plan.greeting,
-                                       _BACKEND_KEY_DATA.pack(b"K", 12, pid, secret),
-                                       READY_FOR_QUERY_IDLE)))
         return True
 
     def ready_on(self, conn):
@@ -278,6 +362,8 @@ class ClientRelay:
         """The client sent Terminate: it is leaving, and nothing from that message on is
         for the server. What of the chunk is left to send."""
         self.terminating = True
+        if len(data) == 5:
+            return b""   # the chunk is the Terminate (the scanner found one)
         end = data.rfind(TERMINATE)
         return data[:end] if end >= 0 else b""
 

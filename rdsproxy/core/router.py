@@ -61,10 +61,13 @@ class Router:
         """Point `client` at the pool of the target that fits its role now (a client that
         just logged in: its first borrow can then take an idle connection in the relay
         without asking here). The pool, or None when no target fits."""
-        target = self.target_for(client.route_role if role is None else role)
-        if target is None:
+        role = client.route_role if role is None else role
+        # Every login of a READ_WRITE endpoint comes here: ask for the writer directly.
+        target = self.group.writer() if role == READ_WRITE else self.target_for(role)
+        pool = self.pools.get(target)   # None: no target, or one without a pool (yet)
+        if pool is None:
             return None
-        pool = client.pool = self.pools[target]
+        client.pool = pool
         client.pool_core = pool.core
         return pool
 

@@ -19,19 +19,23 @@ def _resume_reading(peer) -> None:
         peer.transport.resume_reading()
 
 
+def describe_peer(peername, unknown_host: str | None = None) -> tuple[str, str]:
+    """(peer "host:port", peer_host) of a transport's peername. A peer without an address
+    is named by `unknown_host`, or else by what it is."""
+    if isinstance(peername, tuple):
+        return f"{peername[0]}:{peername[1]}", peername[0]
+    peer = "?" if peername is None else str(peername)
+    return peer, peer if unknown_host is None else unknown_host
+
+
 class ClientSide:
     __slots__ = ()
 
     def note_addresses(self, transport, unknown_host: str | None = None) -> None:
         """peer ("host:port") and peer_host of a new connection (local_address() gives the
-        other end, when asked: only IAM tokens name it). A peer without an address is named
-        by `unknown_host`, or else by what it is."""
-        peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple):
-            self.peer, self.peer_host = f"{peer[0]}:{peer[1]}", peer[0]
-        else:
-            self.peer = str(peer)
-            self.peer_host = self.peer if unknown_host is None else unknown_host
+        other end, when asked: only IAM tokens name it)."""
+        self.peer, self.peer_host = describe_peer(transport.get_extra_info("peername"),
+                                                  unknown_host)
 
     def local_address(self) -> tuple[str, int]:
         """(host, port) the client reached: ("", 0) when the transport cannot tell."""

@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass
 
 from ... import _fastpath
-from ..._fastpath import LoginDesk, MessageScanner, StartupPlan
+from ..._fastpath import LoginDesk, MessageScanner, SessionFactory, StartupPlan
 from ...auth.md5 import md5_inner_hash
 from ...auth.scram import ScramSecret, make_server_key_material
 from ...core.engine import BaseEngine
@@ -23,7 +23,7 @@ from . import protocol as pg
 from .backend import ServerError, open_server_connection
 from .frontend import CLOSED, READY, ClientConnection
 from .health import probe as health_probe
-from .pinning import PinningRules
+from .pinning import PREFILTER, PinningRules
 
 log = logging.getLogger("rdsproxy.postgres")
 
@@ -65,6 +65,11 @@ class PostgresEngine(BaseEngine):
                                 self.throttle.entries)
         self.startup_plans: dict[bytes, StartupPlan] = self.logins.plans
         self.by_pid: dict[int, ClientConnection] = self.logins.by_pid
+
+    def client_factory(self, endpoint):
+        # Made in C, without a Python __init__ (see relay_py.SessionFactory).
+        return SessionFactory(self.client_class, self, endpoint, UNROUTED, PREFILTER,
+                              self.logins, self.client_scanner)
 
     def make_account(self, creds, entry, previous) -> Account:
         if previous is not None and previous.credentials.password == creds.password:

@@ -12,22 +12,23 @@ import hmac
 import logging
 
 from ..._fastpath import ClientRelay, split_messages
-from ..._fastpath.relay_py import STATE_AUTH_MD5, STATE_READY, STATE_STARTUP, UNSYNCED_MASK
+from ..._fastpath.relay_py import (STATE_AUTH_MD5, STATE_CLOSED, STATE_READY, STATE_STARTUP,
+                                  UNSYNCED_MASK)
 from ...auth.iam import TokenError, verify_token
 from ...auth.md5 import md5_verify
 from ...auth.scram import ScramError, ScramServer
 from ...core.pool import BorrowTimeout
 from ...core.router import UNROUTED
-from ...core.sessions import ClientSide
+from ...core.sessions import ClientSide, describe_peer
 from . import protocol as pg
 from .backend import ServerError
-from .pinning import LOAD, PREFILTER, STARTUP_OPTIONS
+from .pinning import LOAD, STARTUP_OPTIONS
 
 log = logging.getLogger("rdsproxy.client")
 
 # Client states, in the order a session goes through them.
 STARTUP, AUTH_SASL_FIRST, AUTH_SASL_FINAL, AUTH_MD5, LOGIN, READY, CLOSED, AUTH_CLEARTEXT = range(8)
-assert (STARTUP, AUTH_MD5, READY) == (STATE_STARTUP, STATE_AUTH_MD5, STATE_READY)
+assert (STARTUP, AUTH_MD5, READY, CLOSED) == (STATE_STARTUP, STATE_AUTH_MD5, STATE_READY, STATE_CLOSED)
 
 STATUS_IDLE = 73          # 'I'
 MSG_QUERY = 81            # 'Q'
@@ -108,41 +109,40 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
     # Never one of ClientRelay's C fields: a class attribute would hide the field.
     waiting_for_route = False
     borrow_deadline = None
-    peer = peer_host = "?"
-    pid = secret = 0          # its BackendKeyData
     seen_activity = 0
-    _auth = None              # the login's state: a salt or a ScramServer
     _buf = None               # bytes of the login the engine's path has not used yet
+    _described = None         # (peer, peer_host), worked out when first asked for
 
-    def __init__(self, engine, endpoint):
-        # The relay's fields (state STARTUP, no server, key None, desired (), ...).
-        ClientRelay.__init__(self)
-        self.engine = engine
-        self.endpoint = endpoint
-        # The pool this client borrows from is chosen per borrow by the router (writer for
-        # READ_WRITE endpoints, a reader for READ_ONLY ones); UNROUTED makes it ask.
-        self.pool_core = UNROUTED
-        self.route_role = endpoint.target_role
-        self.prefilter = PREFILTER
-        self.logins = engine.logins   # the relay's login lane (see relay_py.quick_login)
-        self.connected_at = self.last_active = engine.clock  # the housekeeper advances it
-        self.scanner = engine.client_scanner.fresh()
+    # Sessions are made by PostgresEngine.client_factory (a relay SessionFactory, which
+    # fills the fields: engine, endpoint, pool_core UNROUTED so that the router places it,
+    # route_role, the pinning prefilter, the login lane, a scanner). connection_made,
+    # data_received, close and connection_lost are the relay's; before READY, data goes to
+    # startup_data.
 
-    # -- asyncio.Protocol --------------------------------------------------------------
-    def connection_made(self, transport):
-        if self.transport is not None:
-            # The C reactor handed the socket to the loop for TLS: the same connection,
-            # now on the TLS transport (upgrade_client_tls takes it from here).
-            return
-        self.transport = transport
-        self.note_addresses(transport)
-        if not self.engine.client_connected(self):
-            # As PostgreSQL does at max_connections: the answer waits for the startup packet.
-            self.refused = True
-            self.login_step = -1   # not the relay's quick lane either
-            self.engine.loop.call_later(10.0, self.close)  # if no startup packet comes
+    @property
+    def peer(self) -> str:
+        """"host:port" of the client, for logs (worked out only when a log line asks)."""
+        return self._describe()[0]
 
-    # data_received is the relay's (ClientRelay); before READY it calls startup_data.
+    @property
+    def peer_host(self) -> str:
+        return self._describe()[1]
+
+    def _describe(self):
+        described = self._described
+        if described is None:
+            if self.transport is None:
+                return ("?", "?")
+            described = self._described = describe_peer(self.transport.get_extra_info("peername"))
+        return described
+
+    def refuse(self):
+        """Over max_client_connections (from the relay's connection_made)."""
+        # As PostgreSQL does at max_connections: the answer waits for the startup packet.
+        self.refused = True
+        self.login_step = -1   # not the relay's quick lane either
+        self.engine.loop.call_later(10.0, self.close)  # if no startup packet comes
+
     def startup_data(self, data):
         if self.state == CLOSED:
             return
@@ -160,10 +160,9 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
             log.warning("client %s: protocol violation during startup: %s", self.peer, exc)
             self.fatal(exc.sqlstate, str(exc))
 
-    def connection_lost(self, exc):
-        if self.state == CLOSED and self.transport is None:
-            return
-        self.state = CLOSED
+    def release_on_exit(self):
+        """The client is gone (the relay's connection_lost) while pinned, waiting or
+        holding a database connection."""
         if self.pinned_server:  # also when its server died first and it was closed for that
             self.pinned_server = False
             self.engine.pinned_sessions -= 1
@@ -176,8 +175,6 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
             self.server = None
             server.client = None
             self._return_after_exit(server)
-        self.pending = []
-        self.engine.client_gone(self)
 
     # -- the relay's slow paths --------------------------------------------------------
     def framing_error(self, exc):
@@ -616,12 +613,6 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(pg.error_response(code, text, severity="FATAL"))
         self.close()
-
-    def close(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
-        elif self.transport is None:
-            self.state = CLOSED
 
     def check_secret(self, secret: int) -> bool:
         return hmac.compare_digest(self.secret.to_bytes(4, "big"), secret.to_bytes(4, "big"))
