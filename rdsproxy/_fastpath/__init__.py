@@ -48,7 +48,8 @@ Entropy = relay.Entropy
 StartupPlan = relay.StartupPlan
 LoginDesk = relay.LoginDesk
 SessionFactory = relay.SessionFactory
+ClientLedger = relay.ClientLedger
 
 __all__ = ["IMPLEMENTATION", "reactor", "MessageScanner", "FramingError", "split_messages", "PoolCore",
            "KeywordScanner", "ClientRelay", "ServerRelay", "Entropy", "StartupPlan", "LoginDesk",
-           "SessionFactory"]
+           "SessionFactory", "ClientLedger"]

@@ -33,6 +33,9 @@ cdef object _BACKEND_KEY_DATA
 cdef Py_ssize_t ENTROPY_BLOCK
 
 
+cdef class ClientRelay
+
+
 cdef class Entropy:
     cdef public object urandom
     cdef public bytes block
@@ -63,13 +66,25 @@ cdef class LoginDesk:
     cdef public object throttle_entries
     cdef public unsigned long long quick_logins
 
+    cpdef forget(self, ClientRelay client)
+
     @cython.locals(raw=bytes, pid=long, secret="unsigned long", i=int)
     cpdef tuple register_cancel_key(self, client)
+
+
+cdef class ClientLedger:
+    cdef public set clients
+    cdef public object metrics
+    cdef public Py_ssize_t limit
+
+    cpdef bint admit(self, client) except -1
+    cpdef release(self, client, unsigned long long queries)
 
 
 cdef class SessionFactory:
     cdef public object cls
     cdef public object engine
+    cdef public ClientLedger ledger
     cdef public object endpoint
     cdef public object route_role
     cdef public object unrouted
@@ -103,6 +118,7 @@ cdef class ClientRelay:
     cdef public unsigned long long queries
     cdef public KeywordScanner prefilter
     cdef public object engine
+    cdef public ClientLedger ledger
     cdef public object pool
     cdef public object transport
     cdef public list replay
@@ -137,7 +153,7 @@ cdef class ClientRelay:
     cdef bint ready_on(self, ServerRelay conn) except -1
 
     @cython.locals(logins=LoginDesk, plan=StartupPlan, salt=bytes, expected=bytes, pid=long,
-                   secret="unsigned long")
+                   secret="unsigned long", chunk=bytes)
     cdef bint quick_login(self, data) except -1
 
     @cython.locals(mtype=int, payload=bytes, entry=tuple, prefilter=KeywordScanner, unpinned=bint)

@@ -6,8 +6,8 @@ classes subclass these two and supply the slow paths this file calls by name:
 
   ClientRelay: startup_data(data), inspect(data) -> data, framing_error(exc), borrow(),
                on_connection(conn), refuse() (over max_client_connections),
-               release_on_exit() (it leaves pinned, waiting or holding a server), and the
-               engine's client_connected / client_gone. Sessions are made by a
+               release_on_exit() (it leaves pinned, waiting or holding a server); the
+               engine's ClientLedger counts it in and out. Sessions are made by a
                SessionFactory, which fills the fields (engine, pool_core, prefilter: a
                KeywordScanner that flags statements worth inspect()ing, ...).
   ServerRelay: slow_data(data), parameter_status(), framing_error(exc).
@@ -106,6 +106,11 @@ class LoginDesk:
         self.throttle_entries = throttle_entries   # LoginThrottle's table: empty, no work
         self.quick_logins = 0   # logins the quick lane completed
 
+    def forget(self, client):
+        """The client is gone: its cancel key with it."""
+        if client.pid:
+            self.by_pid.pop(client.pid, None)
+
     def register_cancel_key(self, client):
         """A (pid, secret) pair for the client's BackendKeyData, both from the CSPRNG (the
         secret authorises a cancel; one draw serves both)."""
@@ -124,6 +129,37 @@ class LoginDesk:
         return pid, secret
 
 
+class ClientLedger:
+    """Who is connected: an engine's set of clients, its max_client_connections and the
+    ClientConnections counters, kept the same way for both engines and the relay."""
+
+    def __init__(self, clients, metrics, limit):
+        self.clients = clients
+        self.metrics = metrics
+        self.limit = limit
+
+    def admit(self, client):
+        """Count a new client in; False when it is over the limit (it is then refused in
+        its protocol's words, and not counted as connected)."""
+        metrics = self.metrics
+        metrics.ClientConnectionsReceived += 1
+        clients = self.clients
+        if len(clients) >= self.limit:
+            metrics.ClientConnectionsRefused += 1
+            return False
+        clients.add(client)
+        metrics.ClientConnections = len(clients)
+        return True
+
+    def release(self, client, queries):
+        clients = self.clients
+        clients.discard(client)
+        metrics = self.metrics
+        metrics.ClientConnectionsClosed += 1
+        metrics.QueryRequests += queries
+        metrics.ClientConnections = len(clients)
+
+
 class SessionFactory:
     """Makes one endpoint's client sessions, one per accepted connection: the class's
     __new__ and the relay's own setup (below), no Python __init__ to run."""
@@ -131,6 +167,7 @@ class SessionFactory:
     def __init__(self, cls, engine, endpoint, unrouted, prefilter, logins, scanner):
         self.cls = cls
         self.engine = engine
+        self.ledger = engine.ledger
         self.endpoint = endpoint
         self.route_role = endpoint.target_role
         self.unrouted = unrouted      # the pool core of a client the router has not placed
@@ -191,6 +228,7 @@ class ClientRelay:
         self.pid = 0              # its BackendKeyData
         self.secret = 0
         self.engine = None
+        self.ledger = None
         self.endpoint = None
         self.route_role = None
         self.connected_at = 0.0
@@ -198,6 +236,7 @@ class ClientRelay:
         if factory is not None:
             engine = factory.engine
             self.engine = engine
+            self.ledger = factory.ledger
             self.endpoint = factory.endpoint
             self.route_role = factory.route_role
             self.pool_core = factory.unrouted
@@ -213,7 +252,7 @@ class ClientRelay:
             # now on the TLS transport (the engine's upgrade_client_tls takes it from here).
             return
         self.transport = transport
-        if not self.engine.client_connected(self):
+        if not self.ledger.admit(self):
             self.refuse()
 
     def connection_lost(self, exc):
@@ -223,7 +262,9 @@ class ClientRelay:
         if self.pinned_server or self.waiting or self.server is not None:
             self.release_on_exit()
         self.pending = []
-        self.engine.client_gone(self)
+        self.ledger.release(self, self.queries)
+        if self.logins is not None:
+            self.logins.forget(self)
 
     def close(self):
         transport = self.transport
@@ -288,8 +329,11 @@ class ClientRelay:
             return False
         # Each step answers first and does its bookkeeping after: the client (a process
         # waiting on the other core) gets on with its part meanwhile.
+        if type(data) is not bytes:
+            return False
+        chunk = data
         if self.login_step == 0:
-            plan = logins.plans.get(data)   # the whole first chunk is a known packet
+            plan = logins.plans.get(chunk)   # the whole first chunk is a known packet
             if plan is None or plan.md5_inner is None or plan.greeting is None:
                 return False
             salt = logins.entropy.take(4)
@@ -307,13 +351,13 @@ class ClientRelay:
             return True
         if self.login_step != 1 or self.state != STATE_AUTH_MD5:
             return False
-        if (len(data) != MD5_PASSWORD_SIZE or data[0] != MSG_PASSWORD or data[1] != 0
-                or data[2] != 0 or data[3] != 0 or data[4] != 40 or data[40] != 0):
+        if (len(chunk) != MD5_PASSWORD_SIZE or chunk[0] != MSG_PASSWORD or chunk[1] != 0
+                or chunk[2] != 0 or chunk[3] != 0 or chunk[4] != 40 or chunk[40] != 0):
             return False
         plan = self.plan
         expected = _md5(plan.md5_inner + self._auth).hexdigest().encode("ascii")
         # Constant time whatever byte differs; a mismatch is the engine's to report.
-        if data[5:8] != b"md5" or not _compare_digest(data[8:40], expected):
+        if chunk[5:8] != b"md5" or not _compare_digest(chunk[8:40], expected):
             return False
         pid, secret = logins.register_cancel_key(self)
         self.transport.write(b"".join((AUTH_OK_MESSAGE, plan.greeting,

@@ -32,7 +32,7 @@ import logging
 import os
 
 from .. import tls as tlsmod
-from .._fastpath import Entropy, reactor_py
+from .._fastpath import ClientLedger, Entropy, reactor_py
 from ..auth.iam import Principal
 from ..auth.throttle import LoginThrottle
 from ..secrets import SecretCache, SecretError, read_principal_secret, read_secret
@@ -93,6 +93,7 @@ class BaseEngine:
         self._last_purge: dict[Target, float] = {}
         self.clients: set = set()
         self.router.borrowers = self.clients
+        self.ledger = ClientLedger(self.clients, metrics, config.max_client_connections)
         for tcfg in config.targets:
             self._add_target(tcfg)
         self.pinned_sessions = 0
@@ -313,21 +314,13 @@ class BaseEngine:
 
     def client_connected(self, client) -> bool:
         """Register a new client; False when max_client_connections is reached (the client
-        is then refused with the engine's "too many connections" error, and not counted)."""
-        self.metrics.ClientConnectionsReceived += 1
-        if len(self.clients) >= self.config.max_client_connections:
-            self.metrics.ClientConnectionsRefused += 1
-            return False
-        self.clients.add(client)
-        self.metrics.ClientConnections = len(self.clients)
-        return True
+        is then refused with the engine's "too many connections" error, and not counted).
+        The PostgreSQL relay asks the ledger itself."""
+        return self.ledger.admit(client)
 
     def client_gone(self, client) -> None:
-        self.clients.discard(client)
+        self.ledger.release(client, client.queries)
         self.forget_client(client)
-        self.metrics.ClientConnectionsClosed += 1
-        self.metrics.QueryRequests += client.queries
-        self.metrics.ClientConnections = len(self.clients)
 
     async def _housekeeping(self) -> None:
         """Once a second: the coarse clock, idle client timeouts, login timeouts, pool reaping."""

@@ -84,8 +84,7 @@ class PostgresEngine(BaseEngine):
             isinstance(exc, ServerError) and exc.sqlstate.startswith("57P"))
 
     def forget_client(self, client) -> None:
-        if client.pid:
-            self.by_pid.pop(client.pid, None)
+        self.logins.forget(client)   # the relay's connection_lost does it for its sessions
 
     async def probe(self, target: Target):
         # A check refused for the password re-reads the secret before calling the target
