@@ -86,6 +86,26 @@ async def start(reactor, factory, *, speaks_first=True):
     return server, sockets[0].getsockname()[:2]
 
 
+async def start_recording(reactor, protocol_class=None, **kwargs):
+    """A server whose protocols are kept in `made` (in the order of their connections)."""
+    made = []
+    protocol_class = protocol_class or Recorder
+
+    def factory():
+        p = protocol_class(**kwargs)
+        made.append(p)
+        return p
+    server, addr = await start(reactor, factory)
+    return server, addr, made
+
+
+async def first_data(made, index=0):
+    """The index-th connection's protocol, once it has received something."""
+    while len(made) <= index or not made[index].data:
+        await asyncio.sleep(0.01)
+    return made[index]
+
+
 def test_echo_many_clients_in_order(reactor):
     async def main():
         server, addr = await start(reactor, lambda: Recorder(echo=True))
@@ -110,19 +130,11 @@ def test_echo_many_clients_in_order(reactor):
 
 def test_addresses_match_the_socket(reactor):
     async def main():
-        made = []
-
-        def factory():
-            p = Recorder()
-            made.append(p)
-            return p
-        server, addr = await start(reactor, factory)
+        server, addr, made = await start_recording(reactor)
         r, w = await asyncio.open_connection(*addr)
         w.write(b"hello")
         await w.drain()
-        while not made or not made[0].data:
-            await asyncio.sleep(0.01)
-        t = made[0].transport
+        t = (await first_data(made)).transport
         assert t.get_extra_info("peername") == w.get_extra_info("sockname")
         assert t.get_extra_info("sockname") == addr
         assert t.get_extra_info("no-such-thing", "dflt") == "dflt"
@@ -138,18 +150,10 @@ def test_big_write_to_a_slow_reader_pauses_and_resumes_the_protocol(reactor):
     payload = os.urandom(32 * 1024 * 1024)   # more than the kernel buffers of both ends
 
     async def main():
-        made = []
-
-        def factory():
-            p = Recorder()
-            made.append(p)
-            return p
-        server, addr = await start(reactor, factory)
+        server, addr, made = await start_recording(reactor)
         sock = socket.create_connection(addr)
         sock.sendall(b"go")
-        while not made or not made[0].data:
-            await asyncio.sleep(0.01)
-        p = made[0]
+        p = await first_data(made)
         p.transport.write(payload)
         p.transport.close()             # closes only once everything is sent
         assert p.paused == 1 and p.transport.is_closing()
@@ -172,18 +176,10 @@ def test_big_write_to_a_slow_reader_pauses_and_resumes_the_protocol(reactor):
 
 def test_writes_after_close_are_dropped_and_abort_discards_the_buffer(reactor):
     async def main():
-        made = []
-
-        def factory():
-            p = Recorder()
-            made.append(p)
-            return p
-        server, addr = await start(reactor, factory)
+        server, addr, made = await start_recording(reactor)
         r, w = await asyncio.open_connection(*addr)
         w.write(b"x")
-        while not made or not made[0].data:
-            await asyncio.sleep(0.01)
-        t = made[0].transport
+        t = (await first_data(made)).transport
         t.write(b"before")
         t.close()
         t.write(b"after")  # dropped, no error
@@ -193,9 +189,7 @@ def test_writes_after_close_are_dropped_and_abort_discards_the_buffer(reactor):
 
         sock = socket.create_connection(addr)
         sock.sendall(b"y")
-        while len(made) < 2 or not made[1].data:
-            await asyncio.sleep(0.01)
-        t = made[1].transport
+        t = (await first_data(made, 1)).transport
         big = 32 * 1024 * 1024  # more than the kernel buffers hold: most stays in the transport
         t.write(b"z" * big)
         t.abort()
@@ -215,18 +209,10 @@ def test_writes_after_close_are_dropped_and_abort_discards_the_buffer(reactor):
 
 def test_pause_reading_holds_data_until_resumed(reactor):
     async def main():
-        made = []
-
-        def factory():
-            p = Recorder()
-            made.append(p)
-            return p
-        server, addr = await start(reactor, factory)
+        server, addr, made = await start_recording(reactor)
         r, w = await asyncio.open_connection(*addr)
         w.write(b"first")
-        while not made or not made[0].data:
-            await asyncio.sleep(0.01)
-        p = made[0]
+        p = await first_data(made)
         p.transport.pause_reading()
         w.write(b"second")
         await w.drain()
@@ -243,17 +229,10 @@ def test_pause_reading_holds_data_until_resumed(reactor):
 
 def test_reset_by_peer_is_one_connection_lost(reactor):
     async def main():
-        made = []
-
-        def factory():
-            p = Recorder()
-            made.append(p)
-            return p
-        server, addr = await start(reactor, factory)
+        server, addr, made = await start_recording(reactor)
         sock = socket.create_connection(addr)
         sock.sendall(b"hi")
-        while not made or not made[0].data:
-            await asyncio.sleep(0.01)
+        await first_data(made)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         sock.close()  # RST
         exc = await made[0].lost
@@ -273,13 +252,7 @@ def test_a_failing_protocol_costs_only_its_own_connection(reactor):
         loop = asyncio.get_running_loop()
         reported = []
         loop.set_exception_handler(lambda loop, ctx: reported.append(ctx))
-        made = []
-
-        def factory():
-            p = Bomb(echo=True)
-            made.append(p)
-            return p
-        server, addr = await start(reactor, factory)
+        server, addr, made = await start_recording(reactor, Bomb, echo=True)
         r1, w1 = await asyncio.open_connection(*addr)
         r2, w2 = await asyncio.open_connection(*addr)
         w1.write(b"boom")
@@ -294,13 +267,7 @@ def test_a_failing_protocol_costs_only_its_own_connection(reactor):
 
 def test_close_stops_accepting_and_wait_closed_waits_for_the_connections(reactor):
     async def main():
-        made = []
-
-        def factory():
-            p = Recorder(echo=True)
-            made.append(p)
-            return p
-        server, addr = await start(reactor, factory)
+        server, addr, made = await start_recording(reactor, echo=True)
         r, w = await asyncio.open_connection(*addr)
         w.write(b"a")
         assert await r.readexactly(1) == b"a"
@@ -371,13 +338,7 @@ def test_start_tls_hands_the_connection_to_a_tls_transport(reactor, test_ca):
                 super().connection_made(transport)
 
     async def main():
-        made = []
-
-        def factory():
-            p = Upgrader()
-            made.append(p)
-            return p
-        server, addr = await start(reactor, factory)
+        server, addr, made = await start_recording(reactor, Upgrader)
         r, w = await asyncio.open_connection(*addr)
         w.write(b"STARTTLS\n")
         assert await r.readline() == b"OK\n"
