@@ -49,15 +49,20 @@ def fastpath_extensions():
         return []
     here = os.path.dirname(os.path.abspath(__file__))
     extensions = []
-    sources = [(name, f"rdsproxy/_fastpath/{name}_py.py", f"rdsproxy/_fastpath/{name}_c.pxd")
-               for name in FASTPATH_MODULES]
-    sources += [(name, f"rdsproxy/_fastpath/{name}_c.pyx", None) for name in NATIVE_MODULES]
-    for name, source, pxd in sources:
+    sources = [(name, f"rdsproxy/_fastpath/{name}_py.py") for name in FASTPATH_MODULES]
+    sources += [(name, f"rdsproxy/_fastpath/{name}_c.pyx") for name in NATIVE_MODULES]
+    # Every module's C depends on the layouts it cimports (the relay's on the scanner's and
+    # the pool's, the reactor's on the relay's): a stale one would read fields at the wrong
+    # offsets. Any newer .pxd regenerates them all; it costs seconds.
+    pxds = [os.path.join("rdsproxy/_fastpath", f"{name}_c.pxd") for name in FASTPATH_MODULES]
+    pxds = [p for p in pxds if os.path.exists(os.path.join(here, p))]
+    for name, source in sources:
         if not os.path.exists(os.path.join(here, source)):
             continue
         # The module is named *_c but compiled from *_py.py: Cython then looks for the pxd
         # by the module name (*_c.pxd) and names the init function PyInit_<name>_c.
-        ext = Extension(f"rdsproxy._fastpath.{name}_c", [source], depends=[pxd] if pxd else [])
+        ext = Extension(f"rdsproxy._fastpath.{name}_c", [source], depends=pxds)
+        generated = os.path.join(here, source.rsplit(".", 1)[0] + ".c")
         try:
             extensions += cythonize(
                 [ext],
@@ -71,9 +76,8 @@ def fastpath_extensions():
                     "warn.unreachable": False,
                 },
                 # Cython's dependency scan looks for <source>.pxd (*_py.pxd), so it would
-                # miss edits to *_c.pxd: regenerate the C file when the pxd is newer.
-                force=bool(pxd) and _newer(os.path.join(here, pxd),
-                                           os.path.join(here, source[:-3] + ".c")),
+                # miss edits to *_c.pxd: regenerate the C file when a pxd is newer.
+                force=any(_newer(os.path.join(here, p), generated) for p in pxds),
                 quiet=True,
             )
         except Exception as exc:
