@@ -16,7 +16,7 @@ cdef class MessageScanner:
     cdef public bytearray captured_mask
     cdef public Py_ssize_t capture_limit
     cdef public long long max_message_size
-    cdef public object captured
+    cdef public list captured
     cdef public int status
     cdef public int last_type
 
@@ -39,7 +39,7 @@ cdef class MessageScanner:
     cpdef bint at_boundary(self)
 
     @cython.locals(count=Py_ssize_t, pos=Py_ssize_t, take=Py_ssize_t, room=Py_ssize_t,
-                   mtype=int, length="long long")
+                   mtype=int, length="long long", keep=Py_ssize_t, payload=bytes)
     cdef Py_ssize_t _scan(self, const unsigned char *buf, Py_ssize_t end) except -1
 
     @cython.locals(mtype=int)

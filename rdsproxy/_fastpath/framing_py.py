@@ -152,8 +152,16 @@ class MessageScanner:
                 self._current_type = mtype
                 self.last_type = mtype
                 self._length = length
-                if not self.captured_mask[mtype] and end - pos >= length:
-                    # Common case: the whole payload is here and none of it is kept.
+                if end - pos >= length:
+                    # Common case: the whole payload is here. A kept one (a Query's text)
+                    # is sliced straight out of the chunk, up to the capture limit.
+                    if self.captured_mask[mtype]:
+                        keep = length if length < self.capture_limit else self.capture_limit
+                        if cython.compiled:
+                            payload = buf[pos:pos + keep]   # bytes from the raw pointer
+                        else:
+                            payload = bytes(buf[pos:pos + keep])
+                        self.captured.append((mtype, payload, length))
                     if mtype == MSG_READY_FOR_QUERY and length >= 1 and self.capture_limit > 0:
                         self.status = buf[pos]
                     pos += length

@@ -8,11 +8,13 @@ cdef class KeywordScanner:
     cdef public list leading
     cdef public list anywhere
     cdef object _regex
-    cdef bytearray _anywhere_first
+    cdef bytearray _leading_pairs
+    cdef bytearray _anywhere_pairs
 
     cpdef bint may_match(self, bytes data) except -1
 
-    @cython.locals(at_start=bint, i=Py_ssize_t, c=int, word=bytes, n=Py_ssize_t)
+    @cython.locals(at_start=bint, i=Py_ssize_t, c=int, nxt=int, pair=int, word=bytes,
+                   n=Py_ssize_t)
     cdef bint _scan(self, const unsigned char *buf, Py_ssize_t end) except -1
 
     @cython.locals(n=Py_ssize_t, k=Py_ssize_t, c=int)

@@ -33,10 +33,11 @@ class KeywordScanner:
                 re.escape(w) + (rb"(?![a-z0-9_])" if w[:1].isalpha() else b"")
                 for w in self.leading) + rb")"
             + b"".join(b"|" + re.escape(w) for w in self.anywhere))
-        first = bytearray(256)
-        for w in self.anywhere:
-            first[w[0]] = 1
-        self._anywhere_first = first
+        # The compiled scan's first test at each position: could a word start with these
+        # two (lower-cased) bytes? Most positions of ordinary SQL fail it, so the word
+        # lists are only walked where a match is likely.
+        self._leading_pairs = _pair_table(self.leading)
+        self._anywhere_pairs = _pair_table(self.anywhere)
 
     def may_match(self, data):
         if not cython.compiled:
@@ -51,19 +52,24 @@ class KeywordScanner:
             c = buf[i]
             if 65 <= c <= 90:
                 c += 32
+            pair = c << 8
+            if i + 1 < end:
+                nxt = buf[i + 1]
+                pair |= nxt + 32 if 65 <= nxt <= 90 else nxt
             if at_start:
                 if c == 32 or 9 <= c <= 13 or c == 0:
                     i += 1
                     continue
                 at_start = False
-                for word in self.leading:
-                    if self._matches_at(buf, end, i, word):
-                        n = len(word)
-                        if word[0] < 97 or i + n >= end or not _word_byte(buf[i + n]):
-                            return True
+                if self._leading_pairs[pair]:
+                    for word in self.leading:
+                        if self._matches_at(buf, end, i, word):
+                            n = len(word)
+                            if word[0] < 97 or i + n >= end or not _word_byte(buf[i + n]):
+                                return True
             if c == 59:  # ';' starts the next statement
                 at_start = True
-            elif self._anywhere_first[c]:
+            elif self._anywhere_pairs[pair]:
                 for word in self.anywhere:
                     if self._matches_at(buf, end, i, word):
                         return True
@@ -81,6 +87,19 @@ class KeywordScanner:
             if c != word[k]:
                 return False
         return True
+
+
+def _pair_table(words):
+    """65536 flags, one per (byte, next byte): set where one of `words` (lower case) starts
+    with that pair. A one-byte word flags every pair it begins; the last byte of a text is
+    looked up with 0 as its next byte."""
+    table = bytearray(65536)
+    for w in words:
+        if len(w) == 1:
+            table[w[0] << 8:(w[0] + 1) << 8] = b"\x01" * 256
+        else:
+            table[(w[0] << 8) | w[1]] = 1
+    return table
 
 
 def _word_byte(c):

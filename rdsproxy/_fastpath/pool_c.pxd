@@ -12,11 +12,15 @@ cdef class PoolCore:
     cdef public Py_ssize_t borrowed
     cdef public Py_ssize_t idle_count
     cdef dict _idle
+    cdef object _last_key
+    cdef list _last_stack
     cdef object _waiters  # collections.deque of (key, waiter)
     cdef public object clock
     cdef public double borrow_timeout
     cdef public bint deadline_armed
 
+    @cython.locals(stack=list)
+    cdef list _stack(self, object key)
     @cython.locals(stack=list)
     cpdef object try_borrow(self, object key)
     cpdef bint reserve_new(self)

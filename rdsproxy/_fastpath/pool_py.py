@@ -22,6 +22,11 @@ class PoolCore:
         self.borrowed = 0
         self.idle_count = 0
         self._idle = {}
+        # The stack last looked up, by the identity of its key: a pool mostly serves one
+        # key (one user and database), and `is` spares hashing and comparing its tuple.
+        # Stacks stay in _idle once made, so the one kept here is never stale.
+        self._last_key = None
+        self._last_stack = None
         self._waiters = deque()
         # Set by the owning Pool so the relay can queue a borrower without calling it:
         # its loop's clock, its connection_borrow_timeout, and whether its deadline timer
@@ -31,9 +36,20 @@ class PoolCore:
         self.deadline_armed = False
 
     # -- borrowing ---------------------------------------------------------------------
+    def _stack(self, key):
+        """The idle stack of `key` (made empty the first time)."""
+        if key is self._last_key:
+            return self._last_stack
+        stack = self._idle.get(key)
+        if stack is None:
+            stack = self._idle[key] = []
+        self._last_key = key
+        self._last_stack = stack
+        return stack
+
     def try_borrow(self, key):
         """An idle connection for `key`, or None. Counts it as borrowed."""
-        stack = self._idle.get(key)
+        stack = self._stack(key)
         if stack:
             self.idle_count -= 1
             self.borrowed += 1
@@ -66,11 +82,7 @@ class PoolCore:
             return self._waiters.popleft()
         self.borrowed -= 1
         self.idle_count += 1
-        stack = self._idle.get(key)
-        if stack is None:
-            self._idle[key] = [conn]
-        else:
-            stack.append(conn)
+        self._stack(key).append(conn)
         return None
 
     # -- waiting -----------------------------------------------------------------------
