@@ -28,6 +28,7 @@ from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memset, strerror
 
 from rdsproxy._fastpath.reactor_py import BACKLOG, Listening
+from rdsproxy._fastpath.relay_c cimport ClientRelay
 
 cdef extern from "<sys/types.h>":
     ctypedef long ssize_t
@@ -367,6 +368,7 @@ cdef class Listener:
             return
         reactor.transports += 1
         transport.protocol = protocol
+        transport.relay = _relay_of(protocol)
         try:
             protocol.connection_made(transport)
         except BaseException as exc:
@@ -377,11 +379,24 @@ cdef class Listener:
             transport._read_ready()
 
 
+_RELAY_DATA_RECEIVED = getattr(ClientRelay, "data_received")   # the Python-level method
+
+
+cdef ClientRelay _relay_of(protocol):
+    """The protocol as a relay session whose data_received the reactor may skip (to call
+    its C body), or None: any other protocol, or a subclass that overrides data_received."""
+    if (isinstance(protocol, ClientRelay)
+            and getattr(type(protocol), "data_received") is _RELAY_DATA_RECEIVED):
+        return <ClientRelay>protocol
+    return None
+
+
 cdef class FdTransport:
     """An accepted TCP connection of the reactor, as an asyncio transport."""
     cdef int fd
     cdef Reactor reactor
     cdef object protocol
+    cdef ClientRelay relay          # the protocol, when it is the relay's: called in C
     cdef unsigned int interest      # the epoll events asked for
     cdef bint closing
     cdef bint lost                  # connection_lost scheduled (or the socket detached)
@@ -413,7 +428,10 @@ cdef class FdTransport:
         if n > 0:
             data = PyBytes_FromStringAndSize(self.reactor.rbuf, n)
             try:
-                self.protocol.data_received(data)
+                if self.relay is not None:
+                    self.relay.received(data)
+                else:
+                    self.protocol.data_received(data)
             except BaseException as exc:
                 self._protocol_failed(exc, "data_received")
         elif n == 0:
@@ -597,6 +615,7 @@ cdef class FdTransport:
 
     def _connection_lost(self, exc):
         protocol, self.protocol = self.protocol, None
+        self.relay = None
         try:
             protocol.connection_lost(exc)
         except BaseException as err:
@@ -647,6 +666,7 @@ cdef class FdTransport:
 
     def set_protocol(self, protocol):
         self.protocol = protocol
+        self.relay = _relay_of(protocol)
 
 
 async def serve(loop, protocol_factory, sockets, *, bint client_speaks_first=False):

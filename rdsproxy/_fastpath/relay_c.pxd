@@ -144,9 +144,10 @@ cdef class ClientRelay:
     cpdef connection_lost(self, exc)
     cpdef close(self)
 
+    cpdef data_received(self, data)
     @cython.locals(n=Py_ssize_t, server=ServerRelay, scanner=MessageScanner, conn=ServerRelay,
                    replay=list)
-    cpdef data_received(self, data)
+    cdef received(self, data)
 
     # cdef (C calls only): Cython checks every call of a cpdef method on an instance with a
     # __dict__ for a Python override, an attribute lookup plus a bound method per call.

@@ -274,6 +274,10 @@ class ClientRelay:
             transport.close()
 
     def data_received(self, data):
+        self.received(data)
+
+    def received(self, data):
+        """data_received's work, which the C reactor calls directly (no method lookup)."""
         if self.state != STATE_READY:
             if self.login_step < 0 or not self.quick_login(data):
                 self.login_step = -1

@@ -55,6 +55,9 @@ class PostgresEngine(BaseEngine):
         self.rules = PinningRules(config.target_group.session_pinning_filters)
         self.dummy_scram_secret = make_server_key_material(os.urandom(16).hex())
         self._greetings: dict = {}
+        # One object per distinct pool key and parameter set: the relay compares them on
+        # every borrow and return, and `is` settles that before any tuple is compared.
+        self._session_parts: dict = {}
         # The template of every client's scanner (ClientConnection: .fresh() of it).
         self.client_scanner = MessageScanner(counted=b"QSF", captured=b"QPX",
                                              capture_limit=self.rules_capture_limit,
@@ -149,7 +152,11 @@ class PostgresEngine(BaseEngine):
     def remember_startup(self, raw: bytes, session: tuple) -> StartupPlan:
         """The plan for a parsed startup packet, kept for the next client that sends it.
         The relay may log such clients in itself when the account is a plain md5 one."""
-        user, _, options, _, _ = session
+        user, database, options, key, desired = session
+        parts = self._session_parts
+        key = parts.get(key) or _kept(parts, key)
+        desired = parts.get(desired) or _kept(parts, desired)
+        session = (user, database, options, key, desired)
         account = self.accounts.get(user)
         quick = (account is not None and account.client_auth == "POSTGRES_MD5"
                  and account.iam_auth == "DISABLED" and not options
@@ -208,6 +215,12 @@ def _keep(cache: dict, key, value, limit: int = 1024) -> None:
     if len(cache) >= limit:
         cache.clear()
     cache[key] = value
+
+
+def _kept(cache: dict, value):
+    """`value`, now kept in `cache` as its own canonical copy."""
+    _keep(cache, value, value)
+    return value
 
 
 def _first_column(datarow: bytes) -> str:
