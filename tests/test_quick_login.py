@@ -179,6 +179,63 @@ def test_unusual_clients_go_the_engines_way(md5_proxy):
         sock.close()
 
 
+SSL_REQUEST = struct.pack("!ii", 8, 80877103)
+GSSENC_REQUEST = struct.pack("!ii", 8, 80877104)
+
+
+def test_libpq_default_sslmode_takes_the_quick_lane_when_tls_is_not_offered(md5_proxy):
+    # sslmode=prefer (libpq's and so psql's, pgbench's and psycopg's default) opens with an
+    # SSLRequest; a proxy without TLS says 'N' and the login goes on in the clear.
+    def session():
+        with psycopg.connect(md5_proxy.dsn(sslmode="prefer", gssencmode="disable"),
+                             autocommit=True) as conn:
+            assert conn.info.pgconn.ssl_in_use is False
+            return conn.execute("select current_user").fetchone()[0]
+    assert session() == APP_USER
+    before = quick_logins(md5_proxy)
+    assert session() == APP_USER
+    assert session() == APP_USER
+    assert quick_logins(md5_proxy) == before + 2
+
+
+@pytest.mark.parametrize("request_packet", [SSL_REQUEST, GSSENC_REQUEST], ids=["ssl", "gssenc"])
+def test_an_encryption_request_is_declined_once_then_the_login_runs(md5_proxy, request_packet):
+    def login(first):
+        sock = socket.create_connection((md5_proxy.host, md5_proxy.port), timeout=5)
+        sock.sendall(first)
+        assert sock.recv(16) == b"N"
+        sock.sendall(startup_packet())
+        sock.sendall(password_message(salt_of(sock.recv(1024))))
+        until_ready(sock)
+        sock.sendall(b"X\0\0\0\x04")
+        sock.close()
+    login(request_packet)
+    before = quick_logins(md5_proxy)
+    login(request_packet)
+    assert quick_logins(md5_proxy) == before + 1
+    # A second request after the 'N' is the engine's (it declines again): still served.
+    sock = socket.create_connection((md5_proxy.host, md5_proxy.port), timeout=5)
+    sock.sendall(request_packet)
+    assert sock.recv(16) == b"N"
+    sock.sendall(SSL_REQUEST)
+    assert sock.recv(16) == b"N"
+    sock.sendall(startup_packet())
+    sock.sendall(password_message(salt_of(sock.recv(1024))))
+    until_ready(sock)
+    sock.close()
+
+
+def test_a_proxy_with_tls_runs_the_handshake_for_an_ssl_request(secure_proxy_factory, test_ca):
+    proxy = secure_proxy_factory(client_auth="POSTGRES_MD5",
+                                 tls={"cert_file": test_ca.server_cert, "key_file": test_ca.server_key})
+    for _ in range(3):
+        with psycopg.connect(proxy.dsn(sslmode="require"), autocommit=True) as conn:
+            assert conn.info.pgconn.ssl_in_use is True
+            assert conn.execute("select 1").fetchone() == (1,)
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:   # sslmode=disable: quick
+        assert conn.execute("select 1").fetchone() == (1,)
+
+
 def test_a_rotated_password_takes_effect_in_the_quick_lane(md5_proxy, pg, tmp_path):
     def login(password):
         with psycopg.connect(md5_proxy.dsn(password=password), autocommit=True) as conn:

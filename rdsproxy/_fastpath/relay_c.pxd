@@ -29,6 +29,8 @@ cdef bytes AUTH_MD5_REQUEST
 cdef bytes AUTH_OK_MESSAGE
 cdef bytes READY_FOR_QUERY_IDLE
 cdef bytes TERMINATE
+cdef bytes SSL_REQUEST
+cdef bytes GSSENC_REQUEST
 cdef object _BACKEND_KEY_DATA
 cdef Py_ssize_t ENTROPY_BLOCK
 
@@ -64,6 +66,7 @@ cdef class LoginDesk:
     cdef public object router
     cdef public object unrouted
     cdef public object throttle_entries
+    cdef public bint tls_offered
     cdef public unsigned long long quick_logins
 
     cpdef forget(self, ClientRelay client)
@@ -154,7 +157,7 @@ cdef class ClientRelay:
     cdef bint ready_on(self, ServerRelay conn) except -1
 
     @cython.locals(logins=LoginDesk, plan=StartupPlan, salt=bytes, expected=bytes, pid=long,
-                   secret="unsigned long", chunk=bytes)
+                   secret="unsigned long", chunk=bytes, step=int)
     cdef bint quick_login(self, data) except -1
 
     @cython.locals(mtype=int, payload=bytes, entry=tuple, prefilter=KeywordScanner, unpinned=bint)

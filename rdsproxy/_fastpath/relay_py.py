@@ -54,6 +54,8 @@ AUTH_MD5_REQUEST = b"R\x00\x00\x00\x0c\x00\x00\x00\x05"   # AuthenticationMD5Pas
 AUTH_OK_MESSAGE = b"R\x00\x00\x00\x08\x00\x00\x00\x00"
 READY_FOR_QUERY_IDLE = b"Z\x00\x00\x00\x05I"
 TERMINATE = b"X\x00\x00\x00\x04"
+SSL_REQUEST = b"\x00\x00\x00\x08\x04\xd2\x16\x2f"      # length 8, code 80877103
+GSSENC_REQUEST = b"\x00\x00\x00\x08\x04\xd2\x16\x30"   # length 8, code 80877104
 _BACKEND_KEY_DATA = _Struct("!cIiI")   # 'K', length 12, pid, secret
 ENTROPY_BLOCK = 4096
 
@@ -104,6 +106,7 @@ class LoginDesk:
         self.router = router
         self.unrouted = unrouted
         self.throttle_entries = throttle_entries   # LoginThrottle's table: empty, no work
+        self.tls_offered = False   # the engine has a TLS context: SSLRequest is its to answer
         self.quick_logins = 0   # logins the quick lane completed
 
     def forget(self, client):
@@ -218,8 +221,8 @@ class ClientRelay:
         self.user = ""
         self.database = ""
         # The login's quick lane: the engine's LoginDesk (None: no quick lane), how far it
-        # got (0: nothing seen yet, 1: salt sent, -1: the engine's path has the login) and
-        # the plan it follows.
+        # got (0: nothing seen yet, 2: TLS declined, 1: salt sent, -1: the engine's path
+        # has the login) and the plan it follows.
         self.logins = None
         self.login_step = 0
         self.plan = None
@@ -336,9 +339,19 @@ class ClientRelay:
         if type(data) is not bytes:
             return False
         chunk = data
-        if self.login_step == 0:
-            plan = logins.plans.get(chunk)   # the whole first chunk is a known packet
-            if plan is None or plan.md5_inner is None or plan.greeting is None:
+        step = self.login_step
+        if step == 0 or step == 2:
+            plan = logins.plans.get(chunk)   # the whole chunk is a known startup packet
+            if plan is None:
+                if step == 0 and (chunk == GSSENC_REQUEST
+                                  or (chunk == SSL_REQUEST and not logins.tls_offered)):
+                    # libpq's default (sslmode=prefer) asks for TLS first: without TLS to
+                    # offer the answer is 'N' and the startup packet follows in the clear.
+                    self.transport.write(b"N")
+                    self.login_step = 2
+                    return True
+                return False
+            if plan.md5_inner is None or plan.greeting is None:
                 return False
             salt = logins.entropy.take(4)
             self.transport.write(AUTH_MD5_REQUEST + salt)
@@ -353,7 +366,7 @@ class ClientRelay:
             self._account = plan.account
             logins.metrics.ClientConnectionsNoTLS += 1  # the first chunk of a TLS session is its request
             return True
-        if self.login_step != 1 or self.state != STATE_AUTH_MD5:
+        if step != 1 or self.state != STATE_AUTH_MD5:
             return False
         if (len(chunk) != MD5_PASSWORD_SIZE or chunk[0] != MSG_PASSWORD or chunk[1] != 0
                 or chunk[2] != 0 or chunk[3] != 0 or chunk[4] != 40 or chunk[40] != 0):

@@ -69,6 +69,11 @@ class PostgresEngine(BaseEngine):
         self.startup_plans: dict[bytes, StartupPlan] = self.logins.plans
         self.by_pid: dict[int, ClientConnection] = self.logins.by_pid
 
+    def load_tls(self) -> None:
+        super().load_tls()
+        # Without a TLS context the relay's login lane answers SSLRequest itself ('N').
+        self.logins.tls_offered = self.server_ssl is not None
+
     def client_factory(self, endpoint):
         # Made in C, without a Python __init__ (see relay_py.SessionFactory).
         return SessionFactory(self.client_class, self, endpoint, UNROUTED, PREFILTER,
