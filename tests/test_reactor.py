@@ -285,6 +285,87 @@ def test_close_stops_accepting_and_wait_closed_waits_for_the_connections(reactor
     run(main())
 
 
+async def connected_socket(addr):
+    """A connected non-blocking socket, as the backend opens one for a database."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, addr)
+    return sock
+
+
+def test_an_adopted_connection_is_a_transport_like_the_loops(reactor):
+    # Database connections: the backend connects a socket and the reactor takes it over.
+    async def main():
+        loop = asyncio.get_running_loop()
+        peers = []
+
+        async def serve_peer(r, w):
+            peers.append(w)
+            w.write(b"hello")                        # a server that speaks first
+            while data := await r.read(65536):
+                w.write(data.upper())
+            w.close()
+        peer = await asyncio.start_server(serve_peer, "127.0.0.1", 0)
+        addr = peer.sockets[0].getsockname()[:2]
+        sock = await connected_socket(addr)
+        local = sock.getsockname()
+        transport, protocol = await reactor.adopt(loop, Recorder, sock)
+        assert protocol.transport is transport and protocol.events == ["made"]
+        assert transport.get_extra_info("peername") == addr
+        assert transport.get_extra_info("sockname") == local
+        with socket.socket(fileno=os.dup(transport_fd(transport))) as view:
+            assert view.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        transport.write(b"abc")
+        transport.writelines([b"d", b"ef"])
+        while bytes(protocol.data) != b"helloABCDEF":
+            await asyncio.sleep(0.01)
+        peers[0].close()                             # the database goes away
+        assert await asyncio.wait_for(protocol.lost, 5) is None
+        assert protocol.events == ["made", "eof", "lost"]
+        peer.close()
+    run(main())
+
+
+def transport_fd(transport):
+    """The transport's descriptor, found by its local address (the C transport keeps no
+    socket object to ask)."""
+    local = transport.get_extra_info("sockname")
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            s = socket.socket(fileno=os.dup(int(name)))
+        except OSError:
+            continue
+        try:
+            if s.type == socket.SOCK_STREAM and s.getsockname() == local:
+                return s.detach()
+        except OSError:
+            pass
+        finally:
+            s.close()
+    raise AssertionError("no descriptor for the transport")
+
+
+def test_wait_closed_does_not_wait_for_adopted_connections(reactor):
+    async def main():
+        loop = asyncio.get_running_loop()
+        peer = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        sock = await connected_socket(peer.sockets[0].getsockname()[:2])
+        transport, protocol = await reactor.adopt(loop, Recorder, sock)
+        server, addr, made = await start_recording(reactor, echo=True)
+        r, w = await asyncio.open_connection(*addr)
+        w.write(b"x")
+        assert await r.readexactly(1) == b"x"
+        w.close()
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 5)   # the database connection is not its
+        assert not transport.is_closing()
+        transport.close()
+        await asyncio.wait_for(protocol.lost, 5)
+        peer.close()
+    run(main())
+
+
 def test_a_client_that_sends_nothing_is_served_once_it_does(reactor):
     # TCP_DEFER_ACCEPT: the connection is accepted when its first bytes arrive.
     async def main():

@@ -1,4 +1,5 @@
-"""Client sockets: listening, accepting, and the transports client sessions talk through.
+"""Sockets of the relay: listening, accepting, and the transports client sessions and their
+database connections talk through.
 
 The twin of `reactor_c` with the same API: here the event loop's own machinery serves
 (`loop.create_server` on the given sockets, `loop.start_tls`), which is the behaviour the C
@@ -7,6 +8,7 @@ own, registered with the loop as a single reader, and transports that read, writ
 close the file descriptors directly (see reactor_c.pyx for why).
 
     server = await serve(loop, protocol_factory, sockets, client_speaks_first=True)
+    transport, protocol = await adopt(loop, protocol_factory, connected_socket)
     ...
     tls_transport = await start_tls(loop, transport, protocol, sslcontext, handshake_timeout)
     server.close(); await server.wait_closed()
@@ -79,6 +81,13 @@ async def serve(loop, protocol_factory, sockets, *, client_speaks_first: bool = 
     servers = [await loop.create_server(protocol_factory, sock=sock, backlog=BACKLOG)
                for sock in sockets]
     return Listening(servers, sockets)
+
+
+async def adopt(loop, protocol_factory, sock):
+    """A transport and protocol for `sock`, a connected TCP socket (a database connection
+    the caller opened): what loop.create_connection(protocol_factory, sock=sock) returns."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return await loop.create_connection(protocol_factory, sock=sock)
 
 
 async def start_tls(loop, transport, protocol, sslcontext, handshake_timeout: float):

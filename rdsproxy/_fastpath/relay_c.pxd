@@ -186,6 +186,7 @@ cdef class ServerRelay:
     cdef public Py_ssize_t held_size
     cdef dict __dict__
 
+    cpdef data_received(self, data)
     @cython.locals(n=Py_ssize_t, client=ClientRelay, scanner=MessageScanner, last=int,
                    held=list)
-    cpdef data_received(self, data)
+    cdef received(self, data)

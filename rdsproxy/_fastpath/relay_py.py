@@ -498,6 +498,10 @@ class ServerRelay:
         self.held_size = 0
 
     def data_received(self, data):
+        self.received(data)
+
+    def received(self, data):
+        """data_received's work, which the C reactor calls directly (no method lookup)."""
         client = self.client
         if self.mode != MODE_RELAY or client is None:
             self.slow_data(data)

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import struct
 
-from ..._fastpath import FramingError, MessageScanner, ServerRelay, split_messages
+from ..._fastpath import FramingError, MessageScanner, ServerRelay, reactor, split_messages
 from ..._fastpath.relay_py import MODE_RELAY
 from ...auth.md5 import md5_response
 from ...auth.scram import ScramClient, ScramError
@@ -228,9 +229,9 @@ class ServerConnection(ServerRelay, ServerSide, asyncio.Protocol):
         return f"<ServerConnection {self.target_name} pid={self.backend_pid} key={self.key}>"
 
 
-async def _negotiate_tls(loop, target_name: str, host: str, port: int, tls_mode: str):
-    """Connect a plain socket and ask for TLS; return it once the server said 'S'."""
-    import socket
+async def _connect_socket(loop, host: str, port: int, first=None):
+    """A connected non-blocking socket to the first of `host`'s addresses that answers;
+    with `first` (an async step on the socket), also the first on which that step works."""
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     last_error: Exception | None = None
     for family, type_, proto, _, address in infos:
@@ -238,8 +239,7 @@ async def _negotiate_tls(loop, target_name: str, host: str, port: int, tls_mode:
         try:
             sock.setblocking(False)
             await loop.sock_connect(sock, address)
-            await loop.sock_sendall(sock, struct.pack("!ii", 8, pg.SSL_REQUEST_CODE))
-            answer = await loop.sock_recv(sock, 1)
+            result = await first(sock) if first is not None else None
         except OSError as exc:
             sock.close()
             last_error = exc
@@ -247,17 +247,26 @@ async def _negotiate_tls(loop, target_name: str, host: str, port: int, tls_mode:
         except BaseException:
             sock.close()
             raise
-        if answer == b"S":
-            # Nothing may follow 'S' before the handshake (a MITM could inject plaintext).
-            return sock
-        sock.close()
-        if answer == b"N":
-            raise ServerError({"S": "FATAL", "C": "08P01",
-                               "M": f"database {target_name} does not accept TLS (it answered 'N' to "
-                                    f"SSLRequest) but the target's tls is {tls_mode!r}"})
-        raise ServerError({"S": "FATAL", "C": "08P01",
-                           "M": f"database {target_name} gave an unexpected answer {answer!r} to SSLRequest"})
+        return sock, result
     raise last_error or OSError(f"cannot resolve {host}")
+
+
+async def _negotiate_tls(loop, target_name: str, host: str, port: int, tls_mode: str):
+    """Connect a plain socket and ask for TLS; return it once the server said 'S'."""
+    async def ask(sock):
+        await loop.sock_sendall(sock, struct.pack("!ii", 8, pg.SSL_REQUEST_CODE))
+        return await loop.sock_recv(sock, 1)
+    sock, answer = await _connect_socket(loop, host, port, ask)
+    if answer == b"S":
+        # Nothing may follow 'S' before the handshake (a MITM could inject plaintext).
+        return sock
+    sock.close()
+    if answer == b"N":
+        raise ServerError({"S": "FATAL", "C": "08P01",
+                           "M": f"database {target_name} does not accept TLS (it answered 'N' to "
+                                f"SSLRequest) but the target's tls is {tls_mode!r}"})
+    raise ServerError({"S": "FATAL", "C": "08P01",
+                       "M": f"database {target_name} gave an unexpected answer {answer!r} to SSLRequest"})
 
 
 async def open_server_connection(loop, target_name: str, host: str, port: int, *, user: str,
@@ -272,7 +281,14 @@ async def open_server_connection(loop, target_name: str, host: str, port: int, *
 
     async def connect():
         if ssl_context is None:
-            _, conn = await loop.create_connection(factory, host, port)
+            # Plain connections join the relay's reactor, beside the clients (the C one
+            # serves both halves of a session from one epoll set).
+            sock, _ = await _connect_socket(loop, host, port)
+            try:
+                _, conn = await reactor.adopt(loop, factory, sock)
+            except BaseException:
+                sock.close()
+                raise
         else:
             sock = await _negotiate_tls(loop, target_name, host, port, tls_mode)
             try:
