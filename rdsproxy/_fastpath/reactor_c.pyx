@@ -37,7 +37,7 @@ from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memset, strerror
 
 from rdsproxy._fastpath.reactor_py import BACKLOG, Listening
-from rdsproxy._fastpath.relay_c cimport ClientRelay, ServerRelay
+from rdsproxy._fastpath.relay_c cimport ClientRelay, ServerRelay, SessionFactory
 
 cdef extern from "<sys/types.h>":
     ctypedef long ssize_t
@@ -402,7 +402,10 @@ cdef class Listener:
     cdef void _connection(self, int fd, const char *addr, socklen_t size):
         cdef FdTransport transport = _new_transport(self.reactor, fd, addr, size)
         try:
-            protocol = self.factory()
+            if type(self.factory) is SessionFactory:
+                protocol = (<SessionFactory>self.factory).make()   # a C call, no __call__
+            else:
+                protocol = self.factory()
             self.reactor._watch(fd, transport, EPOLLIN)
         except BaseException as exc:
             c_close(fd)
