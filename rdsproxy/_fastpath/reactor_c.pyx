@@ -165,8 +165,8 @@ cdef Reactor _shared(loop):
 
 
 cdef class Reactor:
-    """One epoll set of accepted client sockets (and the listening ones), served by one
-    reader callback of the event loop."""
+    """One epoll set of a loop's relay sockets (accepted clients, listening sockets and
+    adopted database connections), served by one reader callback of the event loop."""
     cdef int epfd
     cdef object loop
     cdef epoll_event *events
@@ -295,7 +295,6 @@ cdef class Reactor:
                 pass
             c_close(self.epfd)
             self.epfd = -1
-
 
 
 cdef class Tally:
@@ -433,27 +432,15 @@ cdef FdTransport _new_transport(Reactor reactor, int fd, const char *addr, sockl
     return transport
 
 
-_RELAY_DATA_RECEIVED = getattr(ClientRelay, "data_received")   # the Python-level method
-
-
-cdef ClientRelay _relay_of(protocol):
-    """The protocol as a relay session whose data_received the reactor may skip (to call
-    its C body), or None: any other protocol, or a subclass that overrides data_received."""
-    if (isinstance(protocol, ClientRelay)
-            and getattr(type(protocol), "data_received") is _RELAY_DATA_RECEIVED):
-        return <ClientRelay>protocol
-    return None
-
-
+# The Python-level methods, to tell a relay half from a subclass that overrides them.
+_CLIENT_DATA_RECEIVED = getattr(ClientRelay, "data_received")
 _SERVER_DATA_RECEIVED = getattr(ServerRelay, "data_received")
 
 
-cdef ServerRelay _server_relay_of(protocol):
-    """As _relay_of, for the database half of the relay."""
-    if (isinstance(protocol, ServerRelay)
-            and getattr(type(protocol), "data_received") is _SERVER_DATA_RECEIVED):
-        return <ServerRelay>protocol
-    return None
+cdef bint _relay_half(protocol, type half, method):
+    """Whether `protocol` is a `half` of the relay whose data_received the reactor may skip
+    to call its C body: not another protocol, nor a subclass overriding data_received."""
+    return isinstance(protocol, half) and getattr(type(protocol), "data_received") is method
 
 
 cdef class FdTransport:
@@ -491,9 +478,7 @@ cdef class FdTransport:
         self.reactor.transports += 1
         if self.tally is not None:
             self.tally.open += 1
-        self.protocol = protocol
-        self.relay = _relay_of(protocol)
-        self.server_relay = _server_relay_of(protocol)
+        self._bind(protocol)
         try:
             protocol.connection_made(self)
         except BaseException as exc:
@@ -758,9 +743,15 @@ cdef class FdTransport:
         return self.protocol
 
     def set_protocol(self, protocol):
+        self._bind(protocol)
+
+    cdef void _bind(self, protocol):
         self.protocol = protocol
-        self.relay = _relay_of(protocol)
-        self.server_relay = _server_relay_of(protocol)
+        self.relay = (<ClientRelay>protocol
+                      if _relay_half(protocol, ClientRelay, _CLIENT_DATA_RECEIVED) else None)
+        self.server_relay = (<ServerRelay>protocol
+                             if _relay_half(protocol, ServerRelay, _SERVER_DATA_RECEIVED)
+                             else None)
 
 
 async def serve(loop, protocol_factory, sockets, *, bint client_speaks_first=False):

@@ -159,9 +159,7 @@ class PostgresEngine(BaseEngine):
         The relay may log such clients in itself when the account is a plain md5 one."""
         user, database, options, key, desired = session
         parts = self._session_parts
-        key = parts.get(key) or _kept(parts, key)
-        desired = parts.get(desired) or _kept(parts, desired)
-        session = (user, database, options, key, desired)
+        session = (user, database, options, _canonical(parts, key), _canonical(parts, desired))
         account = self.accounts.get(user)
         quick = (account is not None and account.client_auth == "POSTGRES_MD5"
                  and account.iam_auth == "DISABLED" and not options
@@ -222,10 +220,13 @@ def _keep(cache: dict, key, value, limit: int = 1024) -> None:
     cache[key] = value
 
 
-def _kept(cache: dict, value):
-    """`value`, now kept in `cache` as its own canonical copy."""
-    _keep(cache, value, value)
-    return value
+def _canonical(cache: dict, value):
+    """The copy of `value` kept in `cache`; `value` itself becomes it the first time."""
+    kept = cache.get(value)
+    if kept is None:
+        _keep(cache, value, value)
+        kept = value
+    return kept
 
 
 def _first_column(datarow: bytes) -> str:
