@@ -38,6 +38,9 @@ class KeywordScanner:
         # lists are only walked where a match is likely.
         self._leading_pairs = _pair_table(self.leading)
         self._anywhere_pairs = _pair_table(self.anywhere)
+        self._anywhere_first = bytearray(256)   # the first bytes of the fragments
+        for w in self.anywhere:
+            self._anywhere_first[w[0]] = 1
 
     def may_match(self, data):
         if not cython.compiled:
@@ -45,23 +48,25 @@ class KeywordScanner:
         return self._scan(data, len(data))
 
     def _scan(self, buf, end):
-        # Compiled twin only: one pass, lower-casing ASCII letters on the fly.
+        # Compiled twin only: one pass, lower-casing through a table. Most bytes of ordinary
+        # SQL cannot start an "anywhere" fragment, so the next byte is only read where one
+        # could. The tables are read through C pointers, unchecked: a byte is < 256 and a
+        # pair < 65536, their sizes.
+        lower = _LOWER
+        leading_pairs = self._leading_pairs
+        anywhere_pairs = self._anywhere_pairs
+        anywhere_first = self._anywhere_first
         at_start = True
         i = 0
         while i < end:
-            c = buf[i]
-            if 65 <= c <= 90:
-                c += 32
-            pair = c << 8
-            if i + 1 < end:
-                nxt = buf[i + 1]
-                pair |= nxt + 32 if 65 <= nxt <= 90 else nxt
+            c = lower[buf[i]]
             if at_start:
                 if c == 32 or 9 <= c <= 13 or c == 0:
                     i += 1
                     continue
                 at_start = False
-                if self._leading_pairs[pair]:
+                pair = (c << 8) | (lower[buf[i + 1]] if i + 1 < end else 0)
+                if leading_pairs[pair]:
                     for word in self.leading:
                         if self._matches_at(buf, end, i, word):
                             n = len(word)
@@ -69,10 +74,12 @@ class KeywordScanner:
                                 return True
             if c == 59:  # ';' starts the next statement
                 at_start = True
-            elif self._anywhere_pairs[pair]:
-                for word in self.anywhere:
-                    if self._matches_at(buf, end, i, word):
-                        return True
+            elif anywhere_first[c]:
+                pair = (c << 8) | (lower[buf[i + 1]] if i + 1 < end else 0)
+                if anywhere_pairs[pair]:
+                    for word in self.anywhere:
+                        if self._matches_at(buf, end, i, word):
+                            return True
             i += 1
         return False
 
@@ -80,13 +87,14 @@ class KeywordScanner:
         n = len(word)
         if i + n > end:
             return False
+        lower = _LOWER
         for k in range(n):
-            c = buf[i + k]
-            if 65 <= c <= 90:
-                c += 32
-            if c != word[k]:
+            if lower[buf[i + k]] != word[k]:
                 return False
         return True
+
+
+_LOWER = bytes(range(256)).lower()   # each byte lower-cased (ASCII letters only)
 
 
 def _pair_table(words):
