@@ -169,6 +169,7 @@ cdef class Reactor:
     adopted database connections), served by one reader callback of the event loop."""
     cdef int epfd
     cdef object loop
+    cdef object call_soon   # the loop's, bound once: every closed connection schedules one
     cdef epoll_event *events
     cdef char *rbuf
     # fd -> the Listener or FdTransport registered for it (a strong reference), so an event
@@ -184,6 +185,7 @@ cdef class Reactor:
 
     def __init__(self, loop):
         self.loop = loop
+        self.call_soon = loop.call_soon
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         if self.epfd < 0:
             raise _os_error(errno)
@@ -681,14 +683,18 @@ cdef class FdTransport:
         c_close(fd)
         if not self.lost:
             self.lost = True
-            self.reactor.loop.call_soon(self._connection_lost, exc)
+            self.reactor.call_soon(self._connection_lost, exc)
 
     def _connection_lost(self, exc):
+        cdef ClientRelay relay = self.relay
         protocol, self.protocol = self.protocol, None
         self.relay = None
         self.server_relay = None
         try:
-            protocol.connection_lost(exc)
+            if relay is not None:
+                relay.connection_lost(exc)   # a C call (its Python override, if any, runs)
+            else:
+                protocol.connection_lost(exc)
         except BaseException as err:
             self.reactor.loop.call_exception_handler({
                 "message": "reactor: protocol.connection_lost() failed", "exception": err,

@@ -31,7 +31,7 @@ cdef bytes READY_FOR_QUERY_IDLE
 cdef bytes TERMINATE
 cdef bytes SSL_REQUEST
 cdef bytes GSSENC_REQUEST
-cdef object _BACKEND_KEY_DATA
+cdef bytes BACKEND_KEY_DATA_HEAD
 cdef Py_ssize_t ENTROPY_BLOCK
 
 
@@ -56,6 +56,8 @@ cdef class StartupPlan:
     cdef public object account
     cdef public bytes md5_inner
     cdef public bytes greeting
+    cdef public bytes reply
+    cdef public Py_ssize_t key_at
 
 
 cdef class LoginDesk:
@@ -157,7 +159,8 @@ cdef class ClientRelay:
     cdef bint ready_on(self, ServerRelay conn) except -1
 
     @cython.locals(logins=LoginDesk, plan=StartupPlan, salt=bytes, expected=bytes, pid=long,
-                   secret="unsigned long", chunk=bytes, step=int)
+                   secret="unsigned long", chunk=bytes, step=int, reply=bytearray,
+                   at=Py_ssize_t, i=int)
     cdef bint quick_login(self, data) except -1
 
     @cython.locals(mtype=int, payload=bytes, entry=tuple, prefilter=KeywordScanner, unpinned=bint)

@@ -25,7 +25,6 @@ in the same state, so there is one set of rules and this is only its quick lane.
 """
 from rdsproxy.auth.md5 import md5 as _md5
 from hmac import compare_digest as _compare_digest
-from struct import Struct as _Struct
 
 STATE_STARTUP = 0         # the client states of frontend.py the relay needs to know
 STATE_AUTH_MD5 = 3
@@ -56,7 +55,7 @@ READY_FOR_QUERY_IDLE = b"Z\x00\x00\x00\x05I"
 TERMINATE = b"X\x00\x00\x00\x04"
 SSL_REQUEST = b"\x00\x00\x00\x08\x04\xd2\x16\x2f"      # length 8, code 80877103
 GSSENC_REQUEST = b"\x00\x00\x00\x08\x04\xd2\x16\x30"   # length 8, code 80877104
-_BACKEND_KEY_DATA = _Struct("!cIiI")   # 'K', length 12, pid, secret
+BACKEND_KEY_DATA_HEAD = b"K\x00\x00\x00\x0c"   # BackendKeyData: pid and secret follow
 ENTROPY_BLOCK = 4096
 
 
@@ -92,6 +91,11 @@ class StartupPlan:
         self.account = account
         self.md5_inner = md5_inner   # hex digest as bytes; None: the engine's path logs in
         self.greeting = None         # ParameterStatus block, set by the first login that knows it
+        # The quick lane's whole reply to a right password (AuthenticationOk, the greeting,
+        # BackendKeyData with a zero key, ReadyForQuery), made from `greeting` once; each
+        # login copies it and writes its key at `key_at`: one allocation, one write.
+        self.reply = None
+        self.key_at = 0
 
 
 class LoginDesk:
@@ -377,9 +381,16 @@ class ClientRelay:
         if chunk[5:8] != b"md5" or not _compare_digest(chunk[8:40], expected):
             return False
         pid, secret = logins.register_cancel_key(self)
-        self.transport.write(b"".join((AUTH_OK_MESSAGE, plan.greeting,
-                                       _BACKEND_KEY_DATA.pack(b"K", 12, pid, secret),
-                                       READY_FOR_QUERY_IDLE)))
+        if plan.reply is None:
+            plan.key_at = len(AUTH_OK_MESSAGE) + len(plan.greeting) + len(BACKEND_KEY_DATA_HEAD)
+            plan.reply = b"".join((AUTH_OK_MESSAGE, plan.greeting, BACKEND_KEY_DATA_HEAD,
+                                   bytes(8), READY_FOR_QUERY_IDLE))
+        reply = bytearray(plan.reply)
+        at = plan.key_at
+        for i in range(4):   # both big-endian, as every integer on the wire
+            reply[at + i] = (pid >> (24 - 8 * i)) & 0xFF
+            reply[at + 4 + i] = (secret >> (24 - 8 * i)) & 0xFF
+        self.transport.write(reply)
         self.pid = pid
         self.secret = secret
         self.state = STATE_READY

@@ -62,8 +62,8 @@ class Router:
         just logged in: its first borrow can then take an idle connection in the relay
         without asking here). The pool, or None when no target fits."""
         role = client.route_role if role is None else role
-        # Every login of a READ_WRITE endpoint comes here: ask for the writer directly.
-        target = self.group.writer() if role == READ_WRITE else self.target_for(role)
+        # Every login of a READ_WRITE endpoint comes here: take the writer directly.
+        target = self.group.current_writer if role == READ_WRITE else self.target_for(role)
         pool = self.pools.get(target)   # None: no target, or one without a pool (yet)
         if pool is None:
             return None

@@ -172,7 +172,9 @@ class TargetGroup:
         self._tasks: dict[Target, asyncio.Task] = {}
         self._started = False
         self._split: set[Target] = set()    # writers of the current split-brain episode
-        self._writer: Target | None = None  # see writer()
+        # The one AVAILABLE writer or None (see writer()); read as an attribute by the
+        # router on every login, so keep it current rather than computed.
+        self.current_writer: Target | None = None
         # Replaced on every change; waiters hold the old one, so one set() wakes them all.
         self._changed = asyncio.Event()
         for t in targets:
@@ -254,7 +256,7 @@ class TargetGroup:
     def writer(self) -> Target | None:
         """The one AVAILABLE writer; None when there is none or more than one (split brain).
         Every login routes through here: it is worked out in _recompute, after each change."""
-        return self._writer
+        return self.current_writer
 
     def readers(self) -> list[Target]:
         return [t for t in self._targets
@@ -443,7 +445,7 @@ class TargetGroup:
     def _refresh_writer(self) -> list[Target]:
         """writer() after a change of state, role or membership; the available writers."""
         writers = self._available_writers()
-        self._writer = writers[0] if len(writers) == 1 else None
+        self.current_writer = writers[0] if len(writers) == 1 else None
         return writers
 
     def _emit(self, target: Target, what: str) -> None:
