@@ -50,11 +50,10 @@ def count(tree: Path, pure: bool, workload: str, transactions: int, creds, workd
     """Instructions of one proxy run, from start to exit, serving `transactions`."""
     port = free_port()
     confdir = workdir / f"{tree.name}-{'pure' if pure else 'c'}-{workload}-{transactions}"
-    config = tg.write_rdsproxy_config(confdir, creds, port=port, max_connections_percent=10)
     # A health check costs far more than a transaction and the 2N run lasts longer: one
     # check a minute keeps them out of the difference.
-    config.write_text(config.read_text().replace(
-        "[target_group]\n", "[target_group]\nhealth_check_interval = 60\n", 1))
+    config = tg.write_rdsproxy_config(confdir, creds, port=port, max_connections_percent=10,
+                                      health_check_interval=60)
     out = confdir / "callgrind.out"
     proc = reaper.spawn(confdir.name, ["valgrind", "--tool=callgrind",
                                        f"--callgrind-out-file={out}", sys.executable, "-m",

@@ -159,7 +159,8 @@ def rdsproxy_env(pure: bool, tree: Path) -> dict:
 
 
 def write_rdsproxy_config(confdir: Path, creds: Credentials, *, port: int,
-                          max_connections_percent: int) -> Path:
+                          max_connections_percent: int,
+                          health_check_interval: float = 1.0) -> Path:
     """The TOML contract from the issue; secret.json sits beside it (relative path)."""
     confdir.mkdir(parents=True, exist_ok=True)
     (confdir / "secret.json").write_text(json.dumps({
@@ -185,6 +186,7 @@ max_idle_connections_percent = {max_connections_percent}
 connection_borrow_timeout = 120
 session_pinning_filters = []
 init_query = ""
+health_check_interval = {health_check_interval}
 
 [[targets]]
 host = "{creds.server_host}"

@@ -55,9 +55,10 @@ cdef class StartupPlan:
     cdef public object desired
     cdef public object account
     cdef public bytes md5_inner
-    cdef public bytes greeting
     cdef public bytes reply
     cdef public Py_ssize_t key_at
+
+    cpdef learn_greeting(self, bytes statuses)
 
 
 cdef class LoginDesk:

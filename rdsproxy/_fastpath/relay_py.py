@@ -90,12 +90,18 @@ class StartupPlan:
         self.desired = session[4]
         self.account = account
         self.md5_inner = md5_inner   # hex digest as bytes; None: the engine's path logs in
-        self.greeting = None         # ParameterStatus block, set by the first login that knows it
         # The quick lane's whole reply to a right password (AuthenticationOk, the greeting,
-        # BackendKeyData with a zero key, ReadyForQuery), made from `greeting` once; each
-        # login copies it and writes its key at `key_at`: one allocation, one write.
+        # BackendKeyData with a zero key, ReadyForQuery); None until the first login of the
+        # engine's path learns the greeting. Each quick login copies it and writes its key
+        # at `key_at`: one allocation, one write.
         self.reply = None
         self.key_at = 0
+
+    def learn_greeting(self, statuses):
+        """The ParameterStatus block this packet's sessions are greeted with."""
+        self.key_at = len(AUTH_OK_MESSAGE) + len(statuses) + len(BACKEND_KEY_DATA_HEAD)
+        self.reply = b"".join((AUTH_OK_MESSAGE, statuses, BACKEND_KEY_DATA_HEAD, bytes(8),
+                               READY_FOR_QUERY_IDLE))
 
 
 class LoginDesk:
@@ -355,7 +361,7 @@ class ClientRelay:
                     self.login_step = 2
                     return True
                 return False
-            if plan.md5_inner is None or plan.greeting is None:
+            if plan.md5_inner is None or plan.reply is None:
                 return False
             salt = logins.entropy.take(4)
             self.transport.write(AUTH_MD5_REQUEST + salt)
@@ -381,10 +387,6 @@ class ClientRelay:
         if chunk[5:8] != b"md5" or not _compare_digest(chunk[8:40], expected):
             return False
         pid, secret = logins.register_cancel_key(self)
-        if plan.reply is None:
-            plan.key_at = len(AUTH_OK_MESSAGE) + len(plan.greeting) + len(BACKEND_KEY_DATA_HEAD)
-            plan.reply = b"".join((AUTH_OK_MESSAGE, plan.greeting, BACKEND_KEY_DATA_HEAD,
-                                   bytes(8), READY_FOR_QUERY_IDLE))
         reply = bytearray(plan.reply)
         at = plan.key_at
         for i in range(4):   # both big-endian, as every integer on the wire

@@ -599,8 +599,8 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         engine.metrics.ClientConnectionsSetupSucceeded += 1
         statuses = engine.parameter_statuses(self.key, self.desired)
         plan = self.plan
-        if plan is not None and plan.greeting is None and plan.key == self.key:
-            plan.greeting = statuses   # the relay can now greet this packet's clients itself
+        if plan is not None and plan.reply is None and plan.key == self.key:
+            plan.learn_greeting(statuses)   # the relay can now greet this packet's clients itself
         self.transport.write(b"".join((prefix, statuses, pg.backend_key_data(self.pid, self.secret),
                                        pg.READY_FOR_QUERY_IDLE)))
         if self._buf:  # pipelined right after the password (libpq does not, others may)
