@@ -21,8 +21,9 @@ accepted, for its wait_closed).
 
 FdTransport offers what asyncio protocols use of a transport (write, writelines, close,
 abort, is_closing, pause/resume_reading, get_extra_info, flow control, write_eof), with
-asyncio's semantics: data_received with bytes, eof_received, connection_lost scheduled
-with call_soon after the close. TLS is handed to the loop (start_tls below): the socket
+asyncio's semantics: data_received with bytes, eof_received, connection_lost after the
+close, never from inside it (scheduled with call_soon; for the relay's own halves, run when
+the batch of events that closed them is served). TLS is handed to the loop (start_tls below): the socket
 leaves the reactor and becomes one of the loop's own transports.
 """
 import socket as _socket
@@ -169,7 +170,12 @@ cdef class Reactor:
     adopted database connections), served by one reader callback of the event loop."""
     cdef int epfd
     cdef object loop
-    cdef object call_soon   # the loop's, bound once: every closed connection schedules one
+    cdef object call_soon   # the loop's, bound once
+    # Relay halves whose socket closed: their connection_lost runs when the batch of events
+    # that closed them is served (see _lose), not from a loop handle each.
+    cdef list lost
+    cdef bint serving         # inside _ready: the batch's end delivers `lost`
+    cdef bint flush_scheduled
     cdef epoll_event *events
     cdef char *rbuf
     # fd -> the Listener or FdTransport registered for it (a strong reference), so an event
@@ -186,6 +192,7 @@ cdef class Reactor:
     def __init__(self, loop):
         self.loop = loop
         self.call_soon = loop.call_soon
+        self.lost = []
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         if self.epfd < 0:
             raise _os_error(errno)
@@ -253,15 +260,23 @@ cdef class Reactor:
 
     def _ready(self):
         """The loop's reader callback: serve every descriptor that is ready."""
-        cdef int n, i, fd
-        cdef unsigned int ev
-        cdef FdTransport transport
+        cdef int n
         n = epoll_wait(self.epfd, self.events, MAX_EVENTS, 0)
         if n < 0:
             if errno != EINTR:
                 self.loop.call_exception_handler({"message": "reactor: epoll_wait failed",
                                                   "exception": _os_error(errno)})
             return
+        self.serving = True
+        try:
+            self._serve(n)
+        finally:
+            self._deliver_lost()
+
+    cdef void _serve(self, int n):
+        cdef int i, fd
+        cdef unsigned int ev
+        cdef FdTransport transport
         for i in range(n):
             fd = self.events[i].data.fd
             ev = self.events[i].events
@@ -278,6 +293,33 @@ cdef class Reactor:
                     transport._read_ready()
             else:
                 (<Listener>handler)._accept_ready()
+
+    cdef void _lose(self, FdTransport transport, exc):
+        """A relay half's socket closed: its connection_lost(exc) runs once the events being
+        served are (asyncio's rule: never from inside close()), or from the loop when it
+        closed outside a batch (a timer, a task). One list instead of a loop handle per
+        closed connection: under connection churn the handle was a tenth of the proxy's
+        instructions per connection."""
+        self.lost.append((transport, exc))
+        if not self.serving and not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.call_soon(self._flush_lost)
+
+    def _flush_lost(self):
+        self.flush_scheduled = False
+        if not self.serving:
+            self.serving = True
+            self._deliver_lost()
+
+    cdef void _deliver_lost(self):
+        """connection_lost for every relay half in `lost`, those that closing one of them
+        closes too included; ends the batch."""
+        cdef list batch
+        while self.lost:
+            batch, self.lost = self.lost, []
+            for transport, exc in batch:
+                (<FdTransport>transport)._lost_now(exc)
+        self.serving = False
 
     cdef void _transport_done(self):
         self.transports -= 1
@@ -683,9 +725,15 @@ cdef class FdTransport:
         c_close(fd)
         if not self.lost:
             self.lost = True
-            self.reactor.call_soon(self._connection_lost, exc)
+            if self.relay is not None or self.server_relay is not None:
+                self.reactor._lose(self, exc)
+            else:   # another protocol: asyncio's order against the callbacks scheduled before
+                self.reactor.call_soon(self._connection_lost, exc)
 
     def _connection_lost(self, exc):
+        self._lost_now(exc)
+
+    cdef void _lost_now(self, exc):
         cdef ClientRelay relay = self.relay
         protocol, self.protocol = self.protocol, None
         self.relay = None
