@@ -38,7 +38,7 @@ from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memset, strerror
 
 from rdsproxy._fastpath.reactor_py import BACKLOG, Listening
-from rdsproxy._fastpath.relay_c cimport ClientRelay, ServerRelay, SessionFactory
+from rdsproxy._fastpath.relay_c cimport ClientRelay, ServerRelay, SessionFactory, Wire
 
 cdef extern from "<sys/types.h>":
     ctypedef long ssize_t
@@ -487,8 +487,9 @@ cdef bint _relay_half(protocol, type half, method):
     return isinstance(protocol, half) and getattr(type(protocol), "data_received") is method
 
 
-cdef class FdTransport:
-    """An accepted TCP connection of the reactor, as an asyncio transport."""
+cdef class FdTransport(Wire):
+    """An accepted TCP connection of the reactor, as an asyncio transport (a Wire: the
+    relay's writes to it are C calls)."""
     cdef int fd
     cdef Reactor reactor
     cdef object protocol

@@ -38,6 +38,14 @@ cdef Py_ssize_t ENTROPY_BLOCK
 cdef class ClientRelay
 
 
+cdef class Wire:
+    cpdef write(self, data)
+
+
+@cython.locals(wire=Wire)
+cdef wire_write(object transport, object data)
+
+
 cdef class Entropy:
     cdef public object urandom
     cdef public bytes block

@@ -59,6 +59,24 @@ BACKEND_KEY_DATA_HEAD = b"K\x00\x00\x00\x0c"   # BackendKeyData: pid and secret 
 ENTROPY_BLOCK = 4096
 
 
+class Wire:
+    """A transport the compiled relay writes to with a C call: the C reactor's FdTransport
+    derives from this class (relay_c.pxd), so a chunk's write skips the method lookup
+    and argument parsing of `transport.write`. Nothing derives from it in pure Python."""
+
+    def write(self, data):
+        raise NotImplementedError
+
+
+def wire_write(transport, data):
+    """transport.write(data), as a C call when the transport is a Wire."""
+    if isinstance(transport, Wire):
+        wire = transport   # compiled: a typed Wire local (relay_c.pxd)
+        wire.write(data)
+    else:
+        transport.write(data)
+
+
 class Entropy:
     """Bytes from the OS CSPRNG (salts, cancel secrets), drawn 4 KiB at a time so that a
     login costs no getrandom() call of its own; each byte is handed out once."""
@@ -309,7 +327,7 @@ class ClientRelay:
         server = self.server
         if server is not None:
             if data:
-                server.transport.write(data)
+                wire_write(server.transport, data)
                 replay = self.replay
                 if replay is not None:
                     if len(replay) < REPLAY_CHUNKS:
@@ -357,14 +375,14 @@ class ClientRelay:
                                   or (chunk == SSL_REQUEST and not logins.tls_offered)):
                     # libpq's default (sslmode=prefer) asks for TLS first: without TLS to
                     # offer the answer is 'N' and the startup packet follows in the clear.
-                    self.transport.write(b"N")
+                    wire_write(self.transport, b"N")
                     self.login_step = 2
                     return True
                 return False
             if plan.md5_inner is None or plan.reply is None:
                 return False
             salt = logins.entropy.take(4)
-            self.transport.write(AUTH_MD5_REQUEST + salt)
+            wire_write(self.transport, AUTH_MD5_REQUEST + salt)
             self._auth = salt
             self.state = STATE_AUTH_MD5
             self.login_step = 1
@@ -392,7 +410,7 @@ class ClientRelay:
         for i in range(4):   # both big-endian, as every integer on the wire
             reply[at + i] = (pid >> (24 - 8 * i)) & 0xFF
             reply[at + 4 + i] = (secret >> (24 - 8 * i)) & 0xFF
-        self.transport.write(reply)
+        wire_write(self.transport, reply)
         self.pid = pid
         self.secret = secret
         self.state = STATE_READY
@@ -456,7 +474,7 @@ class ClientRelay:
         if pending:
             self.pending = []
             self.pending_size = 0
-            conn.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+            wire_write(conn.transport, pending[0] if len(pending) == 1 else b"".join(pending))
             # Requests starting on a clean connection can be replayed until answered.
             self.replay = pending if self.outstanding > 0 and self.pin_reason is None else None
         else:
@@ -547,7 +565,7 @@ class ServerRelay:
                 data = b"".join(self.held)
                 self.held = None
                 self.held_size = 0
-        client.transport.write(data)
+        wire_write(client.transport, data)
         if scanner.captured:
             self.parameter_status()
         if n or not client.outstanding:  # the latter: finish a release held back mid-message
