@@ -49,7 +49,8 @@ StartupPlan = relay.StartupPlan
 LoginDesk = relay.LoginDesk
 SessionFactory = relay.SessionFactory
 ClientLedger = relay.ClientLedger
+MetricCounters = relay.MetricCounters
 
 __all__ = ["IMPLEMENTATION", "reactor", "MessageScanner", "FramingError", "split_messages", "PoolCore",
            "KeywordScanner", "ClientRelay", "ServerRelay", "Entropy", "StartupPlan", "LoginDesk",
-           "SessionFactory", "ClientLedger"]
+           "SessionFactory", "ClientLedger", "MetricCounters"]

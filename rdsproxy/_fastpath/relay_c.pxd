@@ -69,11 +69,22 @@ cdef class StartupPlan:
     cpdef learn_greeting(self, bytes statuses)
 
 
+cdef class MetricCounters:
+    cdef public long long ClientConnectionsReceived
+    cdef public long long ClientConnectionsSetupSucceeded
+    cdef public long long ClientConnectionsClosed
+    cdef public long long ClientConnectionsRefused
+    cdef public long long ClientConnectionsTLS
+    cdef public long long ClientConnectionsNoTLS
+    cdef public long long ClientConnections
+    cdef public long long QueryRequests
+
+
 cdef class LoginDesk:
     cdef public dict plans
     cdef public dict by_pid
     cdef public Entropy entropy
-    cdef public object metrics
+    cdef public MetricCounters metrics
     cdef public object router
     cdef public object unrouted
     cdef public object throttle_entries
@@ -88,10 +99,12 @@ cdef class LoginDesk:
 
 cdef class ClientLedger:
     cdef public set clients
-    cdef public object metrics
+    cdef public MetricCounters metrics
     cdef public Py_ssize_t limit
 
+    @cython.locals(metrics=MetricCounters)
     cpdef bint admit(self, client) except -1
+    @cython.locals(metrics=MetricCounters)
     cpdef release(self, client, unsigned long long queries)
 
 

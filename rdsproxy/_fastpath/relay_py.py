@@ -122,6 +122,22 @@ class StartupPlan:
                                READY_FOR_QUERY_IDLE))
 
 
+class MetricCounters:
+    """The counters every client connection moves, as C integers once compiled
+    (relay_c.pxd): an update is then one add, not an attribute lookup and store in a
+    dict. core.metrics.Metrics derives from it and keeps the rest."""
+
+    def __init__(self):
+        self.ClientConnectionsReceived = 0
+        self.ClientConnectionsSetupSucceeded = 0
+        self.ClientConnectionsClosed = 0
+        self.ClientConnectionsRefused = 0
+        self.ClientConnectionsTLS = 0
+        self.ClientConnectionsNoTLS = 0
+        self.ClientConnections = 0      # a gauge: connected now
+        self.QueryRequests = 0
+
+
 class LoginDesk:
     """An engine's shared login state the quick lane reads: plans by raw startup packet,
     cancel keys, entropy and the counters it moves."""

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 from collections import Counter
 
+from rdsproxy._fastpath import MetricCounters
 
-class Metrics:
-    """Plain attribute counters (cheap on the hot path); `snapshot()` gives them as a dict."""
+
+class Metrics(MetricCounters):
+    """Attribute counters (those of every connection are C integers in the fast path's
+    MetricCounters); `snapshot()` gives them as a dict."""
 
     COUNTERS = (
         "ClientConnectionsReceived",
@@ -28,6 +31,7 @@ class Metrics:
     )
 
     def __init__(self):
+        super().__init__()
         for name in self.COUNTERS:
             setattr(self, name, 0)
         self.ClientConnections = 0
