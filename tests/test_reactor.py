@@ -453,3 +453,104 @@ def test_listening_sockets_pass_nodelay_to_accepted_ones():
     finally:
         speaks_first.close()
         greets_first.close()
+
+
+def _relay_half_class():
+    """A ClientRelay the C reactor treats as the relay's own (its chunks reach received()
+    in C, its connection_lost comes at the end of the batch), recording its life."""
+    if TWINS["c"] is None:
+        if REQUIRE_CYTHON:
+            pytest.fail("RDSPROXY_REQUIRE_CYTHON=1 but reactor_c is not built")
+        pytest.skip("reactor_c not built (needs Linux and a compiler)")
+    relay_c = importlib.import_module("rdsproxy._fastpath.relay_c")
+
+    class Half(relay_c.ClientRelay):
+        def __init__(self, events, close_on_data=True):
+            super().__init__()
+            self.events = events
+            self.close_on_data = close_on_data
+            self.peer_half = None
+            self.lost = asyncio.get_running_loop().create_future()
+
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def startup_data(self, data):   # with no login desk every chunk comes here
+            self.events.append(("data", data))
+            if self.close_on_data:
+                self.transport.close()
+                self.events.append(("closed", data))
+
+        def connection_lost(self, exc):
+            self.events.append(("lost", exc))
+            assert not self.lost.done(), "connection_lost called twice"
+            self.lost.set_result(exc)
+            if self.peer_half is not None:   # closing a half from inside a delivery
+                self.peer_half.transport.close()
+    return Half
+
+
+def test_a_relay_half_is_lost_after_its_batch_never_inside_close():
+    Half = _relay_half_class()
+
+    async def main():
+        events = []
+        made = []
+
+        def factory():
+            made.append(Half(events))
+            return made[-1]
+        server, addr = await start(TWINS["c"], factory)
+        s = socket.create_connection(addr)
+        s.sendall(b"bye")
+        while not made:
+            await asyncio.sleep(0.01)
+        assert await asyncio.wait_for(made[0].lost, 5) is None
+        # close() ran inside received(); connection_lost only after it returned.
+        assert events == [("data", b"bye"), ("closed", b"bye"), ("lost", None)]
+        assert s.recv(10) == b""            # the socket was closed at close()
+        s.close()
+        server.close()
+        await server.wait_closed()
+    run(main())
+
+
+def test_a_relay_half_closed_outside_a_batch_is_lost_from_the_loop():
+    # An idle timeout or an admin's kill closes a session from a timer or a task: no
+    # batch is being served, so the loop must deliver its connection_lost.
+    Half = _relay_half_class()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        events = []
+        made = []
+
+        def factory():
+            made.append(Half(events, close_on_data=False))
+            return made[-1]
+        server, addr = await start(TWINS["c"], factory)
+        first = socket.create_connection(addr)
+        second = socket.create_connection(addr)
+        first.sendall(b"1")
+        second.sendall(b"2")
+        while len(events) < 2:
+            await asyncio.sleep(0.01)
+        a, b = made
+        a.peer_half = b          # a's connection_lost closes b: both must be delivered
+        loop.call_soon(a.transport.close)
+        assert await asyncio.wait_for(a.lost, 5) is None
+        assert await asyncio.wait_for(b.lost, 5) is None
+        assert [e for e in events if e[0] == "lost"] == [("lost", None), ("lost", None)]
+        first.close()
+        second.close()
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 5)   # both counted out of the tally
+    run(main())
+
+
+def test_the_relay_writes_to_the_c_transport_in_c():
+    # FdTransport derives from relay_c.Wire: without it every chunk's write would fall
+    # back to a Python method call, correct but slower, and no other test would notice.
+    _relay_half_class()
+    relay_c = importlib.import_module("rdsproxy._fastpath.relay_c")
+    assert issubclass(TWINS["c"].FdTransport, relay_c.Wire)
