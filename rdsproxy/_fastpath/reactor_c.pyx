@@ -23,8 +23,8 @@ FdTransport offers what asyncio protocols use of a transport (write, writelines,
 abort, is_closing, pause/resume_reading, get_extra_info, flow control, write_eof), with
 asyncio's semantics: data_received with bytes, eof_received, connection_lost after the
 close, never from inside it (scheduled with call_soon; for the relay's own halves, run when
-the batch of events that closed them is served). TLS is handed to the loop (start_tls below): the socket
-leaves the reactor and becomes one of the loop's own transports.
+the batch of events that closed them is served). TLS is handed to the loop (start_tls
+below): the socket leaves the reactor and becomes one of the loop's own transports.
 """
 import socket as _socket
 

@@ -31,10 +31,9 @@ class Metrics(MetricCounters):
     )
 
     def __init__(self):
-        super().__init__()
+        super().__init__()   # the per-connection counters, ClientConnections among them
         for name in self.COUNTERS:
             setattr(self, name, 0)
-        self.ClientConnections = 0
         self.pin_reasons = Counter()
 
     def pinned(self, reason: str) -> None:
