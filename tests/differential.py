@@ -1,0 +1,89 @@
+"""Differential testing: one client scenario, run directly against PostgreSQL and through
+the proxy, and what the client saw on each side compared.
+
+A scenario is a function of a `Side` (where to connect) returning an observation: plain
+data (rows, SQLSTATEs and messages, ParameterStatus values, transaction status, pids as
+the client can match them). `Differential.assert_same` runs it on both sides and fails
+with both observations when they differ, so a difference reads as a diff, not as a
+single wrong value.
+"""
+from __future__ import annotations
+
+import json
+import urllib.request
+from dataclasses import dataclass
+
+import psycopg
+
+from conftest import APP_DB, APP_PASSWORD, APP_USER
+
+
+@dataclass
+class Side:
+    """Where a scenario connects: the database itself or the proxy in front of it."""
+
+    name: str
+    host: str
+    port: int
+
+    def dsn(self, user=APP_USER, password=APP_PASSWORD, dbname=APP_DB, **extra) -> str:
+        parts = [f"host={self.host}", f"port={self.port}", f"user={user}", f"dbname={dbname}",
+                 "sslmode=disable", "connect_timeout=10"]
+        if password is not None:
+            parts.append(f"password={password}")
+        parts += [f"{k}={v}" for k, v in extra.items()]
+        return " ".join(parts)
+
+    def connect(self, *, autocommit=True, **extra) -> psycopg.Connection:
+        return psycopg.connect(self.dsn(**extra), autocommit=autocommit)
+
+    @property
+    def through_proxy(self) -> bool:
+        return self.name == "proxy"
+
+
+class Differential:
+    """The two sides of one comparison: `direct` (the cluster) and `proxy`."""
+
+    def __init__(self, cluster, proxy):
+        self.cluster = cluster
+        self.proxied = proxy
+        self.direct = Side("direct", cluster.host, cluster.port)
+        self.proxy = Side("proxy", proxy.host, proxy.port)
+
+    def run(self, scenario) -> dict:
+        """{'direct': observation, 'proxy': observation}, direct first."""
+        return {side.name: scenario(side) for side in (self.direct, self.proxy)}
+
+    def assert_same(self, scenario):
+        """Run `scenario` on both sides; the observation when they agree."""
+        seen = self.run(scenario)
+        assert seen["proxy"] == seen["direct"], (
+            f"the client sees a difference through the proxy:\n"
+            f"  direct: {seen['direct']!r}\n  proxy:  {seen['proxy']!r}")
+        return seen["direct"]
+
+
+def outcome(fn, *args):
+    """('ok', value) or ('error', SQLSTATE, primary message) of fn(*args)."""
+    try:
+        return ("ok", fn(*args))
+    except psycopg.Error as exc:
+        return error_of(exc)
+
+
+def error_of(exc) -> tuple:
+    """('error', SQLSTATE, primary message) as the client sees them, for psycopg, asyncpg
+    and psycopg2 exceptions."""
+    diag = getattr(exc, "diag", None)
+    if diag is not None and getattr(diag, "sqlstate", None) is not None:
+        return ("error", diag.sqlstate, diag.message_primary)
+    sqlstate = getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)
+    message = getattr(exc, "message", None) or getattr(exc, "pgerror", None) or str(exc)
+    return ("error", sqlstate, message.strip())
+
+
+def admin_stats(address: str) -> dict:
+    """/stats of a proxy whose [admin] listener is at `address` ("host:port")."""
+    with urllib.request.urlopen(f"http://{address}/stats", timeout=10) as reply:
+        return json.loads(reply.read())
