@@ -14,7 +14,6 @@ import urllib.request
 from dataclasses import dataclass
 
 import psycopg
-
 from conftest import APP_DB, APP_PASSWORD, APP_USER
 
 

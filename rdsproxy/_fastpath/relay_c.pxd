@@ -22,6 +22,7 @@ cdef Py_ssize_t REPLAY_CHUNKS
 cdef Py_ssize_t HOLD_LIMIT
 cdef int MSG_COPY_IN
 cdef int MSG_COPY_BOTH
+cdef int MSG_FLUSH
 cdef bytearray UNSYNCED_MASK
 cdef int MSG_PASSWORD
 cdef Py_ssize_t MD5_PASSWORD_SIZE
@@ -134,6 +135,7 @@ cdef class ClientRelay:
     cdef public object key
     cdef public object desired
     cdef public Py_ssize_t outstanding
+    cdef public int type_before_chunk
     cdef public object pin_reason
     cdef public bint pinned_server
     cdef public bint waiting
@@ -187,6 +189,7 @@ cdef class ClientRelay:
 
     @cython.locals(mtype=int, payload=bytes, entry=tuple, prefilter=KeywordScanner, unpinned=bint)
     cdef screen(self, data)
+    @cython.locals(scanner=MessageScanner)
     cpdef terminate(self, data)
 
     cpdef attach(self, ServerRelay conn)

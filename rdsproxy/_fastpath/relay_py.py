@@ -39,6 +39,7 @@ REPLAY_CHUNKS = 16        # chunks of one request kept for a replay; a longer on
 HOLD_LIMIT = 65536        # bytes of an answer held back while its request may be replayed
 MSG_COPY_IN = 71          # 'G' CopyInResponse
 MSG_COPY_BOTH = 87        # 'W' CopyBothResponse
+MSG_FLUSH = 72            # 'H'
 
 # Message types after which a client still expects its server with nothing outstanding:
 # extended-protocol messages not yet closed by a Sync ('P', 'B', 'D', 'E', 'C', 'H').
@@ -247,6 +248,7 @@ class ClientRelay:
         self.key = None
         self.desired = ()
         self.outstanding = 0
+        self.type_before_chunk = 0
         self.pin_reason = None
         self.pinned_server = False
         self.waiting = False
@@ -332,6 +334,9 @@ class ClientRelay:
             return
         self.activity += 1
         scanner = self.scanner
+        # Kept for a Terminate that comes alone: what the client sent before it is what
+        # its server connection is left with (see terminate()).
+        self.type_before_chunk = scanner.last_type
         try:
             n = scanner.feed(data)
         except Exception as exc:  # FramingError: a length that cannot be right
@@ -470,8 +475,15 @@ class ClientRelay:
         """The client sent Terminate: it is leaving, and nothing from that message on is
         for the server. What of the chunk is left to send."""
         self.terminating = True
+        scanner = self.scanner
         if len(data) == 5:
-            return b""   # the chunk is the Terminate (the scanner found one)
+            # The chunk is the Terminate (the scanner found one): the session ends as the
+            # client's previous message left it (an unsynced Execute stays unsynced).
+            scanner.last_type = self.type_before_chunk
+            return b""
+        # Other messages came with it: which one was last is not known here, so the
+        # server connection is taken as unsynced (never returned without proof).
+        scanner.last_type = MSG_FLUSH
         end = data.rfind(TERMINATE)
         return data[:end] if end >= 0 else b""
 

@@ -6,7 +6,13 @@ import logging
 import socket
 import struct
 
-from ..._fastpath import FramingError, MessageScanner, ServerRelay, reactor, split_messages
+from ..._fastpath import (
+    FramingError,
+    MessageScanner,
+    ServerRelay,
+    reactor,
+    split_messages,
+)
 from ..._fastpath.relay_py import MODE_RELAY
 from ...auth.md5 import md5_response
 from ...auth.scram import ScramClient, ScramError
@@ -15,8 +21,9 @@ from . import protocol as pg
 
 log = logging.getLogger("rdsproxy.backend")
 
-# Modes of a server connection.
-STARTING, RELAY, INTERNAL, CLOSED = range(4)
+# Modes of a server connection. RETIRING: its client left it in a state nothing can
+# prove harmless, and it was asked to end (it still counts against the budget until then).
+STARTING, RELAY, INTERNAL, CLOSED, RETIRING = range(5)
 assert RELAY == MODE_RELAY
 
 
@@ -47,6 +54,7 @@ class ServerConnection(ServerRelay, ServerSide, asyncio.Protocol):
         self.mode = STARTING
         self.key = None
         self.pool = None
+        self.connect_timeout = 10.0   # also bounds a cancel request's round trip
         self.created_at = loop.time()
         self.idle_since = self.created_at
         self.backend_pid = 0
@@ -77,6 +85,8 @@ class ServerConnection(ServerRelay, ServerSide, asyncio.Protocol):
         self.scanner.captured.clear()
 
     def slow_data(self, data):
+        if self.mode == RETIRING:
+            return   # what a vanished client's requests still produce: nobody reads it
         self._buf += data
         try:
             messages, used = split_messages(self._buf)
@@ -91,8 +101,13 @@ class ServerConnection(ServerRelay, ServerSide, asyncio.Protocol):
 
     def connection_lost(self, exc):
         was_closed = self.closed
+        retiring = self.mode == RETIRING
         self.closed = True
         self.mode = CLOSED
+        if retiring:
+            # The backend has ended: only now is its place in the budget free.
+            self.pool.discard(self)
+            return
         if not self._ready.done():
             self._ready.set_exception(ConnectionError(
                 f"connection to {self.target_name} closed during login"))
@@ -211,6 +226,18 @@ class ServerConnection(ServerRelay, ServerSide, asyncio.Protocol):
         self.run_internal(sql, done, rows)
         return fut
 
+    def retire(self, cancel: bool) -> None:
+        """End this connection without trusting its state (its client vanished mid-request
+        or mid-pipeline): cancel what may be running, then Terminate, which PostgreSQL
+        reads after everything the client sent and answers by rolling back and exiting.
+        The pool learns of it when the server has closed the connection, not before."""
+        self.client = None
+        self.mode = RETIRING
+        self._buf = bytearray()
+        self.transport.write(pg.TERMINATE)
+        if cancel and self.backend_pid:
+            self.loop.create_task(send_cancel(self))
+
     # -- lifecycle ---------------------------------------------------------------------
     def close(self) -> None:
         if self.closed:
@@ -227,6 +254,28 @@ class ServerConnection(ServerRelay, ServerSide, asyncio.Protocol):
 
     def __repr__(self):
         return f"<ServerConnection {self.target_name} pid={self.backend_pid} key={self.key}>"
+
+
+async def send_cancel(server: ServerConnection, still_wanted=None) -> bool:
+    """Send a CancelRequest for what `server` is running, and wait until PostgreSQL has
+    acted on it (it closes the cancel connection then): a client told "cancelled" any
+    earlier could see its next statement cancelled instead. `still_wanted()` is asked
+    once the cancel connection is up, just before the request goes out."""
+    writer = None
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(*server.address),
+                                                server.connect_timeout)
+        if still_wanted is not None and not still_wanted():
+            return False
+        writer.write(pg.cancel_request(server.backend_pid, server.backend_secret))
+        await asyncio.wait_for(reader.read(), server.connect_timeout)
+        return True
+    except (OSError, asyncio.TimeoutError) as exc:
+        log.warning("cannot send a cancel request to %s: %s", server.target_name, exc)
+        return False
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 async def _connect_socket(loop, host: str, port: int, first=None):
@@ -276,8 +325,10 @@ async def open_server_connection(loop, target_name: str, host: str, port: int, *
     """Connect (over TLS when `ssl_context` is given) and log in; raise ServerError (refused)
     or OSError/TimeoutError/ssl.SSLError (unreachable, or the TLS handshake failed)."""
     def factory():
-        return ServerConnection(loop, target_name, (host, port), user=user, password=password,
+        conn = ServerConnection(loop, target_name, (host, port), user=user, password=password,
                                 max_message_size=max_message_size)
+        conn.connect_timeout = timeout
+        return conn
 
     async def connect():
         if ssl_context is None:

@@ -5,7 +5,6 @@ housekeeping) is rdsproxy.core.engine.BaseEngine's.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import struct
@@ -20,7 +19,7 @@ from ...core.router import UNROUTED
 from ...core.targets import AUTH_FAILURE, ProbeError, Target
 from ...secrets import Credentials
 from . import protocol as pg
-from .backend import ServerError, open_server_connection
+from .backend import ServerError, open_server_connection, send_cancel
 from .frontend import CLOSED, READY, ClientConnection
 from .health import probe as health_probe
 from .pinning import PREFILTER, PinningRules
@@ -185,31 +184,24 @@ class PostgresEngine(BaseEngine):
     def register_cancel_key(self, client) -> tuple[int, int]:
         return self.logins.register_cancel_key(client)
 
-    def cancel(self, pid: int, secret: int, peer: str) -> None:
+    def cancel(self, pid: int, secret: int, peer: str, done) -> None:
+        """Forward a client's CancelRequest to the connection serving that client now;
+        `done()` once PostgreSQL has acted on it (or there was nothing to cancel)."""
         self.metrics.CancelRequests += 1
         client = self.by_pid.get(pid)
         if client is None or not client.check_secret(secret):
             log.info("cancel request from %s with an unknown key: ignored", peer)
+            done()
             return
         server = client.server
         if server is None or not server.backend_pid:
             log.debug("cancel request for client %s: nothing is running", client.peer)
+            done()
             return
-        self.loop.create_task(self._send_cancel(client, server))
-
-    async def _send_cancel(self, client, server) -> None:
-        if client.server is not server:  # it finished and moved on meanwhile
-            return
-        try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(*server.address), self.config.target_group.connect_timeout)
-            writer.write(pg.cancel_request(server.backend_pid, server.backend_secret))
-            await writer.drain()
-            await reader.read()
-            writer.close()
-        except (OSError, asyncio.TimeoutError) as exc:
-            log.warning("cannot forward cancel request to %s: %s", server.target_name, exc)
-
+        # Asked again once the cancel connection is up: if the client's request ended and
+        # the connection went back to the pool meanwhile, another client may be using it.
+        task = self.loop.create_task(send_cancel(server, lambda: client.server is server))
+        task.add_done_callback(lambda _: done())
 
 
 def _keep(cache: dict, key, value, limit: int = 1024) -> None:

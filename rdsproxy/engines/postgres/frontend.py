@@ -10,10 +10,16 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 
 from ..._fastpath import ClientRelay, split_messages
-from ..._fastpath.relay_py import (STATE_AUTH_MD5, STATE_CLOSED, STATE_READY, STATE_STARTUP,
-                                  UNSYNCED_MASK)
+from ..._fastpath.relay_py import (
+    STATE_AUTH_MD5,
+    STATE_CLOSED,
+    STATE_READY,
+    STATE_STARTUP,
+    UNSYNCED_MASK,
+)
 from ...auth.iam import TokenError, verify_token
 from ...auth.md5 import md5_verify
 from ...auth.scram import ScramError, ScramServer
@@ -51,7 +57,34 @@ STARTUP_KEYWORDS = {"user", "database", "options", "replication"}
 
 
 def quote_literal(value: str) -> str:
+    """A string literal that means `value` whatever standard_conforming_strings is (a
+    client may have turned it off): with a backslash in it, the E'' form."""
+    if "\\" in value:
+        return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
     return "'" + value.replace("'", "''") + "'"
+
+
+def quote_setting_name(name: str) -> str:
+    """A setting's name as quoted identifiers (a custom one is dotted: each part quoted)."""
+    return ".".join('"' + part.replace('"', '""') + '"' for part in name.split("."))
+
+
+# What PostgreSQL accepts as a setting name in a startup packet: a simple identifier for
+# its own settings, two or more of them joined by dots for a custom one.
+_SETTING_NAME_PART = re.compile(r"[A-Za-z_\x80-\U0010ffff][A-Za-z0-9_$\x80-\U0010ffff]*")
+
+
+def check_setting_name(name: str) -> None:
+    """Refuse a startup parameter name as PostgreSQL would: it only ever reaches the server
+    quoted, but a name PostgreSQL refuses must not start a session here either."""
+    parts = name.split(".")
+    if len(parts) == 1:
+        if not _SETTING_NAME_PART.fullmatch(name):
+            raise pg.ProtocolViolation(f'unrecognized configuration parameter "{name}"', "42704")
+    elif not all(_SETTING_NAME_PART.fullmatch(part) for part in parts):
+        raise pg.ProtocolViolation(
+            f'invalid configuration parameter name "{name}"', "42602",
+            detail="Custom parameter names must be two or more simple identifiers separated by dots.")
 
 
 def _held_messages(held):
@@ -94,6 +127,7 @@ def startup_session(params: dict) -> tuple:
             desired[canonical] = value
         elif name not in STARTUP_KEYWORDS and not name.startswith("_pq_."):
             # Any other setting is a session parameter the server would apply: carry it too.
+            check_setting_name(name)
             desired[name] = value
     return user, database, options, (user, database, options), tuple(sorted(desired.items()))
 
@@ -158,7 +192,7 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         except pg.ProtocolViolation as exc:
             self.engine.metrics.ProtocolErrors += 1
             log.warning("client %s: protocol violation during startup: %s", self.peer, exc)
-            self.fatal(exc.sqlstate, str(exc))
+            self.fatal(exc.sqlstate, str(exc), exc.detail)
 
     def release_on_exit(self):
         """The client is gone (the relay's connection_lost) while pinned, waiting or
@@ -245,9 +279,9 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         statements = []
         for name in sorted(set(want) | set(have)):
             if name not in want:
-                statements.append(f"RESET {name}")
+                statements.append(f"RESET {quote_setting_name(name)}")
             elif want[name] != have.get(name):
-                statements.append(f"SET {name} = {quote_literal(want[name])}")
+                statements.append(f"SET {quote_setting_name(name)} = {quote_literal(want[name])}")
         return "; ".join(statements)
 
     def _on_parameters_synced(self, error):
@@ -376,10 +410,18 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         """The client left while holding `server`: return it clean or close it."""
         pool = server.pool
         scanner = self.scanner
-        if (server.closed or self.outstanding or not scanner.at_boundary()
-                or UNSYNCED_MASK[scanner.last_type] or self.pin_reason in (LOAD, STARTUP_OPTIONS)):
-            # Mid-request (results still coming), or state nothing can undo: close it.
+        if server.closed or not scanner.at_boundary():
+            # Dead, or waiting for the rest of a message it will now never get: closing
+            # ends the backend (it was reading, so nothing of the client's runs).
             pool.discard(server)
+            return
+        running = self.outstanding > 0 or not server.scanner.at_boundary()
+        unsynced = UNSYNCED_MASK[scanner.last_type]
+        if running or unsynced or self.pin_reason in (LOAD, STARTUP_OPTIONS):
+            # A request still running or unanswered, an extended-protocol transaction
+            # never synced (a Sync from us would commit it), or state nothing can undo:
+            # cancel, and let PostgreSQL roll back as it ends the connection.
+            server.retire(cancel=running or unsynced)
             return
         steps = []
         if server.scanner.status != STATUS_IDLE:
@@ -450,8 +492,10 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         elif packet.kind in ("ssl", "gssenc"):
             self.transport.write(b"N")
         elif packet.kind == "cancel":
-            self.engine.cancel(packet.cancel_pid, packet.cancel_secret, self.peer)
-            self.close()
+            # Closed once the cancel has reached the database: clients take the close to
+            # mean "done" and send their next statement.
+            self.state = CLOSED
+            self.engine.cancel(packet.cancel_pid, packet.cancel_secret, self.peer, self.close)
         else:
             self.plan = self.engine.remember_startup(raw, startup_session(packet.params))
             self._on_startup(self.plan.session)
@@ -608,10 +652,10 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
             self.data_received(data)
 
     # -- closing -----------------------------------------------------------------------
-    def fatal(self, code: str, text: str) -> None:
+    def fatal(self, code: str, text: str, detail: str = "") -> None:
         """Tell the client why, then close its connection."""
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(pg.error_response(code, text, severity="FATAL"))
+            self.transport.write(pg.error_response(code, text, severity="FATAL", detail=detail))
         self.close()
 
     def check_secret(self, secret: int) -> bool:

@@ -27,9 +27,10 @@ _SHORT_MSGS = {}
 class ProtocolViolation(Exception):
     """The peer sent something the protocol does not allow; `sqlstate` says which class."""
 
-    def __init__(self, message: str, sqlstate: str = "08P01"):
+    def __init__(self, message: str, sqlstate: str = "08P01", detail: str = ""):
         super().__init__(message)
         self.sqlstate = sqlstate
+        self.detail = detail
 
 
 # --- builders ---------------------------------------------------------------------------

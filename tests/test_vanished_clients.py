@@ -1,0 +1,261 @@
+"""Clients that vanish at the worst moment, cancels that must land where they were aimed,
+and startup parameters crafted to smuggle SQL: each compared with what PostgreSQL itself
+does for the same client, and none may leave anything behind for the next client."""
+from __future__ import annotations
+
+import asyncio
+import select
+import time
+
+import asyncpg
+import pytest
+from conftest import APP_DB, APP_PASSWORD, APP_USER
+from differential import Differential, admin_stats, error_of
+from proxyproc import ProxyProcess
+from psycopg import pq
+from utils import free_port, run, wait_until
+
+
+@pytest.fixture
+def proxied(tmp_path, pg):
+    """make(**target_group) -> Differential over a proxy subprocess with an admin listener
+    (libpq's blocking calls would hold the GIL against a proxy in this process)."""
+    made = []
+
+    def make(**target_group):
+        admin = f"127.0.0.1:{free_port()}"
+        process = ProxyProcess(tmp_path / f"proxy{len(made)}", pg, [(APP_USER, APP_PASSWORD)],
+                               top={"admin": {"listen": admin}}, **target_group)
+        process.admin_address = admin
+        made.append(process)
+        return Differential(pg, process)
+
+    yield make
+    for process in made:
+        process.stop()
+
+
+def pool_of(diff) -> dict:
+    return admin_stats(diff.proxied.admin_address)["pool"]
+
+
+def wait_for_result(conn: pq.PGconn, timeout=10.0):
+    """The next result of a libpq connection in pipeline mode, read without blocking in C."""
+    deadline = time.monotonic() + timeout
+    while True:
+        conn.consume_input()
+        if not conn.is_busy():
+            return conn.get_result()
+        if time.monotonic() > deadline:
+            raise TimeoutError("no result from the server")
+        select.select([conn.socket], [], [], 0.2)
+
+
+def flush(conn: pq.PGconn) -> None:
+    while conn.flush() != 0:
+        select.select([], [conn.socket], [], 1.0)
+
+
+def table_for(diff, side, name):
+    """A fresh table per side (both sides share the cluster's database)."""
+    table = f"{name}_{side.name}"
+    with side.connect() as conn:
+        conn.execute(f"drop table if exists {table}")
+        conn.execute(f"create table {table} (x int)")
+    return table
+
+
+def rows_in(diff, table) -> int:
+    with diff.direct.connect() as conn:
+        return conn.execute(f"select count(*) from {table}").fetchone()[0]
+
+
+def run_others(side, n=5):
+    for _ in range(n):
+        with side.connect() as conn:
+            conn.execute("select 1")
+
+
+def test_unsynced_pipeline_of_a_vanished_client_is_never_committed(proxied):
+    """A pipelined INSERT, flushed but never synced, then the client is gone: PostgreSQL
+    rolls it back; nobody else's statement may commit it."""
+    diff = proxied(max_connections_percent=2)   # a budget of one: the next client gets it
+
+    def scenario(side):
+        table = table_for(diff, side, "vanished_insert")
+        conn = pq.PGconn.connect(side.dsn().encode())
+        conn.enter_pipeline_mode()
+        conn.send_query_params(f"insert into {table} values (1)".encode(), None)
+        conn.send_flush_request()
+        flush(conn)
+        result = wait_for_result(conn)
+        status = pq.ExecStatus(result.status).name
+        conn.finish()
+        run_others(side)
+        return status, wait_until_rows_settle(diff, table)
+
+    assert diff.assert_same(scenario) == ("COMMAND_OK", 0)
+    wait_until(lambda: pool_of(diff)["borrowed"] == 0, timeout=10)
+
+
+def wait_until_rows_settle(diff, table) -> int:
+    # The server notices a vanished client on its own time; give it a moment either way.
+    time.sleep(0.3)
+    return rows_in(diff, table)
+
+
+def test_failed_pipeline_in_a_transaction_gives_its_connection_back_once(proxied):
+    """BEGIN, then a pipelined statement that fails, read, and the client is gone: the
+    transaction is rolled back and the connection's budget slot comes back exactly once."""
+    diff = proxied(max_connections_percent=2)
+    for _ in range(3):
+        conn = pq.PGconn.connect(diff.proxy.dsn().encode())
+        assert conn.exec_(b"begin").status == pq.ExecStatus.COMMAND_OK
+        conn.enter_pipeline_mode()
+        conn.send_query_params(b"select 1/0", None)
+        conn.send_flush_request()
+        flush(conn)
+        assert wait_for_result(conn).status == pq.ExecStatus.FATAL_ERROR
+        conn.finish()
+        wait_until(lambda: pool_of(diff)["borrowed"] == 0, timeout=10)
+        run_others(diff.proxy, 2)
+    pool = pool_of(diff)
+    assert pool["borrowed"] == 0 and pool["open"] <= 1, pool
+
+
+def test_unanswered_simple_query_of_a_vanished_client_is_rolled_back(proxied):
+    """The client sends `insert; select pg_sleep` inside BEGIN and vanishes while it runs:
+    nothing of it may be committed by the next client."""
+    diff = proxied(max_connections_percent=2)
+
+    def scenario(side):
+        table = table_for(diff, side, "vanished_block")
+        conn = pq.PGconn.connect(side.dsn().encode())
+        assert conn.exec_(b"begin").status == pq.ExecStatus.COMMAND_OK
+        conn.send_query(f"insert into {table} values (1); select pg_sleep(0.5)".encode())
+        flush(conn)
+        time.sleep(0.1)
+        conn.finish()
+        run_others(side)
+        return wait_until_rows_settle(diff, table)
+
+    assert diff.assert_same(scenario) == 0
+
+
+def active_sleeps(diff) -> int:
+    with diff.direct.connect(user="postgres", password=diff.cluster.superuser_password,
+                             dbname="postgres") as conn:
+        return conn.execute("select count(*) from pg_stat_activity where usename = %s "
+                            "and query like 'select pg_sleep(120)%%' and state = 'active'",
+                            (APP_USER,)).fetchone()[0]
+
+
+def test_abandoned_queries_are_cancelled_and_keep_their_budget(proxied):
+    """Clients that send a long query and hang up: the proxy cancels what they left
+    running, and the database never sees more of the proxy's connections than its budget."""
+    diff = proxied(max_connections_percent=4, connection_borrow_timeout=30)  # budget 2
+    budget = 2
+    for _ in range(8):
+        conn = pq.PGconn.connect(diff.proxy.dsn().encode())
+        conn.send_query(b"select pg_sleep(120)")
+        flush(conn)
+        time.sleep(0.05)
+        conn.finish()
+    # Never more of the proxy's sleeps running than its budget, and soon none at all.
+    assert active_sleeps(diff) <= budget
+    wait_until(lambda: active_sleeps(diff) == 0, timeout=20)
+    with diff.proxy.connect() as conn:
+        assert conn.execute("select 42").fetchone()[0] == 42
+    wait_until(lambda: pool_of(diff)["borrowed"] == 0, timeout=10)
+    assert pool_of(diff)["open"] <= pool_of(diff)["max"]
+
+
+def test_cancel_lands_before_the_client_sends_its_next_statement(proxied):
+    """asyncpg cancels a timed-out query and, once the cancel connection closes, sends its
+    next statement: that one must never be cancelled by the late cancel."""
+    diff = proxied()
+
+    async def tries(side, n):
+        con = await asyncpg.connect(host=side.host, port=side.port, user=APP_USER,
+                                    password=APP_PASSWORD, database=APP_DB, ssl=False)
+        cancelled_next = 0
+        try:
+            for _ in range(n):
+                try:
+                    await con.fetchval("SELECT pg_sleep(0.002)", timeout=0.002)
+                except asyncio.TimeoutError:
+                    pass
+                try:
+                    await con.fetchval("SELECT pg_sleep(0.02)")
+                except asyncpg.QueryCanceledError:
+                    cancelled_next += 1
+        finally:
+            await con.close()
+        return cancelled_next
+
+    assert diff.assert_same(lambda side: run(tries(side, 60), timeout=120)) == 0
+
+
+def startup_outcome(side, settings):
+    """What a client sending these startup parameters sees: the login's error, or the
+    role and search_path it ends up with and whether it has temp tables."""
+    async def go():
+        try:
+            con = await asyncpg.connect(host=side.host, port=side.port, user=APP_USER,
+                                        password=APP_PASSWORD, database=APP_DB, ssl=False,
+                                        server_settings=settings)
+        except asyncpg.PostgresError as exc:
+            return error_of(exc)
+        try:
+            return ("ok", await con.fetchval("select current_user"),
+                    await con.fetchval("select count(*) from pg_class where relpersistence = 't'"))
+        finally:
+            await con.close()
+    return run(go())
+
+
+CRAFTED_NAMES = [
+    "application_name = 'x'; set role postgres; create temp table smuggled(); set x.y",
+    "x.y = '1'; set session authorization postgres; --",
+    'x."y" = 1; reset all; select 1; set x.y',
+    "search_path",  # a real one, to show ordinary names still work
+]
+
+
+@pytest.mark.parametrize("name", CRAFTED_NAMES)
+def test_startup_parameter_names_are_never_pasted_into_sql(proxied, name):
+    diff = proxied(max_connections_percent=2)
+    seen = diff.assert_same(lambda side: startup_outcome(side, {name: "public"}))
+    if name == "search_path":
+        assert seen == ("ok", APP_USER, 0)
+    else:
+        assert seen[0] == "error"
+    # Whatever the first client sent, the next one on the same connection is itself.
+    assert startup_outcome(diff.proxy, {}) == ("ok", APP_USER, 0)
+
+
+@pytest.mark.parametrize("value", [
+    "x\\'; set role postgres; select '",
+    "\\",
+    "'; set role postgres; --",
+])
+def test_startup_parameter_values_are_quoted_whatever_the_string_syntax(proxied, value):
+    """A value with backslashes, sent with standard_conforming_strings off, must arrive
+    as the value and nothing else."""
+    diff = proxied(max_connections_percent=2)
+
+    def scenario(side):
+        async def go():
+            con = await asyncpg.connect(
+                host=side.host, port=side.port, user=APP_USER, password=APP_PASSWORD,
+                database=APP_DB, ssl=False,
+                server_settings={"standard_conforming_strings": "off", "application_name": value})
+            try:
+                return (await con.fetchval("select current_user"),
+                        await con.fetchval("select current_setting('application_name')"))
+            finally:
+                await con.close()
+        return run(go())
+
+    diff.assert_same(scenario)
+    assert startup_outcome(diff.proxy, {}) == ("ok", APP_USER, 0)
