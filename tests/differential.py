@@ -10,11 +10,14 @@ single wrong value.
 from __future__ import annotations
 
 import json
+import select
+import time
 import urllib.request
 from dataclasses import dataclass
 
 import psycopg
 from conftest import APP_DB, APP_PASSWORD, APP_USER
+from psycopg import pq
 
 
 @dataclass
@@ -86,3 +89,21 @@ def admin_stats(address: str) -> dict:
     """/stats of a proxy whose [admin] listener is at `address` ("host:port")."""
     with urllib.request.urlopen(f"http://{address}/stats", timeout=10) as reply:
         return json.loads(reply.read())
+
+
+def next_result(conn: pq.PGconn, timeout: float = 20.0):
+    """The next result of a libpq connection (pipeline mode included), waited for in
+    Python: a blocking libpq call would hold the GIL."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        conn.consume_input()
+        if not conn.is_busy():
+            return conn.get_result()
+        select.select([conn.socket], [], [], 0.2)
+    raise TimeoutError("no result from the server")
+
+
+def flush(conn: pq.PGconn) -> None:
+    """Send everything libpq has queued."""
+    while conn.flush() != 0:
+        select.select([], [conn.socket], [], 1.0)

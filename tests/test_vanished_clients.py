@@ -4,13 +4,12 @@ does for the same client, and none may leave anything behind for the next client
 from __future__ import annotations
 
 import asyncio
-import select
 import time
 
 import asyncpg
 import pytest
 from conftest import APP_DB, APP_PASSWORD, APP_USER
-from differential import Differential, admin_stats, error_of
+from differential import Differential, admin_stats, error_of, flush, next_result
 from proxyproc import ProxyProcess
 from psycopg import pq
 from utils import free_port, run, wait_until
@@ -37,23 +36,6 @@ def proxied(tmp_path, pg):
 
 def pool_of(diff) -> dict:
     return admin_stats(diff.proxied.admin_address)["pool"]
-
-
-def wait_for_result(conn: pq.PGconn, timeout=10.0):
-    """The next result of a libpq connection in pipeline mode, read without blocking in C."""
-    deadline = time.monotonic() + timeout
-    while True:
-        conn.consume_input()
-        if not conn.is_busy():
-            return conn.get_result()
-        if time.monotonic() > deadline:
-            raise TimeoutError("no result from the server")
-        select.select([conn.socket], [], [], 0.2)
-
-
-def flush(conn: pq.PGconn) -> None:
-    while conn.flush() != 0:
-        select.select([], [conn.socket], [], 1.0)
 
 
 def table_for(diff, side, name):
@@ -88,7 +70,7 @@ def test_unsynced_pipeline_of_a_vanished_client_is_never_committed(proxied):
         conn.send_query_params(f"insert into {table} values (1)".encode(), None)
         conn.send_flush_request()
         flush(conn)
-        result = wait_for_result(conn)
+        result = next_result(conn)
         status = pq.ExecStatus(result.status).name
         conn.finish()
         run_others(side)
@@ -115,7 +97,7 @@ def test_failed_pipeline_in_a_transaction_gives_its_connection_back_once(proxied
         conn.send_query_params(b"select 1/0", None)
         conn.send_flush_request()
         flush(conn)
-        assert wait_for_result(conn).status == pq.ExecStatus.FATAL_ERROR
+        assert next_result(conn).status == pq.ExecStatus.FATAL_ERROR
         conn.finish()
         wait_until(lambda: pool_of(diff)["borrowed"] == 0, timeout=10)
         run_others(diff.proxy, 2)
