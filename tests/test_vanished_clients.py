@@ -241,3 +241,65 @@ def test_startup_parameter_values_are_quoted_whatever_the_string_syntax(proxied,
 
     diff.assert_same(scenario)
     assert startup_outcome(diff.proxy, {}) == ("ok", APP_USER, 0)
+
+
+def test_client_vanishing_in_copy_from_stdin_commits_nothing(proxied):
+    diff = proxied(max_connections_percent=2)
+
+    def scenario(side):
+        table = table_for(diff, side, "vanished_copy")
+        conn = pq.PGconn.connect(side.dsn().encode())
+        assert conn.exec_(f"copy {table} from stdin".encode()).status == pq.ExecStatus.COPY_IN
+        conn.put_copy_data(b"".join(b"%d\n" % i for i in range(1000)))
+        flush(conn)
+        conn.finish()
+        run_others(side)
+        return wait_until_rows_settle(diff, table)
+
+    assert diff.assert_same(scenario) == 0
+    wait_until(lambda: pool_of(diff)["borrowed"] == 0, timeout=10)
+
+
+def test_client_vanishing_mid_message_or_mid_result_leaves_nothing(proxied):
+    """Half a message sent, or a large result half read: the pool is whole afterwards and
+    the database holds none of the proxy's work."""
+    import socket
+    diff = proxied(max_connections_percent=2)
+    # Half a Query message, on a session that has a connection (BEGIN borrowed it).
+    conn = pq.PGconn.connect(diff.proxy.dsn().encode())
+    assert conn.exec_(b"begin").status == pq.ExecStatus.COMMAND_OK
+    sock = socket.socket(fileno=conn.socket)
+    sock.sendall(b"Q\x00\x00\x01\x00select")
+    sock.detach()
+    conn.finish()
+    # A large result, the client gone after its first bytes (in a transaction or not).
+    for opening in (None, b"begin"):
+        conn = pq.PGconn.connect(diff.proxy.dsn().encode())
+        if opening:
+            assert conn.exec_(opening).status == pq.ExecStatus.COMMAND_OK
+        conn.send_query(b"select repeat('x', 1000) from generate_series(1, 200000)")
+        flush(conn)
+        time.sleep(0.2)
+        conn.finish()
+    wait_until(lambda: pool_of(diff)["borrowed"] == 0, timeout=20)
+    with diff.proxy.connect() as client:
+        assert client.execute("select 1").fetchone() == (1,)
+    with diff.direct.connect(user="postgres", password=diff.cluster.superuser_password,
+                             dbname="postgres") as admin:
+        wait_until(lambda: admin.execute(
+            "select count(*) from pg_stat_activity where usename = %s and state <> 'idle'",
+            (APP_USER,)).fetchone()[0] == 0, timeout=20)
+
+
+def test_pinned_session_vanishing_mid_query_is_cancelled(proxied):
+    diff = proxied(max_connections_percent=4)
+    conn = pq.PGconn.connect(diff.proxy.dsn().encode())
+    assert conn.exec_(b"create temp table pin_me (x int)").status == pq.ExecStatus.COMMAND_OK
+    conn.send_query(b"select pg_sleep(120)")
+    flush(conn)
+    time.sleep(0.2)
+    assert active_sleeps(diff) == 1
+    conn.finish()
+    wait_until(lambda: active_sleeps(diff) == 0, timeout=20)
+    wait_until(lambda: pool_of(diff)["borrowed"] == 0, timeout=10)
+    assert admin_stats(diff.proxied.admin_address)["pinned_sessions"] == 0

@@ -415,6 +415,9 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
             # ends the backend (it was reading, so nothing of the client's runs).
             pool.discard(server)
             return
+        # Reading from it may have been paused while the client fell behind: whatever
+        # comes next (a backend blocked writing an answer, our own reset) must be read.
+        server.transport.resume_reading()
         running = self.outstanding > 0 or not server.scanner.at_boundary()
         unsynced = UNSYNCED_MASK[scanner.last_type]
         if running or unsynced or self.pin_reason in (LOAD, STARTUP_OPTIONS):
