@@ -67,8 +67,7 @@ def main():
 
 def _self_signed(directory: str, config_path: str) -> dict:
     """Write a self-signed certificate into `directory`; return the [tls] section using it."""
-    import tomllib
-
+    from .config import tomllib   # tomli on Python 3.10
     from .tls import generate_self_signed
 
     with open(config_path, "rb") as fh:

@@ -143,19 +143,52 @@ def test_unknown_database_refused_at_login(make_proxy):
     assert info.value.args[0] in (1044, 1049)
 
 
-def test_caching_sha2_rsa_then_fast_auth(make_proxy):
+def test_caching_sha2_fast_auth_from_the_first_login(make_proxy):
+    """The proxy knows the password: a scramble it verifies is a success, so no login asks
+    for the password itself (not even the first one after a start)."""
     px = make_proxy(client_auth="MYSQL_CACHING_SHA2_PASSWORD")
-    account = engine(px).accounts[APP]
-    assert not account.sha2_cached
-    # Plaintext: full authentication with the proxy's RSA key (PyMySQL asks for it).
-    with connect(px) as c:
-        assert scalar(c, "SELECT 2") == 2
-    assert account.sha2_cached
-    with connect(px) as c:              # now the fast path
-        assert scalar(c, "SELECT 3") == 3
+    for n in (2, 3):
+        with connect(px) as c:
+            assert scalar(c, f"SELECT {n}") == n
     with pytest.raises(pymysql.err.OperationalError) as info:
         connect(px, password="wrong")
     assert info.value.args[0] == 1045
+
+
+def raw_sha2_login(px, password: str) -> int:
+    """Log in with an empty scramble, as a client with nothing to scramble does: the proxy
+    asks for full authentication, the client asks for its RSA key and sends the password
+    encrypted with it. The first byte of the final answer (0 OK, 0xFF ERR)."""
+    from rdsproxy.auth import mysql as auth
+    reader = p.PacketReader()
+
+    def read(sock):
+        while True:
+            packets = reader.feed(sock.recv(65536))
+            if packets:
+                return packets[0]
+
+    with socket.create_connection((px.host, px.port), timeout=10) as sock:
+        seq, payload = read(sock)
+        hello = p.Handshake.parse(payload)
+        login = p.HandshakeResponse(capabilities=p.SUPPORTED_CAPABILITIES & ~p.CLIENT_SSL & 0xFFFFFFFF,
+                                    username=APP,
+                                    auth_response=b"", database=APP_DB,
+                                    auth_plugin_name=auth.CACHING_SHA2_PASSWORD)
+        sock.sendall(p.packet(seq + 1, login.build()))
+        seq, payload = read(sock)
+        assert payload == bytes((1, auth.CACHING_SHA2_PERFORM_FULL_AUTH))
+        sock.sendall(p.packet(seq + 1, bytes((auth.CACHING_SHA2_REQUEST_PUBLIC_KEY,))))
+        seq, payload = read(sock)
+        encrypted = auth.rsa_encrypt_password(password, hello.auth_plugin_data, payload[1:])
+        sock.sendall(p.packet(seq + 1, encrypted))
+        return read(sock)[1][0]
+
+
+def test_caching_sha2_full_authentication_with_rsa(make_proxy):
+    px = make_proxy(client_auth="MYSQL_CACHING_SHA2_PASSWORD")
+    assert raw_sha2_login(px, APP_PW) == 0
+    assert raw_sha2_login(px, "wrong") == 0xFF
 
 
 def test_tls_require_tls_and_caching_sha2_over_tls(make_proxy, test_ca):
@@ -168,12 +201,14 @@ def test_tls_require_tls_and_caching_sha2_over_tls(make_proxy, test_ca):
     with connect(px, ssl={"ca": test_ca.ca_cert}) as c:
         assert scalar(c, "SELECT 5") == 5
         assert scalar(c, "SELECT 6") == 6
-    assert engine(px).accounts[APP].sha2_cached
     assert px.stats()["ClientConnectionsTLS"] == 1
 
 
-def test_mariadb_command_line_client(make_proxy):
-    px = make_proxy()
+@pytest.mark.parametrize("client_auth", ["MYSQL_NATIVE_PASSWORD", "MYSQL_CACHING_SHA2_PASSWORD"])
+def test_mariadb_command_line_client(make_proxy, client_auth):
+    """Debian's client on a fresh proxy, as the README's quick start runs it: the very first
+    login must work (libmariadb would send the password in clear if asked for it)."""
+    px = make_proxy(client_auth=client_auth)
     out = subprocess.run(
         ["mariadb", "--no-defaults", "-h", "127.0.0.1", "-P", str(px.port), "-u", APP,
          f"-p{APP_PW}", APP_DB, "--batch", "--skip-column-names", "-e",

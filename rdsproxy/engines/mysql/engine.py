@@ -34,7 +34,6 @@ class Account:
     client_auth: str              # MYSQL_NATIVE_PASSWORD or MYSQL_CACHING_SHA2_PASSWORD
     iam_auth: str = "DISABLED"
     reference: str = ""
-    sha2_cached: bool = False     # caching_sha2_password: a full auth has been seen
 
     @property
     def plugin(self) -> str:
@@ -50,7 +49,7 @@ class MysqlEngine(BaseEngine):
     def __init__(self, config, metrics, loop):
         super().__init__(config, metrics, loop)
         self.rules = Rules(config.target_group.session_pinning_filters)
-        self.rsa = auth.RsaKeyPair.generate()   # caching_sha2 full auth on plaintext
+        self._rsa = None
         self.by_id: dict[int, ClientSession] = {}
         self._next_id = 0
         self.server_version = DEFAULT_VERSION
@@ -60,10 +59,16 @@ class MysqlEngine(BaseEngine):
             self.default_plugin = auth.CACHING_SHA2_PASSWORD
         self.max_payload = min(config.max_message_size, 1 << 30)
 
+    @property
+    def rsa(self):
+        """The key pair for caching_sha2_password full authentication on plaintext, made
+        when a client first needs it."""
+        if self._rsa is None:
+            self._rsa = auth.RsaKeyPair.generate()
+        return self._rsa
+
     def make_account(self, creds, entry, previous) -> Account:
-        cached = (previous is not None and previous.credentials.password == creds.password
-                  and previous.sha2_cached)
-        return Account(creds, entry.client_password_auth_type, entry.iam_auth, entry.secret, cached)
+        return Account(creds, entry.client_password_auth_type, entry.iam_auth, entry.secret)
 
     async def start(self) -> None:
         await super().start()

@@ -385,13 +385,14 @@ class ClientSession(ClientSide, asyncio.Protocol):
         if plugin == auth.MYSQL_NATIVE_PASSWORD:
             ok = password is not None and auth.native_password_verify(password, self._nonce, response)
         elif plugin == auth.CACHING_SHA2_PASSWORD:
-            ok = password is not None and auth.caching_sha2_verify(password, self._nonce, response)
-            if ok and password and not account.sha2_cached:
-                # Like a server whose cache lacks this account: ask for the password itself
-                # (over TLS in clear, otherwise RSA-encrypted with the proxy's key).
+            if password and not response:
+                # No scramble to check: ask for the password itself (over TLS in clear,
+                # otherwise RSA-encrypted with the proxy's key). A scramble the proxy can
+                # verify is enough, from the first login on: it knows the password.
                 self._sha2_step = "full"
                 self._send_login(p.AuthMoreData(bytes((auth.CACHING_SHA2_PERFORM_FULL_AUTH,))).build())
                 return
+            ok = password is not None and auth.caching_sha2_verify(password, self._nonce, response)
             if ok and password:
                 self._send_login(p.AuthMoreData(bytes((auth.CACHING_SHA2_FAST_AUTH_SUCCESS,))).build())
         else:
@@ -425,7 +426,6 @@ class ClientSession(ClientSide, asyncio.Protocol):
         if password is None or not hmac.compare_digest(password, expected):
             self._auth_failed("wrong password (caching_sha2_password full authentication)", True)
             return
-        account.sha2_cached = True
         self._auth_succeeded()
 
     def _check_cleartext(self, account, response: bytes) -> bool:
