@@ -88,3 +88,25 @@ def test_other_facts():
     assert RULES.classify(b"KILL HARD QUERY 7").kill == (True, 7)
     assert RULES.classify(b"KILL 2+3").kill == (False, None)
     assert RULES.classify(b"KILL USER app").kill is None
+
+
+@pytest.mark.parametrize("sql", [
+    rb"SELECT 'a\'; SET ROLE r; SELECT ''",          # three statements without backslash escapes
+    rb'SELECT "a\"; SET ROLE r; SELECT ""',          # ... or with ANSI_QUOTES
+    rb"SELECT 'a\' /* '; DO GET_LOCK('x', 0); SELECT '' */",
+])
+def test_texts_that_read_otherwise_under_another_sql_mode_pin(sql):
+    """sql_mode decides what a backslash or a double quote means, and a function can change
+    it unseen: a text whose statements differ between the readings keeps its connection."""
+    for rules in (Rules(), Rules(["EXCLUDE_VARIABLE_SETS"])):
+        assert rules.classify(sql).pin is not None
+
+
+@pytest.mark.parametrize("sql", [rb"SELECT 'a\nb'", rb"SELECT 'C:\\temp'",
+                                 rb"SELECT * FROM t WHERE v LIKE 'a\_%'"])
+def test_backslashes_that_mean_the_same_in_every_mode_do_not_pin(sql):
+    assert Rules().classify(sql).pin is None
+
+
+def test_set_role_pins_even_when_variable_sets_are_excluded():
+    assert Rules(["EXCLUDE_VARIABLE_SETS"]).classify(b"SET ROLE admin").pin == "set_role"

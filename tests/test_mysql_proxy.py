@@ -930,3 +930,83 @@ def test_tls_to_the_database(make_proxy, test_ca):
         assert px.stats()["targets"][0]["TargetHealth"]["State"] == "AVAILABLE"
     finally:
         server.stop()
+
+
+# --- session state never crosses clients ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def secret_role(mdb):
+    """Role `secret_reader` (granted to OTHER, not as its default) may read vault.secret;
+    OTHER alone may not (its privileges are on appdb only)."""
+    mdb.sql("CREATE DATABASE IF NOT EXISTS vault; "
+            "CREATE TABLE IF NOT EXISTS vault.secret (v VARCHAR(20)); "
+            "INSERT INTO vault.secret VALUES ('classified');")
+    mdb.sql(f"CREATE ROLE IF NOT EXISTS secret_reader; "
+            f"GRANT SELECT ON vault.secret TO secret_reader; "
+            f"GRANT secret_reader TO '{OTHER}'@'%';")
+    return "secret_reader"
+
+
+def read_secret(conn):
+    try:
+        return ("ok", scalar(conn, "SELECT v FROM vault.secret"))
+    except (pymysql.err.OperationalError, pymysql.err.ProgrammingError) as exc:
+        return ("error", exc.args[0])
+
+
+def other_client(px, **kw):
+    return connect(px, user=OTHER, password=OTHER_PW, **kw)
+
+
+def next_client_on_the_same_connection(px, mdb):
+    """A fresh client of OTHER, on the one server connection the proxy holds for it."""
+    conn = other_client(px)
+    assert proxy_connections(mdb, user=OTHER) == 1
+    return conn
+
+
+def test_a_role_set_by_one_client_never_reaches_the_next(make_proxy, mdb, secret_role):
+    px = make_proxy(budget=1)
+    with other_client(px) as first:
+        assert read_secret(first) == ("error", 1142)
+        with first.cursor() as cur:
+            cur.execute(f"SET ROLE {secret_role}")
+        assert read_secret(first) == ("ok", "classified")
+    with next_client_on_the_same_connection(px, mdb) as second:
+        assert read_secret(second) == ("error", 1142)
+        assert scalar(second, "SELECT CURRENT_ROLE()") is None
+
+
+@pytest.mark.parametrize("mode", ["NO_BACKSLASH_ESCAPES", "ANSI_QUOTES",
+                                  "NO_BACKSLASH_ESCAPES,ANSI_QUOTES"])
+@pytest.mark.parametrize("text", [
+    "SELECT 'a\\'; SET ROLE {role}; SELECT ''",
+    "SELECT \"a\\\"; SET ROLE {role}; SELECT \"\"",
+    "SELECT 'a\\' /* '; SET ROLE {role}; SELECT '' */",
+    "SELECT 1 # '\\\n; SET ROLE {role}",
+])
+@pytest.mark.parametrize("filters", [[], ["EXCLUDE_VARIABLE_SETS"]])
+def test_quoting_modes_cannot_hide_a_statement(make_proxy, mdb, secret_role, mode, text, filters):
+    """Whatever sql_mode makes of backslashes and double quotes, what the server runs is
+    what the proxy judged: a hidden SET ROLE never survives into the next client, even
+    with EXCLUDE_VARIABLE_SETS."""
+    px = make_proxy(budget=1, session_pinning_filters=filters)
+    first = other_client(px, client_flag=CLIENT.MULTI_STATEMENTS)
+    try:
+        with first.cursor() as cur:
+            cur.execute(f"SET SESSION sql_mode = '{mode}'")
+            try:
+                cur.execute(text.format(role=secret_role))
+                while cur.nextset():
+                    pass
+            except pymysql.err.MySQLError:
+                pass   # a text that is malformed in this mode: the server says so
+        if engine(px).pinned_sessions:
+            first.close()   # pinned: its connection is reset before anyone else gets it
+        # Otherwise the first client stays connected and idle, and its server connection
+        # serves the next client at once.
+        with next_client_on_the_same_connection(px, mdb) as second:
+            assert read_secret(second) == ("error", 1142)
+    finally:
+        if first.open:
+            first.close()

@@ -894,7 +894,9 @@ class ClientSession(ClientSide, asyncio.Protocol):
         return steps
 
     def _reset_steps(self, conn) -> list:
-        steps = [(p.com_reset_connection(), None)]
+        # MariaDB's reset keeps the current role (SET ROLE): drop it too, or the next
+        # client would hold privileges that only this one asked for.
+        steps = [(p.com_reset_connection(), None), (p.com_query("SET ROLE NONE"), None)]
         names = COLLATIONS.get(conn.charset)
         if names is None:
             raise _Unresettable()

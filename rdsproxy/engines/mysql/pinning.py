@@ -36,6 +36,7 @@ XA_TRANSACTION = "xa_transaction"
 HANDLER = "handler_statement"
 SET_OPTION = "com_set_option"
 UNKNOWN_STATE = "unknown_session_state"
+SET_ROLE = "set_role"
 
 EXCLUDE_VARIABLE_SETS = "EXCLUDE_VARIABLE_SETS"
 LONG_STATEMENT_BYTES = 16384
@@ -62,18 +63,36 @@ RESET_ONLY_KEYS = frozenset(("names", "transaction", "character_set_client",
                              "character_set_connection", "character_set_results",
                              "collation_connection"))
 
-_TOKEN = re.compile(r"""
+_TOKEN_TEMPLATE = r"""
     (?P<space>\s+)
   | (?P<xcomment>/\*[!Mm]!?)
   | (?P<comment>/\*.*?(?:\*/|\Z)|\#[^\n]*|--(?:[ \t][^\n]*|\n|\Z))
-  | (?P<string>'(?:[^'\\]|\\.|'')*'?|"(?:[^"\\]|\\.|"")*"?)
+  | (?P<string>SINGLE|DOUBLE)
   | (?P<qident>`(?:[^`]|``)*`?)
   | (?P<sysvar>@@(?:[A-Za-z_][A-Za-z0-9_$]*\.)?[A-Za-z_][A-Za-z0-9_$]*)
   | (?P<uservar>@(?:[A-Za-z0-9_$.]+|'[^']*'|"[^"]*"|`[^`]*`)?)
   | (?P<number>[0-9]+(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?|\.[0-9]+)
   | (?P<word>[A-Za-z_$\x80-\xff][A-Za-z0-9_$\x80-\xff]*)
   | (?P<punct>:=|.)
-""", re.VERBOSE | re.DOTALL)
+"""
+_SINGLE_ESCAPED, _SINGLE_PLAIN = r"'(?:[^'\\]|\\.|'')*'?", r"'(?:[^']|'')*'?"
+_DOUBLE_ESCAPED, _DOUBLE_PLAIN = r'"(?:[^"\\]|\\.|"")*"?', r'"(?:[^"]|"")*"?'
+
+
+def _token_pattern(single: str, double: str):
+    return re.compile(_TOKEN_TEMPLATE.replace("SINGLE", single).replace("DOUBLE", double),
+                      re.VERBOSE | re.DOTALL)
+
+
+# The server's default quoting: backslash escapes in both kinds of quotes.
+_TOKEN = _token_pattern(_SINGLE_ESCAPED, _DOUBLE_ESCAPED)
+# sql_mode can turn backslash escapes off (NO_BACKSLASH_ESCAPES) and make "..." an
+# identifier without them (ANSI_QUOTES); a function or procedure can change it unseen.
+# A text with a backslash is read every way the server might read it.
+_OTHER_QUOTINGS = (
+    _token_pattern(_SINGLE_PLAIN, _DOUBLE_PLAIN),      # NO_BACKSLASH_ESCAPES
+    _token_pattern(_SINGLE_ESCAPED, _DOUBLE_PLAIN),    # ANSI_QUOTES
+)
 
 WORD, STRING, QIDENT, SYSVAR, USERVAR, NUMBER, PUNCT = range(7)
 _KINDS = {"string": STRING, "qident": QIDENT, "sysvar": SYSVAR, "uservar": USERVAR,
@@ -109,10 +128,10 @@ class Verdict:
 PLAIN = Verdict(read_only=False, statements=1)
 
 
-def _tokens(text: str):
+def _tokens(text: str, pattern=_TOKEN):
     out = []
     xcomment = False
-    for m in _TOKEN.finditer(text):
+    for m in pattern.finditer(text):
         kind = m.lastgroup
         if kind in ("space", "comment"):
             continue
@@ -160,7 +179,16 @@ class Rules:
         return self._analyze(sql.decode("latin-1"))
 
     def _analyze(self, text: str) -> Verdict:
-        tokens, xcomment = _tokens(text)
+        verdict = self._analyze_as(text, _TOKEN)
+        if "\\" in text and any(self._analyze_as(text, pattern) != verdict
+                                 for pattern in _OTHER_QUOTINGS):
+            # The statements differ with the session's quoting rules, which the proxy
+            # does not know for sure: keep the connection for this client.
+            verdict.pin = UNKNOWN_STATE
+        return verdict
+
+    def _analyze_as(self, text: str, pattern) -> Verdict:
+        tokens, xcomment = _tokens(text, pattern)
         verdict = Verdict()
         statements = split_statements(tokens, (PUNCT, ";"))
         verdict.statements = len(statements)
@@ -249,7 +277,7 @@ class Rules:
         if second in ("global", "persist", "persist_only", "password", "default", "statement"):
             return None                          # nothing session-scoped to keep
         if second == "role":
-            return None if self.exclude_sets else SET_VARIABLE
+            return SET_ROLE   # privileges: never replayed, never excluded by a filter
         if second in ("session", "local") and _word(stmt, 2) == "transaction":
             return self._set_transaction(stmt[3:], verdict)
         untracked = False
