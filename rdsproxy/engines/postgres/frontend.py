@@ -102,6 +102,14 @@ def answer_completed_a_statement(held) -> bool:
     return any(mtype == MSG_COMMAND_COMPLETE for mtype, _ in _held_messages(held))
 
 
+def server_fatal_error(held) -> bytes | None:
+    """The server's own FATAL ErrorResponse among the held-back answer, as sent."""
+    for mtype, payload in reversed(_held_messages(held)):
+        if mtype == MSG_ERROR and pg.parse_error_fields(payload).get("S") in ("FATAL", "PANIC"):
+            return pg.message(b"E", payload)
+    return None
+
+
 def server_last_words(held) -> str:
     """The message of the last error or notice the server sent before it went away."""
     for mtype, payload in reversed(_held_messages(held)):
@@ -389,6 +397,24 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
             self.pending_size = 0
         clean_cut = (server.scanner.at_boundary() and server.scanner.status == STATUS_IDLE
                      and self.pin_reason is None)
+        fatal = server_fatal_error(server.held)
+        if fatal is not None and not (clean_cut and in_doubt):
+            # The server said why it ended the session (an administrator, a shutdown, a
+            # timeout): the client hears it in the server's own words, as it would directly.
+            server.held = None
+            server.held_size = 0
+            log.warning("client %s (user %s): the database ended the session it was "
+                        "served by (pid %d)", self.peer, self.user, server.backend_pid)
+            if not clean_cut:
+                if self.transport is not None and not self.transport.is_closing():
+                    self.transport.write(fatal)
+                self.close()
+            elif self.outstanding:
+                # Outside a transaction nothing of the client's session was lost with it:
+                # the same error, as an ERROR, and the session goes on.
+                fields = pg.parse_error_fields(fatal[5:])
+                self._fail_outstanding(fields.get("C", "08006"), fields.get("M", ""))
+            return
         text = "the database connection serving this session was lost"
         last_words = server_last_words(server.held)
         if last_words:
