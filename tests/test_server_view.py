@@ -100,3 +100,43 @@ def test_the_servers_fatal_error_reaches_asyncpg(diff):
         return run(go())
     diff.assert_same(scenario)
 
+
+
+# The settings PostgreSQL 15 reports in ParameterStatus (GUC_REPORT).
+REPORTED = ("application_name", "client_encoding", "DateStyle", "default_transaction_read_only",
+            "in_hot_standby", "integer_datetimes", "IntervalStyle", "is_superuser",
+            "server_encoding", "server_version", "session_authorization",
+            "standard_conforming_strings", "TimeZone")
+
+
+def greeting(side, settings):
+    """Every ParameterStatus the client got at login (asyncpg keeps them all), or the
+    login's error."""
+    async def go():
+        try:
+            con = await asyncpg.connect(host=side.host, port=side.port, user=APP_USER,
+                                        password=APP_PASSWORD, database=APP_DB, ssl=False,
+                                        server_settings=settings)
+        except asyncpg.PostgresError as exc:
+            return error_of(exc)
+        try:
+            reported = con.get_settings()
+            return {name: getattr(reported, name, None) for name in (*REPORTED, *settings)}
+        finally:
+            await con.close()
+    return run(go())
+
+
+@pytest.mark.parametrize("settings", [
+    {},
+    {"client_encoding": "utf8"},
+    {"client_encoding": "euc-jp"},
+    {"DateStyle": "german"},
+    {"datestyle": "iso, dmy", "TimeZone": "europe/paris", "intervalstyle": "sql_standard"},
+    {"search_path": "public", "extra_float_digits": "2", "application_name": "x y"},
+    {"client_encoding": "nonsense"},
+    {"DateStyle": "garbage"},
+    {"foo.bar": "1"},
+], ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "none")
+def test_login_reports_what_the_server_uses(diff, settings):
+    diff.assert_same(lambda side: greeting(side, settings))

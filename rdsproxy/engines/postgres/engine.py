@@ -48,12 +48,16 @@ class PostgresEngine(BaseEngine):
     ready_state = READY
     closed_state = CLOSED
     rules_capture_limit = RULES_CAPTURE_LIMIT
+    unknown_user_auth = "POSTGRES_SCRAM_SHA_256"   # until accounts_changed counts them
 
     def __init__(self, config, metrics, loop):
         super().__init__(config, metrics, loop)
         self.rules = PinningRules(config.target_group.session_pinning_filters)
-        self.dummy_scram_secret = make_server_key_material(os.urandom(16).hex())
+        self.dummy_password = os.urandom(16).hex()   # what unknown users are checked against
+        self.dummy_scram_secret = make_server_key_material(self.dummy_password)
         self._greetings: dict = {}
+        # (setting, value a client sent) -> the value the server reports for it.
+        self._spellings: dict = {}
         # One object per distinct pool key and parameter set: the relay compares them on
         # every borrow and return, and `is` settles that before any tuple is compared.
         self._session_parts: dict = {}
@@ -142,13 +146,43 @@ class PostgresEngine(BaseEngine):
             max_message_size=self.config.max_message_size,
             ssl_context=self.target_ssl.get(target), tls_mode=tcfg.tls)
 
+    def greeting_known(self, key, desired: tuple) -> bool:
+        """Whether the server's ParameterStatus for these startup parameters is known: its
+        settings for the key, and its spelling of every reported value the client sent
+        ("UTF8" for utf8, "German, DMY" for german). Only a value never seen before needs a
+        server connection at login; plain application names never do."""
+        defaults = self.defaults.get(key)
+        if defaults is None:
+            return False
+        reported = _reported_names(defaults)
+        for name, value in desired:
+            canonical = reported.get(name.lower())
+            if (canonical is not None and (canonical, value) not in self._spellings
+                    and not (canonical == "application_name" and _plain_name(value))):
+                return False
+        return True
+
+    def learn_greeting(self, key, desired: tuple, parameters: dict) -> None:
+        """What a server connection reports once these startup parameters are applied."""
+        reported = _reported_names(self.defaults.get(key, parameters))
+        for name, value in desired:
+            canonical = reported.get(name.lower())
+            if canonical is not None and canonical in parameters:
+                _keep(self._spellings, (canonical, value), parameters[canonical])
+
     def parameter_statuses(self, key, desired: tuple) -> bytes:
-        """The ParameterStatus messages a new client gets: the server's, then its own."""
+        """The ParameterStatus messages a new client gets, as the server would send them:
+        the settings it reports, with the client's values in the server's spelling."""
         cache = self._greetings
         block = cache.get((key, desired))
         if block is None:
-            params = dict(self.defaults.get(key, {}))
-            params.update(desired)
+            defaults = self.defaults.get(key, {})
+            params = dict(defaults)
+            reported = _reported_names(defaults)
+            for name, value in desired:
+                canonical = reported.get(name.lower())
+                if canonical is not None:
+                    params[canonical] = self._spellings.get((canonical, value), value)
             block = b"".join(pg.parameter_status(k, v) for k, v in params.items())
             _keep(cache, (key, desired), block)
         return block
@@ -179,6 +213,12 @@ class PostgresEngine(BaseEngine):
     def accounts_changed(self) -> None:
         # Plans hold their account (and its md5 hash): a rotation must not leave old ones.
         self.startup_plans.clear()
+        # An unknown user is asked what most users are asked (SCRAM on a tie), so that the
+        # exchange does not tell who exists; PostgreSQL does the same per pg_hba.conf line.
+        methods = [account.client_auth for account in self.accounts.values()]
+        md5 = methods.count("POSTGRES_MD5")
+        self.unknown_user_auth = ("POSTGRES_MD5" if md5 > len(methods) - md5
+                                  else "POSTGRES_SCRAM_SHA_256")
 
     # -- cancel requests ---------------------------------------------------------------
     def register_cancel_key(self, client) -> tuple[int, int]:
@@ -210,6 +250,17 @@ def _keep(cache: dict, key, value, limit: int = 1024) -> None:
     if len(cache) >= limit:
         cache.clear()
     cache[key] = value
+
+
+def _reported_names(defaults: dict) -> dict:
+    """Lower-cased name -> the server's name, for the settings it reports (GUC_REPORT:
+    those it sent at connect)."""
+    return {name.lower(): name for name in defaults}
+
+
+def _plain_name(value: str) -> bool:
+    """An application_name the server reports as sent: printable ASCII, short enough."""
+    return len(value) < 64 and all(" " <= ch <= "~" for ch in value)
 
 
 def _canonical(cache: dict, value):

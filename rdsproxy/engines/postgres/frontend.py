@@ -261,7 +261,14 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
     def on_connection(self, conn):
         """The pool hands over a connection (at once, or after a wait)."""
         if self.state == LOGIN:
+            # The first login of its kind: what the server reports for these startup
+            # parameters (its spelling of them, or its error) is learnt on this connection.
             self.waiting = False
+            if self.desired and conn.applied != self.desired:
+                self._syncing = conn
+                conn.run_internal(self._parameter_sync_sql(conn), self._on_login_parameters)
+                return
+            self.engine.learn_greeting(self.key, self.desired, conn.parameters)
             conn.pool.release(conn)
             self._finish_login()
             self._resume_reading()
@@ -291,6 +298,22 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
             elif want[name] != have.get(name):
                 statements.append(f"SET {quote_setting_name(name)} = {quote_literal(want[name])}")
         return "; ".join(statements)
+
+    def _on_login_parameters(self, error):
+        conn, self._syncing = self._syncing, None
+        if error is None:
+            conn.applied = self.desired
+            self.engine.learn_greeting(self.key, self.desired, conn.parameters)
+        conn.pool.release(conn)
+        if self.state != LOGIN:   # the client left meanwhile
+            return
+        if error is not None:
+            # Refused as PostgreSQL refuses a bad startup parameter: at login, in its words.
+            fields = getattr(error, "fields", {})
+            self.fatal(fields.get("C", "08006"), fields.get("M", str(error)), fields.get("D", ""))
+            return
+        self._finish_login()
+        self._resume_reading()
 
     def _on_parameters_synced(self, error):
         conn, self._syncing = self._syncing, None
@@ -573,7 +596,8 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
             # protected by TLS.
             self.state = AUTH_CLEARTEXT
             self.transport.write(pg.authentication(pg.AUTH_CLEARTEXT))
-        elif account is None or account.client_auth == "POSTGRES_SCRAM_SHA_256":
+        elif ((account.client_auth if account is not None else engine.unknown_user_auth)
+              == "POSTGRES_SCRAM_SHA_256"):
             secret = account.scram_secret if account is not None else engine.dummy_scram_secret
             self._auth = ScramServer(secret)
             self.state = AUTH_SASL_FIRST
@@ -601,8 +625,11 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
                 self.transport.write(pg.authentication(pg.AUTH_SASL_FINAL, final))
             elif self.state == AUTH_MD5:
                 response = pg.parse_password_message(payload)
-                if account is None or not md5_verify(account.credentials.password, self.user,
-                                                     self._auth, response):
+                # An unknown user's answer is checked too (against a random password): the
+                # same work either way.
+                password = (account.credentials.password if account is not None
+                            else self.engine.dummy_password)
+                if not md5_verify(password, self.user, self._auth, response) or account is None:
                     raise ScramError("wrong password")
             elif self.state == AUTH_CLEARTEXT:
                 self._check_cleartext(account, pg.parse_password_message(payload))
@@ -657,7 +684,7 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
     def _login(self):
         """Authenticated: learn the server's parameters for this user and database once."""
         self.state = LOGIN
-        if self.key in self.engine.defaults:
+        if self.engine.greeting_known(self.key, self.desired):
             self._finish_login(pg.AUTH_OK_MESSAGE)  # one write for the whole greeting
         else:
             self.transport.write(pg.AUTH_OK_MESSAGE)
