@@ -588,6 +588,84 @@ def test_malformed_and_oversized_packets(make_proxy):
         bystander.close()
 
 
+def malformed_session(px, kind: str) -> None:
+    """One client that goes wrong in the way `kind` says, holding a server connection
+    (a transaction) where it can."""
+    s = raw_login(px)
+    try:
+        if kind != "garbage_idle":
+            s.command(p.com_query("BEGIN"))
+            s.command(p.com_query("INSERT INTO t (v) VALUES ('malformed')"))
+        if kind == "oversized":
+            s.sock.sendall(p.packet(0, b"\x03SELECT '" + b"x" * (2 << 20) + b"'"))
+        elif kind == "out_of_order":
+            s.sock.sendall(p.packet(5, p.com_query("SELECT 1")))
+        elif kind == "half_packet":
+            s.sock.sendall(p.packet(0, p.com_query("SELECT 1"))[:6])
+        elif kind == "bad_execute":
+            s.command(b"\x17" + b"\x09" * 12)
+        elif kind == "running":
+            s.sock.sendall(p.packet(0, p.com_query("SELECT SLEEP(5)")))
+            time.sleep(0.1)
+        elif kind == "quit":
+            s.sock.sendall(p.packet(0, p.com_quit()))
+        elif kind == "change_user":
+            s.sock.sendall(p.packet(0, b"\x11" + b"\x00" * 3))
+            time.sleep(0.05)
+        elif kind == "local_infile_abort":
+            s.sock.sendall(p.packet(0, p.com_query("LOAD DATA LOCAL INFILE 'x' INTO TABLE t (v)")))
+            time.sleep(0.1)
+        elif kind == "prepare_then_vanish":
+            s.sock.sendall(p.packet(0, p.com_stmt_prepare("SELECT ?")))
+        elif kind == "garbage_idle":
+            s.sock.sendall(p.packet(0, b"\xfe\xfe\xfe"))
+            s.sock.sendall(b"\xff" * 7)
+    except OSError:
+        pass
+    finally:
+        s.sock.close()
+
+
+MALFORMED_KINDS = ["oversized", "out_of_order", "half_packet", "bad_execute", "running",
+                   "quit", "garbage_idle", "change_user", "local_infile_abort",
+                   "prepare_then_vanish"]
+
+
+def test_malformed_sessions_give_back_exactly_what_they_borrowed(make_proxy, mdb):
+    """After any mix of broken sessions the pool's counts are exact: nothing borrowed,
+    nothing counted twice, and no row of theirs committed."""
+    px = make_proxy(budget=3, top={"max_message_size": 1 << 20}, connection_borrow_timeout=2)
+    seen = []
+    for round_ in range(2):
+        for kind in MALFORMED_KINDS:
+            malformed_session(px, kind)
+            seen.append((kind, px.stats()["pool"]["borrowed"]))
+    # The same while every connection is busy: the broken clients wait, then vanish.
+    holders = [connect(px) for _ in range(3)]
+    for holder in holders:
+        holder.begin()
+        scalar(holder, "SELECT 1")
+    threads = [threading.Thread(target=malformed_session, args=(px, kind))
+               for kind in MALFORMED_KINDS]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    for holder in holders:
+        holder.rollback()
+        holder.close()
+    for thread in threads:
+        thread.join(30)
+        seen.append(("waiting", px.stats()["pool"]["borrowed"]))
+    assert min(borrowed for _, borrowed in seen) >= 0, " ".join(f"{k}:{b}" for k, b in seen)
+    deadline = time.monotonic() + 15
+    while px.stats()["pool"]["borrowed"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pool = px.stats()["pool"]
+    assert pool["borrowed"] == 0 and 0 <= pool["open"] <= pool["max"], pool
+    with connect(px) as c:
+        assert scalar(c, "SELECT COUNT(*) FROM t WHERE v = 'malformed'") == 0
+
+
 def test_server_connection_killed_from_outside(make_proxy, mdb):
     px = make_proxy(budget=2)
     with connect(px) as a:

@@ -1,7 +1,7 @@
 """One target's connection budget, shared by every (user, database) pool: borrow, return, wait, reap.
 
 Engine-agnostic: connections come from an engine-supplied `connector` coroutine and only
-need `key`, `close()`, `closed`, `created_at` and `idle_since`. Borrowing is callback based
+need `key`, `close()`, `closed`, `discarded`, `created_at` and `idle_since`. Borrowing is callback based
 (no task or future per transaction): `acquire()` returns an idle connection at once when
 there is one, and otherwise calls the waiter's `on_connection(conn)` or `on_borrow_error(exc)`
 later. Waiters are served first come, first served across keys.
@@ -212,8 +212,12 @@ class Pool:
             self._open_for(key, waiter)
 
     def discard(self, conn, borrowed: bool = True) -> None:
-        """A borrowed connection is broken or dirty: close it and free its budget."""
+        """A borrowed connection is broken or dirty: close it and free its budget, once
+        (a client leaving and its connection's last callback may both get here)."""
         conn.close()
+        if conn.discarded:
+            return
+        conn.discarded = True
         self.core.forget(borrowed)
         self._serve_waiters()
 

@@ -66,6 +66,8 @@ class ClientSide:
 class ServerSide:
     __slots__ = ()
 
+    discarded = False   # the pool has taken back its budget slot (Pool.discard)
+
     # asyncio flow control: while the server cannot keep up, stop reading from its client.
     def pause_writing(self) -> None:
         _pause_reading(self.client)
