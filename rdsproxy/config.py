@@ -127,6 +127,9 @@ class ProxyConfig:
     engine_family: str = "POSTGRESQL"
     require_tls: bool = False
     idle_client_timeout: float = 1800.0
+    # Seconds a client may take from connecting to being logged in (PostgreSQL's
+    # authentication_timeout): half-open logins must not hold a client slot for long.
+    login_timeout: float = 60.0
     debug_logging: bool = False
     auth: list[AuthConfig] = field(default_factory=list)
     target_group: TargetGroupConfig = field(default_factory=TargetGroupConfig)
@@ -234,6 +237,8 @@ def config_from_dict(data: dict, *, source: str = "<dict>", base_dir: str | os.P
     _one_of(cfg.engine_family, ENGINE_FAMILIES, source, "engine_family")
     if cfg.idle_client_timeout < 0:
         raise ConfigError(source, "idle_client_timeout", "must be 0 (never) or a positive number of seconds")
+    if not 1 <= cfg.login_timeout <= 600:
+        raise ConfigError(source, "login_timeout", "must be between 1 and 600 seconds")
 
     auth_list = data.get("auth", [])
     if not isinstance(auth_list, list) or not auth_list:

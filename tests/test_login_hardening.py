@@ -64,3 +64,25 @@ def test_unknown_and_known_users_get_the_same_exchange(proxy_factory, client_aut
     unknown = first_exchange(proxy, "nobody_here")
     assert known == unknown
     assert known[1:4] == ("E", "FATAL", "28P01")
+
+
+def test_half_open_logins_are_closed_after_login_timeout(proxy_factory):
+    """A client that sends half a startup packet (or stops at the password) is told and
+    closed after login_timeout, as PostgreSQL does after authentication_timeout; clients
+    that log in are not affected."""
+    import psycopg
+    proxy = proxy_factory(top={"login_timeout": 1})
+    half = socket.create_connection((proxy.host, proxy.port), timeout=15)
+    half.sendall(startup_packet(APP_USER)[:7])
+    at_password = socket.create_connection((proxy.host, proxy.port), timeout=15)
+    at_password.sendall(startup_packet(APP_USER))
+    assert read_message(at_password)[0] == ord("R")
+    with psycopg.connect(proxy.dsn(), autocommit=True) as client:
+        for sock in (half, at_password):
+            mtype, body = read_message(sock)
+            fields = dict((f[:1].decode(), f[1:].decode()) for f in body.split(b"\x00") if f)
+            assert (chr(mtype), fields["S"], fields["C"], fields["M"]) == (
+                "E", "FATAL", "57014", "canceling authentication due to timeout")
+            assert sock.recv(1) == b""
+            sock.close()
+        assert client.execute("select 1").fetchone() == (1,)

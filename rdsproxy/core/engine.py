@@ -42,7 +42,7 @@ from .targets import Target, TargetGroup
 
 log = logging.getLogger("rdsproxy.engine")
 
-# Below the 60 s login timeout, so the handshake's own error wins.
+# Below the default login timeout, so the handshake's own error wins.
 TLS_HANDSHAKE_TIMEOUT = 30.0
 
 
@@ -325,6 +325,7 @@ class BaseEngine:
     async def _housekeeping(self) -> None:
         """Once a second: the coarse clock, idle client timeouts, login timeouts, pool reaping."""
         idle_timeout = self.config.idle_client_timeout
+        login_timeout = self.config.login_timeout
         while True:
             await asyncio.sleep(1.0)
             now = self.clock = self.loop.time()
@@ -344,8 +345,12 @@ class BaseEngine:
                         log.info("client %s (user %s) idle for %gs: closing (idle_client_timeout)",
                                  client.peer, client.user, idle_timeout)
                         client.fatal("57P05", "terminating connection due to idle_client_timeout")
-                elif now - client.connected_at >= 60 and client.state not in (self.ready_state, self.closed_state):
-                    client.fatal("08006", "authentication timed out")
+                elif (now - client.connected_at >= login_timeout
+                      and client.state not in (self.ready_state, self.closed_state)):
+                    log.info("client %s: not logged in after %gs: closing (login_timeout)",
+                             client.peer, login_timeout)
+                    # PostgreSQL's words for its authentication_timeout.
+                    client.fatal("57014", "canceling authentication due to timeout")
             for pool in self.router.pools.values():
                 pool.reap()
 
