@@ -107,7 +107,7 @@ def test_bad_tokens_refused_with_reason_in_log(iam_proxy, caplog, test_ca):
     for name, (token, reason) in _bad_tokens(proxy.port).items():
         caplog.clear()
         # Each case starts unthrottled (throttling has its own test).
-        proxy.call(engine.throttle.record_success, "127.0.0.1", engine.loop.time())
+        proxy.call(engine.throttle.entries.clear)
         # The SQLSTATE, by hand over TLS ...
         import ssl
         ctx = ssl.create_default_context(cafile=test_ca.ca_cert)

@@ -86,3 +86,33 @@ def test_half_open_logins_are_closed_after_login_timeout(proxy_factory):
             assert sock.recv(1) == b""
             sock.close()
         assert client.execute("select 1").fetchone() == (1,)
+
+
+def md5_login(proxy, password: str, source: str = "127.0.0.1") -> str:
+    """Log in with md5 from `source`: 'ok', or the error's SQLSTATE."""
+    from rdsproxy.auth.md5 import md5_response
+    with socket.create_connection((proxy.host, proxy.port), timeout=30,
+                                  source_address=(source, 0)) as sock:
+        sock.sendall(startup_packet(APP_USER))
+        mtype, body = read_message(sock)
+        assert struct.unpack("!i", body[:4])[0] == 5
+        answer = md5_response(password, APP_USER, body[4:8]) + b"\x00"
+        sock.sendall(b"p" + struct.pack("!i", len(answer) + 4) + answer)
+        mtype, body = read_message(sock)
+        if mtype == ord("R"):
+            return "ok"
+        fields = dict((f[:1].decode(), f[1:].decode()) for f in body.split(b"\x00") if f)
+        return fields["C"]
+
+
+def test_parallel_guesses_from_one_address_are_bounded(proxy_factory):
+    """Forty connections guessing at once from one address: once its guesses are spent,
+    even the right password is refused from there (unchecked), while another address
+    logs in at once."""
+    from concurrent.futures import ThreadPoolExecutor
+    proxy = proxy_factory(client_auth="POSTGRES_MD5")
+    with ThreadPoolExecutor(40) as pool:
+        answers = list(pool.map(lambda i: md5_login(proxy, f"guess-{i}"), range(40)))
+    assert answers == ["28P01"] * 40
+    assert md5_login(proxy, APP_PASSWORD) == "28P01"
+    assert md5_login(proxy, APP_PASSWORD, source="127.0.0.2") == "ok"

@@ -34,14 +34,28 @@ def test_huge_failure_counts_stay_at_cap():
     assert t.delay_for("a", 0.0) == 3.0
 
 
-def test_success_resets():
-    t = LoginThrottle(max_failures=2)
-    fail(t, "a", 3)
-    assert t.delay_for("a", 0.0) > 0
-    t.record_success("a", 0.0)
-    assert t.delay_for("a", 0.0) == 0.0
-    assert len(t) == 0
-    t.record_success("never-seen", 0.0)  # harmless
+def test_guesses_are_bounded_whatever_the_parallelism():
+    """40 connections from one address answering at once: only max_guesses passwords are
+    checked, and a refused attempt keeps the address refused for a whole window."""
+    t = LoginThrottle(max_failures=5, max_guesses=20, window=60.0)
+    checked = 0
+    for i in range(40):
+        now = i * 0.01
+        if t.may_check("a", now):
+            checked += 1
+            t.record_failure("a", now)
+    assert checked == 20
+    assert not t.may_check("a", 59.0)          # still trying: still refused
+    assert not t.may_check("a", 118.0)         # each refusal restarted the window
+    assert t.may_check("a", 118.0 + 60.0)      # quiet for a whole window: forgotten
+    assert t.may_check("b", 1.0)               # other addresses never notice
+
+
+def test_a_success_does_not_forgive_failures():
+    t = LoginThrottle(max_failures=2, max_guesses=3)
+    for now in (0.0, 0.1, 0.2):
+        t.record_failure("a", now)
+    assert not t.may_check("a", 0.3)
 
 
 def test_addresses_are_independent():

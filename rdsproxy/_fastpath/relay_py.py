@@ -420,6 +420,10 @@ class ClientRelay:
         if (len(chunk) != MD5_PASSWORD_SIZE or chunk[0] != MSG_PASSWORD or chunk[1] != 0
                 or chunk[2] != 0 or chunk[3] != 0 or chunk[4] != 40 or chunk[40] != 0):
             return False
+        if logins.throttle_entries and self.peer_host in logins.throttle_entries:
+            # An address with recent failures: over its guesses, the engine's path refuses.
+            if not self.engine.throttle.may_check(self.peer_host, self.engine.loop.time()):
+                return False
         plan = self.plan
         expected = _md5(plan.md5_inner + self._auth).hexdigest().encode("ascii")
         # Constant time whatever byte differs; a mismatch is the engine's to report.
@@ -436,8 +440,6 @@ class ClientRelay:
         self.secret = secret
         self.state = STATE_READY
         self._auth = None
-        if logins.throttle_entries:
-            self.engine.throttle.record_success(self.peer_host, self.engine.loop.time())
         if self.pool_core is logins.unrouted:
             logins.router.route(self)
         logins.metrics.ClientConnectionsSetupSucceeded += 1

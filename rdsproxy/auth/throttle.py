@@ -19,15 +19,21 @@ class LoginThrottle:
 
     An address with fewer than `max_failures` failures inside the sliding `window` gets no
     delay; from then on each further attempt is delayed base_delay * 2**(failures - max_failures),
-    capped at max_delay. Failures older than `window` (counted from the latest one) are forgotten,
-    and a success clears the address. The table holds at most `max_entries` addresses; when full,
-    the address that failed least recently is dropped.
+    capped at max_delay. Once it has `max_guesses` failures, `may_check` says no: its further
+    attempts are refused without looking at the password, and each one restarts the window,
+    so however many connections it opens at once it learns nothing from more than
+    `max_guesses` guesses until it stops for a whole window. A success forgives nothing
+    (one good account must not launder guesses at others). Failures older than `window`
+    (counted from the latest attempt) are forgotten. The table holds at most `max_entries`
+    addresses; when full, the address that failed least recently is dropped.
     """
 
     def __init__(self, max_failures: int = 5, window: float = 60.0, base_delay: float = 0.5,
-                 max_delay: float = 10.0, max_entries: int = 100_000):
-        if max_failures < 1 or window <= 0 or base_delay < 0 or max_delay < base_delay or max_entries < 1:
+                 max_delay: float = 10.0, max_entries: int = 100_000, max_guesses: int = 20):
+        if (max_failures < 1 or window <= 0 or base_delay < 0 or max_delay < base_delay
+                or max_entries < 1 or max_guesses < max_failures):
             raise ValueError("invalid LoginThrottle parameters")
+        self.max_guesses = max_guesses
         self.max_failures = max_failures
         self.window = window
         self.base_delay = base_delay
@@ -41,8 +47,8 @@ class LoginThrottle:
 
     @property
     def entries(self):
-        """The table itself (read-only use): the relay's login lane skips record_success
-        while it is empty."""
+        """The table itself (read-only use): the relay's login lane leaves the addresses
+        in it to the engine's path, which asks may_check."""
         return self._entries
 
     def _expire(self, now: float) -> None:
@@ -76,6 +82,12 @@ class LoginThrottle:
         entry.last = max(entry.last, now)
         self._entries[address] = entry
 
-    def record_success(self, address: str, now: float) -> None:
-        self._entries.pop(address, None)
+    def may_check(self, address: str, now: float) -> bool:
+        """Whether this address's next password may be checked at all."""
         self._expire(now)
+        entry = self._entries.get(address)
+        if entry is None or entry.failures < self.max_guesses:
+            return True
+        entry.last = max(entry.last, now)     # still at it: the window starts again
+        self._entries.move_to_end(address)
+        return False

@@ -379,6 +379,9 @@ class ClientSession(ClientSide, asyncio.Protocol):
         self._seq = (self._seq + 1) & 0xFF
 
     def _verify(self, response: bytes) -> None:
+        if not self.engine.throttle.may_check(self.peer_host, self.engine.loop.time()):
+            self._auth_failed("too many failed logins from this address: not checked", bool(response))
+            return
         account = self._account
         password = account.credentials.password if account is not None else None
         plugin = self._plugin
@@ -407,6 +410,9 @@ class ClientSession(ClientSide, asyncio.Protocol):
         self._auth_succeeded()
 
     def _on_sha2_packet(self, payload: bytes) -> None:
+        if not self.engine.throttle.may_check(self.peer_host, self.engine.loop.time()):
+            self._auth_failed("too many failed logins from this address: not checked", True)
+            return
         account = self._account
         if self._sha2_step == "full" and payload == bytes((auth.CACHING_SHA2_REQUEST_PUBLIC_KEY,)):
             self._sha2_step = "rsa"
@@ -471,7 +477,6 @@ class ClientSession(ClientSide, asyncio.Protocol):
 
     def _auth_succeeded(self) -> None:
         engine = self.engine
-        engine.throttle.record_success(self.peer_host, engine.loop.time())
         self.reader.max_payload = engine.max_payload
         if self._change_user is not None:
             self._finish_change_user()

@@ -609,6 +609,10 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
 
     def _on_password_message(self, payload):
         account = self._account
+        if self.state != AUTH_SASL_FIRST and not self.engine.throttle.may_check(
+                self.peer_host, self.engine.loop.time()):
+            self._auth_failed("too many failed logins from this address: not checked")
+            return
         try:
             if self.state == AUTH_SASL_FIRST:
                 mechanism, data = pg.parse_sasl_initial_response(payload)
@@ -637,7 +641,6 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
             self._auth_failed("no such user" if account is None else str(exc))
             return
         self._auth = None
-        self.engine.throttle.record_success(self.peer_host, self.engine.loop.time())
         self._login()
 
     def _check_cleartext(self, account, response: bytes) -> None:
