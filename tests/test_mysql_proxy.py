@@ -1088,3 +1088,34 @@ def test_quoting_modes_cannot_hide_a_statement(make_proxy, mdb, secret_role, mod
     finally:
         if first.open:
             first.close()
+
+
+def test_one_connection_id_wherever_the_client_sees_it(make_proxy, mdb):
+    """The handshake's id, CONNECTION_ID() in any statement, and what KILL takes are one id;
+    column names stay what MySQL would call them."""
+    px = make_proxy()
+    with connect(px) as a, connect(px) as b:
+        own = a.thread_id()
+        with a.cursor() as cur:
+            cur.execute("SELECT CONNECTION_ID(), @@version, 'CONNECTION_ID()' AS text, "
+                        "CONNECTION_ID() + 0 AS plus")
+            row = cur.fetchone()
+            names = [d[0] for d in cur.description]
+        assert (row[0], row[2], row[3]) == (own, "CONNECTION_ID()", own)
+        assert names == ["CONNECTION_ID()", "@@version", "text", "plus"]
+        assert scalar(a, "SELECT COUNT(*) FROM t WHERE id <> CONNECTION_ID() OR 1") == 3
+        # KILL QUERY with the id the statement reported reaches a's running query.
+        result = {}
+
+        def sleep():
+            try:
+                result["value"] = scalar(a, "SELECT SLEEP(20)")
+            except pymysql.MySQLError as exc:
+                result["error"] = exc.args[0]
+        sleeper = threading.Thread(target=sleep)
+        sleeper.start()
+        time.sleep(0.5)
+        scalar(b, f"KILL QUERY {row[0]}")
+        sleeper.join(15)
+        # SLEEP returns 1 when interrupted (or error 1317, depending on timing).
+        assert result in ({"value": 1}, {"error": 1317}), result

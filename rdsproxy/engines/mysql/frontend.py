@@ -622,6 +622,10 @@ class ClientSession(ClientSide, asyncio.Protocol):
             # The client's id is the proxy's, never the id of the server connection it borrows.
             self._answer_value("CONNECTION_ID()", self.connection_id)
             return
+        if verdict.connection_id and verdict.pin != pinning.UNKNOWN_STATE:
+            # One id wherever the client sees it: the proxy's, in any statement.
+            self.cmd_payload_override = p.com_query(
+                pinning.with_connection_id(payload[1:], self.connection_id))
         if verdict.pin is not None:
             self.pin(verdict.pin)
         self._send_to_server()

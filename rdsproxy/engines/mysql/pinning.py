@@ -120,6 +120,7 @@ class Verdict:
     row_count: bool = False                        # mentions ROW_COUNT()
     simple_row_count: bool = False                 # is exactly SELECT ROW_COUNT()
     simple_connection_id: bool = False             # is exactly SELECT CONNECTION_ID()
+    connection_id: bool = False                    # calls CONNECTION_ID() anywhere
     ends_transaction: bool = False                 # COMMIT / ROLLBACK (not TO SAVEPOINT)
     read_only: bool = False                        # only SELECT/SHOW-like statements
     statements: int = 0
@@ -145,6 +146,33 @@ def _tokens(text: str, pattern=_TOKEN):
             continue
         out.append((_KINDS[kind], value))
     return out, xcomment
+
+
+def with_connection_id(sql: bytes, connection_id: int) -> bytes:
+    """`sql` with every call of CONNECTION_ID() replaced by `connection_id`, the id the
+    client knows (the server's own would name the borrowed connection). Calls only: the
+    same letters in strings, quoted names and comments stay."""
+    text = sql.decode("latin-1")
+    out = []
+    pos = 0
+    tokens = [m for m in _TOKEN.finditer(text) if m.lastgroup not in ("space", "comment")]
+    for i, m in enumerate(tokens):
+        if m.lastgroup != "word" or m.group().lower() != "connection_id":
+            continue
+        if [t.group() for t in tokens[i + 1:i + 3]] != ["(", ")"]:
+            continue
+        end = tokens[i + 2].end()
+        value = str(connection_id)
+        before = tokens[i - 1].group().lower() if i else ""
+        after = tokens[i + 3].group().lower() if i + 3 < len(tokens) else ""
+        if before in ("select", ",") and after in ("", ",", ";", "from", "into"):
+            # A whole column: named as MySQL names it, after the text of the call.
+            value += " AS `" + text[m.start():end].replace("`", "``") + "`"
+        out.append(text[pos:m.start()])
+        out.append(value)
+        pos = end
+    out.append(text[pos:])
+    return "".join(out).encode("latin-1")
 
 
 def _word(stmt, i):
@@ -227,6 +255,8 @@ class Rules:
                     verdict.last_insert_id = True
                 elif value == "row_count":
                     verdict.row_count = True
+                elif value == "connection_id":
+                    verdict.connection_id = True
             elif kind == WORD and value == "sql_calc_found_rows":
                 reason = reason or FOUND_ROWS
         if first == "set":
