@@ -130,6 +130,9 @@ class ProxyConfig:
     # Seconds a client may take from connecting to being logged in (PostgreSQL's
     # authentication_timeout): half-open logins must not hold a client slot for long.
     login_timeout: float = 60.0
+    # Clients of one address still logging in, at most (0: no cap): one address must not
+    # fill max_client_connections with half-open logins.
+    max_logins_per_address: int = 100
     debug_logging: bool = False
     auth: list[AuthConfig] = field(default_factory=list)
     target_group: TargetGroupConfig = field(default_factory=TargetGroupConfig)
@@ -239,6 +242,8 @@ def config_from_dict(data: dict, *, source: str = "<dict>", base_dir: str | os.P
         raise ConfigError(source, "idle_client_timeout", "must be 0 (never) or a positive number of seconds")
     if not 1 <= cfg.login_timeout <= 600:
         raise ConfigError(source, "login_timeout", "must be between 1 and 600 seconds")
+    if cfg.max_logins_per_address < 0:
+        raise ConfigError(source, "max_logins_per_address", "must be 0 (no cap) or a positive number")
 
     auth_list = data.get("auth", [])
     if not isinstance(auth_list, list) or not auth_list:

@@ -111,6 +111,7 @@ BAD = [
     ({"target_group__connection_borrow_timeout": 301}, "target_group.connection_borrow_timeout", "between"),
     ({"idle_client_timeout": -1}, "idle_client_timeout", "positive"),
     ({"login_timeout": 0}, "login_timeout", "between 1 and 600"),
+    ({"max_logins_per_address": -1}, "max_logins_per_address", "no cap"),
     ({"login_timeout": "soon"}, "login_timeout", "must be float"),
     ({"engine_family": "ORACLE"}, "engine_family", "must be one of POSTGRESQL, MYSQL"),
     ({"auth__client_password_auth_type": "MYSQL_NATIVE_PASSWORD"}, "auth[0].client_password_auth_type",

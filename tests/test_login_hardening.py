@@ -95,6 +95,8 @@ def md5_login(proxy, password: str, source: str = "127.0.0.1") -> str:
                                   source_address=(source, 0)) as sock:
         sock.sendall(startup_packet(APP_USER))
         mtype, body = read_message(sock)
+        if mtype == ord("E"):   # refused before authentication
+            return dict((f[:1].decode(), f[1:].decode()) for f in body.split(b"\x00") if f)["C"]
         assert struct.unpack("!i", body[:4])[0] == 5
         answer = md5_response(password, APP_USER, body[4:8]) + b"\x00"
         sock.sendall(b"p" + struct.pack("!i", len(answer) + 4) + answer)
@@ -116,3 +118,40 @@ def test_parallel_guesses_from_one_address_are_bounded(proxy_factory):
     assert answers == ["28P01"] * 40
     assert md5_login(proxy, APP_PASSWORD) == "28P01"
     assert md5_login(proxy, APP_PASSWORD, source="127.0.0.2") == "ok"
+
+
+def test_one_address_cannot_fill_the_proxy_with_half_open_logins(proxy_factory):
+    """Thirty half-open logins from one address against max_client_connections 20: beyond
+    max_logins_per_address they are closed (53300), and another address logs in."""
+    import time
+    proxy = proxy_factory(client_auth="POSTGRES_MD5",
+                          top={"max_client_connections": 20, "max_logins_per_address": 5})
+    slow = []
+    for _ in range(30):
+        sock = socket.create_connection((proxy.host, proxy.port), timeout=15)
+        sock.sendall(startup_packet(APP_USER)[:3])
+        slow.append(sock)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            result = md5_login(proxy, APP_PASSWORD, source="127.0.0.2")
+        except ConnectionError:
+            result = "closed"
+        if result == "ok":
+            break
+        time.sleep(0.2)
+    assert result == "ok"
+    closed = 0
+    for sock in slow:
+        sock.settimeout(0.5)
+        try:
+            mtype, body = read_message(sock)
+        except (TimeoutError, socket.timeout):
+            continue
+        fields = dict((f[:1].decode(), f[1:].decode()) for f in body.split(b"\x00") if f)
+        if fields.get("C") == "53300":
+            closed += 1
+        sock.close()
+    # At most 20 were admitted (the rest wait, refused, for a startup packet) and only 5
+    # of them may stay.
+    assert closed >= 20 - 5

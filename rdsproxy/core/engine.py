@@ -316,7 +316,35 @@ class BaseEngine:
         """Register a new client; False when max_client_connections is reached (the client
         is then refused with the engine's "too many connections" error, and not counted).
         The PostgreSQL relay asks the ledger itself."""
-        return self.ledger.admit(client)
+        if self.ledger.admit(client):
+            return True
+        self.limit_logins_per_address()
+        return False
+
+    def limit_logins_per_address(self) -> int:
+        """Close the newest of the clients still logging in from any one address beyond
+        max_logins_per_address; how many were closed. Run each second and whenever a
+        client is refused for max_client_connections, so that half-open logins from one
+        address never keep others out for long (the hot path counts nothing per address)."""
+        cap = self.config.max_logins_per_address
+        if not cap:
+            return 0
+        by_address: dict[str, list] = {}
+        for client in self.clients:
+            if client.state not in (self.ready_state, self.closed_state):
+                by_address.setdefault(client.peer_host, []).append(client)
+        closed = 0
+        for address, clients in by_address.items():
+            if len(clients) <= cap:
+                continue
+            clients.sort(key=lambda c: c.connected_at)
+            log.warning("address %s has %d clients logging in (max_logins_per_address %d): "
+                        "closing the newest %d", address, len(clients), cap, len(clients) - cap)
+            for client in clients[cap:]:
+                client.fatal("53300", "too many connections logging in from this address "
+                                      "(max_logins_per_address)")
+                closed += 1
+        return closed
 
     def client_gone(self, client) -> None:
         self.ledger.release(client, client.queries)
@@ -351,6 +379,7 @@ class BaseEngine:
                              client.peer, login_timeout)
                     # PostgreSQL's words for its authentication_timeout.
                     client.fatal("57014", "canceling authentication due to timeout")
+            self.limit_logins_per_address()
             for pool in self.router.pools.values():
                 pool.reap()
 

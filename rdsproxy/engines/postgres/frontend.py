@@ -184,6 +184,7 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         self.refused = True
         self.login_step = -1   # not the relay's quick lane either
         self.engine.loop.call_later(10.0, self.close)  # if no startup packet comes
+        self.engine.limit_logins_per_address()   # one address's half-open logins make room
 
     def startup_data(self, data):
         if self.state == CLOSED:
