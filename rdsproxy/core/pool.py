@@ -237,11 +237,12 @@ class Pool:
             core.reserve_new()
             self._open_for(key, waiter)
 
-    def close_idle(self) -> int:
-        """Close every idle connection (its target went away or changed role)."""
+    def close_idle(self, keys=None) -> int:
+        """Close every idle connection (its target went away or changed role), or those
+        whose key `keys(key)` accepts."""
         closed = 0
         for key, conn in self.core.idle_items():
-            if self.core.take_idle(conn, key):
+            if (keys is None or keys(key)) and self.core.take_idle(conn, key):
                 self.core.forget(False)
                 conn.close()
                 closed += 1

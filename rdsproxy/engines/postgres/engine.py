@@ -205,6 +205,16 @@ class PostgresEngine(BaseEngine):
             _keep(self.startup_plans, raw, plan)
         return plan
 
+    def release_database(self, database: str) -> None:
+        """A client is about to drop, rename or copy `database`: the proxy's own idle
+        connections to it must not be what makes PostgreSQL refuse (55006). Busy ones
+        serve real clients and stay, as they would directly."""
+        closed = sum(pool.close_idle(lambda key: key[1] == database)
+                     for pool in self.router.pools.values())
+        if closed:
+            log.info("closed %d idle connection(s) to database %r for a client's DDL on it",
+                     closed, database)
+
     def stats(self) -> dict:
         out = super().stats()
         out["QuickLogins"] = self.logins.quick_logins   # logins the relay's C lane completed

@@ -28,7 +28,7 @@ from ...core.router import UNROUTED
 from ...core.sessions import ClientSide, describe_peer
 from . import protocol as pg
 from .backend import ServerError
-from .pinning import LOAD, STARTUP_OPTIONS
+from .pinning import LOAD, STARTUP_OPTIONS, database_in_ddl
 
 log = logging.getLogger("rdsproxy.client")
 
@@ -235,6 +235,9 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
             if self.pin_reason is not None:
                 continue
             if mtype == MSG_QUERY:
+                database = database_in_ddl(payload)
+                if database is not None:
+                    self.engine.release_database(database)
                 reason = rules.classify_query(payload, length - 1)  # without the NUL
             else:
                 # Parse: name NUL query NUL then parameter types; the rules want the query.

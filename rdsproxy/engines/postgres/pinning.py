@@ -25,10 +25,11 @@ LONG_STATEMENT_BYTES = 16384
 # or a comment that could hide one, and anywhere: "temp" (TEMP, TEMPORARY, pg_temp), "tval"
 # (nextval, setval), "_config" (set_config), "y_lock" (the four session-level
 # pg_*advisory_lock* functions, not the _xact_ ones). Mid-statement SET (UPDATE ... SET)
-# is not flagged: that is the common OLTP case.
+# is not flagged: that is the common OLTP case. DROP / ALTER / CREATE lead too, for the
+# database DDL the frontend prepares for (database_in_ddl).
 PREFILTER = KeywordScanner(
     leading=[b"/*", b"--", b"set", b"reset", b"prepare", b"declare", b"discard", b"do",
-             b"listen", b"load"],
+             b"listen", b"load", b"drop", b"alter", b"create"],
     anywhere=[b"temp", b"tval", b"_config", b"y_lock"])
 
 # Lexer pieces (PostgreSQL scan.l, simplified to what classification needs).
@@ -307,6 +308,42 @@ def _set_config_is_local(tokens, open_paren):
     if kind == _STRING:
         return value.strip().lower() in _TRUE_TEXT
     return False
+
+
+def database_in_ddl(sql: bytes) -> str | None:
+    """The database a statement needs nobody else connected to: DROP DATABASE x, ALTER
+    DATABASE x RENAME, CREATE DATABASE ... TEMPLATE x (PostgreSQL refuses them with 55006
+    while other sessions use x); None for anything else."""
+    statements = split_statements(_tokenize(bytes(sql).rstrip(b"\x00").decode("latin-1")),
+                                  (_PUNCT, ";"))
+    if len(statements) != 1:
+        return None
+    stmt = statements[0]
+    verb, noun = _word(stmt, 0), _word(stmt, 1)
+    if noun != "database":
+        return None
+    i = 2
+    if verb == "drop":
+        if _word(stmt, 2) == "if" and _word(stmt, 3) == "exists":
+            i = 4
+        return _name(stmt, i)
+    if verb == "alter" and _word(stmt, 3) == "rename":
+        return _name(stmt, 2)
+    if verb == "create":
+        for k in range(3, len(stmt)):
+            if stmt[k] == (_WORD, "template"):
+                k += 1
+                if k < len(stmt) and stmt[k] == (_PUNCT, "="):
+                    k += 1
+                return _name(stmt, k)
+    return None
+
+
+def _name(tokens, i):
+    """An identifier as PostgreSQL reads it: unquoted ones folded to lower case."""
+    if i < len(tokens) and tokens[i][0] in (_WORD, _QIDENT):
+        return tokens[i][1]
+    return None
 
 
 class PinningRules:
