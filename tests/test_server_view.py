@@ -140,3 +140,23 @@ def greeting(side, settings):
 ], ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "none")
 def test_login_reports_what_the_server_uses(diff, settings):
     diff.assert_same(lambda side: greeting(side, settings))
+
+
+def notifications(side):
+    """LISTEN on one session; NOTIFY from itself and from a second session: whether each
+    notification's pid is the notifier's own backend pid as the client knows it."""
+    with side.connect() as listener, side.connect() as other:
+        listener.execute("listen view_channel")
+        listener.execute("notify view_channel, 'mine'")
+        other.execute("select 1")       # a backend of its own, as its BackendKeyData says
+        other.execute("notify view_channel, 'theirs'")
+        seen = []
+        for n in listener.notifies(timeout=5, stop_after=2):
+            seen.append((n.channel, n.payload, n.pid == listener.info.backend_pid,
+                         n.pid == other.info.backend_pid))
+        return seen
+
+
+def test_notifications_carry_the_pid_the_client_knows(diff):
+    assert diff.assert_same(notifications) == [("view_channel", "mine", True, False),
+                                               ("view_channel", "theirs", False, True)]

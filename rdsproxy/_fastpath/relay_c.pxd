@@ -212,6 +212,7 @@ cdef class ServerRelay:
     cdef public double idle_since
     cdef public list held
     cdef public Py_ssize_t held_size
+    cdef public long last_client_pid
     cdef dict __dict__
 
     cpdef data_received(self, data)

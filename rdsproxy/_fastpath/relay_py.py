@@ -10,7 +10,8 @@ classes subclass these two and supply the slow paths this file calls by name:
                engine's ClientLedger counts it in and out. Sessions are made by a
                SessionFactory, which fills the fields (engine, pool_core, prefilter: a
                KeywordScanner that flags statements worth inspect()ing, ...).
-  ServerRelay: slow_data(data), parameter_status(), framing_error(exc).
+  ServerRelay: slow_data(data), server_messages(data) -> data (captured ParameterStatus
+               and NotificationResponse), framing_error(exc).
 
 Per chunk the relay feeds the framing scanner (headers only), writes the chunk on
 unchanged (one write call), borrows an idle connection straight from the pool core when
@@ -500,6 +501,7 @@ class ClientRelay:
             self.engine.pinned_sessions += 1
         self.server = conn
         conn.client = self
+        conn.last_client_pid = self.pid
         pending = self.pending
         if pending:
             self.pending = []
@@ -557,6 +559,7 @@ class ServerRelay:
         self.idle_since = 0.0
         self.held = None          # answer chunks held back while a replay is still possible
         self.held_size = 0
+        self.last_client_pid = 0  # the BackendKeyData pid of the client it served last
 
     def data_received(self, data):
         self.received(data)
@@ -595,8 +598,8 @@ class ServerRelay:
                 data = b"".join(self.held)
                 self.held = None
                 self.held_size = 0
-        wire_write(client.transport, data)
         if scanner.captured:
-            self.parameter_status()
+            data = self.server_messages(data)
+        wire_write(client.transport, data)
         if n or not client.outstanding:  # the latter: finish a release held back mid-message
             client.on_server_ready(n, scanner.status)

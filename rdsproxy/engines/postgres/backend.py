@@ -21,6 +21,9 @@ from . import protocol as pg
 
 log = logging.getLogger("rdsproxy.backend")
 
+MSG_PARAMETER_STATUS = 83   # 'S'
+MSG_NOTIFICATION = 65       # 'A'
+
 # Modes of a server connection. RETIRING: its client left it in a state nothing can
 # prove harmless, and it was asked to end (it still counts against the budget until then).
 STARTING, RELAY, INTERNAL, CLOSED, RETIRING = range(5)
@@ -62,7 +65,8 @@ class ServerConnection(ServerRelay, ServerSide, asyncio.Protocol):
         self.parameters: dict[str, str] = {}
         self.applied: tuple = ()      # session parameters the proxy SET on it (sorted pairs)
         self.closed = False
-        self.scanner = MessageScanner(counted=b"Z", captured=b"S", max_message_size=max_message_size)
+        self.scanner = MessageScanner(counted=b"Z", captured=b"SA", max_message_size=max_message_size)
+        self.backends: dict = {}   # (target, backend pid) -> connection, the engine's
         self._buf = bytearray()
         self._ready: asyncio.Future = loop.create_future()
         self._internal_done = None
@@ -78,11 +82,32 @@ class ServerConnection(ServerRelay, ServerSide, asyncio.Protocol):
         log.error("server %s sent a malformed stream: %s", self.target_name, exc)
         self.close()
 
-    def parameter_status(self):
-        for _, payload, _ in self.scanner.captured:
-            name, value = pg.parse_parameter_status(payload)
-            self.parameters[name] = value
-        self.scanner.captured.clear()
+    def server_messages(self, data):
+        """The relay's captured messages, before `data` goes to the client: remember
+        ParameterStatus; give a NotificationResponse the pid its client knows."""
+        captured = self.scanner.captured
+        for mtype, payload, length in captured:
+            if mtype == MSG_PARAMETER_STATUS:
+                name, value = pg.parse_parameter_status(payload)
+                self.parameters[name] = value
+            elif mtype == MSG_NOTIFICATION and len(payload) == length >= 4:
+                data = self._client_pid_in_notification(data, payload)
+        captured.clear()
+        return data
+
+    def _client_pid_in_notification(self, data, payload):
+        """A notification names the notifying backend: clients know their own pid from the
+        proxy's BackendKeyData, so name the client that backend served last (unchanged
+        for a backend the proxy does not hold)."""
+        backend = self.backends.get((self.target_name, int.from_bytes(payload[:4], "big")))
+        if backend is None or not backend.last_client_pid:
+            return data
+        message = b"A" + (len(payload) + 4).to_bytes(4, "big") + payload
+        at = data.find(message)
+        if at < 0:
+            return data   # split across chunks: sent as the server wrote it
+        pid = backend.last_client_pid.to_bytes(4, "big")
+        return b"".join((data[:at + 5], pid, data[at + 9:]))
 
     def slow_data(self, data):
         if self.mode == RETIRING:
@@ -100,6 +125,7 @@ class ServerConnection(ServerRelay, ServerSide, asyncio.Protocol):
                 return
 
     def connection_lost(self, exc):
+        self.backends.pop((self.target_name, self.backend_pid), None)
         was_closed = self.closed
         retiring = self.mode == RETIRING
         self.closed = True

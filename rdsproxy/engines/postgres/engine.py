@@ -56,6 +56,7 @@ class PostgresEngine(BaseEngine):
         self.dummy_password = os.urandom(16).hex()   # what unknown users are checked against
         self.dummy_scram_secret = make_server_key_material(self.dummy_password)
         self._greetings: dict = {}
+        self.backends: dict = {}   # (target name, backend pid) -> ServerConnection
         # (setting, value a client sent) -> the value the server reports for it.
         self._spellings: dict = {}
         # One object per distinct pool key and parameter set: the relay compares them on
@@ -133,6 +134,9 @@ class PostgresEngine(BaseEngine):
             conn.close()
             raise
         self.defaults.setdefault(key, dict(conn.parameters))
+        # Notifications name backends by pid: which connection (and so client) that is.
+        conn.backends = self.backends
+        self.backends[(target.name, conn.backend_pid)] = conn
         if discover:
             self.router.pools[target].set_server_max_connections(max_connections)
         return conn
