@@ -61,6 +61,7 @@ import json  # noqa: E402
 import threading  # noqa: E402
 
 from rdsproxy import Proxy, config_from_dict  # noqa: E402
+from utils import libpq_dsn  # noqa: E402
 
 
 class RunningProxy:
@@ -109,12 +110,7 @@ class RunningProxy:
         return self.proxy.address[1]
 
     def dsn(self, user=APP_USER, password=APP_PASSWORD, dbname=APP_DB, **extra) -> str:
-        parts = [f"host={self.host}", f"port={self.port}", f"user={user}", f"dbname={dbname}",
-                 "sslmode=disable", "connect_timeout=10"]
-        if password is not None:
-            parts.append(f"password={password}")
-        parts += [f"{k}='{v}'" for k, v in extra.items()]
-        return " ".join(parts)
+        return libpq_dsn(self.host, self.port, user, password, dbname, **extra)
 
     def call(self, fn, *args):
         """Run `fn(*args)` on the proxy's loop and return its result (sync or coroutine)."""

@@ -13,11 +13,15 @@ import json
 import select
 import time
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+import asyncpg
 import psycopg
 from conftest import APP_DB, APP_PASSWORD, APP_USER
+from proxyproc import ProxyProcess
 from psycopg import pq
+from utils import libpq_dsn, run
 
 
 @dataclass
@@ -29,12 +33,27 @@ class Side:
     port: int
 
     def dsn(self, user=APP_USER, password=APP_PASSWORD, dbname=APP_DB, **extra) -> str:
-        parts = [f"host={self.host}", f"port={self.port}", f"user={user}", f"dbname={dbname}",
-                 "sslmode=disable", "connect_timeout=10"]
-        if password is not None:
-            parts.append(f"password={password}")
-        parts += [f"{k}={v}" for k, v in extra.items()]
-        return " ".join(parts)
+        return libpq_dsn(self.host, self.port, user, password, dbname, **extra)
+
+    def asyncpg_session(self, use, **settings):
+        """use(connection)'s result for an asyncpg session with these startup parameters,
+        or the login's error as error_of gives it."""
+        async def session():
+            try:
+                con = await self.asyncpg(**settings)
+            except asyncpg.PostgresError as exc:
+                return error_of(exc)
+            try:
+                return await use(con)
+            finally:
+                await con.close()
+        return run(session())
+
+    def asyncpg(self, **settings):
+        """An asyncpg connection (a coroutine), with these startup parameters."""
+        return asyncpg.connect(host=self.host, port=self.port, user=APP_USER,
+                               password=APP_PASSWORD, database=APP_DB, ssl=False,
+                               server_settings=settings or None)
 
     def connect(self, *, autocommit=True, **extra) -> psycopg.Connection:
         return psycopg.connect(self.dsn(**extra), autocommit=autocommit)
@@ -64,6 +83,17 @@ class Differential:
             f"the client sees a difference through the proxy:\n"
             f"  direct: {seen['direct']!r}\n  proxy:  {seen['proxy']!r}")
         return seen["direct"]
+
+
+@contextmanager
+def proxied_differential(directory, cluster, **target_group):
+    """A Differential over a proxy subprocess in front of `cluster` (libpq's blocking
+    calls would hold the GIL against a proxy in the test's own process)."""
+    process = ProxyProcess(directory, cluster, [(APP_USER, APP_PASSWORD)], **target_group)
+    try:
+        yield Differential(cluster, process)
+    finally:
+        process.stop()
 
 
 def outcome(fn, *args):

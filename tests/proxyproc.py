@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from utils import free_port, wait_for_port
+from utils import free_port, libpq_dsn, wait_for_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,12 +86,7 @@ class ProxyProcess:
         return os.path.join(self.directory, "secrets", f"{user}.json")
 
     def dsn(self, user, password, dbname, **extra) -> str:
-        parts = [f"host={self.host}", f"port={self.port}", f"user={user}", f"dbname={dbname}",
-                 "sslmode=disable", "connect_timeout=10"]
-        if password is not None:
-            parts.append(f"password={password}")
-        parts += [f"{k}={v}" for k, v in extra.items()]
-        return " ".join(parts)
+        return libpq_dsn(self.host, self.port, user, password, dbname, **extra)
 
     def log_text(self) -> str:
         with open(self.log_path, encoding="utf-8", errors="replace") as fh:

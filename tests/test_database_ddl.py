@@ -3,22 +3,14 @@ the proxy as it does directly once the clients of that database have left: the p
 own idle connections never hold it."""
 from __future__ import annotations
 
-import psycopg
 import pytest
-
-from conftest import APP_PASSWORD, APP_USER
-from differential import Differential, outcome
-from proxyproc import ProxyProcess
+from differential import outcome, proxied_differential
 
 
 @pytest.fixture(scope="module")
 def diff(tmp_path_factory, pg):
-    process = ProxyProcess(tmp_path_factory.mktemp("proxy"), pg, [(APP_USER, APP_PASSWORD)],
-                           max_connections_percent=10, max_idle_connections_percent=10)
-    try:
-        yield Differential(pg, process)
-    finally:
-        process.stop()
+    with proxied_differential(tmp_path_factory.mktemp("proxy"), pg, max_connections_percent=10, max_idle_connections_percent=10) as differential:
+        yield differential
 
 
 def use_database(side, name, clients=3):

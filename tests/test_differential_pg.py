@@ -12,9 +12,7 @@ import psycopg
 import psycopg2
 import psycopg2.extensions
 import pytest
-from conftest import APP_DB, APP_PASSWORD, APP_USER
-from differential import Differential, error_of, flush, next_result, outcome
-from proxyproc import ProxyProcess
+from differential import error_of, flush, next_result, outcome, proxied_differential
 from psycopg import pq
 from utils import run
 
@@ -22,12 +20,8 @@ from utils import run
 @pytest.fixture(scope="module")
 def diff(tmp_path_factory, pg):
     """One proxy subprocess for the module, a pool of 3 (clients share connections)."""
-    process = ProxyProcess(tmp_path_factory.mktemp("proxy"), pg, [(APP_USER, APP_PASSWORD)],
-                           max_connections_percent=5)
-    try:
-        yield Differential(pg, process)
-    finally:
-        process.stop()
+    with proxied_differential(tmp_path_factory.mktemp("proxy"), pg, max_connections_percent=5) as differential:
+        yield differential
 
 
 def steps(conn, statements):
@@ -147,8 +141,7 @@ def test_asyncpg_prepared_and_types(diff):
     """asyncpg's own cache prepares by name: the session pins, and must still behave."""
     def scenario(side):
         async def go():
-            con = await asyncpg.connect(host=side.host, port=side.port, user=APP_USER,
-                                        password=APP_PASSWORD, database=APP_DB, ssl=False)
+            con = await side.asyncpg()
             try:
                 seen = [await con.fetchval("select $1::int + 1", 41)]
                 seen.append(await con.fetch("select g, g::text from generate_series(1, 3) g"))

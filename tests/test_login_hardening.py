@@ -5,8 +5,8 @@ import socket
 import struct
 
 import pytest
-
 from conftest import APP_PASSWORD, APP_USER
+from utils import message_fields, recv_message
 
 OTHER_USER, OTHER_PASSWORD = "other", "other-secret"
 
@@ -17,17 +17,8 @@ def startup_packet(user: str) -> bytes:
 
 
 def read_message(sock) -> tuple[int, bytes]:
-    head = b""
-    while len(head) < 5:
-        chunk = sock.recv(5 - len(head))
-        if not chunk:
-            raise ConnectionError("closed")
-        head += chunk
-    length = struct.unpack("!i", head[1:])[0]
-    body = b""
-    while len(body) < length - 4:
-        body += sock.recv(length - 4 - len(body))
-    return head[0], body
+    mtype, body = recv_message(sock)
+    return mtype[0], body
 
 
 def first_exchange(proxy, user: str):
@@ -51,7 +42,7 @@ def first_exchange(proxy, user: str):
             final = b"c=biws,r=" + nonce + b",p=" + b"A" * 44
             sock.sendall(b"p" + struct.pack("!i", len(final) + 4) + final)
         mtype, body = read_message(sock)
-        fields = dict((f[:1].decode(), f[1:].decode()) for f in body.split(b"\x00") if f)
+        fields = message_fields(body)
         fields["M"] = fields["M"].replace(user, "<user>")
         return request, chr(mtype), fields.get("S"), fields.get("C"), fields.get("M")
 
@@ -80,7 +71,7 @@ def test_half_open_logins_are_closed_after_login_timeout(proxy_factory):
     with psycopg.connect(proxy.dsn(), autocommit=True) as client:
         for sock in (half, at_password):
             mtype, body = read_message(sock)
-            fields = dict((f[:1].decode(), f[1:].decode()) for f in body.split(b"\x00") if f)
+            fields = message_fields(body)
             assert (chr(mtype), fields["S"], fields["C"], fields["M"]) == (
                 "E", "FATAL", "57014", "canceling authentication due to timeout")
             assert sock.recv(1) == b""
@@ -96,14 +87,14 @@ def md5_login(proxy, password: str, source: str = "127.0.0.1") -> str:
         sock.sendall(startup_packet(APP_USER))
         mtype, body = read_message(sock)
         if mtype == ord("E"):   # refused before authentication
-            return dict((f[:1].decode(), f[1:].decode()) for f in body.split(b"\x00") if f)["C"]
+            return message_fields(body)["C"]
         assert struct.unpack("!i", body[:4])[0] == 5
         answer = md5_response(password, APP_USER, body[4:8]) + b"\x00"
         sock.sendall(b"p" + struct.pack("!i", len(answer) + 4) + answer)
         mtype, body = read_message(sock)
         if mtype == ord("R"):
             return "ok"
-        fields = dict((f[:1].decode(), f[1:].decode()) for f in body.split(b"\x00") if f)
+        fields = message_fields(body)
         return fields["C"]
 
 
@@ -145,10 +136,10 @@ def test_one_address_cannot_fill_the_proxy_with_half_open_logins(proxy_factory):
     for sock in slow:
         sock.settimeout(0.5)
         try:
-            mtype, body = read_message(sock)
-        except (TimeoutError, socket.timeout):
+            _, body = read_message(sock)
+        except TimeoutError:
             continue
-        fields = dict((f[:1].decode(), f[1:].decode()) for f in body.split(b"\x00") if f)
+        fields = message_fields(body)
         if fields.get("C") == "53300":
             closed += 1
         sock.close()

@@ -9,20 +9,14 @@ import time
 import asyncpg
 import psycopg
 import pytest
-from conftest import APP_DB, APP_PASSWORD, APP_USER
-from differential import Differential, error_of
-from proxyproc import ProxyProcess
+from differential import error_of, proxied_differential
 from utils import run
 
 
 @pytest.fixture(scope="module")
 def diff(tmp_path_factory, pg):
-    process = ProxyProcess(tmp_path_factory.mktemp("proxy"), pg, [(APP_USER, APP_PASSWORD)],
-                           max_connections_percent=5)
-    try:
-        yield Differential(pg, process)
-    finally:
-        process.stop()
+    with proxied_differential(tmp_path_factory.mktemp("proxy"), pg, max_connections_percent=5) as differential:
+        yield differential
 
 
 def terminate_backend_of(diff, application_name):
@@ -81,9 +75,7 @@ def test_the_servers_fatal_error_reaches_asyncpg(diff):
     def scenario(side):
         async def go():
             name = f"victim_async_{side.name}"
-            con = await asyncpg.connect(host=side.host, port=side.port, user=APP_USER,
-                                        password=APP_PASSWORD, database=APP_DB, ssl=False,
-                                        server_settings={"application_name": name})
+            con = await side.asyncpg(application_name=name)
             try:
                 await con.execute("create temp table pinned_async (x int)")
                 terminate_backend_of(diff, name)
@@ -112,19 +104,10 @@ REPORTED = ("application_name", "client_encoding", "DateStyle", "default_transac
 def greeting(side, settings):
     """Every ParameterStatus the client got at login (asyncpg keeps them all), or the
     login's error."""
-    async def go():
-        try:
-            con = await asyncpg.connect(host=side.host, port=side.port, user=APP_USER,
-                                        password=APP_PASSWORD, database=APP_DB, ssl=False,
-                                        server_settings=settings)
-        except asyncpg.PostgresError as exc:
-            return error_of(exc)
-        try:
-            reported = con.get_settings()
-            return {name: getattr(reported, name, None) for name in (*REPORTED, *settings)}
-        finally:
-            await con.close()
-    return run(go())
+    async def reported(con):
+        settings_seen = con.get_settings()
+        return {name: getattr(settings_seen, name, None) for name in (*REPORTED, *settings)}
+    return side.asyncpg_session(reported, **settings)
 
 
 @pytest.mark.parametrize("settings", [

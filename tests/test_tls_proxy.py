@@ -15,7 +15,7 @@ import pytest
 from conftest import APP_DB, APP_PASSWORD, APP_USER, postgres_tls_settings
 from rdsproxy.engines.postgres import protocol as pg
 from rdsproxy.tls import make_test_ca
-from utils import wait_until
+from utils import recv_message, wait_until
 
 
 def tls_section(ca) -> dict:
@@ -34,23 +34,6 @@ def psql(proxy, sql, **conn):
         env.pop(key, None)
     out = subprocess.run([exe, dsn, "-XAtqc", sql], capture_output=True, text=True, env=env, timeout=30)
     return out.returncode, out.stdout.strip(), out.stderr.strip()
-
-
-def recv_message(sock) -> tuple[bytes, bytes]:
-    head = b""
-    while len(head) < 5:
-        chunk = sock.recv(5 - len(head))
-        if not chunk:
-            raise ConnectionError("closed")
-        head += chunk
-    (length,) = struct.unpack("!i", head[1:5])
-    body = b""
-    while len(body) < length - 4:
-        chunk = sock.recv(length - 4 - len(body))
-        if not chunk:
-            raise ConnectionError("closed")
-        body += chunk
-    return head[:1], body
 
 
 def raw_startup(port, user=APP_USER, context=None, password=None):

@@ -9,7 +9,7 @@ import time
 import asyncpg
 import pytest
 from conftest import APP_DB, APP_PASSWORD, APP_USER
-from differential import Differential, admin_stats, error_of, flush, next_result
+from differential import Differential, admin_stats, flush, next_result
 from proxyproc import ProxyProcess
 from psycopg import pq
 from utils import free_port, run, wait_until
@@ -158,8 +158,7 @@ def test_cancel_lands_before_the_client_sends_its_next_statement(proxied):
     diff = proxied()
 
     async def tries(side, n):
-        con = await asyncpg.connect(host=side.host, port=side.port, user=APP_USER,
-                                    password=APP_PASSWORD, database=APP_DB, ssl=False)
+        con = await side.asyncpg()
         cancelled_next = 0
         try:
             for _ in range(n):
@@ -181,19 +180,10 @@ def test_cancel_lands_before_the_client_sends_its_next_statement(proxied):
 def startup_outcome(side, settings):
     """What a client sending these startup parameters sees: the login's error, or the
     role and search_path it ends up with and whether it has temp tables."""
-    async def go():
-        try:
-            con = await asyncpg.connect(host=side.host, port=side.port, user=APP_USER,
-                                        password=APP_PASSWORD, database=APP_DB, ssl=False,
-                                        server_settings=settings)
-        except asyncpg.PostgresError as exc:
-            return error_of(exc)
-        try:
-            return ("ok", await con.fetchval("select current_user"),
-                    await con.fetchval("select count(*) from pg_class where relpersistence = 't'"))
-        finally:
-            await con.close()
-    return run(go())
+    async def who(con):
+        return ("ok", await con.fetchval("select current_user"),
+                await con.fetchval("select count(*) from pg_class where relpersistence = 't'"))
+    return side.asyncpg_session(who, **settings)
 
 
 CRAFTED_NAMES = [

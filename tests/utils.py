@@ -8,13 +8,25 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import struct
 import subprocess
 import time
-from typing import Any, Awaitable, Callable, Sequence, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 from rdsproxy.devcluster import free_port
 
-__all__ = ["run", "free_port", "wait_for_port", "port_is_open", "run_cmd", "wait_until"]
+__all__ = [
+    "free_port",
+    "libpq_dsn",
+    "message_fields",
+    "port_is_open",
+    "recv_message",
+    "run",
+    "run_cmd",
+    "wait_for_port",
+    "wait_until",
+]
 
 T = TypeVar("T")
 
@@ -83,3 +95,36 @@ def run_cmd(argv: Sequence[str], *, timeout: float = 60, check: bool = True,
             f"command failed ({proc.returncode}): {' '.join(map(str, argv))}\n"
             f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}")
     return proc
+
+
+def recv_message(sock) -> tuple[bytes, bytes]:
+    """One PostgreSQL message from a raw socket: (type byte, payload)."""
+    head = b""
+    while len(head) < 5:
+        chunk = sock.recv(5 - len(head))
+        if not chunk:
+            raise ConnectionError("closed")
+        head += chunk
+    (length,) = struct.unpack("!i", head[1:5])
+    body = b""
+    while len(body) < length - 4:
+        chunk = sock.recv(length - 4 - len(body))
+        if not chunk:
+            raise ConnectionError("closed")
+        body += chunk
+    return head[:1], body
+
+
+def message_fields(body: bytes) -> dict[str, str]:
+    """An ErrorResponse's or NoticeResponse's fields by their one-letter codes."""
+    return {f[:1].decode(): f[1:].decode() for f in body.split(b"\x00") if f}
+
+
+def libpq_dsn(host, port, user, password, dbname, **extra) -> str:
+    """A libpq keyword DSN for a test client: no TLS, a connect timeout."""
+    parts = [f"host={host}", f"port={port}", f"user={user}", f"dbname={dbname}",
+             "sslmode=disable", "connect_timeout=10"]
+    if password is not None:
+        parts.append(f"password={password}")
+    parts += [f"{k}='{v}'" for k, v in extra.items()]
+    return " ".join(parts)
