@@ -124,13 +124,16 @@ def test_bad_tokens_refused_with_reason_in_log(iam_proxy, caplog, test_ca):
     assert proxy.stats()["ClientConnectionsSetupFailedAuth"] == 2 * len(_bad_tokens(proxy.port))
 
 
-def test_plaintext_refused_when_iam_required(iam_proxy):
+def test_plaintext_login_of_an_iam_user_fails_as_an_unknown_users_does(iam_proxy, caplog):
+    # Telling a plaintext client that this user needs TLS would tell anyone that the user
+    # exists: the login runs and fails as an unknown user's, and the log says why.
     proxy = iam_proxy()
-    fields = raw_startup(proxy.port)
-    assert fields["C"] == "28000" and "requires TLS" in fields["M"]
+    caplog.set_level(logging.INFO, logger="rdsproxy")
+    assert raw_startup(proxy.port) == raw_startup(proxy.port, user="zzz") == {"type": "R"}
     with pytest.raises(psycopg.OperationalError) as info:
         connect(proxy, boto3_token(proxy.port), sslmode="disable")
-    assert "requires TLS" in str(info.value)
+    assert f'password authentication failed for user "{APP_USER}"' in str(info.value)
+    assert "IAM authentication requires TLS" in caplog.text
 
 
 def test_optional_accepts_password_or_token(iam_proxy):

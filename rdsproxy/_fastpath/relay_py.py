@@ -22,7 +22,8 @@ Before that, the common login of a short-lived client runs here too: a startup p
 before (its StartupPlan) for an md5 account, answered with the salt, then the password
 checked and the whole greeting written, two chunks and two writes with no Python frame.
 Anything else, wrong passwords included, goes to the engine's login code (startup_data)
-in the same state, so there is one set of rules and this is only its quick lane.
+in the same state, so there is one set of rules and this is only its quick lane. Plans of
+users who cannot log in (decoys) are answered here alike, up to their failure.
 """
 from rdsproxy.auth.md5 import md5 as _md5
 from hmac import compare_digest as _compare_digest
@@ -401,7 +402,7 @@ class ClientRelay:
                     self.login_step = 2
                     return True
                 return False
-            if plan.md5_inner is None or plan.reply is None:
+            if plan.md5_inner is None:
                 return False
             salt = logins.entropy.take(4)
             wire_write(self.transport, AUTH_MD5_REQUEST + salt)
@@ -427,8 +428,10 @@ class ClientRelay:
                 return False
         plan = self.plan
         expected = _md5(plan.md5_inner + self._auth).hexdigest().encode("ascii")
-        # Constant time whatever byte differs; a mismatch is the engine's to report.
-        if chunk[5:8] != b"md5" or not _compare_digest(chunk[8:40], expected):
+        # Constant time whatever byte differs; a mismatch is the engine's to report. So is
+        # the first login of a packet (it learns the greeting).
+        if (chunk[5:8] != b"md5" or not _compare_digest(chunk[8:40], expected)
+                or plan.reply is None):
             return False
         pid, secret = logins.register_cancel_key(self)
         reply = bytearray(plan.reply)

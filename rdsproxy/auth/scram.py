@@ -131,6 +131,20 @@ def make_server_key_material(password, salt=None, iterations=DEFAULT_ITERATIONS)
     )
 
 
+def decoy_server_key_material(key, user):
+    """A ScramSecret for a user that does not exist, to run the exchange a real one gets:
+    the same salt at every attempt for one name and different salts for different names
+    (as PostgreSQL's mock salts), the default iteration count, and keys no password
+    matches. Made from `key` (the caller's secret) with HMACs: no PBKDF2 to spend on
+    every name an attacker tries."""
+    name = user.encode("utf-8", "surrogatepass")
+
+    def part(label):
+        return _hmac(key, label + b"\x00" + name)
+    return ScramSecret(salt=part(b"salt")[:SALT_LENGTH], iterations=DEFAULT_ITERATIONS,
+                       stored_key=part(b"stored"), server_key=part(b"server"))
+
+
 # --- message parsing ---------------------------------------------------------------------------
 
 def _is_printable_nonce(nonce):

@@ -8,17 +8,16 @@ from __future__ import annotations
 import logging
 import os
 import struct
-from dataclasses import dataclass
 
 from ... import _fastpath
 from ..._fastpath import LoginDesk, MessageScanner, SessionFactory, StartupPlan
 from ...auth.md5 import md5_inner_hash
-from ...auth.scram import ScramSecret, make_server_key_material
+from ...auth.scram import make_server_key_material
 from ...core.engine import BaseEngine
 from ...core.router import UNROUTED
 from ...core.targets import AUTH_FAILURE, ProbeError, Target
-from ...secrets import Credentials
 from . import protocol as pg
+from .accounts import MD5, SCRAM, Account, decoy_account, default_method, login_method
 from .backend import ServerError, open_server_connection, send_cancel
 from .frontend import CLOSED, READY, ClientConnection
 from .health import probe as health_probe
@@ -30,14 +29,6 @@ log = logging.getLogger("rdsproxy.postgres")
 RULES_CAPTURE_LIMIT = 16 * 1024 + 1
 
 
-@dataclass
-class Account:
-    credentials: Credentials
-    client_auth: str
-    scram_secret: ScramSecret
-    iam_auth: str = "DISABLED"
-    reference: str = ""
-
 
 class PostgresEngine(BaseEngine):
     """Everything PostgreSQL-specific the proxy core needs, for one target group."""
@@ -48,13 +39,14 @@ class PostgresEngine(BaseEngine):
     ready_state = READY
     closed_state = CLOSED
     rules_capture_limit = RULES_CAPTURE_LIMIT
-    unknown_user_auth = "POSTGRES_SCRAM_SHA_256"   # until accounts_changed counts them
 
     def __init__(self, config, metrics, loop):
         super().__init__(config, metrics, loop)
         self.rules = PinningRules(config.target_group.session_pinning_filters)
-        self.dummy_password = os.urandom(16).hex()   # what unknown users are checked against
-        self.dummy_scram_secret = make_server_key_material(self.dummy_password)
+        # Users who cannot log in get the exchange of the accounts' most common method,
+        # with stand-in credentials made from this key (see decoy()).
+        self._decoy_key = os.urandom(32)
+        self._default_methods = {False: SCRAM, True: SCRAM}
         self._greetings: dict = {}
         self.backends: dict = {}   # (target name, backend pid) -> ServerConnection
         # (setting, value a client sent) -> the value the server reports for it.
@@ -197,9 +189,10 @@ class PostgresEngine(BaseEngine):
         user, database, options, key, desired = session
         parts = self._session_parts
         session = (user, database, options, _canonical(parts, key), _canonical(parts, desired))
-        account = self.accounts.get(user)
-        quick = (account is not None and account.client_auth == "POSTGRES_MD5"
-                 and account.iam_auth == "DISABLED" and not options
+        # The lane only serves plaintext. Decoys take it too, so that a known md5 user's
+        # packet and an unknown user's are answered by the same code.
+        account = self.login_account(user, tls=False)
+        quick = (login_method(account, False) == MD5 and not options
                  and not self.config.require_tls)
         plan = StartupPlan(session, account, md5_inner_hash(account.credentials.password, user)
                            if quick else None)
@@ -227,12 +220,21 @@ class PostgresEngine(BaseEngine):
     def accounts_changed(self) -> None:
         # Plans hold their account (and its md5 hash): a rotation must not leave old ones.
         self.startup_plans.clear()
-        # An unknown user is asked what most users are asked (SCRAM on a tie), so that the
-        # exchange does not tell who exists; PostgreSQL does the same per pg_hba.conf line.
-        methods = [account.client_auth for account in self.accounts.values()]
-        md5 = methods.count("POSTGRES_MD5")
-        self.unknown_user_auth = ("POSTGRES_MD5" if md5 > len(methods) - md5
-                                  else "POSTGRES_SCRAM_SHA_256")
+        for tls in (False, True):
+            self._default_methods[tls] = default_method(self.accounts.values(), tls)
+
+    def default_login_method(self, tls: bool) -> str:
+        """The exchange an unknown user gets over TLS or plaintext (accounts.default_method)."""
+        return self._default_methods[tls]
+
+    def login_account(self, user: str, tls: bool) -> Account:
+        """The account `user` logs in with over TLS or plaintext, or, when there is none
+        (an unknown user, an IAM-only one over plaintext), a decoy that takes the client
+        through the same exchange and the same checks to the same failure."""
+        account = self.accounts.get(user)
+        if account is not None and login_method(account, tls) is not None:
+            return account
+        return decoy_account(self._decoy_key, user, self._default_methods[tls])
 
     # -- cancel requests ---------------------------------------------------------------
     def register_cancel_key(self, client) -> tuple[int, int]:

@@ -28,6 +28,7 @@ from ...core.router import UNROUTED
 from ...core.sessions import ClientSide, describe_peer
 from . import protocol as pg
 from .backend import ServerError
+from .accounts import CLEARTEXT, SCRAM, login_method
 from .pinning import LOAD, STARTUP_OPTIONS, database_in_ddl
 
 log = logging.getLogger("rdsproxy.client")
@@ -587,23 +588,17 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         self.user = user
         if options:
             self.pin(STARTUP_OPTIONS)
-        account = engine.accounts.get(user)
-        self._account = account
-        iam = account.iam_auth if account is not None else "DISABLED"
-        if iam == "REQUIRED" and not self.tls:
-            log.info("client %s (user %s): refused, IAM authentication needs TLS", self.peer, user)
-            self.fatal("28000", f'IAM authentication for user "{user}" requires TLS; '
-                                f'connect with sslmode=require (or verify-full)')
-            return
-        if iam != "DISABLED" and self.tls:
+        # Whether the user exists or not, the client goes through the same exchange (a
+        # decoy account's, for users who cannot log in) and fails the same way.
+        account = self._account = engine.login_account(user, self.tls)
+        method = login_method(account, self.tls)
+        if method == CLEARTEXT:
             # The token (or, with OPTIONAL, the password) arrives as a cleartext password,
             # protected by TLS.
             self.state = AUTH_CLEARTEXT
             self.transport.write(pg.authentication(pg.AUTH_CLEARTEXT))
-        elif ((account.client_auth if account is not None else engine.unknown_user_auth)
-              == "POSTGRES_SCRAM_SHA_256"):
-            secret = account.scram_secret if account is not None else engine.dummy_scram_secret
-            self._auth = ScramServer(secret)
+        elif method == SCRAM:
+            self._auth = ScramServer(account.scram_secret)
             self.state = AUTH_SASL_FIRST
             self.transport.write(pg.auth_sasl())
         else:
@@ -628,24 +623,27 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
                 return
             if self.state == AUTH_SASL_FINAL:
                 final = self._auth.handle_client_final(payload)
-                if account is None:
-                    raise ScramError("unknown user")
-                self.transport.write(pg.authentication(pg.AUTH_SASL_FINAL, final))
             elif self.state == AUTH_MD5:
                 response = pg.parse_password_message(payload)
-                # An unknown user's answer is checked too (against a random password): the
-                # same work either way.
-                password = (account.credentials.password if account is not None
-                            else self.engine.dummy_password)
-                if not md5_verify(password, self.user, self._auth, response) or account is None:
+                if not md5_verify(account.credentials.password, self.user, self._auth, response):
                     raise ScramError("wrong password")
             elif self.state == AUTH_CLEARTEXT:
                 self._check_cleartext(account, pg.parse_password_message(payload))
+            if account.decoy:   # nothing passes one; never let anything through it either
+                raise ScramError("no such user")
+            if self.state == AUTH_SASL_FINAL:
+                self.transport.write(pg.authentication(pg.AUTH_SASL_FINAL, final))
         except (ScramError, pg.ProtocolViolation, TokenError) as exc:
-            self._auth_failed("no such user" if account is None else str(exc))
+            self._auth_failed(self._decoy_reason() if account.decoy else str(exc))
             return
         self._auth = None
         self._login()
+
+    def _decoy_reason(self) -> str:
+        """Why a login through a decoy account failed, for the log."""
+        if self.user in self.engine.accounts:
+            return "IAM authentication requires TLS (answered as for an unknown user)"
+        return "no such user"
 
     def _check_cleartext(self, account, response: bytes) -> None:
         """An IAM token (or, with OPTIONAL, the password) sent in the clear over TLS."""
