@@ -172,6 +172,7 @@ def _run_workloads(args, cluster, creds, live: dict, results: dict, scratch: Pat
                 # The pooler's own CPU per transaction: unlike tps, hardly moved by whatever
                 # else the (shared, 2-core) machine is doing.
                 pids = process_tree(t.pid) if t.pid else []
+                stats_before = tg.rdsproxy_stats(t)
                 cpu_before = cpu_seconds(pids)
                 res = pgbench.run_pgbench(wname, host=t.host, port=t.port, user=creds.user,
                                           password=creds.password, dbname=creds.dbname,
@@ -182,6 +183,15 @@ def _run_workloads(args, cluster, creds, live: dict, results: dict, scratch: Pat
                 if pids and res.processed:
                     record["cpu_us_per_txn"] = round(
                         (cpu_seconds(pids) - cpu_before) * 1e6 / res.processed, 1)
+                stats_after = tg.rdsproxy_stats(t) if stats_before is not None else None
+                if stats_after is not None:
+                    # Why sessions were pinned during this run, and the state checks it cost.
+                    before = stats_before.get("SessionPinReasons", {})
+                    record["pins"] = {k: v - before.get(k, 0)
+                                      for k, v in stats_after.get("SessionPinReasons", {}).items()
+                                      if v - before.get(k, 0)}
+                    record["SessionStateChecks"] = (stats_after.get("SessionStateChecks", 0)
+                                                    - stats_before.get("SessionStateChecks", 0))
                 if t.pid:  # pool parity check: server connections the pooler still holds
                     counts = server_conns_by_pid(creds.server_port)
                     record["server_conns_after"] = sum(counts.get(p, 0)
@@ -194,8 +204,10 @@ def _run_workloads(args, cluster, creds, live: dict, results: dict, scratch: Pat
                          if "server_conns_after" in record else "")
                 cpu = (f"  cpu {record['cpu_us_per_txn']} us/txn"
                        if "cpu_us_per_txn" in record else "")
+                pins = (f"  pins {record['pins'] or 'none'}  state checks "
+                        f"{record['SessionStateChecks']}" if "pins" in record else "")
                 log(f"[{done}/{total}] {wname} round {rnd + 1}/{args.rounds} {tname:<16} "
-                    f"tps {tps:>8}  lat {lat} ms  p99 {p99} ms  failed {res.failed}{conns}{cpu}"
+                    f"tps {tps:>8}  lat {lat} ms  p99 {p99} ms  failed {res.failed}{conns}{cpu}{pins}"
                     + (f"  ERROR {res.error}" if res.error else ""))
 
 

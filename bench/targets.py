@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,7 +161,7 @@ def rdsproxy_env(pure: bool, tree: Path) -> dict:
 
 def write_rdsproxy_config(confdir: Path, creds: Credentials, *, port: int,
                           max_connections_percent: int,
-                          health_check_interval: float = 1.0) -> Path:
+                          health_check_interval: float = 1.0, admin_port: int = 0) -> Path:
     """The TOML contract from the issue; secret.json sits beside it (relative path)."""
     confdir.mkdir(parents=True, exist_ok=True)
     (confdir / "secret.json").write_text(json.dumps({
@@ -196,8 +197,23 @@ port = {creds.server_port}
 name = "default"
 listen = "127.0.0.1:{port}"
 target_role = "READ_WRITE"
-""")
+""" + (f"""
+[admin]
+listen = "127.0.0.1:{admin_port}"
+""" if admin_port else ""))
     return path
+
+
+def rdsproxy_stats(target: Target) -> dict | None:
+    """The proxy's /stats (pins by reason and the rest), when it has an admin port."""
+    admin = target.info.get("admin")
+    if not admin:
+        return None
+    try:
+        with urllib.request.urlopen(f"http://{admin}/stats", timeout=5) as reply:
+            return json.loads(reply.read())
+    except Exception:
+        return None
 
 
 def start_rdsproxy(reaper: Reaper, workdir: Path, creds: Credentials, *, pure: bool,
@@ -206,8 +222,10 @@ def start_rdsproxy(reaper: Reaper, workdir: Path, creds: Credentials, *, pure: b
     name = name or ("rdsproxy-pure" if pure else "rdsproxy-cython")
     confdir = workdir / name
     port = free_port()
+    admin_port = free_port()
     config = write_rdsproxy_config(confdir, creds, port=port,
-                                   max_connections_percent=max_connections_percent)
+                                   max_connections_percent=max_connections_percent,
+                                   admin_port=admin_port)
     impl, where = build.implementation(tree, pure)
     if not pure and impl != "cython":
         log(f"WARNING: {name} will run the '{impl}' twins, not Cython (the fast path "
@@ -224,7 +242,7 @@ def start_rdsproxy(reaper: Reaper, workdir: Path, creds: Credentials, *, pure: b
         raise
     target.info = {"implementation": impl, "pure_python_env": pure, "source": where,
                    "max_connections_percent": max_connections_percent,
-                   "nofile": proc_nofile(target.proc.pid)}
+                   "nofile": proc_nofile(target.proc.pid), "admin": f"127.0.0.1:{admin_port}"}
     return target
 
 

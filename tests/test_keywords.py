@@ -10,8 +10,8 @@ from rdsproxy.engines.postgres.pinning import PREFILTER
 
 KEYWORDS = {"py": _load("keywords_py"), "c": _load("keywords_c")}
 LEADING = [b"/*", b"--", b"set", b"reset", b"prepare", b"declare", b"discard", b"do",
-           b"listen", b"load", b"drop", b"alter", b"create"]
-ANYWHERE = [b"temp", b"tval", b"_config", b"y_lock"]
+           b"listen", b"load", b"drop", b"alter", b"create", b"call", b"deallocate"]
+ANYWHERE = [b"temp", b"tval", b"_config", b"y_lock", b"(", b"u&"]
 
 
 @pytest.fixture(scope="module", params=["py", "c"])
@@ -40,7 +40,10 @@ def scanner(request):
     (b"select SETVAL('s', 1)", True),
     (b"select set_config('a', 'b', false)", True),
     (b"select pg_advisory_lock(1)", True),
-    (b"select pg_advisory_xact_lock(1)", False),
+    (b"select pg_advisory_xact_lock(1)", True),   # any call: the rules' cache answers
+    (b"select a from t where b = $1", False),
+    (b"select a from U&\"t\"", True),
+    (b"CALL p()", True),
     (b"LISTEN ch", True),
     (b"load 'x'", True),
     (b"select 'listen' as w", False),

@@ -13,8 +13,10 @@ from rdsproxy.engines.postgres.pinning import (
     LONG_STATEMENT,
     PREPARED_STATEMENT,
     SEQUENCE_FUNCTION,
+    SET_ROLE,
     SET_VARIABLE,
     TEMPORARY_OBJECT,
+    UNVERIFIED,
     PinningRules,
 )
 
@@ -34,8 +36,13 @@ CASES = [
     ("SET search_path TO x", SET_VARIABLE),
     ("set statement_timeout = 5", SET_VARIABLE),
     ("SET SESSION statement_timeout = 5", SET_VARIABLE),
-    ("SET ROLE bob", SET_VARIABLE),
-    ("SET SESSION AUTHORIZATION bob", SET_VARIABLE),
+    ("SET ROLE bob", SET_ROLE),
+    ("set session role bob", SET_ROLE),
+    ("SET SESSION AUTHORIZATION bob", SET_ROLE),
+    ("SET session_authorization = bob", SET_ROLE),
+    ("RESET ROLE", SET_ROLE),
+    ("RESET SESSION AUTHORIZATION", SET_ROLE),
+    ("SET LOCAL ROLE bob", None),
     ("SET TIME ZONE 'UTC'", SET_VARIABLE),
     ("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE", SET_VARIABLE),
     ("SET LOCAL x = 1", None),
@@ -84,8 +91,8 @@ CASES = [
     ("prepare p(int) as select $1", PREPARED_STATEMENT),
     ("PREPARE TRANSACTION 'gid1'", None),
     ("EXECUTE p", None),
-    ("DEALLOCATE p", None),
-    ("DEALLOCATE ALL", None),
+    ("DEALLOCATE p", UNVERIFIED),   # the check reads back what the server holds
+    ("DEALLOCATE ALL", UNVERIFIED),
     # temporary objects
     ("CREATE TEMP TABLE t(a int)", TEMPORARY_OBJECT),
     ("CREATE TEMPORARY TABLE IF NOT EXISTS t(a int)", TEMPORARY_OBJECT),
@@ -146,9 +153,37 @@ CASES = [
     ("DO $$BEGIN EXECUTE 'SET x.y = 1'; END$$", SET_VARIABLE),
     ("DO $$BEGIN CREATE TEMP TABLE t (a int); END$$", TEMPORARY_OBJECT),
     ("DO $$BEGIN PERFORM nextval('s'); END$$", SEQUENCE_FUNCTION),
-    ("DO $$DECLARE a int; BEGIN a := 1; END$$", None),
+    ("DO $$DECLARE a int; BEGIN a := 1; END$$", UNVERIFIED),
+    ("DO $$ BEGIN EXECUTE 'SE'||'T ROLE admin'; END $$", UNVERIFIED),
     ("DO LANGUAGE plpgsql $$BEGIN IF true THEN RESET ALL; END IF; END$$", SET_VARIABLE),
-    ("DO $$BEGIN SET LOCAL x.y = 1; END$$", None),
+    ("DO $$BEGIN SET LOCAL x.y = 1; END$$", UNVERIFIED),
+]
+
+CASES += [
+    # role and session authorization pin, whatever else is excluded
+    ("select set_config('role', 'admin', false)", SET_ROLE),
+    ("select set_config('ROLE ', 'admin', false)", SET_ROLE),
+    ("select set_config('session_authorization', 'x', false)", SET_ROLE),
+    ("select set_config($1, $2, false)", SET_ROLE),   # a name it cannot read may be the role
+    ("select set_config('role', 'admin', true)", None),
+    # what the text cannot show: the server is asked afterwards
+    ("select my_function(1)", UNVERIFIED),
+    ("select public.lower('a')", UNVERIFIED),
+    ('select "MyFunction"()', UNVERIFIED),
+    ("CALL my_procedure()", UNVERIFIED),
+    ("select U&\"set\\005fconfig\"('role', 'admin', false)", UNVERIFIED),
+    ("create table U&\"pg\\005ftemp\".accounts(a int)", UNVERIFIED),
+    ("select U&\"pg_advisory\\005flock\"(1)", UNVERIFIED),
+    ("select a from U&\"t\\0061\"", UNVERIFIED),
+    # with standard_conforming_strings off a backslash quotes: both readings count
+    ("select 'a\\''; SET ROLE admin; select ''''", SET_ROLE),
+    ("select 'a\\'', my_function()", UNVERIFIED),
+    # calls known to be harmless, and syntax that only looks like a call
+    ("select pg_catalog.lower('A'), count(*), coalesce(a, 1)::numeric(10, 2) from t", None),
+    ("select * from t where a in (1, 2) and exists (select 1) and b = any($1)", None),
+    ("INSERT INTO public.t (a, b) VALUES ($1, $2) ON CONFLICT (a) DO NOTHING", None),
+    ("CREATE TABLE IF NOT EXISTS t (a int REFERENCES u (a), CHECK (a > 0))", None),
+    ("WITH x AS (select 1) select * from x join y using (id)", None),
 ]
 
 

@@ -128,3 +128,38 @@ def libpq_dsn(host, port, user, password, dbname, **extra) -> str:
         parts.append(f"password={password}")
     parts += [f"{k}='{v}'" for k, v in extra.items()]
     return " ".join(parts)
+
+
+def md5_session(host, port, user, password, database):
+    """A raw socket logged in through an md5 exchange, past its first ReadyForQuery: for
+    protocol messages no driver sends (FunctionCall, say)."""
+    from rdsproxy.auth.md5 import md5_response
+    sock = socket.create_connection((host, port), timeout=10)
+    body = (struct.pack("!i", 196608) + b"user\0" + user.encode() + b"\0database\0"
+            + database.encode() + b"\0\0")
+    sock.sendall(struct.pack("!i", len(body) + 4) + body)
+    mtype, payload = recv_message(sock)
+    assert mtype == b"R" and struct.unpack("!i", payload[:4])[0] == 5, (mtype, payload)
+    answer = md5_response(password, user, payload[4:8]) + b"\0"
+    sock.sendall(b"p" + struct.pack("!i", len(answer) + 4) + answer)
+    while mtype != b"Z":
+        mtype, payload = recv_message(sock)
+        assert mtype != b"E", message_fields(payload)
+    return sock
+
+
+def function_call(sock, oid: int, *args: str) -> list[tuple[bytes, bytes]]:
+    """Send a FunctionCall of `oid` with text arguments; the messages up to ReadyForQuery."""
+    body = struct.pack("!ihh", oid, 1, 0)   # one format code: text for every argument
+    body += struct.pack("!h", len(args))
+    for arg in args:
+        data = arg.encode()
+        body += struct.pack("!i", len(data)) + data
+    body += struct.pack("!h", 0)            # result in text
+    sock.sendall(b"F" + struct.pack("!i", len(body) + 4) + body)
+    messages = []
+    while True:
+        mtype, payload = recv_message(sock)
+        messages.append((mtype, payload))
+        if mtype == b"Z":
+            return messages

@@ -17,6 +17,8 @@ cdef int MODE_RELAY
 cdef int STATUS_IDLE
 cdef int MSG_QUERY
 cdef int MSG_PARSE
+cdef int MSG_FUNCTION_CALL
+
 cdef Py_ssize_t PENDING_LIMIT
 cdef Py_ssize_t REPLAY_CHUNKS
 cdef Py_ssize_t HOLD_LIMIT
@@ -33,6 +35,7 @@ cdef bytes TERMINATE
 cdef bytes SSL_REQUEST
 cdef bytes GSSENC_REQUEST
 cdef bytes BACKEND_KEY_DATA_HEAD
+
 cdef Py_ssize_t ENTROPY_BLOCK
 
 
@@ -138,6 +141,7 @@ cdef class ClientRelay:
     cdef public int type_before_chunk
     cdef public object pin_reason
     cdef public bint pinned_server
+    cdef public bint unverified
     cdef public bint waiting
     cdef public bint terminating
     cdef public bint reading_paused
@@ -191,6 +195,7 @@ cdef class ClientRelay:
     cdef screen(self, data)
     @cython.locals(scanner=MessageScanner)
     cpdef terminate(self, data)
+
 
     cpdef attach(self, ServerRelay conn)
     cdef _attach(self, ServerRelay conn)

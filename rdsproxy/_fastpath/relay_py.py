@@ -5,7 +5,8 @@ Pure-Python twin of `relay_c`, which setup.py compiles from this very file with
 classes subclass these two and supply the slow paths this file calls by name:
 
   ClientRelay: startup_data(data), inspect(data) -> data, framing_error(exc), borrow(),
-               on_connection(conn), refuse() (over max_client_connections),
+               on_connection(conn), verify_session(server) (at the end of a transaction
+               that left `unverified` set), refuse() (over max_client_connections),
                release_on_exit() (it leaves pinned, waiting or holding a server); the
                engine's ClientLedger counts it in and out. Sessions are made by a
                SessionFactory, which fills the fields (engine, pool_core, prefilter: a
@@ -36,6 +37,7 @@ MODE_RELAY = 1            # the server mode in which bytes are relayed (backend.
 STATUS_IDLE = 73          # ReadyForQuery 'I'
 MSG_QUERY = 81            # 'Q'
 MSG_PARSE = 80            # 'P'
+MSG_FUNCTION_CALL = 70    # 'F'
 PENDING_LIMIT = 262144    # bytes a waiting client may queue in the proxy before we pause it
 REPLAY_CHUNKS = 16        # chunks of one request kept for a replay; a longer one is not replayed
 HOLD_LIMIT = 65536        # bytes of an answer held back while its request may be replayed
@@ -253,6 +255,9 @@ class ClientRelay:
         self.type_before_chunk = 0
         self.pin_reason = None
         self.pinned_server = False
+        # Sent something whose effect on the session the text does not show: the engine
+        # asks the server about the session before the connection serves anyone else.
+        self.unverified = False
         self.waiting = False
         self.terminating = False
         self.reading_paused = False
@@ -471,6 +476,9 @@ class ClientRelay:
                 if unpinned and (entry[2] > len(payload) or not payload or payload[0] != 0
                                  or prefilter.may_match(payload)):
                     return self.inspect(data)
+            elif mtype == MSG_FUNCTION_CALL:
+                if unpinned:
+                    return self.inspect(data)
             else:
                 captured.clear()
                 return self.terminate(data)
@@ -526,6 +534,9 @@ class ClientRelay:
         if (outstanding <= 0 and status == STATUS_IDLE and self.pin_reason is None
                 and not UNSYNCED_MASK[self.scanner.last_type] and self.scanner.at_boundary()
                 and server.scanner.at_boundary()):
+            if self.unverified:
+                self.verify_session(server)   # the engine's: it releases or pins
+                return
             self.server = None
             server.client = None
             # Back to the pool the connection came from (the client's may have changed).

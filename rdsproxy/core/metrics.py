@@ -28,6 +28,9 @@ class Metrics(MetricCounters):
         "RequestsReplayed",
         "TransactionsInDoubt",
         "TargetStateChanges",
+        # Sessions whose state was asked of the server after a transaction the pinning
+        # rules could not vouch for (a user's function, DO, CALL, FunctionCall).
+        "SessionStateChecks",
     )
 
     def __init__(self):

@@ -64,6 +64,9 @@ class ServerConnection(ServerRelay, ServerSide, asyncio.Protocol):
         self.backend_secret = 0
         self.parameters: dict[str, str] = {}
         self.applied: tuple = ()      # session parameters the proxy SET on it (sorted pairs)
+        # The values the proxy set (its parameter sync, init_query) as the server spells
+        # them, by lower-cased name: what a session state check is compared with.
+        self.known_settings: dict[str, str] = {}
         self.closed = False
         self.scanner = MessageScanner(counted=b"Z", captured=b"SA", max_message_size=max_message_size)
         self.backends: dict = {}   # (target, backend pid) -> connection, the engine's

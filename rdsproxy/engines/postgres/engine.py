@@ -22,6 +22,7 @@ from .backend import ServerError, open_server_connection, send_cancel
 from .frontend import CLOSED, READY, ClientConnection
 from .health import probe as health_probe
 from .pinning import PREFILTER, PinningRules
+from .sessionstate import SETTINGS_SQL, read_settings
 
 log = logging.getLogger("rdsproxy.postgres")
 
@@ -55,7 +56,7 @@ class PostgresEngine(BaseEngine):
         # every borrow and return, and `is` settles that before any tuple is compared.
         self._session_parts: dict = {}
         # The template of every client's scanner (ClientConnection: .fresh() of it).
-        self.client_scanner = MessageScanner(counted=b"QSF", captured=b"QPX",
+        self.client_scanner = MessageScanner(counted=b"QSF", captured=b"QPXF",
                                              capture_limit=self.rules_capture_limit,
                                              max_message_size=config.max_message_size)
         # What the relay's login lane shares: StartupPlans by raw startup packet (clients
@@ -122,6 +123,10 @@ class PostgresEngine(BaseEngine):
             init_query = self.config.target_group.init_query
             if init_query:
                 await conn.query_internal(init_query)
+                # What it set is the proxy's, not a client's (see sessionstate.verdict).
+                rows = await conn.query_internal(SETTINGS_SQL, rows=[])
+                conn.known_settings = {name.lower(): value
+                                       for name, value in read_settings(rows).items()}
         except BaseException:
             conn.close()
             raise

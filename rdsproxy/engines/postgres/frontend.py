@@ -29,7 +29,21 @@ from ...core.sessions import ClientSide, describe_peer
 from . import protocol as pg
 from .backend import ServerError
 from .accounts import CLEARTEXT, SCRAM, login_method
-from .pinning import LOAD, STARTUP_OPTIONS, database_in_ddl
+from .pinning import (
+    LOAD,
+    STARTUP_OPTIONS,
+    UNKNOWN_STATE,
+    UNVERIFIED,
+    database_in_ddl,
+)
+from .sessionstate import (
+    SETTINGS_SQL,
+    STATE_CHECK_SQL,
+    current_settings_sql,
+    read_current_settings,
+    read_settings,
+    verdict,
+)
 
 log = logging.getLogger("rdsproxy.client")
 
@@ -40,6 +54,7 @@ assert (STARTUP, AUTH_MD5, READY, CLOSED) == (STATE_STARTUP, STATE_AUTH_MD5, STA
 STATUS_IDLE = 73          # 'I'
 MSG_QUERY = 81            # 'Q'
 MSG_PARSE = 80            # 'P'
+MSG_FUNCTION_CALL = 70    # 'F'
 MSG_TERMINATE = 88        # 'X'
 MSG_PASSWORD = 112        # 'p'
 MSG_ERROR = 69            # 'E'
@@ -227,7 +242,8 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         self.fatal("08P01", f"invalid message from client: {exc}")
 
     def inspect(self, data):
-        """Apply the pinning rules to captured Query/Parse texts; notice Terminate."""
+        """Apply the pinning rules to captured Query/Parse texts; notice FunctionCall and
+        Terminate."""
         rules = self.engine.rules
         for mtype, payload, length in self.scanner.captured:
             if mtype == MSG_TERMINATE:
@@ -235,10 +251,15 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
                 break
             if self.pin_reason is not None:
                 continue
+            if mtype == MSG_FUNCTION_CALL:
+                # Any function by OID (set_config is 2078): what it did is asked afterwards.
+                self.unverified = True
+                continue
             if mtype == MSG_QUERY:
-                database = database_in_ddl(payload)
-                if database is not None:
-                    self.engine.release_database(database)
+                if payload[:12].lstrip().lower().startswith((b"drop", b"alter", b"create")):
+                    database = database_in_ddl(payload)
+                    if database is not None:
+                        self.engine.release_database(database)
                 reason = rules.classify_query(payload, length - 1)  # without the NUL
             else:
                 # Parse: name NUL query NUL then parameter types; the rules want the query.
@@ -247,10 +268,62 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
                 sql = payload[nul + 1:end] if end >= 0 else payload[nul + 1:]
                 reason = rules.classify_parse(payload[:nul], sql,
                                               len(sql) if end >= 0 else length - nul - 1)
-            if reason is not None:
+            if reason == UNVERIFIED:
+                self.unverified = True
+            elif reason is not None:
                 self.pin(reason)
         self.scanner.captured.clear()
         return data
+
+    def verify_session(self, server):
+        """The transaction that left `unverified` set is over: before `server` goes back
+        to the pool, ask it what the session holds (sessionstate). Meanwhile the client's
+        next requests wait in `pending`, as during a parameter sync."""
+        self.server = None
+        server.client = None
+        self.unverified = False
+        self.waiting = True
+        self._syncing = server
+        self.engine.metrics.SessionStateChecks += 1
+        rows = []
+        server.run_internal(STATE_CHECK_SQL, lambda error: self._on_state_checked(server, rows, error),
+                            rows)
+
+    def _on_state_checked(self, server, rows, error):
+        self._syncing = None
+        reason = None
+        if error is None:
+            try:
+                reason = verdict(rows, server.user, server.known_settings,
+                                 variable_sets_pin=not self.engine.rules.variable_sets_excluded)
+            except (ValueError, IndexError) as exc:
+                error = exc
+        if error is not None and not server.closed:
+            # No answer (a statement_timeout the client set, say): the session's state
+            # is unknown, so it stays with its client.
+            log.info("client %s (user %s): session state check failed (%s)", self.peer, self.user, error)
+            reason = UNKNOWN_STATE
+        if self.state != READY:   # the client left meanwhile
+            if reason is None:
+                server.pool.release(server)
+            else:
+                server.pool.discard(server)
+            return
+        if server.closed:
+            server.pool.discard(server)
+            self.waiting = False
+            self.fatal("08006", "the database connection serving this session was lost")
+            return
+        if reason is not None:
+            self.pin(reason)
+            self.attach(server)
+            return
+        self.waiting = False
+        server.pool.release(server)
+        if self.pending:
+            self.borrow()
+        else:
+            self._resume_reading()
 
     def pin(self, reason: str) -> None:
         self.pin_reason = reason
@@ -270,8 +343,7 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
             # parameters (its spelling of them, or its error) is learnt on this connection.
             self.waiting = False
             if self.desired and conn.applied != self.desired:
-                self._syncing = conn
-                conn.run_internal(self._parameter_sync_sql(conn), self._on_login_parameters)
+                self._sync_parameters(conn, self._on_login_parameters)
                 return
             self.engine.learn_greeting(self.key, self.desired, conn.parameters)
             conn.pool.release(conn)
@@ -288,21 +360,40 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         if conn.applied != self.desired:
             # Bring the connection's session parameters to this client's first; the client's
             # bytes keep waiting in `pending` until that is done.
-            self._syncing = conn
-            conn.run_internal(self._parameter_sync_sql(conn), self._on_parameters_synced)
+            self._sync_parameters(conn, self._on_parameters_synced)
             return
         self.attach(conn)
 
-    def _parameter_sync_sql(self, conn) -> str:
+    def _sync_parameters(self, conn, done) -> None:
+        """Bring `conn`'s session parameters to this client's, then `done(error)`. The
+        server's spelling of each value set is kept (conn.known_settings), so that a
+        later state check tells the proxy's settings from a client's."""
         want = dict(self.desired)
         have = dict(conn.applied)
         statements = []
+        set_names = []
+        reset_names = []
         for name in sorted(set(want) | set(have)):
             if name not in want:
                 statements.append(f"RESET {quote_setting_name(name)}")
+                reset_names.append(name)
             elif want[name] != have.get(name):
                 statements.append(f"SET {quote_setting_name(name)} = {quote_literal(want[name])}")
-        return "; ".join(statements)
+                set_names.append(name)
+        if set_names:
+            statements.append(current_settings_sql(set_names))
+        rows = []
+
+        def synced(error):
+            if error is None:
+                known = conn.known_settings
+                for name in reset_names:
+                    known.pop(name.lower(), None)
+                for name, value in read_current_settings(set_names, rows).items():
+                    known[name.lower()] = value
+            done(error)
+        self._syncing = conn
+        conn.run_internal("; ".join(statements), synced, rows)
 
     def _on_login_parameters(self, error):
         conn, self._syncing = self._syncing, None
@@ -483,23 +574,30 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         steps = []
         if server.scanner.status != STATUS_IDLE:
             steps.append("ROLLBACK")
-        if self.pin_reason is not None:
+        # Unverified: it may hold anything a pinned session can, so it is reset alike.
+        full_reset = self.pin_reason is not None or self.unverified
+        init_query = self.engine.config.target_group.init_query
+        if full_reset:
             steps.append("DISCARD ALL")
-            if self.engine.config.target_group.init_query:  # DISCARD ALL undid it
-                steps.append(self.engine.config.target_group.init_query)
+            if init_query:  # DISCARD ALL undid it
+                steps += [init_query, SETTINGS_SQL]
         if not steps:
             pool.release(server)
             return
+        rows = []
 
         def next_step(error=None):
             if error is not None:
                 log.info("reset of %r failed (%s); closing it", server, error)
                 pool.discard(server)
             elif steps:
-                server.run_internal(steps.pop(0), next_step)
+                sql = steps.pop(0)
+                server.run_internal(sql, next_step, rows if sql is SETTINGS_SQL else None)
             else:
-                if self.pin_reason is not None:
+                if full_reset:
                     server.applied = ()
+                    server.known_settings = {name.lower(): value
+                                             for name, value in read_settings(rows).items()}
                 server.scanner.status = STATUS_IDLE
                 pool.release(server)
         next_step()

@@ -5,6 +5,7 @@ from ..._fastpath import KeywordScanner
 from ...core.sql import split_statements
 
 SET_VARIABLE = "set_variable"
+SET_ROLE = "set_role"          # SET ROLE / SESSION AUTHORIZATION: never crosses clients
 PREPARED_STATEMENT = "prepared_statement"
 TEMPORARY_OBJECT = "temporary_object"
 CURSOR = "declare_cursor"
@@ -15,6 +16,12 @@ SEQUENCE_FUNCTION = "sequence_function"
 ADVISORY_LOCK = "advisory_lock"
 LONG_STATEMENT = "statement_over_16kb"
 STARTUP_OPTIONS = "startup_options"
+UNKNOWN_STATE = "unknown_state"   # the server's answer to the state check could not be had
+
+# Not a pin: the text may change session state in ways it does not show (a function the
+# proxy does not know, DO, CALL, a FunctionCall message). The server is asked what the
+# session holds before its connection serves anyone else (sessionstate.STATE_CHECK_SQL).
+UNVERIFIED = "unverified"
 
 EXCLUDE_VARIABLE_SETS = "EXCLUDE_VARIABLE_SETS"
 
@@ -26,11 +33,13 @@ LONG_STATEMENT_BYTES = 16384
 # (nextval, setval), "_config" (set_config), "y_lock" (the four session-level
 # pg_*advisory_lock* functions, not the _xact_ ones). Mid-statement SET (UPDATE ... SET)
 # is not flagged: that is the common OLTP case. DROP / ALTER / CREATE lead too, for the
-# database DDL the frontend prepares for (database_in_ddl).
+# database DDL the frontend prepares for (database_in_ddl). And "(": any function call,
+# which may run code the text does not show (repeated texts hit the rules' cache), and
+# "u&": a U&"..." name can spell pg_temp or anything else without its letters.
 PREFILTER = KeywordScanner(
     leading=[b"/*", b"--", b"set", b"reset", b"prepare", b"declare", b"discard", b"do",
-             b"listen", b"load", b"drop", b"alter", b"create"],
-    anywhere=[b"temp", b"tval", b"_config", b"y_lock"])
+             b"listen", b"load", b"drop", b"alter", b"create", b"call", b"deallocate"],
+    anywhere=[b"temp", b"tval", b"_config", b"y_lock", b"(", b"u&"])
 
 # Lexer pieces (PostgreSQL scan.l, simplified to what classification needs).
 _SPACE = re.compile(r"[ \t\n\r\f\v\x00]+")
@@ -43,6 +52,7 @@ _STRING_ESC = re.compile(r"'((?:[^'\\]+|''|\\.)*)'?", re.DOTALL)
 _QUOTED_IDENT = re.compile(r'"((?:[^"]+|"")*)"?')
 _BLOCK_COMMENT_TOKEN = re.compile(r"/\*|\*/")
 _LINE_COMMENT = re.compile(r"--[^\n\r]*")
+_UNICODE_ESCAPES = re.compile(r"[uU]&[\"']")
 
 # Token kinds.
 _WORD = 0      # unquoted identifier or keyword, lower-cased
@@ -56,6 +66,75 @@ _ADVISORY_FUNCTIONS = frozenset((
     "pg_advisory_lock", "pg_advisory_lock_shared",
     "pg_try_advisory_lock", "pg_try_advisory_lock_shared",
 ))
+# What SET / RESET name when they change who the session acts as.
+_ROLE_WORDS = frozenset(("role", "authorization", "session", "session_authorization"))
+_ROLE_SETTINGS = frozenset(("role", "session_authorization"))
+
+# Built-in functions (pg_catalog) that change nothing of the session, so a call to one
+# needs no look at the server afterwards; type names used as casts are here too. Any
+# other call may be a user's function, which can do anything a session can.
+_HARMLESS_FUNCTIONS = frozenset("""
+    count sum avg min max array_agg string_agg bool_and bool_or every json_agg jsonb_agg
+    json_object_agg jsonb_object_agg stddev stddev_pop stddev_samp variance var_pop var_samp
+    percentile_cont percentile_disc mode bit_and bit_or row_number rank dense_rank
+    percent_rank cume_dist ntile lag lead first_value last_value nth_value
+    length char_length character_length octet_length bit_length lower upper initcap substr
+    left right lpad rpad ltrim rtrim btrim replace translate strpos split_part concat
+    concat_ws format repeat reverse regexp_replace regexp_match regexp_matches regexp_like
+    regexp_split_to_array regexp_split_to_table starts_with md5 sha224 sha256 sha384 sha512
+    encode decode to_hex ascii chr quote_ident quote_literal quote_nullable string_to_array
+    array_to_string abs ceil ceiling floor round trunc mod power pow sqrt cbrt exp ln log
+    log10 sign random div pi degrees radians sin cos tan width_bucket gcd lcm now
+    statement_timestamp transaction_timestamp clock_timestamp timeofday date_trunc date_part
+    age to_char to_date to_timestamp to_number make_date make_time make_timestamp
+    make_timestamptz make_interval justify_days justify_hours justify_interval isfinite
+    date_bin timezone to_json to_jsonb row_to_json array_to_json json_build_object
+    jsonb_build_object json_build_array jsonb_build_array json_object jsonb_object jsonb_set
+    jsonb_insert jsonb_strip_nulls jsonb_pretty json_extract_path jsonb_extract_path
+    json_extract_path_text jsonb_extract_path_text json_array_length jsonb_array_length
+    json_array_elements jsonb_array_elements json_array_elements_text
+    jsonb_array_elements_text json_each jsonb_each json_each_text jsonb_each_text
+    json_object_keys jsonb_object_keys json_typeof jsonb_typeof json_populate_record
+    jsonb_populate_record json_to_record jsonb_to_record jsonb_path_query jsonb_path_exists
+    jsonb_path_match array_length array_upper array_lower array_dims array_ndims cardinality
+    array_append array_prepend array_cat array_remove array_replace array_position
+    array_positions unnest generate_series generate_subscripts gen_random_uuid version
+    pg_backend_pid current_database current_schema current_schemas current_setting
+    pg_postmaster_start_time inet_server_addr inet_server_port txid_current
+    txid_current_if_assigned pg_current_xact_id pg_is_in_recovery pg_sleep pg_typeof
+    pg_column_size pg_size_pretty pg_database_size pg_relation_size pg_total_relation_size
+    pg_table_size pg_indexes_size has_table_privilege has_schema_privilege
+    has_database_privilege has_column_privilege has_function_privilege pg_has_role
+    obj_description col_description format_type pg_get_expr pg_get_indexdef
+    pg_get_constraintdef pg_get_viewdef pg_get_functiondef pg_get_userbyid
+    pg_table_is_visible to_regclass to_regtype to_regproc pg_get_serial_sequence
+    pg_encoding_to_char pg_client_encoding pg_notify pg_advisory_xact_lock
+    pg_advisory_xact_lock_shared pg_try_advisory_xact_lock pg_try_advisory_xact_lock_shared
+    pg_advisory_unlock pg_advisory_unlock_shared pg_advisory_unlock_all
+    pg_listening_channels pg_my_temp_schema currval lastval to_tsvector to_tsquery
+    plainto_tsquery phraseto_tsquery websearch_to_tsquery ts_rank ts_rank_cd ts_headline
+    setweight int int2 int4 int8 integer smallint bigint numeric decimal float float4 float8
+    real text varchar char character bool boolean date time timetz timestamp timestamptz
+    interval bytea uuid json jsonb bit varbit inet cidr macaddr money oid regclass regtype
+    name
+""".split())
+# Words followed by "(" that are syntax, not a call.
+_NOT_CALLS = frozenset("""
+    all and any array as at between by case cast check coalesce collate conflict cube
+    default distinct do else escape except exists extract filter for from greatest group
+    grouping groups having ilike in include intersect is join key lateral least like limit
+    materialized not nullif of offset on or over overlay partition position primary range
+    recursive references returning returns rollup row rows select set sets similar some
+    substring table tablesample then to trim union unique using values when where window
+    with within zone
+""".split())
+# After these words a name followed by "(" is a relation or a definition, not a call:
+# INSERT INTO t (a), CREATE TABLE [IF NOT EXISTS] t (...), REFERENCES t (a), COPY t (a),
+# CREATE FUNCTION f (...), CREATE VIEW v (a).
+_RELATION_CONTEXT = frozenset((
+    "into", "table", "exists", "references", "copy", "function", "procedure", "view",
+    "aggregate", "analyze", "analyse", "tablesample"))
+
 # Spellings of boolean true PostgreSQL accepts (unique prefixes of true/yes/on, and 1).
 _TRUE_TEXT = frozenset(("t", "tr", "tru", "true", "y", "ye", "yes", "on", "1"))
 # In a PL/pgSQL body a SQL statement may follow these block words, not only ';'.
@@ -63,8 +142,11 @@ _PLPGSQL_STATEMENT_STARTERS = frozenset(("begin", "then", "else", "loop", "decla
 _MAX_NESTING = 3
 
 
-def _tokenize(text):
-    """Tokens of `text` with comments dropped; never raises, unterminated constructs run to the end."""
+def _tokenize(text, backslash_quotes=False):
+    """Tokens of `text` with comments dropped; never raises, unterminated constructs run to
+    the end. `backslash_quotes`: plain '' strings take backslash escapes, as they do while
+    standard_conforming_strings is off."""
+    plain_string = _STRING_ESC if backslash_quotes else _STRING_STD
     tokens = []
     append = tokens.append
     pos = 0
@@ -91,7 +173,7 @@ def _tokenize(text):
                 pos = m.end()
             continue
         if ch == "'":
-            m = _STRING_STD.match(text, pos)
+            m = plain_string.match(text, pos)
             append((_STRING, m.group(1).replace("''", "'")))
             pos = m.end()
             continue
@@ -130,7 +212,7 @@ def _tokenize(text):
                 if nxt == "'":
                     # E'..' takes backslash escapes; B'..', X'..', N'..' and a type name
                     # followed by a literal all use standard quoting.
-                    pattern = _STRING_ESC if word in ("e", "E") else _STRING_STD
+                    pattern = _STRING_ESC if word in ("e", "E") else plain_string
                     m = pattern.match(text, pos)
                     if word not in ("e", "E", "b", "B", "x", "X", "n", "N"):
                         append((_WORD, word.lower()))
@@ -215,9 +297,12 @@ def _leading_reason(tokens, i):
         # SET SESSION CHARACTERISTICS changes the session default, so it pins.
         if second in ("local", "transaction", "constraints"):
             return None
-        return SET_VARIABLE
+        if second == "session":   # SET SESSION x is SET x (CHARACTERISTICS aside)
+            second = _word(tokens, i + 2)
+        return SET_ROLE if second in _ROLE_WORDS else SET_VARIABLE
     if first == "reset":
-        return SET_VARIABLE
+        second = _word(tokens, i + 1)
+        return SET_ROLE if second in _ROLE_WORDS else SET_VARIABLE
     if first == "prepare":
         # PREPARE TRANSACTION 'gid' is two-phase commit, not a prepared statement.
         if _word(tokens, i + 1) == "transaction" and i + 2 < len(tokens) and tokens[i + 2][0] == _STRING:
@@ -227,6 +312,10 @@ def _leading_reason(tokens, i):
         return CURSOR
     if first == "discard":
         return DISCARD
+    if first == "deallocate":
+        # The server's statements change under the proxy's record of them: the check
+        # after the transaction reads back what is left.
+        return UNVERIFIED
     if first == "listen":
         return LISTEN
     if first == "load":
@@ -310,6 +399,14 @@ def _set_config_is_local(tokens, open_paren):
     return False
 
 
+def _first_argument(tokens, open_paren):
+    """The first argument of a call when it is a plain string literal, else None."""
+    if open_paren + 2 < len(tokens) and tokens[open_paren + 1][0] == _STRING and tokens[open_paren + 2] in (
+            (_PUNCT, ","), (_PUNCT, ")")):
+        return tokens[open_paren + 1][1]
+    return None
+
+
 def database_in_ddl(sql: bytes) -> str | None:
     """The database a statement needs nobody else connected to: DROP DATABASE x, ALTER
     DATABASE x RENAME, CREATE DATABASE ... TEMPLATE x (PostgreSQL refuses them with 55006
@@ -347,15 +444,23 @@ def _name(tokens, i):
 
 
 class PinningRules:
-    """Decides whether a statement pins a client to its server connection, and why."""
+    """Decides whether a statement pins a client to its server connection, and why; or
+    whether the server must be asked about the session afterwards (UNVERIFIED)."""
 
-    __slots__ = ("_excluded",)
+    __slots__ = ("_excluded", "_cache")
+
+    CACHE_SIZE = 4096   # texts whose answer is kept (drivers and ORMs repeat theirs)
 
     def __init__(self, filters=()):
         unknown = [f for f in filters if f != EXCLUDE_VARIABLE_SETS]
         if unknown:
             raise ValueError(f"unknown pinning filter(s): {', '.join(map(str, unknown))}")
         self._excluded = frozenset((SET_VARIABLE,)) if EXCLUDE_VARIABLE_SETS in filters else frozenset()
+        self._cache = {}
+
+    @property
+    def variable_sets_excluded(self) -> bool:
+        return SET_VARIABLE in self._excluded
 
     def classify_query(self, sql, full_length=None):
         if type(sql) is not bytes:
@@ -368,9 +473,18 @@ class PinningRules:
             return LONG_STATEMENT
         if not PREFILTER.may_match(sql):
             return None
+        cache = self._cache
+        try:
+            return cache[sql]
+        except KeyError:
+            pass
         # latin-1 keeps every byte as one character, so any input decodes and keywords
         # (ASCII) match whatever the client encoding.
-        return self._analyze(sql.decode("latin-1"), 0)
+        reason = self._analyze(sql.decode("latin-1"), 0)
+        if len(cache) >= self.CACHE_SIZE:
+            cache.clear()
+        cache[sql] = reason
+        return reason
 
     def classify_parse(self, statement_name, sql, full_length=None):
         if statement_name and bytes(statement_name).rstrip(b"\x00"):
@@ -378,8 +492,23 @@ class PinningRules:
         return self.classify_query(sql, full_length)
 
     def _analyze(self, text, nesting, plpgsql=False):
+        """The text's pin reason, else UNVERIFIED, else None. Where backslashes could be
+        quoting (standard_conforming_strings off), both ways of reading it count."""
+        found = self._analyze_tokens(_tokenize(text), nesting, plpgsql)
+        if "\\" in text:
+            other = self._analyze_tokens(_tokenize(text, backslash_quotes=True), nesting, plpgsql)
+            if found is None or (found == UNVERIFIED and other is not None):
+                found = other
+        if found is None and _UNICODE_ESCAPES.search(text):
+            # U&"..." can spell any name (U&"set\005fconfig"): the names read here need
+            # not be the ones the server reads.
+            found = UNVERIFIED
+        return found
+
+    def _analyze_tokens(self, tokens, nesting, plpgsql):
         excluded = self._excluded
-        for stmt in split_statements(_tokenize(text), (_PUNCT, ";")):
+        unverified = False
+        for stmt in split_statements(tokens, (_PUNCT, ";")):
             starts = [0]
             if plpgsql:
                 starts += [k + 1 for k, tok in enumerate(stmt)
@@ -392,32 +521,65 @@ class PinningRules:
                     reason = _leading_reason(stmt, start)
                     if reason is not None and reason not in excluded:
                         return reason
+            first = _word(stmt, 0)
+            if first in ("do", "call") or (plpgsql and "execute" in (t[1] for t in stmt if t[0] == _WORD)):
+                unverified = True   # code the text does not show, or text built at run time
             reason = self._calls(stmt)
-            if reason is not None:
+            if reason == UNVERIFIED:
+                unverified = True
+            elif reason is not None:
                 return reason
             if nesting < _MAX_NESTING:
                 reason = self._nested(stmt, nesting, plpgsql)
-                if reason is not None:
+                if reason == UNVERIFIED:
+                    unverified = True
+                elif reason is not None:
                     return reason
-        return None
+        return UNVERIFIED if unverified else None
 
     def _calls(self, stmt):
+        """The pin reason of a function call in the statement, else UNVERIFIED when it
+        calls something not known to be harmless, else None."""
         excluded = self._excluded
+        unverified = False
         for i in range(len(stmt) - 1):
             name = _call_name(stmt, i)
             if name is None:
+                continue
+            quoted = stmt[i][0] == _QIDENT
+            # Walk back over a qualified name (schema.name, db.schema.name).
+            first = i
+            while first >= 2 and stmt[first - 1] == (_PUNCT, ".") and stmt[first - 2][0] in (_WORD, _QIDENT):
+                first -= 2
+            before = _word(stmt, first - 1) if first > 0 else None
+            if before in _RELATION_CONTEXT:
+                continue
+            if first == i and not quoted and name in _NOT_CALLS:
+                continue
+            qualified_elsewhere = first != i and not (first == i - 2 and stmt[first][1] == "pg_catalog")
+            if qualified_elsewhere:
+                unverified = True
                 continue
             if name in _SEQUENCE_FUNCTIONS:
                 return SEQUENCE_FUNCTION
             if name in _ADVISORY_FUNCTIONS:
                 return ADVISORY_LOCK
-            if name == "set_config" and SET_VARIABLE not in excluded:
-                if not _set_config_is_local(stmt, i + 1):
+            if name == "set_config":
+                if _set_config_is_local(stmt, i + 1):
+                    continue
+                setting = _first_argument(stmt, i + 1)
+                if setting is None or setting.strip().lower() in _ROLE_SETTINGS:
+                    return SET_ROLE   # a name we cannot read may be the role
+                if SET_VARIABLE not in excluded:
                     return SET_VARIABLE
-        return None
+                continue
+            if name not in _HARMLESS_FUNCTIONS:
+                unverified = True
+        return UNVERIFIED if unverified else None
 
     def _nested(self, stmt, nesting, plpgsql):
-        """Look inside DO bodies, and inside EXECUTE'd strings within them (best effort)."""
+        """Look inside DO bodies, and inside EXECUTE'd strings within them (best effort:
+        a DO is UNVERIFIED whatever its body shows)."""
         if not plpgsql and stmt[0] == (_WORD, "do"):
             for tok in stmt[1:]:
                 if tok[0] == _STRING:

@@ -1,0 +1,119 @@
+"""What a PostgreSQL session holds, asked of the server rather than read from SQL text.
+
+The pinning rules read statements; what they cannot see (a user's function, DO, CALL, a
+FunctionCall message, names spelt with U&) can still change the session. After such a
+transaction, before its connection serves another client, one query asks the server who
+the session acts as and what it keeps, and `verdict` turns the answer into the reason to
+pin the client (the state is its own and must stay with it) or None (nothing of the
+client's is left: the connection may serve anyone). Sans-IO: SQL out, DataRows in.
+
+Every name in the SQL is qualified and every operator spelt OPERATOR(pg_catalog.x): the
+session being checked may have a search_path that puts someone's own objects first.
+"""
+from __future__ import annotations
+
+import struct
+
+from .pinning import (
+    ADVISORY_LOCK,
+    CURSOR,
+    LISTEN,
+    PREPARED_STATEMENT,
+    SET_ROLE,
+    SET_VARIABLE,
+    TEMPORARY_OBJECT,
+)
+
+_EQ = "OPERATOR(pg_catalog.=)"
+_NE = "OPERATOR(pg_catalog.<>)"
+_TEMP = "pg_catalog.pg_my_temp_schema()"
+
+# Settings the session itself set (SET, set_config, a function's SET), as the server
+# spells their values. The role is asked for on its own.
+SETTINGS_SQL = (
+    "SELECT s.name, pg_catalog.current_setting(s.name) FROM pg_catalog.pg_settings s"
+    f" WHERE s.source {_EQ} 'session' AND s.name {_NE} 'role'"
+    f" AND s.name {_NE} 'session_authorization'")
+
+# One row of facts, then SETTINGS_SQL's rows.
+STATE_CHECK_SQL = (
+    "SELECT pg_catalog.current_setting('role'), session_user::pg_catalog.text,"
+    f" EXISTS (SELECT FROM pg_catalog.pg_class WHERE relnamespace {_EQ} {_TEMP})"
+    f" OR EXISTS (SELECT FROM pg_catalog.pg_proc WHERE pronamespace {_EQ} {_TEMP})"
+    f" OR EXISTS (SELECT FROM pg_catalog.pg_type WHERE typnamespace {_EQ} {_TEMP}),"
+    f" EXISTS (SELECT FROM pg_catalog.pg_locks WHERE locktype {_EQ} 'advisory'"
+    f" AND pid {_EQ} pg_catalog.pg_backend_pid()),"
+    " EXISTS (SELECT FROM pg_catalog.pg_listening_channels()),"
+    " EXISTS (SELECT FROM pg_catalog.pg_cursors),"
+    " EXISTS (SELECT FROM pg_catalog.pg_prepared_statements); "
+    + SETTINGS_SQL)
+
+
+def data_row(payload: bytes) -> list:
+    """A DataRow's columns as text (NULL as None)."""
+    (count,) = struct.unpack_from("!h", payload, 0)
+    pos = 2
+    columns = []
+    for _ in range(count):
+        (length,) = struct.unpack_from("!i", payload, pos)
+        pos += 4
+        if length < 0:
+            columns.append(None)
+            continue
+        columns.append(payload[pos:pos + length].decode("utf-8", "replace"))
+        pos += length
+    return columns
+
+
+def read_settings(rows: list[bytes]) -> dict[str, str]:
+    """SETTINGS_SQL's rows (or those after the facts row) as {name: value}."""
+    settings = {}
+    for payload in rows:
+        columns = data_row(payload)
+        if len(columns) == 2 and columns[0] is not None:
+            settings[columns[0]] = columns[1]
+    return settings
+
+
+def current_settings_sql(names) -> str:
+    """A query of the server's spelling of these settings' values, in order."""
+    return "SELECT " + ", ".join(
+        "pg_catalog.current_setting(" + _literal(name) + ")" for name in names)
+
+
+def read_current_settings(names, rows: list[bytes]) -> dict[str, str]:
+    columns = data_row(rows[-1]) if rows else []
+    return {name: value for name, value in zip(names, columns) if value is not None}
+
+
+def _literal(text: str) -> str:
+    if "\\" in text:
+        return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
+    return "'" + text.replace("'", "''") + "'"
+
+
+def verdict(rows: list[bytes], login_user: str, known_settings: dict[str, str],
+            variable_sets_pin: bool = True) -> str | None:
+    """Why the client must keep this connection, from STATE_CHECK_SQL's answer; None
+    when the session holds nothing but what the proxy itself put there.
+
+    `known_settings`: the values the proxy set on the connection (its startup parameter
+    sync, init_query). With EXCLUDE_VARIABLE_SETS (`variable_sets_pin` False) settings
+    do not pin; the role always does."""
+    if not rows:
+        raise ValueError("the state check returned no row")
+    facts = data_row(rows[0])
+    if len(facts) != 7:
+        raise ValueError(f"the state check returned {len(facts)} columns")
+    role, session_user, temp, locks, listening, cursors, statements = facts
+    if role != "none" or session_user != login_user:
+        return SET_ROLE
+    for reason, held in ((TEMPORARY_OBJECT, temp), (ADVISORY_LOCK, locks), (LISTEN, listening),
+                         (CURSOR, cursors), (PREPARED_STATEMENT, statements)):
+        if held == "t":
+            return reason
+    if variable_sets_pin:
+        for name, value in read_settings(rows[1:]).items():
+            if known_settings.get(name.lower()) != value:
+                return SET_VARIABLE
+    return None
