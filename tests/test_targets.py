@@ -20,7 +20,8 @@ from rdsproxy.core.targets import (AUTH_FAILURE, CONNECTION_FAILED,
                                    INVALID_REPLICATION_STATE, UNREACHABLE, ProbeError,
                                    ProbeResult, Role, Target, TargetGroup, TargetState)
 from rdsproxy.devcluster import PostgresCluster, free_port
-from rdsproxy.engines.postgres.health import make_probe, parse_datarow, probe
+from rdsproxy.engines.postgres.health import make_probe, probe
+from rdsproxy.engines.postgres.protocol import parse_datarow
 
 A = TargetState.AVAILABLE
 U = TargetState.UNAVAILABLE

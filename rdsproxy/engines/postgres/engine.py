@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 
 from ... import _fastpath
 from ..._fastpath import LoginDesk, MessageScanner, SessionFactory, StartupPlan
@@ -294,5 +293,4 @@ def _canonical(cache: dict, value):
 
 
 def _first_column(datarow: bytes) -> str:
-    (length,) = struct.unpack_from("!i", datarow, 2)
-    return datarow[6:6 + length].decode()
+    return pg.parse_datarow(datarow)[0].decode()

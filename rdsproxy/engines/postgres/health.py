@@ -20,30 +20,13 @@ from typing import Awaitable, Callable
 from ...core.targets import (AUTH_FAILURE, CONNECTION_FAILED, ProbeError, ProbeResult, Role,
                              Target, probe_failure, run_probe)
 from .backend import ServerError, open_server_connection
+from .protocol import parse_datarow
 
 __all__ = ["probe", "make_probe", "PROBE_SQL"]
 
 PROBE_SQL = "SELECT pg_is_in_recovery(), current_setting('max_connections')"
 # The probe's rows are two tiny columns; anything bigger is a broken server.
 _MAX_MESSAGE = 64 * 1024
-
-
-def parse_datarow(payload: bytes) -> list[bytes | None]:
-    """A DataRow body: int16 column count, then per column int32 length (-1 = NULL) + bytes."""
-    (count,) = struct.unpack_from("!h", payload, 0)
-    pos = 2
-    columns: list[bytes | None] = []
-    for _ in range(count):
-        (length,) = struct.unpack_from("!i", payload, pos)
-        pos += 4
-        if length < 0:
-            columns.append(None)
-            continue
-        if pos + length > len(payload):
-            raise ValueError("truncated DataRow")
-        columns.append(bytes(payload[pos:pos + length]))
-        pos += length
-    return columns
 
 
 async def probe(target: Target, *, user: str, password: str, database: str, timeout: float,

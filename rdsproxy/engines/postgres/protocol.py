@@ -197,3 +197,21 @@ def parse_sasl_initial_response(payload: bytes) -> tuple[str, bytes]:
     if length != len(data) and not (length == -1 and not data):
         raise ProtocolViolation("malformed SASLInitialResponse: length mismatch")
     return mechanism, data
+
+
+def parse_datarow(payload: bytes) -> list[bytes | None]:
+    """A DataRow body: int16 column count, then per column int32 length (-1 = NULL) + bytes."""
+    (count,) = struct.unpack_from("!h", payload, 0)
+    pos = 2
+    columns: list[bytes | None] = []
+    for _ in range(count):
+        (length,) = struct.unpack_from("!i", payload, pos)
+        pos += 4
+        if length < 0:
+            columns.append(None)
+            continue
+        if pos + length > len(payload):
+            raise ValueError("truncated DataRow")
+        columns.append(bytes(payload[pos:pos + length]))
+        pos += length
+    return columns

@@ -12,8 +12,7 @@ session being checked may have a search_path that puts someone's own objects fir
 """
 from __future__ import annotations
 
-import struct
-
+from .protocol import parse_datarow
 from .pinning import (
     ADVISORY_LOCK,
     CURSOR,
@@ -51,18 +50,8 @@ STATE_CHECK_SQL = (
 
 def data_row(payload: bytes) -> list:
     """A DataRow's columns as text (NULL as None)."""
-    (count,) = struct.unpack_from("!h", payload, 0)
-    pos = 2
-    columns = []
-    for _ in range(count):
-        (length,) = struct.unpack_from("!i", payload, pos)
-        pos += 4
-        if length < 0:
-            columns.append(None)
-            continue
-        columns.append(payload[pos:pos + length].decode("utf-8", "replace"))
-        pos += length
-    return columns
+    return [None if value is None else value.decode("utf-8", "replace")
+            for value in parse_datarow(payload)]
 
 
 def read_settings(rows: list[bytes]) -> dict[str, str]:
