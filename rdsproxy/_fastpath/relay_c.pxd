@@ -18,7 +18,6 @@ cdef int STATUS_IDLE
 cdef int MSG_QUERY
 cdef int MSG_PARSE
 cdef int MSG_FUNCTION_CALL
-
 cdef Py_ssize_t PENDING_LIMIT
 cdef Py_ssize_t REPLAY_CHUNKS
 cdef Py_ssize_t HOLD_LIMIT
@@ -35,7 +34,6 @@ cdef bytes TERMINATE
 cdef bytes SSL_REQUEST
 cdef bytes GSSENC_REQUEST
 cdef bytes BACKEND_KEY_DATA_HEAD
-
 cdef Py_ssize_t ENTROPY_BLOCK
 
 
@@ -195,7 +193,6 @@ cdef class ClientRelay:
     cdef screen(self, data)
     @cython.locals(scanner=MessageScanner)
     cpdef terminate(self, data)
-
 
     cpdef attach(self, ServerRelay conn)
     cdef _attach(self, ServerRelay conn)

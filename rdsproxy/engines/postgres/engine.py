@@ -124,8 +124,7 @@ class PostgresEngine(BaseEngine):
                 await conn.query_internal(init_query)
                 # What it set is the proxy's, not a client's (see sessionstate.verdict).
                 rows = await conn.query_internal(SETTINGS_SQL, rows=[])
-                conn.known_settings = {name.lower(): value
-                                       for name, value in read_settings(rows).items()}
+                conn.known_settings = read_settings(rows)
         except BaseException:
             conn.close()
             raise

@@ -134,6 +134,15 @@ def server_last_words(held) -> str:
     return ""
 
 
+def _give_back(conn, clean: bool) -> None:
+    """A connection whose client left during the proxy's own exchange on it: back to the
+    pool when its session is known clean, closed otherwise."""
+    if clean:
+        conn.pool.release(conn)
+    else:
+        conn.pool.discard(conn)
+
+
 def startup_session(params: dict) -> tuple:
     """What a startup packet's parameters mean for the session:
     (user, database, options, pool key, tracked parameters as sorted (name, value) pairs)."""
@@ -256,7 +265,7 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
                 self.unverified = True
                 continue
             if mtype == MSG_QUERY:
-                if payload[:12].lstrip().lower().startswith((b"drop", b"alter", b"create")):
+                if b"database" in payload.lower():   # spare the tokenizer every other text
                     database = database_in_ddl(payload)
                     if database is not None:
                         self.engine.release_database(database)
@@ -304,10 +313,7 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
             log.info("client %s (user %s): session state check failed (%s)", self.peer, self.user, error)
             reason = UNKNOWN_STATE
         if self.state != READY:   # the client left meanwhile
-            if reason is None:
-                server.pool.release(server)
-            else:
-                server.pool.discard(server)
+            _give_back(server, clean=reason is None)
             return
         if server.closed:
             server.pool.discard(server)
@@ -389,8 +395,7 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
                 known = conn.known_settings
                 for name in reset_names:
                     known.pop(name.lower(), None)
-                for name, value in read_current_settings(set_names, rows).items():
-                    known[name.lower()] = value
+                known.update(read_current_settings(set_names, rows))
             done(error)
         self._syncing = conn
         conn.run_internal("; ".join(statements), synced, rows)
@@ -416,10 +421,7 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         if error is None:
             conn.applied = self.desired
         if self.state != READY:  # the client left meanwhile
-            if error is None:
-                conn.pool.release(conn)
-            else:
-                conn.pool.discard(conn)
+            _give_back(conn, clean=error is None)
             return
         if error is not None:
             self.waiting = False
@@ -596,8 +598,7 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
             else:
                 if full_reset:
                     server.applied = ()
-                    server.known_settings = {name.lower(): value
-                                             for name, value in read_settings(rows).items()}
+                    server.known_settings = read_settings(rows)
                 server.scanner.status = STATUS_IDLE
                 pool.release(server)
         next_step()

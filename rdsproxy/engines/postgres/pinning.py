@@ -38,7 +38,7 @@ LONG_STATEMENT_BYTES = 16384
 # "u&": a U&"..." name can spell pg_temp or anything else without its letters.
 PREFILTER = KeywordScanner(
     leading=[b"/*", b"--", b"set", b"reset", b"prepare", b"declare", b"discard", b"do",
-             b"listen", b"load", b"drop", b"alter", b"create", b"call", b"deallocate"],
+             b"listen", b"load", b"drop", b"alter", b"create", b"call"],
     anywhere=[b"temp", b"tval", b"_config", b"y_lock", b"(", b"u&"])
 
 # Lexer pieces (PostgreSQL scan.l, simplified to what classification needs).
@@ -312,10 +312,6 @@ def _leading_reason(tokens, i):
         return CURSOR
     if first == "discard":
         return DISCARD
-    if first == "deallocate":
-        # The server's statements change under the proxy's record of them: the check
-        # after the transaction reads back what is left.
-        return UNVERIFIED
     if first == "listen":
         return LISTEN
     if first == "load":

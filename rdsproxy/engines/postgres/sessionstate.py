@@ -55,12 +55,13 @@ def data_row(payload: bytes) -> list:
 
 
 def read_settings(rows: list[bytes]) -> dict[str, str]:
-    """SETTINGS_SQL's rows (or those after the facts row) as {name: value}."""
+    """SETTINGS_SQL's rows (or those after the facts row) as {lower-cased name: value}:
+    setting names are case-insensitive, and known_settings is keyed this way."""
     settings = {}
     for payload in rows:
         columns = data_row(payload)
         if len(columns) == 2 and columns[0] is not None:
-            settings[columns[0]] = columns[1]
+            settings[columns[0].lower()] = columns[1]
     return settings
 
 
@@ -71,8 +72,9 @@ def current_settings_sql(names) -> str:
 
 
 def read_current_settings(names, rows: list[bytes]) -> dict[str, str]:
+    """current_settings_sql's answer as {lower-cased name: value}, as read_settings."""
     columns = data_row(rows[-1]) if rows else []
-    return {name: value for name, value in zip(names, columns) if value is not None}
+    return {name.lower(): value for name, value in zip(names, columns) if value is not None}
 
 
 def _literal(text: str) -> str:
@@ -103,6 +105,6 @@ def verdict(rows: list[bytes], login_user: str, known_settings: dict[str, str],
             return reason
     if variable_sets_pin:
         for name, value in read_settings(rows[1:]).items():
-            if known_settings.get(name.lower()) != value:
+            if known_settings.get(name) != value:
                 return SET_VARIABLE
     return None
