@@ -111,10 +111,9 @@ class Worker(threading.Thread):
         self.on_new_writer = 0
 
     def _connect(self):
-        # prepare_threshold=None: psycopg would otherwise prepare named statements after
-        # five runs, which pins the session (RDS Proxy's rule) and so ties it to one server.
-        return psycopg.connect(self.dsn, autocommit=True, prepare_threshold=None,
-                               connect_timeout=30)
+        # psycopg's defaults: after five runs its statements are prepared by name, which
+        # the proxy keeps for it (no pin), so the session can move to the new writer.
+        return psycopg.connect(self.dsn, autocommit=True, connect_timeout=30)
 
     def run(self) -> None:
         conn = None
@@ -243,6 +242,9 @@ def drill(*, clients: int = 50, promote_after: float = 0.5, warmup: float = 1.5,
             "pause_seconds": round(first - t_kill - (t_promote - t_kill), 3) if first else None,
             "proxy_requests_replayed": proxy_stats.get("RequestsReplayed"),
             "proxy_transactions_in_doubt": proxy_stats.get("TransactionsInDoubt"),
+            # Clients whose named statements the proxy kept, and the sessions it pinned.
+            "proxy_statement_clients": proxy_stats.get("StatementClients"),
+            "proxy_pin_reasons": proxy_stats.get("SessionPinReasons"),
             "error_samples": ([e for w in autocommit for e in w.errors + w.in_doubt]
                               + [e for w in transactional for e in w.errors])[:10],
             "proxy_log": str(directory / "proxy.log"),

@@ -34,6 +34,10 @@ WORKLOADS: dict[str, list[str]] = {
     "select_c10": ["-S", "-c", "10", "-j", "2"],
     "select_c100": ["-S", "-c", "100", "-j", "2"],
     "select_extended_c50": ["-S", "-M", "extended", "-c", "50", "-j", "2"],
+    # Named statements (what drivers do by default); against the same -M extended runs.
+    "select_prepared_c50": ["-S", "-M", "prepared", "-c", "50", "-j", "2"],
+    "select_extended_c10": ["-S", "-M", "extended", "-c", "10", "-j", "2"],
+    "select_prepared_c10": ["-S", "-M", "prepared", "-c", "10", "-j", "2"],
     "tpcb_c20": ["-c", "20", "-j", "2"],
     "select_connect_c20": ["-S", "-C", "-c", "20", "-j", "2"],
 }

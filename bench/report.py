@@ -38,6 +38,32 @@ def summarize(results: dict) -> None:
                 t[f"ratio_to_{ref}"] = round(mine / ref_tps, 3) if mine and ref_tps else None
 
 
+def prepared_gains(results: dict) -> list[dict]:
+    """select_prepared_cN against select_extended_cN of the same run: each target's
+    prepared tps over PgBouncer's best mode (its prepared run when that had no failures,
+    else its extended run: PgBouncer before 1.21 cannot serve -M prepared) and over the
+    target's own extended tps."""
+    gains = []
+    workloads = results["workloads"]
+    for name, prepared in workloads.items():
+        if not name.startswith("select_prepared_"):
+            continue
+        extended = workloads.get(name.replace("_prepared_", "_extended_"))
+        if extended is None:
+            continue
+        bouncer = [t for t in (prepared["targets"].get("pgbouncer"), extended["targets"].get("pgbouncer"))
+                   if t and t.get("tps_median") and not t.get("failed")]
+        bouncer_best = max((t["tps_median"] for t in bouncer), default=None)
+        for tname, t in prepared["targets"].items():
+            mine = t.get("tps_median")
+            own = extended["targets"].get(tname, {}).get("tps_median")
+            gains.append({
+                "workload": name, "target": tname, "tps": mine, "failed": t.get("failed"),
+                "vs_pgbouncer_best": round(mine / bouncer_best, 3) if mine and bouncer_best else None,
+                "vs_own_extended": round(mine / own, 3) if mine and own else None})
+    return gains
+
+
 def _fmt(v, spec="{:.2f}"):
     return "—" if v is None else spec.format(v)
 
@@ -99,6 +125,16 @@ def markdown(results: dict) -> str:
                 f"{_fmt(t['latency_avg_ms'], '{:.3f}')} | {_fmt(t['p99_ms'], '{:.3f}')} | "
                 f"{t['failed']} | {_fmt(t['ratio_to_pgbouncer'])} | {_fmt(t['ratio_to_direct'])} | "
                 f"{_fmt(t.get('cpu_us_per_txn'), '{:.1f}')} |")
+    gains = prepared_gains(results)
+    if gains:
+        lines += ["", "## Prepared statements (`-M prepared`) against `-M extended`", "",
+                  "PgBouncer's best mode: its `-M prepared` run when it had no failed "
+                  "transactions, else its `-M extended` run.", "",
+                  "| workload | target | tps | failed | vs PgBouncer best | vs own extended |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for g in gains:
+            lines.append(f"| {g['workload']} | {g['target']} | {_fmt(g['tps'], '{:,.0f}')} | "
+                         f"{g['failed']} | {_fmt(g['vs_pgbouncer_best'])} | {_fmt(g['vs_own_extended'])} |")
     mem = results.get("memory")
     if mem and mem.get("targets"):
         lines += ["", f"## Idle client memory ({mem['clients']} clients)", "",

@@ -52,6 +52,9 @@ class TargetGroupConfig:
     # Extensions beyond RDS Proxy's knobs.
     idle_connection_grace: float = 60.0      # seconds an excess idle connection lingers
     max_connection_lifetime: float = 86400.0  # RDS Proxy recycles after about 24 h
+    # Clients' named prepared statements kept per database connection (PostgreSQL), least
+    # recently used closed first; 0 pins a client that names one, as RDS Proxy does.
+    max_prepared_statements: int = 200
     connect_timeout: float = 10.0
     # Health checks and failover (issue 5).
     health_check_interval: float = 1.0        # seconds between checks of one target
@@ -318,6 +321,7 @@ def config_from_dict(data: dict, *, source: str = "<dict>", base_dir: str | os.P
         raise ConfigError(source, "target_group.health_check_interval" if tg.health_check_interval <= 0
                           else "target_group.health_check_timeout", "must be a positive number of seconds")
     _range(tg.health_check_failures, 1, 100, source, "target_group.health_check_failures")
+    _range(tg.max_prepared_statements, 0, 100000, source, "target_group.max_prepared_statements")
     for flt in tg.session_pinning_filters:
         _one_of(flt, PINNING_FILTERS, source, "target_group.session_pinning_filters")
     cfg.target_group = tg

@@ -35,6 +35,19 @@ def pg():
         cluster.stop()
 
 
+@pytest.fixture(scope="session")
+def pgbench_db(pg):
+    """A database of the session cluster with pgbench's tables (scale 1), owned by app."""
+    import subprocess
+    import uuid
+    name = "benchdb_" + uuid.uuid4().hex[:6]
+    pg.create_database(name, owner=APP_USER)
+    subprocess.run(["pgbench", "-i", "-s", "1", "-q", "-h", pg.host, "-p", str(pg.port), "-U", APP_USER,
+                    name], env={**os.environ, "PGPASSWORD": APP_PASSWORD}, check=True,
+                   capture_output=True, timeout=120)
+    return name
+
+
 @pytest.fixture
 def pg_factory():
     """Call with PostgresCluster keyword arguments to get a started extra cluster;

@@ -265,24 +265,23 @@ def test_asyncpg_unnamed_statements(proxy, pg):
     assert stats["pinned_sessions"] == 0
 
 
-def test_asyncpg_named_statements_pin(proxy):
+def test_asyncpg_named_statements_do_not_pin(proxy):
     async def main():
         conn = await asyncpg.connect(**asyncpg_kwargs(proxy))  # default statement cache
         try:
             values = [await conn.fetchval("SELECT $1::int * 3", i) for i in range(5)]
             async with conn.transaction():
                 values.append(await conn.fetchval("SELECT $1::int * 3", 10))
-            assert proxy.stats()["pinned_sessions"] == 1
+            assert proxy.stats()["pinned_sessions"] == 0
             return values
         finally:
             await conn.close()
 
     assert run(main()) == [0, 3, 6, 9, 12, 30]
     stats = proxy.stats()
-    assert stats["SessionPinReasons"].get("prepared_statement", 0) >= 1
-    # The pinned connection came back (reset) when the client left.
-    wait_until(lambda: proxy.stats()["pinned_sessions"] == 0 and proxy.stats()["pool"]["borrowed"] == 0,
-               timeout=5, message="pinned connection returned")
+    assert stats["SessionPinReasons"] == {}
+    assert stats["StatementClients"] == 1
+    wait_until(lambda: proxy.stats()["pool"]["borrowed"] == 0, timeout=5, message="connection returned")
 
 
 def test_asyncpg_many_clients_small_budget(proxy, pg):
@@ -345,20 +344,11 @@ def test_asyncpg_many_clients_small_budget(proxy, pg):
 
 # --- pgbench ----------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def bench_db(pg):
-    name = "benchdb_" + uuid.uuid4().hex[:6]
-    pg.create_database(name, owner=APP_USER)
-    run_cmd(["pgbench", "-i", "-s", "1", "-q", "-h", pg.host, "-p", str(pg.port), "-U", APP_USER, name],
-            env=PGENV, timeout=120)
-    return name
-
-
 @pytest.mark.parametrize("mode,clients", [("simple", 8), ("extended", 8), ("prepared", 4)])
-def test_pgbench(proxy_factory, bench_db, mode, clients):
+def test_pgbench(proxy_factory, pgbench_db, mode, clients):
     proxy = proxy_factory(max_connections_percent=20)   # budget 12 >= clients
     res = run_cmd(["pgbench", "-n", "-M", mode, "-c", str(clients), "-j", "2", "-T", "2",
-                   "-h", proxy.host, "-p", str(proxy.port), "-U", APP_USER, bench_db],
+                   "-h", proxy.host, "-p", str(proxy.port), "-U", APP_USER, pgbench_db],
                   env=PGENV, timeout=60)
     out = res.stdout
     failed = re.search(r"number of failed transactions: (\d+)", out)
@@ -370,30 +360,7 @@ def test_pgbench(proxy_factory, bench_db, mode, clients):
     assert tps is not None and float(tps.group(1)) > 0, out
     stats = proxy.stats()
     assert stats["pool"]["open"] <= 12
-    if mode == "prepared":
-        assert stats["SessionPinReasons"].get("prepared_statement", 0) >= clients
-    else:
-        assert "prepared_statement" not in stats["SessionPinReasons"]
+    assert stats["SessionPinReasons"] == {}
+    assert stats["StatementClients"] == (clients if mode == "prepared" else 0)
 
 
-def test_driver_settings_the_readme_gives_keep_sessions_unpinned(proxy):
-    """README: psycopg with prepare_threshold=None and asyncpg with statement_cache_size=0
-    use unnamed statements only, so their sessions are never pinned."""
-    async def with_asyncpg():
-        conn = await asyncpg.connect(host=proxy.host, port=proxy.port, user=APP_USER,
-                                     password=APP_PASSWORD, database=APP_DB, ssl=False,
-                                     statement_cache_size=0)
-        try:
-            return [await conn.fetchval("SELECT $1::int + 1", i) for i in range(6)]
-        finally:
-            await conn.close()
-
-    assert asyncio.run(with_asyncpg()) == [1, 2, 3, 4, 5, 6]
-    with psycopg.connect(proxy.dsn(), prepare_threshold=None, autocommit=True) as conn:
-        assert [conn.execute("SELECT %s::int", (i,)).fetchone()[0] for i in range(8)] == list(range(8))
-    assert proxy.stats()["SessionPinReasons"] == {}
-    # The defaults do pin (named statements), which is why the README names the settings.
-    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
-        for i in range(8):
-            conn.execute("SELECT %s::int", (i,))
-    assert proxy.stats()["SessionPinReasons"]

@@ -98,6 +98,7 @@ BAD = [
     ({"target_group__max_connections_percent": "20"}, "target_group.max_connections_percent", "must be int"),
     ({"target_group__max_connections_percent": 12.5}, "target_group.max_connections_percent", "must be int"),
     ({"idle_client_timeout": "soon"}, "idle_client_timeout", "must be float"),
+    ({"target_group__max_prepared_statements": -1}, "target_group.max_prepared_statements", "between"),
     ({"require_tls": "yes"}, "require_tls", "must be bool"),
     ({"targets__port": "5432"}, "targets[0].port", "must be int"),
     ({"target_group__session_pinning_filters": "EXCLUDE_VARIABLE_SETS"},

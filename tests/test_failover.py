@@ -339,7 +339,8 @@ def test_pinned_session_on_a_dead_target_gets_a_clear_error(pg_factory, start_pr
 # -- failover --------------------------------------------------------------------------------
 
 def test_failover_drill_no_errors_outside_transactions():
-    """The issue's scenario: 50 clients, primary stopped -m immediate, replica promoted."""
+    """50 clients with psycopg's defaults (named statements after five runs), primary
+    stopped -m immediate, replica promoted."""
     from bench.failover import drill
 
     result = drill(clients=50, promote_after=0.5, interval=0.2, failures=2, log=lambda m: None)
@@ -348,6 +349,9 @@ def test_failover_drill_no_errors_outside_transactions():
     assert result["errors_inside_transaction_max"] <= 1, summary
     assert result["workers_on_new_writer"] == 50, summary      # every client resumed there
     assert result["pause_seconds"] is not None and result["pause_seconds"] < 2.0, summary
+    # psycopg's defaults: every client prepared its statements by name, and none was pinned.
+    assert result["proxy_statement_clients"] >= 50, summary
+    assert result["proxy_pin_reasons"] == {}, summary
 
 
 def test_failover_promote_command_promotes_the_reader(start_proxy, tmp_path):

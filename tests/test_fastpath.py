@@ -620,3 +620,58 @@ def test_fastpath_selection():
     if REQUIRE_CYTHON and not fastpath.PURE_PYTHON_FORCED:
         assert fastpath.IMPLEMENTATION == "cython"
 
+
+
+# -- the statement renaming quick lane (statements_py / statements_c) -------------------------
+
+STATEMENTS = {"py": _load("statements_py"), "c": _load("statements_c")}
+
+
+def _bind(portal, statement, params=b"\x00\x00\x00\x00\x00\x00"):
+    return msg(ord("B"), portal + b"\x00" + statement + b"\x00" + params)
+
+
+def test_rename_binds_renames_named_binds_only():
+    py = _require(STATEMENTS, "py")
+    from collections import OrderedDict
+    for module in (py, _require(STATEMENTS, "c")):
+        cache = OrderedDict([(b"k1", b"rdsproxy_1"), (b"k2", b"rdsproxy_2")])
+        chunk = (_bind(b"", b"s1") + msg(ord("D"), b"P\x00") + msg(ord("E"), b"\x00" + bytes(4))
+                 + msg(ord("S")) + _bind(b"p", b"") + msg(ord("E"), b"p\x00" + bytes(4)))
+        sent, ready, unsynced = module.rename_binds(chunk, {b"s1": b"k1"}, cache)
+        assert sent == (_bind(b"", b"rdsproxy_1") + chunk[len(_bind(b"", b"s1")):])
+        assert (ready, unsynced) == (1, [ord("B"), ord("E")])
+        assert list(cache) == [b"k2", b"k1"]   # used last
+        for long_way in (_bind(b"", b"unknown"), msg(ord("P"), b"s\x00select 1\x00\x00\x00"),
+                         msg(ord("D"), b"Ss1\x00"), msg(ord("C"), b"Ss1\x00"),
+                         msg(ord("Q"), b" DEALLOCATE ALL\x00"),
+                         msg(ord("P"), b"\x00discard all\x00\x00\x00"), chunk[:-3]):
+            assert module.rename_binds(long_way, {b"s1": b"k1"}, cache) is None, long_way
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from([
+    ("B", b"", b"s1"), ("B", b"p", b"s2"), ("B", b"", b""), ("B", b"", b"nope"), ("E",), ("S",),
+    ("H",), ("Q", b"select 1"), ("D", b"P"), ("C", b"P"), ("P", b""), ("P", b"s1"), ("F",)]),
+    max_size=12), st.integers(min_value=0, max_value=40))
+def test_rename_binds_twins_agree(messages, cut):
+    from collections import OrderedDict
+    py, c = _require(STATEMENTS, "py"), _require(STATEMENTS, "c")
+    chunk = b""
+    for m in messages:
+        if m[0] == "B":
+            chunk += _bind(m[1], m[2])
+        elif m[0] in "DC":
+            chunk += msg(ord(m[0]), m[1] + b"\x00")
+        elif m[0] == "P":
+            chunk += msg(ord("P"), m[1] + b"\x00select 1\x00\x00\x00")
+        elif m[0] == "Q":
+            chunk += msg(ord("Q"), m[1] + b"\x00")
+        else:
+            chunk += msg(ord(m[0]), bytes(4) if m[0] in "EF" else b"")
+    chunk = chunk[:len(chunk) - cut] if cut < len(chunk) else chunk
+    results = []
+    for module in (py, c):
+        cache = OrderedDict([(b"k1", b"rdsproxy_1"), (b"k2", b"rdsproxy_22")])
+        results.append((module.rename_binds(chunk, {b"s1": b"k1", b"s2": b"k2"}, cache), list(cache)))
+    assert results[0] == results[1]

@@ -10,7 +10,7 @@ from rdsproxy.engines.postgres.pinning import PREFILTER
 
 KEYWORDS = {"py": _load("keywords_py"), "c": _load("keywords_c")}
 LEADING = [b"/*", b"--", b"set", b"reset", b"prepare", b"declare", b"discard", b"do",
-           b"listen", b"load", b"drop", b"alter", b"create", b"call"]
+           b"listen", b"load", b"drop", b"alter", b"create", b"call", b"deallocate"]
 ANYWHERE = [b"temp", b"tval", b"_config", b"y_lock", b"(", b"u&"]
 
 

@@ -80,8 +80,9 @@ def test_rule_pins_and_state_never_leaks(proxy_factory, shared_sequence, name, s
         assert proxy.stats()["pinned_sessions"] == 0
 
 
-def test_protocol_named_parse_pins(proxy_factory):
-    proxy = proxy_factory(max_connections_percent=2)
+def test_protocol_named_parse_pins_when_statements_are_not_kept(proxy_factory):
+    """max_prepared_statements = 0: a named Parse pins, as in RDS Proxy."""
+    proxy = proxy_factory(max_connections_percent=2, max_prepared_statements=0)
     with psycopg.connect(proxy.dsn(), autocommit=True) as first:
         first.execute("select %s::int", (1,), prepare=True)  # a named statement (_pg3_0)
         assert proxy.stats()["SessionPinReasons"].get("prepared_statement") == 1
@@ -89,6 +90,18 @@ def test_protocol_named_parse_pins(proxy_factory):
         # DISCARD ALL removed it: the same name can be prepared again without a clash.
         second.execute("select %s::int", (2,), prepare=True)
         assert second.execute("select count(*) from pg_prepared_statements").fetchone()[0] == 1
+
+
+def test_protocol_named_parse_does_not_pin(proxy_factory):
+    proxy = proxy_factory(max_connections_percent=2)
+    with psycopg.connect(proxy.dsn(), autocommit=True) as first:
+        assert first.execute("select %s::int", (1,), prepare=True).fetchone() == (1,)
+    with psycopg.connect(proxy.dsn(), autocommit=True) as second:
+        # The same client name on the same connection: each client has its own view.
+        assert second.execute("select %s::int", (2,), prepare=True).fetchone() == (2,)
+        assert second.execute("select %s::text", ("x",), prepare=True).fetchone() == ("x",)
+    stats = proxy.stats()
+    assert stats["SessionPinReasons"] == {} and stats["StatementClients"] == 2
 
 
 def test_startup_options_pin_and_apply(proxy_factory):

@@ -12,18 +12,21 @@ if not PURE_PYTHON_FORCED:
         from . import pool_c as pool
         from . import keywords_c as keywords
         from . import relay_c as relay
+        from . import statements_c as statements
         IMPLEMENTATION = "cython"
     except ImportError:
         from . import framing_py as framing
         from . import pool_py as pool
         from . import keywords_py as keywords
         from . import relay_py as relay
+        from . import statements_py as statements
         IMPLEMENTATION = "python"
 else:
     from . import framing_py as framing
     from . import pool_py as pool
     from . import keywords_py as keywords
     from . import relay_py as relay
+    from . import statements_py as statements
     IMPLEMENTATION = "python"
 
 # The client-socket reactor compiles only where epoll exists: elsewhere (and in pure mode)
@@ -50,7 +53,9 @@ LoginDesk = relay.LoginDesk
 SessionFactory = relay.SessionFactory
 ClientLedger = relay.ClientLedger
 MetricCounters = relay.MetricCounters
+rename_binds = statements.rename_binds
+drops_statements = statements.drops_statements
 
 __all__ = ["IMPLEMENTATION", "reactor", "MessageScanner", "FramingError", "split_messages", "PoolCore",
            "KeywordScanner", "ClientRelay", "ServerRelay", "Entropy", "StartupPlan", "LoginDesk",
-           "SessionFactory", "ClientLedger", "MetricCounters"]
+           "SessionFactory", "ClientLedger", "MetricCounters", "rename_binds", "drops_statements"]

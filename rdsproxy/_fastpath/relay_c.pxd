@@ -18,6 +18,10 @@ cdef int STATUS_IDLE
 cdef int MSG_QUERY
 cdef int MSG_PARSE
 cdef int MSG_FUNCTION_CALL
+cdef int MSG_BIND
+cdef int MSG_DESCRIBE
+cdef int MSG_CLOSE
+cdef int MSG_STATEMENT
 cdef Py_ssize_t PENDING_LIMIT
 cdef Py_ssize_t REPLAY_CHUNKS
 cdef Py_ssize_t HOLD_LIMIT
@@ -140,6 +144,8 @@ cdef class ClientRelay:
     cdef public object pin_reason
     cdef public bint pinned_server
     cdef public bint unverified
+    cdef public object statements
+    cdef public bint chunk_at_boundary
     cdef public bint waiting
     cdef public bint terminating
     cdef public bint reading_paused
@@ -177,7 +183,7 @@ cdef class ClientRelay:
 
     cpdef data_received(self, data)
     @cython.locals(n=Py_ssize_t, server=ServerRelay, scanner=MessageScanner, conn=ServerRelay,
-                   replay=list)
+                   replay=list, statements=object, out=object)
     cdef received(self, data)
 
     # cdef (C calls only): Cython checks every call of a cpdef method on an instance with a
@@ -189,7 +195,8 @@ cdef class ClientRelay:
                    at=Py_ssize_t, i=int)
     cdef bint quick_login(self, data) except -1
 
-    @cython.locals(mtype=int, payload=bytes, entry=tuple, prefilter=KeywordScanner, unpinned=bint)
+    @cython.locals(mtype=int, payload=bytes, entry=tuple, prefilter=KeywordScanner, unpinned=bint,
+                   nul=Py_ssize_t)
     cdef screen(self, data)
     @cython.locals(scanner=MessageScanner)
     cpdef terminate(self, data)
@@ -215,6 +222,8 @@ cdef class ServerRelay:
     cdef public list held
     cdef public Py_ssize_t held_size
     cdef public long last_client_pid
+    cdef public object answers
+    cdef public bint tracking
     cdef dict __dict__
 
     cpdef data_received(self, data)

@@ -38,6 +38,10 @@ STATUS_IDLE = 73          # ReadyForQuery 'I'
 MSG_QUERY = 81            # 'Q'
 MSG_PARSE = 80            # 'P'
 MSG_FUNCTION_CALL = 70    # 'F'
+MSG_BIND = 66             # 'B'
+MSG_DESCRIBE = 68         # 'D'
+MSG_CLOSE = 67            # 'C'
+MSG_STATEMENT = 83        # 'S': Describe and Close of a statement (not a portal)
 PENDING_LIMIT = 262144    # bytes a waiting client may queue in the proxy before we pause it
 REPLAY_CHUNKS = 16        # chunks of one request kept for a replay; a longer one is not replayed
 HOLD_LIMIT = 65536        # bytes of an answer held back while its request may be replayed
@@ -258,6 +262,10 @@ class ClientRelay:
         # Sent something whose effect on the session the text does not show: the engine
         # asks the server about the session before the connection serves anyone else.
         self.unverified = False
+        # The client names statements: its bytes are rewritten for the connection it holds
+        # (the engine's StatementBook, with `forward`, `attached` and `rewind`).
+        self.statements = None
+        self.chunk_at_boundary = True   # the chunk being handled began at a message boundary
         self.waiting = False
         self.terminating = False
         self.reading_paused = False
@@ -344,6 +352,7 @@ class ClientRelay:
         # Kept for a Terminate that comes alone: what the client sent before it is what
         # its server connection is left with (see terminate()).
         self.type_before_chunk = scanner.last_type
+        self.chunk_at_boundary = scanner.at_boundary()
         try:
             n = scanner.feed(data)
         except Exception as exc:  # FramingError: a length that cannot be right
@@ -355,7 +364,13 @@ class ClientRelay:
         server = self.server
         if server is not None:
             if data:
-                wire_write(server.transport, data)
+                statements = self.statements
+                if statements is None:
+                    wire_write(server.transport, data)
+                else:
+                    out = statements.forward(data, server, self.transport, self.outstanding - n)
+                    if out:
+                        wire_write(server.transport, out)
                 replay = self.replay
                 if replay is not None:
                     if len(replay) < REPLAY_CHUNKS:
@@ -472,12 +487,26 @@ class ClientRelay:
                 if unpinned and (entry[2] > len(payload) or prefilter.may_match(payload)):
                     return self.inspect(data)
             elif mtype == MSG_PARSE:
-                # An unnamed statement (first byte NUL) whose text the prefilter clears.
-                if unpinned and (entry[2] > len(payload) or not payload or payload[0] != 0
-                                 or prefilter.may_match(payload)):
+                # An unnamed statement (first byte NUL) whose text the prefilter clears;
+                # a named one is the engine's (the proxy keeps it, or the client is pinned).
+                if not payload or payload[0] != 0:
+                    if unpinned or self.statements is None:
+                        return self.inspect(data)
+                elif unpinned and (entry[2] > len(payload) or prefilter.may_match(payload)):
                     return self.inspect(data)
             elif mtype == MSG_FUNCTION_CALL:
                 if unpinned:
+                    return self.inspect(data)
+            elif mtype == MSG_BIND:
+                # A named statement sent as it is (no StatementBook): the engine checks it
+                # is none of the proxy's own.
+                if self.statements is None:
+                    nul = payload.find(b"\x00")
+                    if nul < 0 or nul + 1 >= len(payload) or payload[nul + 1] != 0:
+                        return self.inspect(data)
+            elif mtype == MSG_DESCRIBE or mtype == MSG_CLOSE:
+                if (self.statements is None and len(payload) > 1 and payload[0] == MSG_STATEMENT
+                        and payload[1] != 0):
                     return self.inspect(data)
             else:
                 captured.clear()
@@ -514,14 +543,22 @@ class ClientRelay:
         conn.client = self
         conn.last_client_pid = self.pid
         pending = self.pending
+        statements = self.statements
         if pending:
             self.pending = []
             self.pending_size = 0
-            wire_write(conn.transport, pending[0] if len(pending) == 1 else b"".join(pending))
             # Requests starting on a clean connection can be replayed until answered.
             self.replay = pending if self.outstanding > 0 and self.pin_reason is None else None
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            if statements is not None:
+                statements.attached(conn, self.replay is not None, self.transport)
+                data = statements.forward(data, conn, self.transport, 0)
+            if data:
+                wire_write(conn.transport, data)
         else:
             self.replay = None
+            if statements is not None:
+                statements.attached(conn, False, self.transport)
         if self.reading_paused:
             self.reading_paused = False
             self.transport.resume_reading()
@@ -533,7 +570,7 @@ class ClientRelay:
         server = self.server
         if (outstanding <= 0 and status == STATUS_IDLE and self.pin_reason is None
                 and not UNSYNCED_MASK[self.scanner.last_type] and self.scanner.at_boundary()
-                and server.scanner.at_boundary()):
+                and server.scanner.at_boundary() and not server.tracking):
             if self.unverified:
                 self.verify_session(server)   # the engine's: it releases or pins
                 return
@@ -574,6 +611,10 @@ class ServerRelay:
         self.held = None          # answer chunks held back while a replay is still possible
         self.held_size = 0
         self.last_client_pid = 0  # the BackendKeyData pid of the client it served last
+        # Named statements (the engine's ServerStatements, or None), and whether answers
+        # owed to the client need its hand before they reach it.
+        self.answers = None
+        self.tracking = False
 
     def data_received(self, data):
         self.received(data)
@@ -614,6 +655,9 @@ class ServerRelay:
                 self.held_size = 0
         if scanner.captured:
             data = self.server_messages(data)
-        wire_write(client.transport, data)
+        if self.tracking:
+            data = self.answers.answer(data)
+        if data:
+            wire_write(client.transport, data)
         if n or not client.outstanding:  # the latter: finish a release held back mid-message
             client.on_server_ready(n, scanner.status)

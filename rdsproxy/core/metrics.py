@@ -31,6 +31,10 @@ class Metrics(MetricCounters):
         # Sessions whose state was asked of the server after a transaction the pinning
         # rules could not vouch for (a user's function, DO, CALL, FunctionCall).
         "SessionStateChecks",
+        # Clients whose named prepared statements the proxy keeps (not pinned for them),
+        # and statements it prepared on database connections for them.
+        "StatementClients",
+        "StatementsPrepared",
     )
 
     def __init__(self):

@@ -10,6 +10,7 @@ import os
 
 from ... import _fastpath
 from ..._fastpath import LoginDesk, MessageScanner, SessionFactory, StartupPlan
+from ..._fastpath.framing_py import type_mask
 from ...auth.md5 import md5_inner_hash
 from ...auth.scram import make_server_key_material
 from ...core.engine import BaseEngine
@@ -18,6 +19,7 @@ from ...core.targets import AUTH_FAILURE, ProbeError, Target
 from . import protocol as pg
 from .accounts import MD5, SCRAM, Account, decoy_account, default_method, login_method
 from .backend import ServerError, open_server_connection, send_cancel
+from .statements import ServerStatements
 from .frontend import CLOSED, READY, ClientConnection
 from .health import probe as health_probe
 from .pinning import PREFILTER, PinningRules
@@ -55,9 +57,12 @@ class PostgresEngine(BaseEngine):
         # every borrow and return, and `is` settles that before any tuple is compared.
         self._session_parts: dict = {}
         # The template of every client's scanner (ClientConnection: .fresh() of it).
-        self.client_scanner = MessageScanner(counted=b"QSF", captured=b"QPXF",
+        # Bind, Describe and Close are copied only to see that a client which sends them
+        # as they are names none of the proxy's statements (frontend.reserved_statement_name).
+        self.client_scanner = MessageScanner(counted=b"QSF", captured=b"QPXFBDC",
                                              capture_limit=self.rules_capture_limit,
                                              max_message_size=config.max_message_size)
+        self.statement_client_mask = type_mask(b"QPXF")
         # What the relay's login lane shares: StartupPlans by raw startup packet (clients
         # that connect again and again send the same one), cancel keys (pid -> client).
         self.logins = LoginDesk(self.entropy, metrics, self.router, UNROUTED,
@@ -128,6 +133,9 @@ class PostgresEngine(BaseEngine):
         except BaseException:
             conn.close()
             raise
+        capacity = self.config.target_group.max_prepared_statements
+        if capacity:
+            conn.answers = ServerStatements(conn, capacity, self.metrics)
         self.defaults.setdefault(key, dict(conn.parameters))
         # Notifications name backends by pid: which connection (and so client) that is.
         conn.backends = self.backends

@@ -29,8 +29,10 @@ from ...core.sessions import ClientSide, describe_peer
 from . import protocol as pg
 from .backend import ServerError
 from .accounts import CLEARTEXT, SCRAM, login_method
+from .statements import SERVER_NAME_PREFIX, StatementBook
 from .pinning import (
     LOAD,
+    PREPARED_STATEMENT,
     STARTUP_OPTIONS,
     UNKNOWN_STATE,
     UNVERIFIED,
@@ -40,6 +42,7 @@ from .sessionstate import (
     SETTINGS_SQL,
     STATE_CHECK_SQL,
     current_settings_sql,
+    proxy_statement_names,
     read_current_settings,
     read_settings,
     verdict,
@@ -55,6 +58,9 @@ STATUS_IDLE = 73          # 'I'
 MSG_QUERY = 81            # 'Q'
 MSG_PARSE = 80            # 'P'
 MSG_FUNCTION_CALL = 70    # 'F'
+MSG_BIND = 66             # 'B'
+MSG_DESCRIBE = 68         # 'D'
+MSG_CLOSE = 67            # 'C'
 MSG_TERMINATE = 88        # 'X'
 MSG_PASSWORD = 112        # 'p'
 MSG_ERROR = 69            # 'E'
@@ -132,6 +138,20 @@ def server_last_words(held) -> str:
         if mtype in (MSG_ERROR, MSG_NOTICE):
             return pg.parse_error_fields(payload).get("M", "")
     return ""
+
+
+_NAMING = (MSG_PARSE, MSG_BIND, MSG_DESCRIBE, MSG_CLOSE)
+
+
+def reserved_statement_name(mtype: int, payload: bytes) -> bool:
+    """Whether a Parse, Bind, Describe or Close names a statement as the proxy names its own."""
+    if mtype == MSG_BIND:
+        start = payload.find(b"\x00") + 1
+    elif mtype == MSG_PARSE:
+        start = 0
+    else:
+        start = 1 if payload[:1] == b"S" else len(payload)
+    return payload.startswith(SERVER_NAME_PREFIX, start)
 
 
 def _give_back(conn, clean: bool) -> None:
@@ -258,6 +278,20 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
             if mtype == MSG_TERMINATE:
                 data = self.terminate(data)
                 break
+            if mtype in _NAMING and self.statements is None:
+                # Sent as it is: a name of the proxy's own would reach statements that
+                # other clients prepared on this connection.
+                if reserved_statement_name(mtype, payload):
+                    self.engine.metrics.ProtocolErrors += 1
+                    log.warning("client %s (user %s): used a reserved statement name", self.peer, self.user)
+                    self.fatal("08P01", "prepared statement names beginning with "
+                               f"\"{SERVER_NAME_PREFIX.decode()}\" are reserved by the proxy")
+                    data = b""
+                    break
+                if mtype != MSG_PARSE:
+                    continue
+            elif mtype in _NAMING and mtype != MSG_PARSE:
+                continue
             if self.pin_reason is not None:
                 continue
             if mtype == MSG_FUNCTION_CALL:
@@ -275,14 +309,41 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
                 nul = payload.find(b"\x00")
                 end = payload.find(b"\x00", nul + 1) if len(payload) == length else -1
                 sql = payload[nul + 1:end] if end >= 0 else payload[nul + 1:]
-                reason = rules.classify_parse(payload[:nul], sql,
-                                              len(sql) if end >= 0 else length - nul - 1)
+                full_length = len(sql) if end >= 0 else length - nul - 1
+                if nul > 0 and self.statements is None and not self._name_statements():
+                    reason = PREPARED_STATEMENT
+                else:
+                    reason = rules.classify_query(sql, full_length)
             if reason == UNVERIFIED:
                 self.unverified = True
             elif reason is not None:
                 self.pin(reason)
         self.scanner.captured.clear()
         return data
+
+    def _name_statements(self) -> bool:
+        """The client names a statement: from now on its statements are the proxy's to keep
+        (statements.py). False when it must be pinned instead: named statements are turned
+        off, or requests already sent on its connection have answers on the way that the
+        proxy did not track."""
+        capacity = self.engine.config.target_group.max_prepared_statements
+        if not capacity:
+            return False
+        server = self.server
+        if server is not None and (self.outstanding
+                                   or UNSYNCED_MASK[self.type_before_chunk]
+                                   or not self.chunk_at_boundary):
+            return False
+        book = StatementBook(capacity, self.engine.metrics)
+        if server is not None:
+            book.attached(server, False, self.transport)
+        if self.replay is not None:
+            book.snapshot = {}   # a replay of this request starts from an empty book
+        self.statements = book
+        # Its Binds, Describes and Closes are the book's now: the scanner need not copy them.
+        self.scanner.captured_mask = self.engine.statement_client_mask
+        self.engine.metrics.StatementClients += 1
+        return True
 
     def verify_session(self, server):
         """The transaction that left `unverified` set is over: before `server` goes back
@@ -302,9 +363,13 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         self._syncing = None
         reason = None
         if error is None:
+            answers = server.answers
             try:
                 reason = verdict(rows, server.user, server.known_settings,
-                                 variable_sets_pin=not self.engine.rules.variable_sets_excluded)
+                                 variable_sets_pin=not self.engine.rules.variable_sets_excluded,
+                                 proxy_statements=answers.names() if answers is not None else ())
+                if answers is not None:
+                    answers.keep_only(proxy_statement_names(rows))
             except (ValueError, IndexError) as exc:
                 error = exc
         if error is not None and not server.closed:
@@ -475,6 +540,8 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         self.engine.server_connection_died(server.pool)
         if self.state != READY:
             return
+        if self.replay is not None and self.statements is not None and self.statements.spoke:
+            self.replay = None   # the proxy answered part of it already: not sent again
         if self.replay is not None and answer_completed_a_statement(server.held):
             # A statement finished but its transaction's end (ReadyForQuery) never came: it
             # was committing when the server went away, and may or may not have committed.
@@ -492,6 +559,8 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
             self.pending = self.replay + self.pending
             self.pending_size = sum(len(chunk) for chunk in self.pending)
             self.replay = None
+            if self.statements is not None:
+                self.statements.rewind()
             self.waiting = True
             self.engine.hold_for_health_check(self, server)
             return
@@ -599,6 +668,8 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
                 if full_reset:
                     server.applied = ()
                     server.known_settings = read_settings(rows)
+                    if server.answers is not None:
+                        server.answers.clear()   # DISCARD ALL dropped them
                 server.scanner.status = STATUS_IDLE
                 pool.release(server)
         next_step()

@@ -38,7 +38,7 @@ LONG_STATEMENT_BYTES = 16384
 # "u&": a U&"..." name can spell pg_temp or anything else without its letters.
 PREFILTER = KeywordScanner(
     leading=[b"/*", b"--", b"set", b"reset", b"prepare", b"declare", b"discard", b"do",
-             b"listen", b"load", b"drop", b"alter", b"create", b"call"],
+             b"listen", b"load", b"drop", b"alter", b"create", b"call", b"deallocate"],
     anywhere=[b"temp", b"tval", b"_config", b"y_lock", b"(", b"u&"])
 
 # Lexer pieces (PostgreSQL scan.l, simplified to what classification needs).
@@ -518,7 +518,8 @@ class PinningRules:
                     if reason is not None and reason not in excluded:
                         return reason
             first = _word(stmt, 0)
-            if first in ("do", "call") or (plpgsql and "execute" in (t[1] for t in stmt if t[0] == _WORD)):
+            # DEALLOCATE may drop the proxy's own statements: the check recounts them.
+            if first in ("do", "call", "deallocate") or (plpgsql and "execute" in (t[1] for t in stmt if t[0] == _WORD)):
                 unverified = True   # code the text does not show, or text built at run time
             reason = self._calls(stmt)
             if reason == UNVERIFIED:

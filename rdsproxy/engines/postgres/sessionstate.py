@@ -26,6 +26,10 @@ from .pinning import (
 _EQ = "OPERATOR(pg_catalog.=)"
 _NE = "OPERATOR(pg_catalog.<>)"
 _TEMP = "pg_catalog.pg_my_temp_schema()"
+# Statements the proxy prepared for clients' named ones (statements.py) are its own, not
+# the session's: rdsproxy_ and digits (or rdsproxy_missing and rdsproxy_check, which only
+# live for a moment, if at all).
+_NOT_PROXYS = "name OPERATOR(pg_catalog.!~) '^rdsproxy_([0-9]+|missing|check)$'"
 
 # Settings the session itself set (SET, set_config, a function's SET), as the server
 # spells their values. The role is asked for on its own.
@@ -44,7 +48,9 @@ STATE_CHECK_SQL = (
     f" AND pid {_EQ} pg_catalog.pg_backend_pid()),"
     " EXISTS (SELECT FROM pg_catalog.pg_listening_channels()),"
     " EXISTS (SELECT FROM pg_catalog.pg_cursors),"
-    " EXISTS (SELECT FROM pg_catalog.pg_prepared_statements); "
+    f" EXISTS (SELECT FROM pg_catalog.pg_prepared_statements WHERE {_NOT_PROXYS}),"
+    " (SELECT pg_catalog.string_agg(name, ' ') FROM pg_catalog.pg_prepared_statements"
+    f" WHERE NOT ({_NOT_PROXYS})); "
     + SETTINGS_SQL)
 
 
@@ -83,20 +89,29 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def proxy_statement_names(rows: list[bytes]) -> set[bytes]:
+    """The proxy's statements the state check found on the connection."""
+    listed = data_row(rows[0])[7] if rows else None
+    return set(listed.encode().split()) if listed else set()
+
+
 def verdict(rows: list[bytes], login_user: str, known_settings: dict[str, str],
-            variable_sets_pin: bool = True) -> str | None:
+            variable_sets_pin: bool = True, proxy_statements=()) -> str | None:
     """Why the client must keep this connection, from STATE_CHECK_SQL's answer; None
     when the session holds nothing but what the proxy itself put there.
 
     `known_settings`: the values the proxy set on the connection (its startup parameter
     sync, init_query). With EXCLUDE_VARIABLE_SETS (`variable_sets_pin` False) settings
-    do not pin; the role always does."""
+    do not pin; the role always does. `proxy_statements`: the names the proxy knows it
+    prepared there; one of its names it does not know was made by the client."""
     if not rows:
         raise ValueError("the state check returned no row")
     facts = data_row(rows[0])
-    if len(facts) != 7:
+    if len(facts) != 8:
         raise ValueError(f"the state check returned {len(facts)} columns")
-    role, session_user, temp, locks, listening, cursors, statements = facts
+    role, session_user, temp, locks, listening, cursors, statements, proxys = facts
+    if proxys and not set(proxys.encode().split()) <= set(proxy_statements):
+        statements = "t"
     if role != "none" or session_user != login_user:
         return SET_ROLE
     for reason, held in ((TEMPORARY_OBJECT, temp), (ADVISORY_LOCK, locks), (LISTEN, listening),
