@@ -21,7 +21,7 @@ import psycopg
 from conftest import APP_DB, APP_PASSWORD, APP_USER
 from proxyproc import ProxyProcess
 from psycopg import pq
-from utils import libpq_dsn, run
+from utils import free_port, libpq_dsn, run
 
 
 @dataclass
@@ -86,10 +86,16 @@ class Differential:
 
 
 @contextmanager
-def proxied_differential(directory, cluster, **target_group):
+def proxied_differential(directory, cluster, admin=False, **target_group):
     """A Differential over a proxy subprocess in front of `cluster` (libpq's blocking
-    calls would hold the GIL against a proxy in the test's own process)."""
-    process = ProxyProcess(directory, cluster, [(APP_USER, APP_PASSWORD)], **target_group)
+    calls would hold the GIL against a proxy in the test's own process); with `admin`,
+    its /stats are `diff.proxied.stats()`."""
+    top = {}
+    if admin:
+        top["admin"] = {"listen": f"127.0.0.1:{free_port()}"}
+    process = ProxyProcess(directory, cluster, [(APP_USER, APP_PASSWORD)], top=top, **target_group)
+    if admin:
+        process.stats = lambda: admin_stats(top["admin"]["listen"])
     try:
         yield Differential(cluster, process)
     finally:

@@ -324,7 +324,7 @@ def test_pinned_session_on_a_dead_target_gets_a_clear_error(pg_factory, start_pr
                                      endpoints=[{"name": "rw", "listen": "127.0.0.1:0"}]))
     wait_available(proxy, "only")
     pinned = psycopg.connect(dsn(proxy), autocommit=True)
-    pinned.execute("SET statement_timeout = '5min'")          # pins (RDS Proxy's SET rule)
+    pinned.execute("CREATE TEMP TABLE pinned_here (a int)")   # pins: temporary_object
     plain = psycopg.connect(dsn(proxy), autocommit=True, prepare_threshold=None)
     plain.execute("SELECT 1")
     cluster.kill()

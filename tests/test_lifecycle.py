@@ -198,7 +198,7 @@ def test_sighup_reloads_secrets(pg, tmp_path):
 def test_idle_pinned_client_times_out(proxy_factory):
     proxy = proxy_factory(top={"idle_client_timeout": 1})
     with connect(proxy.dsn()) as conn:
-        conn.execute("SET statement_timeout = '5min'")       # pins: set_variable
+        conn.execute("CREATE TEMP TABLE idle_pinned (a int)")   # pins: temporary_object
         wait_until(lambda: proxy.stats()["pinned_sessions"] == 1, timeout=5, message="pinned")
         assert wait_readable(conn, 4.0), "the idle pinned client was not disconnected"
         with pytest.raises(psycopg.OperationalError, match="idle_client_timeout"):

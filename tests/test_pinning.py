@@ -26,11 +26,6 @@ def error_state(conn, sql) -> str | None:
 # (name, SQL run by the first client, reason, check run by the next client on the same
 #  server connection: returns True when it sees no trace of the first client's state)
 RULES = [
-    ("set", ["SET search_path TO pg_catalog"], "set_variable",
-     lambda c: c.execute("show search_path").fetchone()[0] == '"$user", public'),
-    ("reset", ["RESET work_mem"], "set_variable", None),
-    ("set_config", ["select set_config('work_mem', '77MB', false)"], "set_variable",
-     lambda c: c.execute("show work_mem").fetchone()[0] != "77MB"),
     ("prepare", ["PREPARE pinme AS SELECT 1"], "prepared_statement",
      lambda c: error_state(c, "EXECUTE pinme") == "26000"),
     ("temp_table", ["CREATE TEMP TABLE pin_t(a int)", "INSERT INTO pin_t VALUES (1)"], "temporary_object",
@@ -144,6 +139,32 @@ def test_transaction_scoped_state_does_not_pin(proxy, statements):
         assert stats["pool"]["borrowed"] == 0, "the connection goes back between transactions"
 
 
+# SET and its kin do not pin: the client's settings are carried with it (tests/test_settings.py
+# compares them with direct sessions). Here: the next client on the same backend is clean.
+SETTINGS = [
+    ("set", "SET search_path TO pg_catalog",
+     lambda c: c.execute("show search_path").fetchone()[0] == '"$user", public'),
+    ("reset", "RESET work_mem", None),
+    ("set_config", "select set_config('work_mem', '77MB', false)",
+     lambda c: c.execute("show work_mem").fetchone()[0] != "77MB"),
+]
+
+
+@pytest.mark.parametrize("name,sql,clean", SETTINGS, ids=[s[0] for s in SETTINGS])
+def test_settings_do_not_pin_and_do_not_leak(proxy_factory, name, sql, clean):
+    proxy = proxy_factory(max_connections_percent=2)
+    with psycopg.connect(proxy.dsn(), autocommit=True) as first:
+        pid = backend_pid(first)
+        first.execute(sql)
+        assert proxy.stats()["pinned_sessions"] == 0
+    wait_until(lambda: proxy.stats()["pool"]["borrowed"] == 0, message="connection returned")
+    with psycopg.connect(proxy.dsn(), autocommit=True) as second:
+        assert backend_pid(second) == pid, "the budget of one should hand over the same connection"
+        if clean is not None:
+            assert clean(second), f"{name}: the next client saw the first client's setting"
+    assert proxy.stats()["SessionPinReasons"] == {}
+
+
 def test_exclude_variable_sets_filter(proxy_factory):
     proxy = proxy_factory(session_pinning_filters=["EXCLUDE_VARIABLE_SETS"])
     with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
@@ -157,6 +178,7 @@ def test_pinned_client_holds_its_connection_while_others_multiplex(proxy_factory
     proxy = proxy_factory(max_connections_percent=4)  # budget 2
     with psycopg.connect(proxy.dsn(), autocommit=True) as pinned:
         pinned.execute("SET application_name = 'pinned-one'")
+        pinned.execute("CREATE TEMP TABLE pinned_here (a int)")   # pins
         pid = backend_pid(pinned)
         others = [psycopg.connect(proxy.dsn(), autocommit=True) for _ in range(5)]
         try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 import re
-import threading
 
 import asyncpg
 import psycopg
@@ -19,8 +18,8 @@ import pytest
 from psycopg import pq
 
 from conftest import APP_DB, APP_PASSWORD, APP_USER
-from differential import error_of, flush, next_result, proxied_differential
-from utils import run, run_cmd, wait_until
+from differential import flush, next_result, proxied_differential
+from utils import concurrently, run, run_cmd
 
 PGENV = {"PGPASSWORD": APP_PASSWORD, "PGCONNECT_TIMEOUT": "10"}
 POOL_OF_TWO = {"max_connections_percent": 4}   # of the session cluster's 60
@@ -54,28 +53,19 @@ def test_pgbench_prepared_many_clients_two_connections(proxy_factory, pgbench_db
 
 def test_psycopg_default_clients_share_a_pool(proxy_factory):
     proxy = proxy_factory(**POOL_OF_TWO)
-    errors, results = [], {}
 
     def client(n):
-        try:
-            with psycopg.connect(proxy.dsn(), autocommit=True) as conn:   # prepare_threshold=5
-                seen = [conn.execute("select %s::int * 2, %s::text", (i, f"c{n}")).fetchone()
-                        for i in range(12)]
-                with conn.transaction():
-                    seen += [conn.execute("select %s::int * 2, %s::text", (i, f"c{n}")).fetchone()
-                             for i in range(12, 16)]
-                seen.append(conn.execute("select count(*) from pg_class where relname = %s",
-                                         ("nothing",)).fetchone())
-                results[n] = seen
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append((n, exc))
+        with psycopg.connect(proxy.dsn(), autocommit=True) as conn:   # prepare_threshold=5
+            seen = [conn.execute("select %s::int * 2, %s::text", (i, f"c{n}")).fetchone()
+                    for i in range(12)]
+            with conn.transaction():
+                seen += [conn.execute("select %s::int * 2, %s::text", (i, f"c{n}")).fetchone()
+                         for i in range(12, 16)]
+            seen.append(conn.execute("select count(*) from pg_class where relname = %s",
+                                     ("nothing",)).fetchone())
+            return seen
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(12)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert errors == []
+    results = concurrently(client, range(12))
     for n in range(12):
         assert results[n] == [(i * 2, f"c{n}") for i in range(16)] + [(0,)]
     stats = proxy.stats()
@@ -300,21 +290,7 @@ def test_randomized_statement_traffic_matches_direct(differential):
     for round_ in range(6):   # eight clients at a time over the two connections
         seeds = list(range(round_ * 8, round_ * 8 + 8))
         direct = {seed: pipeline(differential.direct, random_steps(seed)) for seed in seeds}
-        proxied = {}
-        errors = []
-
-        def client(seed):
-            try:
-                proxied[seed] = pipeline(differential.proxy, random_steps(seed))
-            except Exception as exc:  # noqa: BLE001 - reported below
-                errors.append((seed, exc))
-
-        threads = [threading.Thread(target=client, args=(seed,)) for seed in seeds]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert errors == []
+        proxied = concurrently(lambda seed: pipeline(differential.proxy, random_steps(seed)), seeds)
         for seed in seeds:
             assert proxied[seed] == direct[seed], f"seed {seed}: {random_steps(seed)}"
 

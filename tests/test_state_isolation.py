@@ -68,7 +68,7 @@ ATTACKS = [
      "temporary_object", "select count(*) = 0 from pg_temp.iso_accounts"),
     ("function_sets_role", "select iso_set_role()", "set_role",
      "select current_user = 'iso_admin'"),
-    ("function_sets_search_path", "select iso_search_path()", "set_variable",
+    ("function_sets_search_path", "select iso_search_path()", None,   # carried, not pinned
      "select current_setting('search_path') = 'iso_evil, public'"),
     ("function_locks", "select iso_lock()", "advisory_lock",
      "select count(*) = 1 from pg_locks where locktype = 'advisory' and pid = pg_backend_pid()"),
@@ -140,13 +140,19 @@ def test_state_made_out_of_sight_stays_with_its_client(proxy_factory, pg, isolat
         attacker.execute(attack)
         assert attacker.execute(own_state).fetchone()[0] is True, "the attacker lost its own state"
         assert backend_pid(attacker) == pid
+        pins = {reason: 1} if reason else {}
         stats = proxy.stats()
-        assert stats["SessionPinReasons"] == {reason: 1}, stats["SessionPinReasons"]
+        assert stats["SessionPinReasons"] == pins, stats["SessionPinReasons"]
+        with psycopg.connect(dsn(proxy), autocommit=True) as victim:
+            if reason is None:   # not pinned: the victim gets the backend meanwhile
+                assert backend_pid(victim) == pid
+                assert_clean_session(victim, pg)
+        assert attacker.execute(own_state).fetchone()[0] is True, "the attacker lost its own state"
     wait_until(lambda: proxy.stats()["pool"]["borrowed"] == 0, message="connection returned")
     with psycopg.connect(dsn(proxy), autocommit=True) as victim:
         assert backend_pid(victim) == pid, "the budget of one hands over the same backend"
         assert_clean_session(victim, pg)
-    assert proxy.stats()["SessionPinReasons"] == {reason: 1}
+    assert proxy.stats()["SessionPinReasons"] == pins
 
 
 def test_state_check_releases_a_clean_session(proxy_factory, pg, isolation_objects):
@@ -205,9 +211,12 @@ def test_function_call_message_is_checked(proxy_factory, pg, isolation_objects):
     try:
         answer = function_call(sock, SET_CONFIG_OID, "search_path", "iso_evil, public", "false")
         assert [m for m, _ in answer] == [b"V", b"Z"], [message_fields(p) for m, p in answer if m == b"E"]
-        # (the check runs after the answer has gone to the client)
-        wait_until(lambda: proxy.stats()["SessionPinReasons"] == {"set_variable": 1},
-                   message="pinned by the state check")
+        # (the check runs after the answer has gone to the client): the setting is the
+        # attacker's to carry, not the next client's to find
+        wait_until(lambda: proxy.stats()["SettingsAdopted"] == 1, message="setting taken on")
+        assert proxy.stats()["SessionPinReasons"] == {}
+        with psycopg.connect(dsn(proxy), autocommit=True) as victim:
+            assert_clean_session(victim, pg)
         query = b"show search_path\x00"
         sock.sendall(b"Q" + (len(query) + 4).to_bytes(4, "big") + query)
         messages = []

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from rdsproxy.devcluster import free_port
 
 __all__ = [
+    "concurrently",
     "free_port",
     "libpq_dsn",
     "message_fields",
@@ -163,3 +164,25 @@ def function_call(sock, oid: int, *args: str) -> list[tuple[bytes, bytes]]:
         messages.append((mtype, payload))
         if mtype == b"Z":
             return messages
+
+
+def concurrently(fn, args, timeout: float = 60) -> dict:
+    """fn(arg) for every arg, each in a thread of its own, all at once: {arg: result}.
+    The first exception a call raised is raised here, once all have ended."""
+    import threading
+    results, errors = {}, []
+
+    def call(arg):
+        try:
+            results[arg] = fn(arg)
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call, args=(arg,)) for arg in args]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    if errors:
+        raise errors[0]
+    return results

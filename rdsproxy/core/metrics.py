@@ -35,6 +35,9 @@ class Metrics(MetricCounters):
         # and statements it prepared on database connections for them.
         "StatementClients",
         "StatementsPrepared",
+        # Transactions after which a client's own settings (SET, set_config) were taken
+        # on to carry to the connections it borrows, instead of pinning it.
+        "SettingsAdopted",
     )
 
     def __init__(self):

@@ -33,6 +33,7 @@ from .statements import SERVER_NAME_PREFIX, StatementBook
 from .pinning import (
     LOAD,
     PREPARED_STATEMENT,
+    SET_VARIABLE,
     STARTUP_OPTIONS,
     UNKNOWN_STATE,
     UNVERIFIED,
@@ -314,7 +315,9 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
                     reason = PREPARED_STATEMENT
                 else:
                     reason = rules.classify_query(sql, full_length)
-            if reason == UNVERIFIED:
+            if reason == UNVERIFIED or reason == SET_VARIABLE:
+                # A SET is not pinned: what the session holds once the transaction is over
+                # is read from the server and carried with the client (_adopt_settings).
                 self.unverified = True
             elif reason is not None:
                 self.pin(reason)
@@ -365,11 +368,12 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         if error is None:
             answers = server.answers
             try:
-                reason = verdict(rows, server.user, server.known_settings,
-                                 variable_sets_pin=not self.engine.rules.variable_sets_excluded,
+                reason = verdict(rows, server.user,
                                  proxy_statements=answers.names() if answers is not None else ())
                 if answers is not None:
                     answers.keep_only(proxy_statement_names(rows))
+                if reason is None and not self.engine.rules.variable_sets_excluded:
+                    self._adopt_settings(server, read_settings(rows[1:]))
             except (ValueError, IndexError) as exc:
                 error = exc
         if error is not None and not server.closed:
@@ -395,6 +399,27 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
             self.borrow()
         else:
             self._resume_reading()
+
+    def _adopt_settings(self, server, settings: dict) -> None:
+        """The session's settings after the client's transaction (`settings`, read from the
+        server) become the client's own: carried to whichever connection it borrows next,
+        as its startup parameters are, and taken off this one before another client gets
+        it. A SET that was rolled back, or SET LOCAL, left nothing to carry."""
+        known = server.known_settings
+        if settings == known:
+            return
+        self.engine.metrics.SettingsAdopted += 1
+        desired = dict(self.desired)
+        spelled = {name.lower(): name for name in desired}   # settings are keyed lower-case
+        for name, value in settings.items():
+            if known.get(name) != value:
+                desired[spelled.get(name, name)] = value
+        for name in known:
+            if name not in settings:   # RESET by the client: the server's default now
+                desired.pop(spelled.get(name, name), None)
+        self.desired = tuple(sorted(desired.items()))
+        server.applied = self.desired
+        server.known_settings = settings
 
     def pin(self, reason: str) -> None:
         self.pin_reason = reason
@@ -439,19 +464,26 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         """Bring `conn`'s session parameters to this client's, then `done(error)`. The
         server's spelling of each value set is kept (conn.known_settings), so that a
         later state check tells the proxy's settings from a client's."""
-        want = dict(self.desired)
-        have = dict(conn.applied)
+        # Setting names are case-insensitive: "TimeZone" from a startup packet and
+        # "timezone" from a client's SET are one setting.
+        want = {name.lower(): (name, value) for name, value in self.desired}
+        have = {name.lower(): value for name, value in conn.applied}
         statements = []
         set_names = []
         reset_names = []
-        for name in sorted(set(want) | set(have)):
-            if name not in want:
-                statements.append(f"RESET {quote_setting_name(name)}")
-                reset_names.append(name)
-            elif want[name] != have.get(name):
-                statements.append(f"SET {quote_setting_name(name)} = {quote_literal(want[name])}")
-                set_names.append(name)
+        for key in sorted(set(want) | set(have)):
+            if key not in want:
+                statements.append(f"RESET {quote_setting_name(key)}")
+                reset_names.append(key)
+            elif want[key][1] != have.get(key):
+                set_names.append(want[key][0])
+        want = dict(want.values())
         if set_names:
+            # set_config reads a value as the configuration file would (a list setting such
+            # as search_path splits at its commas; a SET of one literal would not).
+            statements.append("SELECT " + ", ".join(
+                f"pg_catalog.set_config({quote_literal(name)}, {quote_literal(want[name])}, false)"
+                for name in set_names))
             statements.append(current_settings_sql(set_names))
         rows = []
 

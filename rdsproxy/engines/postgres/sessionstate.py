@@ -19,7 +19,6 @@ from .pinning import (
     LISTEN,
     PREPARED_STATEMENT,
     SET_ROLE,
-    SET_VARIABLE,
     TEMPORARY_OBJECT,
 )
 
@@ -95,15 +94,12 @@ def proxy_statement_names(rows: list[bytes]) -> set[bytes]:
     return set(listed.encode().split()) if listed else set()
 
 
-def verdict(rows: list[bytes], login_user: str, known_settings: dict[str, str],
-            variable_sets_pin: bool = True, proxy_statements=()) -> str | None:
+def verdict(rows: list[bytes], login_user: str, proxy_statements=()) -> str | None:
     """Why the client must keep this connection, from STATE_CHECK_SQL's answer; None
-    when the session holds nothing but what the proxy itself put there.
-
-    `known_settings`: the values the proxy set on the connection (its startup parameter
-    sync, init_query). With EXCLUDE_VARIABLE_SETS (`variable_sets_pin` False) settings
-    do not pin; the role always does. `proxy_statements`: the names the proxy knows it
-    prepared there; one of its names it does not know was made by the client."""
+    when the session holds nothing of the client's but settings (rows[1:], which the
+    client carries with it instead: frontend._adopt_settings). The role always pins.
+    `proxy_statements`: the names the proxy knows it prepared there; one of its names it
+    does not know was made by the client."""
     if not rows:
         raise ValueError("the state check returned no row")
     facts = data_row(rows[0])
@@ -118,8 +114,4 @@ def verdict(rows: list[bytes], login_user: str, known_settings: dict[str, str],
                          (CURSOR, cursors), (PREPARED_STATEMENT, statements)):
         if held == "t":
             return reason
-    if variable_sets_pin:
-        for name, value in read_settings(rows[1:]).items():
-            if known_settings.get(name) != value:
-                return SET_VARIABLE
     return None

@@ -1,0 +1,110 @@
+"""Settings a client changes (SET, RESET, set_config) travel with it instead of pinning it.
+
+Two clients take turns on a pool of one connection; what each sees of its settings is
+compared with two direct sessions running the same turns.
+"""
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from differential import proxied_differential
+from utils import concurrently
+
+ONE_CONNECTION = {"max_connections_percent": 2}   # of the session cluster's 60
+
+
+@pytest.fixture(scope="module")
+def one_connection(tmp_path_factory, pg):
+    with proxied_differential(tmp_path_factory.mktemp("settings"), pg, admin=True,
+                              **ONE_CONNECTION) as diff:
+        yield diff
+
+
+def turns(side, steps):
+    """Run (client, SQL) steps on two sessions of `side`, in order; what each statement
+    answered (first column of its first row, or the SQLSTATE of its error)."""
+    sessions = [psycopg.connect(side.dsn(), autocommit=True, prepare_threshold=None)
+                for _ in range(2)]
+    seen = []
+    try:
+        for who, sql in steps:
+            conn = sessions[who]
+            try:
+                cur = conn.execute(sql)
+                seen.append((who, sql, cur.fetchone()[0] if cur.description else cur.statusmessage))
+            except psycopg.Error as exc:
+                seen.append((who, sql, exc.sqlstate))
+        if side.through_proxy:   # one connection for both (directly there are two)
+            assert len({s.execute("select pg_backend_pid()").fetchone()[0] for s in sessions}) == 1
+    finally:
+        for conn in sessions:
+            conn.close()
+    return seen
+
+
+SCENARIOS = {
+    "set_then_other_client": [
+        (0, "set work_mem = '77MB'"), (1, "show work_mem"), (0, "show work_mem"),
+        (1, "show work_mem"), (0, "select current_setting('work_mem')")],
+    "set_config_session_and_local": [
+        (0, "select set_config('work_mem', '66MB', false)"), (1, "show work_mem"),
+        (0, "show work_mem"), (0, "begin"), (0, "select set_config('work_mem', '9MB', true)"),
+        (0, "show work_mem"), (0, "commit"), (0, "show work_mem")],
+    "rolled_back_set_is_undone": [
+        (0, "begin"), (0, "set work_mem = '55MB'"), (0, "show work_mem"), (0, "rollback"),
+        (1, "show work_mem"), (0, "show work_mem")],
+    "set_local_is_not_kept": [
+        (0, "begin"), (0, "set local statement_timeout = '3s'"), (0, "show statement_timeout"),
+        (0, "commit"), (1, "show statement_timeout"), (0, "show statement_timeout")],
+    "reset_and_reset_all": [
+        (0, "set work_mem = '12MB'"), (0, "set lock_timeout = '7s'"), (1, "set work_mem = '13MB'"),
+        (0, "reset work_mem"), (0, "show work_mem"), (0, "show lock_timeout"), (1, "show work_mem"),
+        (0, "reset all"), (0, "show lock_timeout"), (1, "show work_mem")],
+    "list_settings_keep_their_elements": [
+        (0, "set search_path = pg_catalog, public"), (1, "show search_path"),
+        (0, "show search_path"), (0, "select current_schemas(false)::text")],
+    "timezone_any_spelling": [
+        (0, "set TimeZone = 'Asia/Tokyo'"), (1, "set timezone = 'America/Lima'"),
+        (0, "select now()::text like '%+09'"), (1, "show TimeZone"), (0, "show timezone")],
+    "bad_value_changes_nothing": [
+        (0, "set work_mem = '5MB'"), (0, "set work_mem = 'lots'"), (1, "show work_mem"),
+        (0, "show work_mem")],
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_settings_follow_their_client(one_connection, name):
+    one_connection.assert_same(lambda side: turns(side, SCENARIOS[name]))
+
+
+def test_set_does_not_pin(one_connection):
+    before = one_connection.proxied.stats()
+    turns(one_connection.proxy, SCENARIOS["set_then_other_client"])
+    after = one_connection.proxied.stats()
+    assert after["SessionPinReasons"] == before["SessionPinReasons"]
+    assert after["SettingsAdopted"] > before["SettingsAdopted"]
+
+
+def test_many_clients_each_see_their_own_time_zone(proxy_factory):
+    proxy = proxy_factory(max_connections_percent=4)   # two connections
+    zones = ["UTC", "Asia/Tokyo", "America/Lima", "Europe/Paris", "Australia/Sydney",
+             "Africa/Cairo", "America/New_York", "Asia/Kolkata"]
+
+    def client(zone):
+        with psycopg.connect(proxy.dsn(), autocommit=True) as conn:   # driver defaults
+            conn.execute(f"set time zone '{zone}'")
+            return {conn.execute("show timezone").fetchone()[0] for _ in range(30)}
+
+    assert concurrently(client, zones) == {zone: {zone} for zone in zones}
+    stats = proxy.stats()
+    assert stats["SessionPinReasons"] == {} and stats["pool"]["open"] <= 2
+
+
+def test_list_startup_parameter_keeps_its_elements(one_connection):
+    """A list setting from the startup packet is applied as the server reads it there."""
+    async def use(con):
+        return [await con.fetchval("show search_path"),
+                await con.fetchval("select current_schemas(false)::text")]
+    one_connection.assert_same(
+        lambda side: side.asyncpg_session(use, search_path="pg_catalog, public"))
