@@ -10,6 +10,7 @@ them, a connection's statement cache smaller than a client's working set.
 from __future__ import annotations
 
 import random
+import threading
 import re
 
 import asyncpg
@@ -362,3 +363,56 @@ def test_big_messages_stream_through_the_statement_path(proxy_factory):
             conn.execute("drop table copy_target")
         assert conn.execute("select %s::int", (2,), prepare=True).fetchone() == (2,)
     assert proxy.stats()["StatementClients"] == 2
+
+
+def test_statements_outlive_the_connections_they_were_prepared_on(proxy_factory, pg):
+    """Backends killed, idle and mid-statement: the client's statements are prepared again on
+    whichever connection serves it next, and only the statement that was running fails."""
+    proxy = proxy_factory(**POOL_OF_TWO)
+    kill_all = ("select count(pg_terminate_backend(pid)) from pg_stat_activity "
+                f"where usename = '{APP_USER}' and pid <> pg_backend_pid()")
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        for i in range(3):
+            assert conn.execute("select %s::int + 1", (i,), prepare=True).fetchone() == (i + 1,)
+        pg.psql(kill_all)   # idle in the pool now
+        for i in range(3):
+            assert conn.execute("select %s::int + 1", (i,), prepare=True).fetchone() == (i + 1,)
+        with psycopg.connect(pg.dsn(dbname=APP_DB), autocommit=True) as admin:
+            timer = threading.Timer(0.5, lambda: admin.execute(
+                "select pg_terminate_backend(pid) from pg_stat_activity "
+                "where query like 'select pg_sleep%' and state = 'active'"))
+            timer.start()
+            try:
+                with pytest.raises(psycopg.OperationalError):
+                    conn.execute("select pg_sleep(%s::int)", (10,), prepare=True)
+            finally:
+                timer.join()
+        assert conn.execute("select %s::int + 1", (5,), prepare=True).fetchone() == (6,)
+        assert conn.execute("select pg_sleep(%s::int)", (0,), prepare=True).fetchone() == ("",)
+    assert proxy.stats()["SessionPinReasons"] == {}
+
+
+def test_driver_pipelines_with_named_statements(proxy_factory):
+    """psycopg's pipeline mode and asyncpg's executemany send many statements before
+    reading an answer; named statements among them."""
+    proxy = proxy_factory(**POOL_OF_TWO)
+    table = "t_pipe_" + str(random.randrange(10**9))
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        conn.execute(f"create table {table} (id int, v text)")
+        with conn.pipeline():
+            cursors = [conn.execute("select %s::int * 3", (i,), prepare=True) for i in range(20)]
+        assert [c.fetchone()[0] for c in cursors] == [i * 3 for i in range(20)]
+
+    async def with_asyncpg():
+        con = await asyncpg.connect(host=proxy.host, port=proxy.port, user=APP_USER,
+                                    password=APP_PASSWORD, database=APP_DB, ssl=False)
+        try:
+            await con.executemany(f"insert into {table} values ($1, $2)",
+                                  [(i, f"v{i}") for i in range(500)])
+            return await con.fetchval(f"select count(*) from {table}")
+        finally:
+            await con.close()
+    assert run(with_asyncpg()) == 500
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        conn.execute(f"drop table {table}")
+    assert proxy.stats()["SessionPinReasons"] == {}
