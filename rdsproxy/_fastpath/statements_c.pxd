@@ -20,6 +20,6 @@ cdef int STATEMENT_TARGET
 cpdef bint drops_statements(bytes sql) except -1
 
 @cython.locals(end=Py_ssize_t, pos=Py_ssize_t, start=Py_ssize_t, size=Py_ssize_t, mtype=int,
-               ready=Py_ssize_t, portal_end=Py_ssize_t, name_end=Py_ssize_t, body=bytes,
-               pieces=list, unsynced=list)
+               ready=Py_ssize_t, portal_end=Py_ssize_t, name_end=Py_ssize_t, length=Py_ssize_t,
+               pieces=list, unsynced=list, buf="const unsigned char *")
 cpdef object rename_binds(bytes data, dict names, object cache)

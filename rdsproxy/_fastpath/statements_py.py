@@ -34,6 +34,7 @@ def rename_binds(data, names, cache):
     may drop statements. `names`: the client's name -> definition; `cache`: the
     connection's definition -> name (an OrderedDict, most recently used last)."""
     end = len(data)
+    buf = data   # compiled: a pointer to the chunk's bytes (statements_c.pxd)
     pos = 0
     start = 0
     pieces = None
@@ -42,17 +43,16 @@ def rename_binds(data, names, cache):
     while pos < end:
         if end - pos < 5:
             return None
-        mtype = data[pos] & 0xFF
-        size = 1 + (((data[pos + 1] & 0xFF) << 24) | ((data[pos + 2] & 0xFF) << 16)
-                    | ((data[pos + 3] & 0xFF) << 8) | (data[pos + 4] & 0xFF))
+        mtype = buf[pos]
+        size = 1 + ((buf[pos + 1] << 24) | (buf[pos + 2] << 16) | (buf[pos + 3] << 8) | buf[pos + 4])
         if size < 5 or pos + size > end:
             return None
         if mtype == MSG_BIND:
             portal_end = pos + 5
-            while portal_end < pos + size and data[portal_end] != 0:
+            while portal_end < pos + size and buf[portal_end] != 0:
                 portal_end += 1
             name_end = portal_end + 1
-            while name_end < pos + size and data[name_end] != 0:
+            while name_end < pos + size and buf[name_end] != 0:
                 name_end += 1
             if name_end >= pos + size:
                 return None
@@ -66,9 +66,13 @@ def rename_binds(data, names, cache):
                 cache.move_to_end(key)
                 if pieces is None:
                     pieces = []
-                body = data[pos + 5:portal_end + 1] + server_name + data[name_end:pos + size]
+                length = size - 1 + len(server_name) - (name_end - portal_end - 1)
                 pieces.append(data[start:pos])
-                pieces.append(b"B" + (len(body) + 4).to_bytes(4, "big") + body)
+                pieces.append(bytes((MSG_BIND, (length >> 24) & 0xFF, (length >> 16) & 0xFF,
+                                     (length >> 8) & 0xFF, length & 0xFF)))
+                pieces.append(data[pos + 5:portal_end + 1])
+                pieces.append(server_name)
+                pieces.append(data[name_end:pos + size])
                 start = pos + size
             unsynced.append(mtype)
         elif mtype == MSG_SYNC or mtype == MSG_FUNCTION_CALL:
@@ -80,11 +84,11 @@ def rename_binds(data, names, cache):
             ready += 1
             unsynced = []
         elif mtype == MSG_PARSE:
-            if size < 6 or data[pos + 5] != 0 or drops_statements(data[pos + 6:pos + size]):
+            if size < 6 or buf[pos + 5] != 0 or drops_statements(data[pos + 6:pos + size]):
                 return None
             unsynced.append(mtype)
         elif mtype == MSG_DESCRIBE or mtype == MSG_CLOSE:
-            if size < 7 or (data[pos + 5] == STATEMENT_TARGET and data[pos + 6] != 0):
+            if size < 7 or (buf[pos + 5] == STATEMENT_TARGET and buf[pos + 6] != 0):
                 return None
             unsynced.append(mtype)
         elif (mtype != MSG_FLUSH and mtype != MSG_COPY_DATA and mtype != MSG_COPY_DONE
