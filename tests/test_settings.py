@@ -9,7 +9,7 @@ import psycopg
 import pytest
 
 from differential import proxied_differential
-from utils import concurrently
+from utils import concurrently, wait_until
 
 ONE_CONNECTION = {"max_connections_percent": 2}   # of the session cluster's 60
 
@@ -108,3 +108,26 @@ def test_list_startup_parameter_keeps_its_elements(one_connection):
                 await con.fetchval("select current_schemas(false)::text")]
     one_connection.assert_same(
         lambda side: side.asyncpg_session(use, search_path="pg_catalog, public"))
+
+
+@pytest.mark.parametrize("change", ["set statement_timeout = '5s'", "reset statement_timeout",
+                                    "reset all"])
+def test_init_query_settings_survive_a_client_that_changes_them(proxy_factory, change):
+    """init_query's settings are the proxy's, for every client: a client that changes one
+    is pinned (other settings still travel), and the next client finds the proxy's value."""
+    proxy = proxy_factory(init_query="SET statement_timeout = '31s'", **ONE_CONNECTION)
+    with psycopg.connect(proxy.dsn(), autocommit=True) as first, \
+            psycopg.connect(proxy.dsn(), autocommit=True) as second:
+        first.execute("set work_mem = '21MB'")
+        assert second.execute("show statement_timeout").fetchone()[0] == "31s"
+        assert second.execute("show work_mem").fetchone()[0] == "4MB"
+        assert first.execute("show work_mem").fetchone()[0] == "21MB"
+        assert proxy.stats()["SessionPinReasons"] == {}
+        first.execute(change)
+        # (the check runs once the answer has gone to the client)
+        wait_until(lambda: proxy.stats()["SessionPinReasons"] == {"set_variable": 1},
+                   message="pinned by the state check")
+    wait_until(lambda: proxy.stats()["pool"]["borrowed"] == 0, message="connection returned")
+    with psycopg.connect(proxy.dsn(), autocommit=True) as third:
+        assert third.execute("show statement_timeout").fetchone()[0] == "31s"
+        assert third.execute("show work_mem").fetchone()[0] == "4MB"

@@ -67,6 +67,8 @@ class ServerConnection(ServerRelay, ServerSide, asyncio.Protocol):
         # The values the proxy set (its parameter sync, init_query) as the server spells
         # them, by lower-cased name: what a session state check is compared with.
         self.known_settings: dict[str, str] = {}
+        # What init_query set (a subset of known_settings): the proxy's, for every client.
+        self.init_settings: dict[str, str] = {}
         self.closed = False
         self.scanner = MessageScanner(counted=b"Z", captured=b"SA", max_message_size=max_message_size)
         self.backends: dict = {}   # (target, backend pid) -> connection, the engine's

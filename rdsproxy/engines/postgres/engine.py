@@ -130,6 +130,7 @@ class PostgresEngine(BaseEngine):
                 # What it set is the proxy's, not a client's (see sessionstate.verdict).
                 rows = await conn.query_internal(SETTINGS_SQL, rows=[])
                 conn.known_settings = read_settings(rows)
+                conn.init_settings = dict(conn.known_settings)
         except BaseException:
             conn.close()
             raise

@@ -373,7 +373,7 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
                 if answers is not None:
                     answers.keep_only(proxy_statement_names(rows))
                 if reason is None and not self.engine.rules.variable_sets_excluded:
-                    self._adopt_settings(server, read_settings(rows[1:]))
+                    reason = self._adopt_settings(server, read_settings(rows[1:]))
             except (ValueError, IndexError) as exc:
                 error = exc
         if error is not None and not server.closed:
@@ -400,14 +400,19 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         else:
             self._resume_reading()
 
-    def _adopt_settings(self, server, settings: dict) -> None:
+    def _adopt_settings(self, server, settings: dict) -> str | None:
         """The session's settings after the client's transaction (`settings`, read from the
         server) become the client's own: carried to whichever connection it borrows next,
         as its startup parameters are, and taken off this one before another client gets
-        it. A SET that was rolled back, or SET LOCAL, left nothing to carry."""
+        it. A SET that was rolled back, or SET LOCAL, left nothing to carry. A setting of
+        init_query changed pins instead (SET_VARIABLE): only a reset (DISCARD ALL, then
+        init_query again) brings the proxy's value back for the next client."""
         known = server.known_settings
         if settings == known:
-            return
+            return None
+        for name, value in server.init_settings.items():
+            if settings.get(name) != value:
+                return SET_VARIABLE
         self.engine.metrics.SettingsAdopted += 1
         desired = dict(self.desired)
         spelled = {name.lower(): name for name in desired}   # settings are keyed lower-case
@@ -420,6 +425,7 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         self.desired = tuple(sorted(desired.items()))
         server.applied = self.desired
         server.known_settings = settings
+        return None
 
     def pin(self, reason: str) -> None:
         self.pin_reason = reason
@@ -700,6 +706,7 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
                 if full_reset:
                     server.applied = ()
                     server.known_settings = read_settings(rows)
+                    server.init_settings = dict(server.known_settings) if init_query else {}
                     if server.answers is not None:
                         server.answers.clear()   # DISCARD ALL dropped them
                 server.scanner.status = STATUS_IDLE
