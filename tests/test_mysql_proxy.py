@@ -1119,3 +1119,42 @@ def test_one_connection_id_wherever_the_client_sees_it(make_proxy, mdb):
         sleeper.join(15)
         # SLEEP returns 1 when interrupted (or error 1317, depending on timing).
         assert result in ({"value": 1}, {"error": 1317}), result
+
+
+def test_login_closed_by_the_proxy_gets_an_error_the_client_can_read(make_proxy):
+    """Half-open logins from one address beyond max_logins_per_address are closed with an
+    ERR numbered as the answer to the handshake response the client sends after the
+    greeting (a client reads only then; PyMySQL checks the number)."""
+    px = make_proxy(top={"max_logins_per_address": 2})
+    reader_for = {}
+    waiting = []
+    for _ in range(6):   # greeted, answer not sent yet
+        sock = socket.create_connection((px.host, px.port), timeout=10)
+        reader_for[sock] = p.PacketReader()
+        packets = []
+        while not packets:
+            packets = reader_for[sock].feed(sock.recv(65536))
+        assert packets[0][0] == 0
+        waiting.append(sock)
+    errors = []
+    try:
+        for sock in waiting:
+            sock.settimeout(3.0)
+            packets = []
+            try:
+                while not packets:
+                    data = sock.recv(65536)
+                    if not data:
+                        break
+                    packets = reader_for[sock].feed(data)
+            except TimeoutError:
+                continue
+            if packets:
+                errors.append((packets[0][0], packets[0][1][:1]))
+    finally:
+        for sock in waiting:
+            sock.close()
+    assert len(errors) >= 4, errors
+    assert set(errors) == {(2, b"\xff")}, errors
+    # And with a real client: pymysql reads it as the error it is, not a numbering fault.
+    assert connect(px).cursor().execute("SELECT 1") == 1

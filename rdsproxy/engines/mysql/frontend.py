@@ -94,6 +94,7 @@ class ClientSession(ClientSide, asyncio.Protocol):
 
     borrow_entry = None
     transport = None
+    _awaiting_client = False   # the login waits for a packet from the client
 
     def __init__(self, engine, endpoint):
         self.engine = engine
@@ -180,6 +181,8 @@ class ClientSession(ClientSide, asyncio.Protocol):
                                status_flags=_OK_STATUS, auth_plugin_name=engine.default_plugin)
         transport.write(p.packet(0, greeting.build()))
         self._seq = 1
+        # The login waits for the client: an error now answers the packet it sends next.
+        self._awaiting_client = True
 
     def data_received(self, data):
         if self.state == CLOSED:
@@ -194,6 +197,7 @@ class ClientSession(ClientSide, asyncio.Protocol):
             # answer: its ClientHello can come in the same read. It goes to the TLS layer.
             self.reader.next_seq = 2
             self._seq = 2
+            self._awaiting_client = True
             self._start_tls(early=data[36:])
             return
         if self.state == READY and not self.reader.buffered and len(data) > 4:
@@ -267,12 +271,19 @@ class ClientSession(ClientSide, asyncio.Protocol):
         self.transport.write(p.packet(self._reply_seq(), err(code_state, message, self.capabilities
                                                               or p.CLIENT_PROTOCOL_41)))
 
+    def _login_error_seq(self) -> int:
+        """The sequence number of an ERR during the login: while the proxy waits for the
+        client (the greeting or a method switch sent), the client reads it only after
+        sending its packet, so it answers that packet (a client checks: PyMySQL raises
+        "Packet sequence number wrong" otherwise)."""
+        return (self._seq + 1) & 0xFF if self._awaiting_client else self._seq
+
     def fatal(self, code, text: str) -> None:
         """Tell the client why (an ERR packet), then close its connection."""
         if isinstance(code, str):
             code = _FROM_SQLSTATE.get(code, (1158, "08S01"))
         if self.transport is not None and not self.transport.is_closing():
-            seq = self._seq if self.state in (STARTUP, AUTH) else (
+            seq = self._login_error_seq() if self.state in (STARTUP, AUTH) else (
                 self._reply_seq() if self.busy else 0)
             try:
                 self.transport.write(p.packet(seq, err(code, text)))
@@ -288,7 +299,8 @@ class ClientSession(ClientSide, asyncio.Protocol):
         if transport is None or transport.is_closing() or not transport.can_write_eof():
             self.fatal(code, text)
             return
-        seq = self._reply_seq() if self.busy else (self.reader.next_seq if self.state == READY else self._seq)
+        seq = self._reply_seq() if self.busy else (
+            self.reader.next_seq if self.state == READY else self._login_error_seq())
         transport.write(p.packet(seq, err(code, text)))
         self.state = CLOSED
         transport.write_eof()
@@ -303,8 +315,10 @@ class ClientSession(ClientSide, asyncio.Protocol):
     # -- login -------------------------------------------------------------------------
     def _on_login_packet(self, seq: int, payload: bytes) -> None:
         self._seq = (seq + 1) & 0xFF
+        self._awaiting_client = False
         if self.state == STARTUP:
             if p.HandshakeResponse.is_ssl_request(payload):
+                self._awaiting_client = True   # its handshake response comes over TLS
                 self._start_tls()
                 return
             self._on_handshake_response(p.HandshakeResponse.parse(payload))
@@ -377,6 +391,7 @@ class ClientSession(ClientSide, asyncio.Protocol):
     def _send_login(self, payload: bytes) -> None:
         self.transport.write(p.packet(self._seq, payload))
         self._seq = (self._seq + 1) & 0xFF
+        self._awaiting_client = True
 
     def _verify(self, response: bytes) -> None:
         if not self.engine.throttle.may_check(self.peer_host, self.engine.loop.time()):
