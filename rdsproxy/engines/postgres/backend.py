@@ -267,7 +267,17 @@ class ServerConnection(ServerRelay, ServerSide, asyncio.Protocol):
         self._buf = bytearray()
         self.transport.write(pg.TERMINATE)
         if cancel and self.backend_pid:
-            self.loop.create_task(send_cancel(self))
+            self.loop.create_task(self._cancel_until_gone())
+
+    async def _cancel_until_gone(self) -> None:
+        """Cancel until the backend has read the Terminate and gone: PostgreSQL drops a
+        cancel that reaches it before the statement has started, and the statement then
+        runs to its end (a vanished client's pg_sleep(120) held a connection for that)."""
+        delay = 0.25
+        while not self.closed:
+            await send_cancel(self)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     # -- lifecycle ---------------------------------------------------------------------
     def close(self) -> None:
