@@ -17,6 +17,7 @@ from ..._fastpath.relay_py import MODE_RELAY
 from ...auth.md5 import md5_response
 from ...auth.scram import ScramClient, ScramError
 from ...core.sessions import ServerSide
+from .sessionstate import read_settings
 from . import protocol as pg
 
 log = logging.getLogger("rdsproxy.backend")
@@ -268,6 +269,12 @@ class ServerConnection(ServerRelay, ServerSide, asyncio.Protocol):
         self.transport.write(pg.TERMINATE)
         if cancel and self.backend_pid:
             self.loop.create_task(self._cancel_until_gone())
+
+    def learn_proxy_settings(self, rows: list) -> None:
+        """SETTINGS_SQL's answer just after init_query (or a reset): every setting the
+        session holds is the proxy's."""
+        self.known_settings = read_settings(rows)
+        self.init_settings = dict(self.known_settings)
 
     async def _cancel_until_gone(self) -> None:
         """Cancel until the backend has read the Terminate and gone: PostgreSQL drops a

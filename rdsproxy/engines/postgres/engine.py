@@ -23,7 +23,7 @@ from .statements import ServerStatements
 from .frontend import CLOSED, READY, ClientConnection
 from .health import probe as health_probe
 from .pinning import PREFILTER, PinningRules
-from .sessionstate import SETTINGS_SQL, read_settings
+from .sessionstate import SETTINGS_SQL
 
 log = logging.getLogger("rdsproxy.postgres")
 
@@ -128,15 +128,12 @@ class PostgresEngine(BaseEngine):
             if init_query:
                 await conn.query_internal(init_query)
                 # What it set is the proxy's, not a client's (see sessionstate.verdict).
-                rows = await conn.query_internal(SETTINGS_SQL, rows=[])
-                conn.known_settings = read_settings(rows)
-                conn.init_settings = dict(conn.known_settings)
+                conn.learn_proxy_settings(await conn.query_internal(SETTINGS_SQL, rows=[]))
         except BaseException:
             conn.close()
             raise
-        capacity = self.config.target_group.max_prepared_statements
-        if capacity:
-            conn.answers = ServerStatements(conn, capacity, self.metrics)
+        conn.answers = ServerStatements(conn, self.config.target_group.max_prepared_statements,
+                                        self.metrics)
         self.defaults.setdefault(key, dict(conn.parameters))
         # Notifications name backends by pid: which connection (and so client) that is.
         conn.backends = self.backends

@@ -14,6 +14,10 @@ import re
 
 from ..._fastpath import ClientRelay, split_messages
 from ..._fastpath.relay_py import (
+    MSG_BIND,
+    MSG_CLOSE,
+    MSG_DESCRIBE,
+    MSG_FUNCTION_CALL,
     STATE_AUTH_MD5,
     STATE_CLOSED,
     STATE_READY,
@@ -44,6 +48,7 @@ from .sessionstate import (
     STATE_CHECK_SQL,
     current_settings_sql,
     proxy_statement_names,
+    quote_literal,
     read_current_settings,
     read_settings,
     verdict,
@@ -58,10 +63,6 @@ assert (STARTUP, AUTH_MD5, READY, CLOSED) == (STATE_STARTUP, STATE_AUTH_MD5, STA
 STATUS_IDLE = 73          # 'I'
 MSG_QUERY = 81            # 'Q'
 MSG_PARSE = 80            # 'P'
-MSG_FUNCTION_CALL = 70    # 'F'
-MSG_BIND = 66             # 'B'
-MSG_DESCRIBE = 68         # 'D'
-MSG_CLOSE = 67            # 'C'
 MSG_TERMINATE = 88        # 'X'
 MSG_PASSWORD = 112        # 'p'
 MSG_ERROR = 69            # 'E'
@@ -77,14 +78,6 @@ TRACKED_PARAMETERS = {
 }
 # Startup keys that are not server settings.
 STARTUP_KEYWORDS = {"user", "database", "options", "replication"}
-
-
-def quote_literal(value: str) -> str:
-    """A string literal that means `value` whatever standard_conforming_strings is (a
-    client may have turned it off): with a backslash in it, the E'' form."""
-    if "\\" in value:
-        return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
-    return "'" + value.replace("'", "''") + "'"
 
 
 def quote_setting_name(name: str) -> str:
@@ -329,15 +322,14 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         (statements.py). False when it must be pinned instead: named statements are turned
         off, or requests already sent on its connection have answers on the way that the
         proxy did not track."""
-        capacity = self.engine.config.target_group.max_prepared_statements
-        if not capacity:
+        if not self.engine.config.target_group.max_prepared_statements:
             return False
         server = self.server
         if server is not None and (self.outstanding
                                    or UNSYNCED_MASK[self.type_before_chunk]
                                    or not self.chunk_at_boundary):
             return False
-        book = StatementBook(capacity, self.engine.metrics)
+        book = StatementBook()
         if server is not None:
             book.attached(server, False, self.transport)
         if self.replay is not None:
@@ -368,10 +360,8 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         if error is None:
             answers = server.answers
             try:
-                reason = verdict(rows, server.user,
-                                 proxy_statements=answers.names() if answers is not None else ())
-                if answers is not None:
-                    answers.keep_only(proxy_statement_names(rows))
+                reason = verdict(rows, server.user, proxy_statements=answers.names())
+                answers.keep_only(proxy_statement_names(rows))
                 if reason is None and not self.engine.rules.variable_sets_excluded:
                     reason = self._adopt_settings(server, read_settings(rows[1:]))
             except (ValueError, IndexError) as exc:
@@ -705,10 +695,8 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
             else:
                 if full_reset:
                     server.applied = ()
-                    server.known_settings = read_settings(rows)
-                    server.init_settings = dict(server.known_settings) if init_query else {}
-                    if server.answers is not None:
-                        server.answers.clear()   # DISCARD ALL dropped them
+                    server.learn_proxy_settings(rows)   # none without init_query
+                    server.answers.clear()   # DISCARD ALL dropped them
                 server.scanner.status = STATUS_IDLE
                 pool.release(server)
         next_step()

@@ -73,7 +73,7 @@ def read_settings(rows: list[bytes]) -> dict[str, str]:
 def current_settings_sql(names) -> str:
     """A query of the server's spelling of these settings' values, in order."""
     return "SELECT " + ", ".join(
-        "pg_catalog.current_setting(" + _literal(name) + ")" for name in names)
+        "pg_catalog.current_setting(" + quote_literal(name) + ")" for name in names)
 
 
 def read_current_settings(names, rows: list[bytes]) -> dict[str, str]:
@@ -82,10 +82,12 @@ def read_current_settings(names, rows: list[bytes]) -> dict[str, str]:
     return {name.lower(): value for name, value in zip(names, columns) if value is not None}
 
 
-def _literal(text: str) -> str:
-    if "\\" in text:
-        return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
-    return "'" + text.replace("'", "''") + "'"
+def quote_literal(value: str) -> str:
+    """A string literal that means `value` whatever standard_conforming_strings is (a
+    client may have turned it off): with a backslash in it, the E'' form."""
+    if "\\" in value:
+        return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+    return "'" + value.replace("'", "''") + "'"
 
 
 def proxy_statement_names(rows: list[bytes]) -> set[bytes]:

@@ -28,6 +28,7 @@ import re
 from collections import OrderedDict
 
 from ..._fastpath import drops_statements, rename_binds
+from . import protocol as pg
 
 SERVER_NAME_PREFIX = b"rdsproxy_"
 # A name the proxy never prepares: a Bind or Describe of it fails on the server exactly as
@@ -133,10 +134,6 @@ class _Walk:
         rest = self.data[self.pos:]
         self.pos = len(self.data)
         return bytes(rest)
-
-
-def _message(mtype: int, payload: bytes) -> bytes:
-    return bytes((mtype,)) + (len(payload) + 4).to_bytes(4, "big") + payload
 
 
 class Effect:
@@ -296,7 +293,7 @@ class ServerStatements:
             elif action == RENAME:
                 server_name, client_name = head[2]
                 message = message.replace(b'"' + server_name + b'"', b'"' + client_name + b'"')
-                message = _message(69, message[5:])
+                message = pg.message(b"E", message[5:])
             out.append(message)
             # The server now discards everything up to the next Sync; so do its answers.
             while queue and queue[0][0] != MSG_SYNC:
@@ -344,7 +341,7 @@ def _rewritten_error(message: bytes, change) -> bytes:
         fields = [field for field in fields if field[:1] not in (b"F", b"L", b"R")]
     fields = [b"M" + text if field[:1] == b"M" else b"C" + code if field[:1] == b"C" else field
               for field in fields]
-    return _message(69, b"\x00".join(fields) + b"\x00\x00")
+    return pg.message(b"E", b"\x00".join(fields) + b"\x00\x00")
 
 
 class StatementBook:
@@ -355,12 +352,10 @@ class StatementBook:
     first, an error to rewrite), the connection's queue takes a barrier for the answers still
     due to earlier requests, then those entries, then every entry until it empties."""
 
-    __slots__ = ("names", "snapshot", "buf", "passing", "deferred", "deferred_ready", "capacity",
-                 "metrics", "batch", "unresolved", "stalled", "server", "spoke")
+    __slots__ = ("names", "snapshot", "buf", "passing", "deferred", "deferred_ready", "batch",
+                 "unresolved", "stalled", "server", "spoke")
 
-    def __init__(self, capacity: int, metrics=None):
-        self.capacity = capacity   # for a connection that has no ServerStatements yet
-        self.metrics = metrics
+    def __init__(self):
         self.names: dict[bytes, bytes] = {}
         self.snapshot = None
         self.buf = bytearray()
@@ -377,8 +372,6 @@ class StatementBook:
         """A borrow of `server` starts (nothing is in flight); if its first request may be
         sent again elsewhere (failover), remember the book as it stands so that the replay
         finds it so."""
-        if server.answers is None:
-            server.answers = ServerStatements(server, self.capacity, self.metrics)
         server.answers.idle(client_transport)
         self.server = server
         self.snapshot = dict(self.names) if replayable else None
@@ -525,7 +518,7 @@ class StatementBook:
                 entries.append((MSG_BIND, FORWARD, None, None))
                 return None
             before, server_name = self._statement(name, state, entries, MSG_BIND)
-            return before + _message(MSG_BIND, payload[:portal_end + 1] + server_name + payload[name_end:])
+            return before + pg.message(b"B", payload[:portal_end + 1] + server_name + payload[name_end:])
         if mtype == MSG_DESCRIBE or mtype == MSG_CLOSE:
             name = payload[1:-1]
             if payload[:1] != b"S" or not name:
@@ -540,7 +533,7 @@ class StatementBook:
                 entries.append((FAKE, FORWARD, CLOSE_COMPLETE, effect))
                 return b""
             before, server_name = self._statement(name, state, entries, MSG_DESCRIBE)
-            return before + _message(MSG_DESCRIBE, b"S" + server_name + b"\x00")
+            return before + pg.message(b"D", b"S" + server_name + b"\x00")
         if mtype == MSG_PARSE:
             name_end = payload.index(b"\x00")
             name = payload[:name_end]
@@ -550,24 +543,24 @@ class StatementBook:
                     if text_end > 0 else None
                 if not entries:
                     entries.append((MSG_PARSE, FORWARD, None, None))
-                return None if text is None else _message(MSG_PARSE, b"\x00" + text + payload[text_end:])
+                return None if text is None else pg.message(b"P", b"\x00" + text + payload[text_end:])
             return self._parse(name, payload[name_end + 1:], state, entries)
         text = self._deallocating(payload[:-1], state, entries, MSG_QUERY)
         if not entries:
             entries.append((MSG_QUERY, FORWARD, None, None))
-        return None if text is None else _message(MSG_QUERY, text + b"\x00")
+        return None if text is None else pg.message(b"Q", text + b"\x00")
 
     def _parse(self, name: bytes, key: bytes, state: ServerStatements, entries: list) -> bytes:
         # Where the answer must be the server's, the text is parsed as CHECK (and closed
         # again): it checks the text first (syntax, names, a failed transaction).
-        check = _message(MSG_PARSE, CHECK + b"\x00" + key) + _message(MSG_CLOSE, b"S" + CHECK + b"\x00")
+        check = pg.message(b"P", CHECK + b"\x00" + key) + pg.message(b"C", b"S" + CHECK + b"\x00")
         names = self.names
         if name in names:
             # ... and the name after: a Bind of MISSING fails, aborting as the Parse would.
             text = b'prepared statement "' + name + b'" already exists'
             entries += [(MSG_PARSE, SWALLOW, None, None), (MSG_CLOSE, SWALLOW, None, None),
                         (MSG_BIND, REWRITE, (b"42P05", text), None)]
-            return check + _message(MSG_BIND, b"\x00" + MISSING + b"\x00" + bytes(6))
+            return check + pg.message(b"B", b"\x00" + MISSING + b"\x00" + bytes(6))
         names[name] = key
         effect = Effect(self, lambda: names.get(name) == key and names.pop(name))
         if key in state.cache:
@@ -612,14 +605,14 @@ class StatementBook:
         sent = []
         if len(state.cache) >= state.capacity:
             _, old = state.cache.popitem(last=False)
-            sent.append(_message(MSG_CLOSE, b"S" + old + b"\x00"))
+            sent.append(pg.message(b"C", b"S" + old + b"\x00"))
             entries.append((MSG_CLOSE, SWALLOW, None, None))
         state.counter += 1
         server_name = SERVER_NAME_PREFIX + str(state.counter).encode()
         state.cache[key] = server_name
         if state.metrics is not None:
             state.metrics.StatementsPrepared += 1
-        sent.append(_message(MSG_PARSE, server_name + b"\x00" + key))
+        sent.append(pg.message(b"P", server_name + b"\x00" + key))
         if effect is None:
             # Later batches must not count on it before the server has answered for it.
             effect = Effect(self, _nothing)
