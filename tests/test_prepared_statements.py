@@ -20,7 +20,7 @@ from psycopg import pq
 
 from conftest import APP_DB, APP_PASSWORD, APP_USER
 from differential import flush, next_result, proxied_differential
-from utils import concurrently, run, run_cmd
+from utils import concurrently, md5_session, message_fields, recv_message, run, run_cmd
 
 PGENV = {"PGPASSWORD": APP_PASSWORD, "PGCONNECT_TIMEOUT": "10"}
 POOL_OF_TWO = {"max_connections_percent": 4}   # of the session cluster's 60
@@ -416,3 +416,31 @@ def test_driver_pipelines_with_named_statements(proxy_factory):
     with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
         conn.execute(f"drop table {table}")
     assert proxy.stats()["SessionPinReasons"] == {}
+
+
+@pytest.mark.parametrize("malformed", [b"B\x00\x00\x00\x07\x00s1", b"P\x00\x00\x00\x06s2",
+                                       b"B\x00\x00\x00\x05\x00"])
+def test_malformed_named_message_ends_only_its_session(proxy_factory, malformed):
+    """A statement client's Bind or Parse without its NULs: that client hears the server's
+    protocol error (the server ends its backend; the proxy reports it as for any backend
+    the server ended); the proxy and another client carry on."""
+    proxy = proxy_factory(client_auth="POSTGRES_MD5", **POOL_OF_TWO)
+    sock = md5_session(proxy.host, proxy.port, APP_USER, APP_PASSWORD, APP_DB)
+    try:
+        parse = b"s1\x00select 1\x00\x00\x00"
+        sock.sendall(b"P" + (len(parse) + 4).to_bytes(4, "big") + parse + b"S\x00\x00\x00\x04")
+        assert [recv_message(sock)[0] for _ in range(2)] == [b"1", b"Z"]
+        sock.sendall(malformed + b"S\x00\x00\x00\x04")
+        seen = []
+        try:
+            while not seen or seen[-1][0] != b"Z":
+                seen.append(recv_message(sock))
+        except (ConnectionError, OSError):
+            pass   # closed instead of answered: what was said before counts
+        errors = [message_fields(payload) for mtype, payload in seen if mtype == b"E"]
+        assert [e["C"] for e in errors] == ["08P01"], seen
+    finally:
+        sock.close()
+    with psycopg.connect(proxy.dsn(), autocommit=True) as other:
+        assert other.execute("select %s::int", (7,), prepare=True).fetchone() == (7,)
+    assert proxy.stats()["StatementClients"] == 2

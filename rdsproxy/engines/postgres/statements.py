@@ -450,7 +450,13 @@ class StatementBook:
                 out.append(FLUSH)
                 break
             entries: list = []
-            sent = self._rewrite(mtype, payload, state, entries)
+            try:
+                sent = self._rewrite(mtype, payload, state, entries)
+            except ValueError:
+                # A name without its NUL: sent as it is, the server refuses it (08P01) and
+                # ends this one session; the book is left as it was.
+                entries = [(mtype, FORWARD, None, None)]
+                sent = None
             out.append(raw if sent is None else sent)
             self._owe(entries, state)
             if mtype == MSG_QUERY:
@@ -654,9 +660,10 @@ class StatementBook:
 def _reads_book(mtype: int, payload: bytes) -> bool:
     """Whether what a whole client message means depends on the client's named statements."""
     if mtype == MSG_BIND:
-        return payload[payload.index(b"\x00") + 1] != 0
+        nul = payload.find(b"\x00")
+        return 0 <= nul < len(payload) - 1 and payload[nul + 1] != 0
     if mtype == MSG_DESCRIBE or mtype == MSG_CLOSE:
         return payload[:1] == b"S" and len(payload) > 2
     if mtype == MSG_PARSE:
-        return payload[0] != 0 or drops_statements(payload[1:])
+        return payload[:1] != b"\x00" or drops_statements(payload[1:])
     return drops_statements(payload)
