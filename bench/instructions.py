@@ -8,7 +8,7 @@ start-up and the idle timers taken out. It covers the proxy's own process only (
 extensions, uvloop, libc), not the kernel, whose share is the larger one: this is a probe
 for comparing builds (`--tree` of each), never a throughput figure.
 
-    python3 -m bench.instructions [--tree DIR ...] [--workload C|S ...] [--pure]
+    python3 -m bench.instructions [--tree DIR ...] [--workload C|S|E|P ...] [--pure]
 
 needs valgrind (apt-get install -y valgrind); starts its own throwaway PostgreSQL.
 """
@@ -32,6 +32,8 @@ from bench.procs import Reaper, free_port, log
 WORKLOADS = {
     "C": ["-S", "-C"],   # a new client connection per transaction (login, query, close)
     "S": ["-S"],         # one SELECT per transaction on open connections
+    "E": ["-S", "-M", "extended"],   # the same over the extended protocol, unnamed
+    "P": ["-S", "-M", "prepared"],   # ... and a named statement (the proxy renames it)
 }
 USER, PASSWORD, DB = "bench", "bench-instructions", "bench"
 

@@ -26,8 +26,6 @@ def error_state(conn, sql) -> str | None:
 # (name, SQL run by the first client, reason, check run by the next client on the same
 #  server connection: returns True when it sees no trace of the first client's state)
 RULES = [
-    ("prepare", ["PREPARE pinme AS SELECT 1"], "prepared_statement",
-     lambda c: error_state(c, "EXECUTE pinme") == "26000"),
     ("temp_table", ["CREATE TEMP TABLE pin_t(a int)", "INSERT INTO pin_t VALUES (1)"], "temporary_object",
      lambda c: error_state(c, "select * from pin_t") == "42P01"),
     ("temp_view", ["CREATE TEMPORARY VIEW pin_v AS SELECT 1 AS a"], "temporary_object",
@@ -85,6 +83,22 @@ def test_protocol_named_parse_pins_when_statements_are_not_kept(proxy_factory):
         # DISCARD ALL removed it: the same name can be prepared again without a clash.
         second.execute("select %s::int", (2,), prepare=True)
         assert second.execute("select count(*) from pg_prepared_statements").fetchone()[0] == 1
+
+
+def test_sql_prepare_pins_when_statements_are_not_kept(proxy_factory):
+    """max_prepared_statements = 0: PREPARE pins, as in RDS Proxy (otherwise the client
+    carries its statements: test_sql_prepare)."""
+    proxy = proxy_factory(max_connections_percent=2, max_prepared_statements=0)
+    with psycopg.connect(proxy.dsn(), autocommit=True) as first:
+        pid = backend_pid(first)
+        first.execute("PREPARE pinme AS SELECT 1")
+        assert proxy.stats()["SessionPinReasons"] == {"prepared_statement": 1}
+        assert backend_pid(first) == pid
+        assert first.execute("EXECUTE pinme").fetchone() == (1,)
+    wait_until(lambda: proxy.stats()["pool"]["borrowed"] == 0, message="connection returned")
+    with psycopg.connect(proxy.dsn(), autocommit=True) as second:
+        assert backend_pid(second) == pid
+        assert error_state(second, "EXECUTE pinme") == "26000"
 
 
 def test_protocol_named_parse_does_not_pin(proxy_factory):

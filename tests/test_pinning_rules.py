@@ -18,6 +18,7 @@ from rdsproxy.engines.postgres.pinning import (
     TEMPORARY_OBJECT,
     UNVERIFIED,
     PinningRules,
+    prepare_statement_text,
 )
 
 RULES = PinningRules()
@@ -90,6 +91,7 @@ CASES = [
     ("PREPARE p AS SELECT 1", PREPARED_STATEMENT),
     ("prepare p(int) as select $1", PREPARED_STATEMENT),
     ("PREPARE TRANSACTION 'gid1'", None),
+    ("EXECUTE plan(1, 'x')", None),      # a prepared statement's name, not a call
     ("EXECUTE p", None),
     ("DEALLOCATE p", UNVERIFIED),   # may drop the proxy's statements: recounted after
     ("DEALLOCATE ALL", UNVERIFIED),
@@ -292,3 +294,24 @@ def test_prefilter_is_a_superset_of_the_careful_analysis(parts):
     text = " ".join(parts) if parts and parts[0] == "x" else "".join(parts)
     data = text.encode("utf-8")
     assert RULES.classify_query(data) == RULES._analyze(data.decode("latin-1"), 0)
+
+
+@pytest.mark.parametrize("source,name,expected", [
+    (b"PREPARE a AS SELECT 1", b"a", b"PREPARE a AS SELECT 1"),
+    (b"prepare a(int) as select $1; select 2; prepare b as select ';'", b"a",
+     b"prepare a(int) as select $1"),
+    (b"prepare a(int) as select $1; select 2; prepare b as select ';'", b"b",
+     b"prepare b as select ';'"),
+    (b"/* c; */ PREPARE \"Mixed \"\"q\"\"\" AS SELECT $$;$$ -- end", b'Mixed "q"',
+     b"PREPARE \"Mixed \"\"q\"\"\" AS SELECT $$;$$ -- end"),
+    (b"PREPARE Upper AS SELECT 1", b"upper", b"PREPARE Upper AS SELECT 1"),
+    (b"PREPARE Upper AS SELECT 1", b"Upper", None),          # the server folded it
+    (b"PREPARE a AS SELECT 1", b"b", None),
+    (b"select 'prepare a as select 1'", b"a", None),         # inside a string
+    (b"prepare a as select 1; deallocate a; prepare a as select 2", b"a", None),
+    (b"select 'x\\'; prepare a as select 1; --'", b"a", None),   # two readings
+    (b"prepare a as select E'\\n'", b"a", None),            # a backslash in it
+    (b"PREPARE TRANSACTION 'a'", b"a", None),
+])
+def test_prepare_statement_text(source, name, expected):
+    assert prepare_statement_text(source, name) == expected

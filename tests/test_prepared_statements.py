@@ -256,12 +256,17 @@ def test_warm_connection_matches_a_direct_connection(differential):
 
 
 def test_randomized_statement_traffic_matches_direct(differential):
-    """Random interleavings of prepare / execute / close / deallocate / transactions by
-    several clients at once over the pool of two, each compared with the same sequence on a
-    direct connection of its own."""
+    """Random interleavings of prepare / execute / close / deallocate / transactions, SQL
+    PREPARE / EXECUTE / DEALLOCATE and SET by several clients at once over the pool of two,
+    each compared with the same sequence on a direct connection of its own."""
     names = [b"r0", b"r1", b"r2", b"r3", b"r4"]
     texts = [b"select $1::int + 1", b"select $1::int * 2", b"select 'x' || $1::text",
              b"select $1::int / 0", b"select length($1::text)"]
+    # SQL's statements share one namespace with the protocol's: kept apart, as the
+    # README says they must be through the proxy.
+    sql_names = [b"q0", b"q1", b"q2"]
+    sql_texts = [b"(int) as select $1 + 100", b" as select current_setting('work_mem')",
+                 b"(text) as select upper($1)"]
 
     def random_steps(seed):
         rnd = random.Random(seed)
@@ -281,8 +286,19 @@ def test_randomized_statement_traffic_matches_direct(differential):
                 steps.append(query(b"begin"))
             elif pick < 0.9:
                 steps.append(query(rnd.choice([b"commit", b"rollback"])))
-            else:
+            elif pick < 0.92:
                 steps.append(describe(name))
+            elif pick < 0.94:
+                steps.append(query(b"prepare " + rnd.choice(sql_names) + rnd.choice(sql_texts)))
+            elif pick < 0.96:
+                steps.append(query(b"execute " + rnd.choice(sql_names)
+                                   + rnd.choice([b"", b"(7)", b"('abc')"])))
+            elif pick < 0.97:
+                steps.append(query(b"deallocate " + rnd.choice(sql_names)))
+            elif pick < 0.985:
+                steps.append(query(b"set work_mem = '%dMB'" % rnd.randint(1, 9)))
+            else:
+                steps.append(query(b"show work_mem"))
             if rnd.random() < 0.4:
                 steps.append(sync)
         steps.append(sync)

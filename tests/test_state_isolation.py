@@ -76,7 +76,7 @@ ATTACKS = [
      "select count(*) = 0 from pg_temp.iso_accounts"),
     ("function_listens", "select iso_listen()", "listen",
      "select count(*) = 1 from pg_listening_channels()"),
-    ("function_prepares", "select iso_prepare()", "prepared_statement",
+    ("function_prepares", "select iso_prepare()", None,   # carried, not pinned
      "select count(*) = 1 from pg_prepared_statements where name = 'iso_stmt'"),
     ("procedure_sets_role", "CALL iso_role_proc()", "set_role",
      "select current_user = 'iso_admin'"),

@@ -139,6 +139,7 @@ cdef class ClientRelay:
     cdef public PoolCore pool_core
     cdef public object key
     cdef public object desired
+    cdef public object sql_prepared
     cdef public Py_ssize_t outstanding
     cdef public int type_before_chunk
     cdef public object pin_reason
@@ -218,6 +219,7 @@ cdef class ServerRelay:
     cdef public PoolCore pool_core
     cdef public bint closed
     cdef public object applied
+    cdef public object sql_prepared
     cdef public double idle_since
     cdef public list held
     cdef public Py_ssize_t held_size

@@ -255,6 +255,7 @@ class ClientRelay:
         self.pool = None          # the pool of its last route (see Router.route)
         self.key = None
         self.desired = ()
+        self.sql_prepared = ()    # (name, PREPARE text) pairs the client made with SQL
         self.outstanding = 0
         self.type_before_chunk = 0
         self.pin_reason = None
@@ -471,8 +472,12 @@ class ClientRelay:
         return True
 
     def ready_on(self, conn):
-        """Whether `conn` is open and already carries this client's session parameters."""
-        return (conn.applied is self.desired or conn.applied == self.desired) and not conn.closed
+        """Whether `conn` is open and already carries this client's session parameters
+        and SQL prepared statements."""
+        return ((conn.applied is self.desired or conn.applied == self.desired)
+                and (conn.sql_prepared is self.sql_prepared
+                     or conn.sql_prepared == self.sql_prepared)
+                and not conn.closed)
 
     def screen(self, data):
         """Captured Query/Parse texts the prefilter clears pass here; the rest go to inspect()."""
@@ -607,6 +612,7 @@ class ServerRelay:
         self.pool_core = None     # set by the pool that opened it
         self.closed = False
         self.applied = ()
+        self.sql_prepared = ()    # the SQL prepared statements it holds, as a client's
         self.idle_since = 0.0
         self.held = None          # answer chunks held back while a replay is still possible
         self.held_size = 0

@@ -38,6 +38,8 @@ class Metrics(MetricCounters):
         # Transactions after which a client's own settings (SET, set_config) were taken
         # on to carry to the connections it borrows, instead of pinning it.
         "SettingsAdopted",
+        # ... and after which the SQL prepared statements it made were taken on alike.
+        "SQLStatementsAdopted",
     )
 
     def __init__(self):

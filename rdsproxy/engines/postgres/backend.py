@@ -172,9 +172,17 @@ class ServerConnection(ServerRelay, ServerSide, asyncio.Protocol):
                 self.mode = RELAY
                 self._ready.set_result(None)
             elif self.mode == INTERNAL:
+                err, self._internal_error = self._internal_error, None
+                if self._internal_errors is not None:
+                    self._internal_errors.append(err)
+                if self._internal_first_error is None:
+                    self._internal_first_error = err
+                self._internal_left -= 1
+                if self._internal_left:
+                    return
                 self.mode = RELAY
                 done, self._internal_done = self._internal_done, None
-                err, self._internal_error = self._internal_error, None
+                err, self._internal_first_error = self._internal_first_error, None
                 if done is not None:
                     done(err)
         elif mtype == 69:  # 'E'
@@ -192,6 +200,9 @@ class ServerConnection(ServerRelay, ServerSide, asyncio.Protocol):
             self._internal_rows.append(payload)
 
     _internal_rows = None
+    _internal_errors = None       # one entry per query of a run_internal list
+    _internal_first_error = None
+    _internal_left = 0            # ReadyForQuery messages still to come
 
     def _on_auth(self, payload: bytes) -> None:
         (code,) = struct.unpack_from("!i", payload)
@@ -234,17 +245,27 @@ class ServerConnection(ServerRelay, ServerSide, asyncio.Protocol):
         self.close()
 
     # -- internal queries --------------------------------------------------------------
-    def run_internal(self, sql: str, done, rows: list | None = None) -> None:
-        """Send one simple Query of the proxy's own; `done(error_or_None)` at its ReadyForQuery.
+    def run_internal(self, sql, done, rows: list | None = None, errors: list | None = None) -> None:
+        """Send one simple Query of the proxy's own, or a list of requests pipelined (wire
+        bytes, each answered by one ReadyForQuery: a Query, or messages up to a Sync);
+        `done(first_error_or_None)` at the last ReadyForQuery. Each request of a list
+        fails on its own: `errors` receives one entry (None or the ServerError) per request.
 
         Nothing from it reaches a client: the client's bytes wait until `done` runs.
         """
         self.mode = INTERNAL
         self._internal_done = done
         self._internal_error = None
+        self._internal_first_error = None
         self._internal_rows = rows
+        self._internal_errors = errors
         self._buf = bytearray()
-        self.transport.write(pg.query(sql))
+        if isinstance(sql, list):
+            self._internal_left = len(sql)
+            self.transport.write(b"".join(sql))
+        else:
+            self._internal_left = 1
+            self.transport.write(pg.query(sql))
 
     def query_internal(self, sql: str, rows: list | None = None) -> asyncio.Future:
         fut = self.loop.create_future()

@@ -42,6 +42,7 @@ from .pinning import (
     UNKNOWN_STATE,
     UNVERIFIED,
     database_in_ddl,
+    prepare_statement_text,
 )
 from .sessionstate import (
     SETTINGS_SQL,
@@ -51,6 +52,7 @@ from .sessionstate import (
     quote_literal,
     read_current_settings,
     read_settings,
+    read_sql_statements,
     verdict,
 )
 
@@ -78,6 +80,10 @@ TRACKED_PARAMETERS = {
 }
 # Startup keys that are not server settings.
 STARTUP_KEYWORDS = {"user", "database", "options", "replication"}
+
+
+def quote_identifier(name: bytes) -> bytes:
+    return b'"' + name.replace(b'"', b'""') + b'"'
 
 
 def quote_setting_name(name: str) -> str:
@@ -305,12 +311,15 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
                 sql = payload[nul + 1:end] if end >= 0 else payload[nul + 1:]
                 full_length = len(sql) if end >= 0 else length - nul - 1
                 if nul > 0 and self.statements is None and not self._name_statements():
-                    reason = PREPARED_STATEMENT
-                else:
-                    reason = rules.classify_query(sql, full_length)
-            if reason == UNVERIFIED or reason == SET_VARIABLE:
-                # A SET is not pinned: what the session holds once the transaction is over
-                # is read from the server and carried with the client (_adopt_settings).
+                    self.pin(PREPARED_STATEMENT)
+                    continue
+                reason = rules.classify_query(sql, full_length)
+            if reason == UNVERIFIED or reason == SET_VARIABLE or (
+                    reason == PREPARED_STATEMENT
+                    and self.engine.config.target_group.max_prepared_statements):
+                # SET and PREPARE do not pin: what the session holds once the transaction
+                # is over is read from the server and carried with the client
+                # (_adopt_settings, _adopt_sql_statements).
                 self.unverified = True
             elif reason is not None:
                 self.pin(reason)
@@ -362,6 +371,8 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
             try:
                 reason = verdict(rows, server.user, proxy_statements=answers.names())
                 answers.keep_only(proxy_statement_names(rows))
+                if reason is None:
+                    reason = self._adopt_sql_statements(server, read_sql_statements(rows))
                 if reason is None and not self.engine.rules.variable_sets_excluded:
                     reason = self._adopt_settings(server, read_settings(rows[1:]))
             except (ValueError, IndexError) as exc:
@@ -417,6 +428,32 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         server.known_settings = settings
         return None
 
+    def _adopt_sql_statements(self, server, found: list) -> str | None:
+        """The statements the session made with SQL PREPARE (`found`: name and the query
+        text each came from) become the client's: made again, from that text, on whichever
+        connection it borrows next, and dropped from this one before another client gets
+        it. PREPARED_STATEMENT (pin) when a text does not show how to make one again, or
+        named statements are turned off."""
+        if not found:
+            if server.sql_prepared:
+                self.sql_prepared = server.sql_prepared = ()
+            return None
+        if not self.engine.config.target_group.max_prepared_statements:
+            return PREPARED_STATEMENT
+        carried = {}
+        for name, source in found:
+            if name.startswith(SERVER_NAME_PREFIX):
+                return PREPARED_STATEMENT   # would pass for one of the proxy's own
+            text = prepare_statement_text(source, name)
+            if text is None:
+                return PREPARED_STATEMENT
+            carried[name] = text
+        carried = tuple(sorted(carried.items()))
+        if carried != server.sql_prepared:
+            self.engine.metrics.SQLStatementsAdopted += 1
+        self.sql_prepared = server.sql_prepared = carried
+        return None
+
     def pin(self, reason: str) -> None:
         self.pin_reason = reason
         self.engine.metrics.pinned(reason)
@@ -435,7 +472,7 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
             # parameters (its spelling of them, or its error) is learnt on this connection.
             self.waiting = False
             if self.desired and conn.applied != self.desired:
-                self._sync_parameters(conn, self._on_login_parameters)
+                self._sync_parameters(conn, self._on_login_parameters, with_statements=False)
                 return
             self.engine.learn_greeting(self.key, self.desired, conn.parameters)
             conn.pool.release(conn)
@@ -449,27 +486,28 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
             conn.pool.discard(conn)
             self.borrow()
             return
-        if conn.applied != self.desired:
-            # Bring the connection's session parameters to this client's first; the client's
-            # bytes keep waiting in `pending` until that is done.
+        if conn.applied != self.desired or conn.sql_prepared != self.sql_prepared:
+            # Bring the connection's session parameters and SQL prepared statements to this
+            # client's first; its bytes keep waiting in `pending` until that is done.
             self._sync_parameters(conn, self._on_parameters_synced)
             return
         self.attach(conn)
 
-    def _sync_parameters(self, conn, done) -> None:
-        """Bring `conn`'s session parameters to this client's, then `done(error)`. The
-        server's spelling of each value set is kept (conn.known_settings), so that a
-        later state check tells the proxy's settings from a client's."""
+    def _sync_parameters(self, conn, done, with_statements=True) -> None:
+        """Bring `conn`'s session parameters (and, with `with_statements`, its SQL prepared
+        statements) to this client's, then `done(error)`. The server's spelling of each
+        value set is kept (conn.known_settings), so that a later state check tells the
+        proxy's settings from a client's."""
         # Setting names are case-insensitive: "TimeZone" from a startup packet and
         # "timezone" from a client's SET are one setting.
         want = {name.lower(): (name, value) for name, value in self.desired}
         have = {name.lower(): value for name, value in conn.applied}
-        statements = []
+        settings = []
         set_names = []
         reset_names = []
         for key in sorted(set(want) | set(have)):
             if key not in want:
-                statements.append(f"RESET {quote_setting_name(key)}")
+                settings.append(f"RESET {quote_setting_name(key)}")
                 reset_names.append(key)
             elif want[key][1] != have.get(key):
                 set_names.append(want[key][0])
@@ -477,21 +515,51 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         if set_names:
             # set_config reads a value as the configuration file would (a list setting such
             # as search_path splits at its commas; a SET of one literal would not).
-            statements.append("SELECT " + ", ".join(
+            settings.append("SELECT " + ", ".join(
                 f"pg_catalog.set_config({quote_literal(name)}, {quote_literal(want[name])}, false)"
                 for name in set_names))
-            statements.append(current_settings_sql(set_names))
+            settings.append(current_settings_sql(set_names))
+        queries = [pg.query("; ".join(settings))] if settings else []
+        prepares = []
+        if with_statements and conn.sql_prepared != self.sql_prepared:
+            # Each PREPARE alone, after the settings it is to be read under: one that fails
+            # (its table dropped since, say) costs the client that statement only. The
+            # extended protocol runs exactly one statement, whatever the text holds.
+            want = dict(self.sql_prepared)
+            have = dict(conn.sql_prepared)
+            drop = [name for name, text in have.items() if want.get(name) != text]
+            if drop:
+                queries.append(pg.message(b"Q", b"; ".join(
+                    b"DEALLOCATE " + quote_identifier(name) for name in drop) + b"\x00"))
+            for name, text in self.sql_prepared:
+                if have.get(name) != text:
+                    queries.append(pg.single_statement(text))
+                    prepares.append(name)
+        if not queries:
+            queries.append(pg.query(""))   # the names differed only in case: nothing to change
         rows = []
+        errors = []
 
         def synced(error):
+            if len(errors) == len(queries) and prepares:
+                failed = {name for name, failure in zip(prepares, errors[-len(prepares):]) if failure}
+                if failed:
+                    log.info("client %s (user %s): statements %s could not be prepared again: %s",
+                             self.peer, self.user, b", ".join(sorted(failed)).decode("latin-1"),
+                             error.fields.get("M", error))
+                    self.sql_prepared = tuple(pair for pair in self.sql_prepared if pair[0] not in failed)
+                    if not any(errors[:-len(prepares)]):
+                        error = None
             if error is None:
                 known = conn.known_settings
                 for name in reset_names:
                     known.pop(name.lower(), None)
                 known.update(read_current_settings(set_names, rows))
+                if with_statements:
+                    conn.sql_prepared = self.sql_prepared
             done(error)
         self._syncing = conn
-        conn.run_internal("; ".join(statements), synced, rows)
+        conn.run_internal(queries, synced, rows, errors)
 
     def _on_login_parameters(self, error):
         conn, self._syncing = self._syncing, None
@@ -695,6 +763,7 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
             else:
                 if full_reset:
                     server.applied = ()
+                    server.sql_prepared = ()
                     server.learn_proxy_settings(rows)   # none without init_query
                     server.answers.clear()   # DISCARD ALL dropped them
                 server.scanner.status = STATUS_IDLE

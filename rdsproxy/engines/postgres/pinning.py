@@ -130,10 +130,10 @@ _NOT_CALLS = frozenset("""
 """.split())
 # After these words a name followed by "(" is a relation or a definition, not a call:
 # INSERT INTO t (a), CREATE TABLE [IF NOT EXISTS] t (...), REFERENCES t (a), COPY t (a),
-# CREATE FUNCTION f (...), CREATE VIEW v (a).
+# CREATE FUNCTION f (...), CREATE VIEW v (a), EXECUTE statement (args).
 _RELATION_CONTEXT = frozenset((
     "into", "table", "exists", "references", "copy", "function", "procedure", "view",
-    "aggregate", "analyze", "analyse", "tablesample"))
+    "aggregate", "analyze", "analyse", "tablesample", "execute"))
 
 # Spellings of boolean true PostgreSQL accepts (unique prefixes of true/yes/on, and 1).
 _TRUE_TEXT = frozenset(("t", "tr", "tru", "true", "y", "ye", "yes", "on", "1"))
@@ -142,16 +142,21 @@ _PLPGSQL_STATEMENT_STARTERS = frozenset(("begin", "then", "else", "loop", "decla
 _MAX_NESTING = 3
 
 
-def _tokenize(text, backslash_quotes=False):
+def _tokenize(text, backslash_quotes=False, starts=None):
     """Tokens of `text` with comments dropped; never raises, unterminated constructs run to
     the end. `backslash_quotes`: plain '' strings take backslash escapes, as they do while
-    standard_conforming_strings is off."""
+    standard_conforming_strings is off. `starts`, if given, receives each token's offset."""
     plain_string = _STRING_ESC if backslash_quotes else _STRING_STD
     tokens = []
     append = tokens.append
     pos = 0
     n = len(text)
+    token_start = 0
     while pos < n:
+        if starts is not None:
+            while len(starts) < len(tokens):
+                starts.append(token_start)
+            token_start = pos
         ch = text[pos]
         m = _SPACE.match(text, pos)
         if m:
@@ -231,7 +236,46 @@ def _tokenize(text, backslash_quotes=False):
             continue
         append((_PUNCT, ch))
         pos += 1
+    if starts is not None:
+        while len(starts) < len(tokens):
+            starts.append(token_start)
     return tokens
+
+
+def prepare_statement_text(source: bytes, name: bytes) -> bytes | None:
+    """The one statement `PREPARE name ... AS ...` of `source`, the query text in which a
+    session made the SQL prepared statement `name` (pg_prepared_statements.statement, the
+    whole text even when it held other statements), to make it again on another
+    connection. None unless the text shows exactly one, read the same whichever way
+    backslashes quote, and without a backslash (it could mean two things)."""
+    text = source.decode("latin-1")   # one character per byte: slices are the bytes
+    wanted = name.decode("latin-1")
+    found = _find_prepare(text, wanted, False)
+    if "\\" in text:
+        if found is None or "\\" in found or found != _find_prepare(text, wanted, True):
+            return None
+    return None if found is None else found.encode("latin-1")
+
+
+def _find_prepare(text: str, name: str, backslash_quotes: bool) -> str | None:
+    starts = []
+    tokens = _tokenize(text, backslash_quotes, starts)
+    found = None
+    first = 0   # the index of the current statement's first token
+    for i in range(len(tokens) + 1):
+        if i < len(tokens) and tokens[i] != (_PUNCT, ";"):
+            continue
+        # PREPARE name AS ... or PREPARE name (types) AS ...
+        if i > first + 2 and _word(tokens, first) == "prepare" and (
+                _word(tokens, first + 2) == "as" or tokens[first + 2] == (_PUNCT, "(")):
+            kind, value = tokens[first + 1]
+            if (kind == _QIDENT and value == name) or (kind == _WORD and value == name.lower() == name):
+                if found is not None:
+                    return None   # made, dropped and made again: which one is left?
+                end = starts[i] if i < len(tokens) else len(text)
+                found = text[starts[first]:end].rstrip()
+        first = i + 1
+    return found
 
 
 def _word(tokens, i):

@@ -101,6 +101,19 @@ def query(sql: str) -> bytes:
     return message(b"Q", cstr(sql))
 
 
+# Bind of the unnamed statement to the unnamed portal (no parameters, text results),
+# Execute of all its rows.
+_BIND_UNNAMED = message(b"B", b"\x00\x00" + b"\x00\x00" * 3)
+_EXECUTE_UNNAMED = message(b"E", b"\x00" + b"\x00\x00\x00\x00")
+
+
+def single_statement(sql: bytes) -> bytes:
+    """`sql` run over the extended protocol, which refuses a text of more than one
+    statement, then Sync: one ReadyForQuery."""
+    return (message(b"P", b"\x00" + sql + b"\x00\x00\x00") + _BIND_UNNAMED + _EXECUTE_UNNAMED
+            + message(b"S"))
+
+
 AUTH_OK_MESSAGE = authentication(AUTH_OK)
 READY_FOR_QUERY_IDLE = ready_for_query(b"I")
 TERMINATE = b"X\x00\x00\x00\x04"

@@ -37,7 +37,12 @@ SETTINGS_SQL = (
     f" WHERE s.source {_EQ} 'session' AND s.name {_NE} 'role'"
     f" AND s.name {_NE} 'session_authorization'")
 
-# One row of facts, then SETTINGS_SQL's rows.
+# Statements the session made with SQL PREPARE (its client carries them: frontend.
+# _adopt_sql_statements), one row each, three columns to tell them from SETTINGS_SQL's.
+SQL_STATEMENTS_SQL = (
+    "SELECT NULL, name, statement FROM pg_catalog.pg_prepared_statements WHERE from_sql")
+
+# One row of facts, then SETTINGS_SQL's rows, then SQL_STATEMENTS_SQL's.
 STATE_CHECK_SQL = (
     "SELECT pg_catalog.current_setting('role'), session_user::pg_catalog.text,"
     f" EXISTS (SELECT FROM pg_catalog.pg_class WHERE relnamespace {_EQ} {_TEMP})"
@@ -47,10 +52,11 @@ STATE_CHECK_SQL = (
     f" AND pid {_EQ} pg_catalog.pg_backend_pid()),"
     " EXISTS (SELECT FROM pg_catalog.pg_listening_channels()),"
     " EXISTS (SELECT FROM pg_catalog.pg_cursors),"
-    f" EXISTS (SELECT FROM pg_catalog.pg_prepared_statements WHERE {_NOT_PROXYS}),"
+    " EXISTS (SELECT FROM pg_catalog.pg_prepared_statements"
+    f" WHERE NOT from_sql AND {_NOT_PROXYS}),"
     " (SELECT pg_catalog.string_agg(name, ' ') FROM pg_catalog.pg_prepared_statements"
-    f" WHERE NOT ({_NOT_PROXYS})); "
-    + SETTINGS_SQL)
+    f" WHERE NOT from_sql AND NOT ({_NOT_PROXYS})); "
+    + SETTINGS_SQL + "; " + SQL_STATEMENTS_SQL)
 
 
 def data_row(payload: bytes) -> list:
@@ -68,6 +74,17 @@ def read_settings(rows: list[bytes]) -> dict[str, str]:
         if len(columns) == 2 and columns[0] is not None:
             settings[columns[0].lower()] = columns[1]
     return settings
+
+
+def read_sql_statements(rows: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """SQL_STATEMENTS_SQL's rows among the state check's, as (name, query text) in the
+    client's encoding."""
+    found = []
+    for payload in rows:
+        columns = parse_datarow(payload)
+        if len(columns) == 3 and columns[0] is None and columns[1] is not None:
+            found.append((bytes(columns[1]), bytes(columns[2] or b"")))
+    return found
 
 
 def current_settings_sql(names) -> str:
@@ -98,8 +115,9 @@ def proxy_statement_names(rows: list[bytes]) -> set[bytes]:
 
 def verdict(rows: list[bytes], login_user: str, proxy_statements=()) -> str | None:
     """Why the client must keep this connection, from STATE_CHECK_SQL's answer; None
-    when the session holds nothing of the client's but settings (rows[1:], which the
-    client carries with it instead: frontend._adopt_settings). The role always pins.
+    when the session holds nothing of the client's but settings and SQL prepared
+    statements (rows[1:], which the client carries with it instead: frontend.
+    _adopt_settings and _adopt_sql_statements). The role always pins.
     `proxy_statements`: the names the proxy knows it prepared there; one of its names it
     does not know was made by the client."""
     if not rows:
