@@ -55,7 +55,10 @@ ClientLedger = relay.ClientLedger
 MetricCounters = relay.MetricCounters
 rename_binds = statements.rename_binds
 drops_statements = statements.drops_statements
+AnswerQueue = statements.AnswerQueue
+BookCore = statements.BookCore
 
 __all__ = ["IMPLEMENTATION", "reactor", "MessageScanner", "FramingError", "split_messages", "PoolCore",
            "KeywordScanner", "ClientRelay", "ServerRelay", "Entropy", "StartupPlan", "LoginDesk",
-           "SessionFactory", "ClientLedger", "MetricCounters", "rename_binds", "drops_statements"]
+           "SessionFactory", "ClientLedger", "MetricCounters", "rename_binds", "drops_statements",
+           "AnswerQueue", "BookCore"]

@@ -6,6 +6,15 @@ rules; this is its quick lane for a chunk of whole messages in which nothing but
 statements the connection already holds needs its hand, walked in one C loop.
 """
 
+from collections import OrderedDict
+
+try:
+    import cython
+except ImportError:
+    # Uncompiled and Cython not installed: a stand-in for the one attribute used (bound
+    # through globals(): Cython reserves the name).
+    globals()["cython"] = type("cython", (), {"compiled": False})
+
 MSG_BIND = 66             # 'B'
 MSG_PARSE = 80            # 'P'
 MSG_DESCRIBE = 68         # 'D'
@@ -18,6 +27,105 @@ MSG_COPY_DATA = 100       # 'd'
 MSG_COPY_DONE = 99        # 'c'
 MSG_COPY_FAIL = 102       # 'f'
 STATEMENT_TARGET = 83     # 'S': Describe and Close of a statement, not a portal
+
+
+# What the engine's answer queue does with an answer it is owed (statements.py has the
+# rest): FORWARD passes it on as the server sent it.
+FORWARD = 0
+
+
+class AnswerQueue:
+    """What one server connection holds of the proxy's statements (`cache`: definition ->
+    its name there, least recently used first) and the answers it owes a client that
+    names statements (`queue`). The engine's ServerStatements builds on it; the fields are
+    C fields so that the quick lane below reads them without a lookup."""
+
+    def __init__(self, server, capacity, metrics=None):
+        self.server = server          # its ServerRelay: `tracking` tells the relay to call answer()
+        self.capacity = capacity
+        self.cache = OrderedDict()
+        self.counter = 0
+        self.queue = []
+        self.skipping = False         # an error was answered: the server skips to the next Sync
+        self.buf = bytearray()        # a server message not yet whole
+        self.passing = 0              # bytes still to pass of a streamed message
+        self.metrics = metrics        # StatementsPrepared moves with each Parse sent
+        self.waiter = None            # a StatementBook waiting for answers to go on
+        self.client_transport = None
+
+    def idle(self, client_transport):
+        """A client starts on the connection: nothing is owed to anyone."""
+        if self.queue:
+            self.queue.clear()
+        self.skipping = False
+        if self.buf:
+            self.buf.clear()
+        self.passing = 0
+        self.waiter = None
+        self.client_transport = client_transport
+        self.server.tracking = False
+
+
+class BookCore:
+    """A client's named statements (`names`: client name -> definition) and the quick lane
+    of the engine's StatementBook: a borrow's start, and a chunk in which nothing needs the
+    proxy's hand but Binds of statements the connection holds. Anything else goes to the
+    book's forward_slow."""
+
+    def __init__(self):
+        self.names = {}
+        self.snapshot = None          # the names as a replay of the borrow's first request finds them
+        self.buf = bytearray()
+        self.passing = 0
+        self.deferred = []
+        self.deferred_ready = 0       # ReadyForQuery answers due to requests sent untracked
+        self.batch = 0                # Syncs (and Queries) sent: the book's changes are per batch
+        self.unresolved = {}          # batch -> its changes the server has not answered
+        self.stalled = False          # waiting for them before reading the book again
+        self.server = None
+        self.spoke = False            # answered the client itself during this borrow
+
+    def attached(self, server, replayable, client_transport):
+        """A borrow of `server` starts (nothing is in flight); if its first request may be
+        sent again elsewhere (failover), the names as they stand are kept for the replay:
+        the same dict, which forward_slow copies before it changes anything."""
+        server.answers.idle(client_transport)
+        self.server = server
+        self.snapshot = self.names if replayable else None
+        self.deferred = []
+        self.deferred_ready = 0
+        if self.unresolved:
+            self.unresolved.clear()
+        self.stalled = False
+        self.spoke = False
+
+    def forward(self, data, server, client_transport, in_flight):
+        """The client's bytes as `server` is to get them; answers the proxy makes go to
+        `client_transport`. `in_flight`: requests sent before these whose ReadyForQuery
+        the client has not been given yet."""
+        if self.stalled:
+            self.buf += data
+            return b""
+        state = server.answers
+        if not (state.queue or state.skipping or self.passing or self.buf):
+            walked = rename_binds(data if type(data) is bytes else bytes(data), self.names,
+                                  state.cache)
+            if walked is not None:
+                sent, ready, unsynced = walked
+                if ready:
+                    self.deferred = [(t, FORWARD, None, None) for t in unsynced] if unsynced else []
+                    self.deferred_ready = in_flight + ready
+                    self.batch += ready
+                else:
+                    self.deferred += [(t, FORWARD, None, None) for t in unsynced]
+                    self.deferred_ready = in_flight
+                return sent
+        if self.snapshot is self.names:
+            self.names = dict(self.names)   # the replay's view stays as it was
+        return self.forward_slow(data, server, client_transport, in_flight)
+
+    def forward_slow(self, data, server, client_transport, in_flight):
+        raise NotImplementedError
 
 
 def drops_statements(sql):
@@ -36,10 +144,10 @@ def rename_binds(data, names, cache):
     end = len(data)
     buf = data   # compiled: a pointer to the chunk's bytes (statements_c.pxd)
     pos = 0
-    start = 0
-    pieces = None
     ready = 0
     unsynced = []
+    renamed = None    # the connection's names for the named Binds, in order
+    grown = 0         # how much longer the chunk gets
     while pos < end:
         if end - pos < 5:
             return None
@@ -57,34 +165,28 @@ def rename_binds(data, names, cache):
             if name_end >= pos + size:
                 return None
             if name_end > portal_end + 1:
-                key = names.get(data[portal_end + 1:name_end])
+                key = names.get(buf[portal_end + 1:name_end])
                 if key is None:
                     return None
                 server_name = cache.get(key)
                 if server_name is None:
                     return None
                 cache.move_to_end(key)
-                if pieces is None:
-                    pieces = []
-                length = size - 1 + len(server_name) - (name_end - portal_end - 1)
-                pieces.append(data[start:pos])
-                pieces.append(bytes((MSG_BIND, (length >> 24) & 0xFF, (length >> 16) & 0xFF,
-                                     (length >> 8) & 0xFF, length & 0xFF)))
-                pieces.append(data[pos + 5:portal_end + 1])
-                pieces.append(server_name)
-                pieces.append(data[name_end:pos + size])
-                start = pos + size
+                if renamed is None:
+                    renamed = []
+                renamed.append(server_name)
+                grown += len(server_name) - (name_end - portal_end - 1)
             unsynced.append(mtype)
         elif mtype == MSG_SYNC or mtype == MSG_FUNCTION_CALL:
             ready += 1
             unsynced = []
         elif mtype == MSG_QUERY:
-            if drops_statements(data[pos + 5:pos + size]):
+            if drops_statements(buf[pos + 5:pos + size]):
                 return None
             ready += 1
             unsynced = []
         elif mtype == MSG_PARSE:
-            if size < 6 or buf[pos + 5] != 0 or drops_statements(data[pos + 6:pos + size]):
+            if size < 6 or buf[pos + 5] != 0 or drops_statements(buf[pos + 6:pos + size]):
                 return None
             unsynced.append(mtype)
         elif mtype == MSG_DESCRIBE or mtype == MSG_CLOSE:
@@ -95,7 +197,33 @@ def rename_binds(data, names, cache):
               and mtype != MSG_COPY_FAIL):
             unsynced.append(mtype)
         pos += size
-    if pieces is not None:
-        pieces.append(data[start:])
-        data = b"".join(pieces)
+    if renamed is not None:
+        if cython.compiled:
+            # One allocation, filled by memcpy (statements_c.pxd).
+            data = _renamed_chunk(data, renamed, end + grown)  # noqa: F821
+        else:
+            data = _renamed_pieces(data, renamed)
     return data, ready, unsynced
+
+
+def _renamed_pieces(data, renamed):
+    """The chunk with its named Binds' statements replaced, in order, by `renamed`
+    (the messages are known whole: rename_binds walked them)."""
+    pieces = []
+    start = pos = 0
+    k = 0
+    while pos < len(data):
+        size = 1 + int.from_bytes(data[pos + 1:pos + 5], "big")
+        if data[pos] == MSG_BIND:
+            portal_end = data.index(0, pos + 5)
+            name_end = data.index(0, portal_end + 1)
+            if name_end > portal_end + 1:
+                server_name = renamed[k]
+                k += 1
+                length = size - 1 + len(server_name) - (name_end - portal_end - 1)
+                pieces += [data[start:pos], b"B", length.to_bytes(4, "big"),
+                           data[pos + 5:portal_end + 1], server_name, data[name_end:pos + size]]
+                start = pos + size
+        pos += size
+    pieces.append(data[start:])
+    return b"".join(pieces)

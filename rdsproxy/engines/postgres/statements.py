@@ -27,7 +27,8 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 
-from ..._fastpath import drops_statements, rename_binds
+from ..._fastpath import AnswerQueue, BookCore, drops_statements
+from ..._fastpath.statements_py import FORWARD
 from . import protocol as pg
 
 SERVER_NAME_PREFIX = b"rdsproxy_"
@@ -44,7 +45,7 @@ BARRIER = 1     # `count` ReadyForQuery answers to requests sent before tracking
 # What to do with the answer: pass it on; drop it (it answers the proxy's own message);
 # rewrite its error (SQLSTATE, text); name the client's statement in its error where the
 # server names its own.
-FORWARD, SWALLOW, REWRITE, RENAME = 0, 1, 2, 3
+SWALLOW, REWRITE, RENAME = 1, 2, 3   # FORWARD (0) is the quick lane's
 
 MSG_PARSE, MSG_BIND, MSG_DESCRIBE, MSG_CLOSE, MSG_QUERY = 80, 66, 68, 67, 81
 MSG_EXECUTE, MSG_SYNC, MSG_FUNCTION_CALL = 69, 83, 70
@@ -167,25 +168,11 @@ def _settle(entry, ok: bool) -> None:
         effect.book.resolved(effect.batch)
 
 
-class ServerStatements:
+class ServerStatements(AnswerQueue):
     """What one server connection holds of the proxy's statements, and the queue of answers
-    it owes to a client that names statements."""
+    it owes to a client that names statements (fields: AnswerQueue, in the fast path)."""
 
-    __slots__ = ("server", "capacity", "cache", "counter", "queue", "skipping", "buf", "passing",
-                 "metrics", "waiter", "client_transport")
-
-    def __init__(self, server, capacity: int, metrics=None):
-        self.server = server          # its ServerRelay: `tracking` tells the relay to call answer()
-        self.capacity = capacity
-        self.cache: OrderedDict[bytes, bytes] = OrderedDict()
-        self.counter = 0
-        self.queue: list = []
-        self.skipping = False         # an error was answered: the server skips to the next Sync
-        self.buf = bytearray()        # a server message not yet whole
-        self.passing = 0              # bytes still to pass of a streamed message
-        self.metrics = metrics        # StatementsPrepared moves with each Parse sent
-        self.waiter = None            # a StatementBook waiting for answers to go on
-        self.client_transport = None
+    __slots__ = ()
 
     def clear(self) -> None:
         """The server dropped every prepared statement (DISCARD ALL, DEALLOCATE ALL)."""
@@ -199,16 +186,6 @@ class ServerStatements:
 
     def names(self) -> set:
         return set(self.cache.values())
-
-    def idle(self, client_transport) -> None:
-        """A client starts on the connection: nothing is owed to anyone."""
-        self.queue.clear()
-        self.skipping = False
-        self.buf.clear()
-        self.passing = 0
-        self.waiter = None
-        self.client_transport = client_transport
-        self.server.tracking = False
 
     # -- the queue ------------------------------------------------------------------------
     def push(self, entry) -> None:
@@ -344,7 +321,7 @@ def _rewritten_error(message: bytes, change) -> bytes:
     return pg.message(b"E", b"\x00".join(fields) + b"\x00\x00")
 
 
-class StatementBook:
+class StatementBook(BookCore):
     """A client's named statements, and the rewriting of its bytes for the connection it
     holds. While the connection owes the client nothing out of the ordinary, nothing is
     queued: the entries of the request being sent wait in `deferred` and are dropped at its
@@ -352,34 +329,7 @@ class StatementBook:
     first, an error to rewrite), the connection's queue takes a barrier for the answers still
     due to earlier requests, then those entries, then every entry until it empties."""
 
-    __slots__ = ("names", "snapshot", "buf", "passing", "deferred", "deferred_ready", "batch",
-                 "unresolved", "stalled", "server", "spoke")
-
-    def __init__(self):
-        self.names: dict[bytes, bytes] = {}
-        self.snapshot = None
-        self.buf = bytearray()
-        self.passing = 0
-        self.deferred: list = []
-        self.deferred_ready = 0   # ReadyForQuery answers due to requests sent untracked
-        self.batch = 0            # Syncs (and Queries) sent: the book's changes are per batch
-        self.unresolved: dict[int, int] = {}   # batch -> its changes the server has not answered
-        self.stalled = False      # waiting for them before reading the book again
-        self.server = None
-        self.spoke = False        # answered the client itself during this borrow
-
-    def attached(self, server, replayable: bool, client_transport) -> None:
-        """A borrow of `server` starts (nothing is in flight); if its first request may be
-        sent again elsewhere (failover), remember the book as it stands so that the replay
-        finds it so."""
-        server.answers.idle(client_transport)
-        self.server = server
-        self.snapshot = dict(self.names) if replayable else None
-        self.deferred = []
-        self.deferred_ready = 0
-        self.unresolved.clear()
-        self.stalled = False
-        self.spoke = False
+    __slots__ = ()
 
     def rewind(self) -> None:
         """The request is to be sent again from its start on another connection."""
@@ -412,18 +362,9 @@ class StatementBook:
         if out:
             server.transport.write(out)
 
-    def forward(self, data, server, client_transport, in_flight: int) -> bytes:
-        """The client's bytes as `server` (a connection with `answers`) is to get them;
-        answers the proxy makes itself go to `client_transport`. `in_flight`: requests sent
-        before these whose ReadyForQuery the client has not been given yet."""
-        if self.stalled:
-            self.buf += data
-            return b""
+    def forward_slow(self, data, server, client_transport, in_flight: int) -> bytes:
+        """BookCore.forward for a chunk its quick lane does not take."""
         state = server.answers
-        if not (state.queue or state.skipping or self.passing or self.buf):
-            sent = self._forward_plain(data, state, in_flight)
-            if sent is not None:
-                return sent
         if not state.queue:
             self.deferred_ready = in_flight
         walk = _Walk(self, data, _WHOLE_CLIENT)
@@ -470,23 +411,6 @@ class StatementBook:
             client_transport.write(b"".join(fakes))
             self.spoke = True
         return b"".join(out)
-
-    def _forward_plain(self, data, state: ServerStatements, in_flight: int):
-        """forward() for the common chunk: whole messages, none needing the proxy's hand
-        but Binds of statements the connection holds (renamed, in the compiled fast path).
-        None: take the long way."""
-        walked = rename_binds(data if type(data) is bytes else bytes(data), self.names, state.cache)
-        if walked is None:
-            return None
-        sent, ready, unsynced = walked
-        if ready:
-            self.deferred = [(t, FORWARD, None, None) for t in unsynced] if unsynced else []
-            self.deferred_ready = in_flight + ready
-            self.batch += ready
-        else:
-            self.deferred += [(t, FORWARD, None, None) for t in unsynced]
-            self.deferred_ready = in_flight
-        return sent
 
     def _owe(self, entries: list, state: ServerStatements) -> None:
         """Record the answers owed for one client message's worth of sent messages."""
