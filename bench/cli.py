@@ -190,8 +190,9 @@ def _run_workloads(args, cluster, creds, live: dict, results: dict, scratch: Pat
                     record["pins"] = {k: v - before.get(k, 0)
                                       for k, v in stats_after.get("SessionPinReasons", {}).items()
                                       if v - before.get(k, 0)}
-                    record["SessionStateChecks"] = (stats_after.get("SessionStateChecks", 0)
-                                                    - stats_before.get("SessionStateChecks", 0))
+                    for counter in ("SessionStateChecks", "SettingsChecks"):
+                        record[counter] = (stats_after.get(counter, 0)
+                                           - stats_before.get(counter, 0))
                 if t.pid:  # pool parity check: server connections the pooler still holds
                     counts = server_conns_by_pid(creds.server_port)
                     record["server_conns_after"] = sum(counts.get(p, 0)
@@ -205,7 +206,8 @@ def _run_workloads(args, cluster, creds, live: dict, results: dict, scratch: Pat
                 cpu = (f"  cpu {record['cpu_us_per_txn']} us/txn"
                        if "cpu_us_per_txn" in record else "")
                 pins = (f"  pins {record['pins'] or 'none'}  state checks "
-                        f"{record['SessionStateChecks']}" if "pins" in record else "")
+                        f"{record['SessionStateChecks']}  settings checks "
+                        f"{record['SettingsChecks']}" if "pins" in record else "")
                 log(f"[{done}/{total}] {wname} round {rnd + 1}/{args.rounds} {tname:<16} "
                     f"tps {tps:>8}  lat {lat} ms  p99 {p99} ms  failed {res.failed}{conns}{cpu}{pins}"
                     + (f"  ERROR {res.error}" if res.error else ""))

@@ -38,6 +38,9 @@ WORKLOADS: dict[str, list[str]] = {
     "select_prepared_c50": ["-S", "-M", "prepared", "-c", "50", "-j", "2"],
     "select_extended_c10": ["-S", "-M", "extended", "-c", "10", "-j", "2"],
     "select_prepared_c10": ["-S", "-M", "prepared", "-c", "10", "-j", "2"],
+    # A SET in each transaction: what carrying settings instead of pinning costs.
+    "select_set_c10": ["-f", str(Path(__file__).parent / "scripts" / "set_select.sql"),
+                       "-c", "10", "-j", "2"],
     "tpcb_c20": ["-c", "20", "-j", "2"],
     "select_connect_c20": ["-S", "-C", "-c", "20", "-j", "2"],
 }

@@ -315,3 +315,29 @@ def test_prefilter_is_a_superset_of_the_careful_analysis(parts):
 ])
 def test_prepare_statement_text(source, name, expected):
     assert prepare_statement_text(source, name) == expected
+
+
+@pytest.mark.parametrize("sql,names", [
+    (b"SET work_mem = 1", ("work_mem",)),
+    (b"set session TimeZone to 'UTC'", ("timezone",)),
+    (b"SET TIME ZONE 'Asia/Tokyo'", ("timezone",)),
+    (b"set names utf8", ("client_encoding",)),
+    (b"reset work_mem", ("work_mem",)),
+    (b"set work_mem='1MB'; set myapp.user_id = 5", ("work_mem", "myapp.user_id")),
+    (b'set search_path = a, "B", public', ("search_path",)),
+    (b'SET "Work_Mem" TO DEFAULT', ("work_mem",)),
+    (b"SET statement_timeout = -1", ("statement_timeout",)),
+    # anything else has the whole session read
+    (b"reset all", None),
+    (b"set role x", None),
+    (b"set session authorization x", None),
+    (b"set work_mem = (select 1)", None),
+    (b"set work_mem = 1; select 1", None),
+    (b"set local work_mem = 1", None),
+    (b"set work_mem = 'a\\'", None),
+    (b"set seed = 0.5", None),
+    (b"select set_config('work_mem', '1MB', false)", None),
+    (b"set x.y", None),
+])
+def test_settings_named(sql, names):
+    assert PinningRules().settings_named(sql) == names

@@ -67,6 +67,22 @@ SCENARIOS = {
     "timezone_any_spelling": [
         (0, "set TimeZone = 'Asia/Tokyo'"), (1, "set timezone = 'America/Lima'"),
         (0, "select now()::text like '%+09'"), (1, "show TimeZone"), (0, "show timezone")],
+    # A plain SET asks the server for its setting only; anything else in the same
+    # transaction (here a set_config) has the whole session read.
+    "set_then_set_config_in_one_transaction": [
+        (0, "begin"), (0, "set work_mem = '3MB'"),
+        (0, "select set_config('lock_timeout', '4s', false)"), (0, "commit"),
+        (1, "show lock_timeout"), (0, "show lock_timeout"), (0, "show work_mem")],
+    "set_and_set_config_in_one_text": [
+        (0, "set work_mem = '6MB'; select set_config('lock_timeout', '5s', false)"),
+        (1, "show lock_timeout"), (0, "show lock_timeout"), (0, "show work_mem")],
+    "set_custom_and_spelled_forms": [
+        (0, "set myapp.tenant = 'acme'; set time zone 'Asia/Tokyo'; set schema 'pg_catalog'"),
+        # (an empty placeholder another client defined is visible: README, differences)
+        (1, "select coalesce(nullif(current_setting('myapp.tenant', true), ''), '-')"),
+        (0, "select current_setting('myapp.tenant')"), (0, "show timezone"),
+        (0, "show search_path"), (1, "show search_path"), (0, "reset myapp.tenant"),
+        (0, "select coalesce(current_setting('myapp.tenant', true), '-')")],
     "bad_value_changes_nothing": [
         (0, "set work_mem = '5MB'"), (0, "set work_mem = 'lots'"), (1, "show work_mem"),
         (0, "show work_mem")],
@@ -84,6 +100,19 @@ def test_set_does_not_pin(one_connection):
     after = one_connection.proxied.stats()
     assert after["SessionPinReasons"] == before["SessionPinReasons"]
     assert after["SettingsAdopted"] > before["SettingsAdopted"]
+
+
+def test_plain_set_reads_only_its_settings(one_connection):
+    """A transaction whose only marked statements were plain SETs costs a read of those
+    settings, not the whole state check; one with anything more gets the whole check."""
+    def counts():
+        stats = one_connection.proxied.stats()
+        return stats["SettingsChecks"], stats["SessionStateChecks"]
+    light, full = counts()
+    turns(one_connection.proxy, SCENARIOS["set_then_other_client"])
+    assert counts() == (light + 1, full)
+    turns(one_connection.proxy, SCENARIOS["set_and_set_config_in_one_text"])
+    assert counts() == (light + 1, full + 1)
 
 
 def test_many_clients_each_see_their_own_time_zone(proxy_factory):

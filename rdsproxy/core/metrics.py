@@ -31,6 +31,9 @@ class Metrics(MetricCounters):
         # Sessions whose state was asked of the server after a transaction the pinning
         # rules could not vouch for (a user's function, DO, CALL, FunctionCall).
         "SessionStateChecks",
+        # ... and the lighter reads after a transaction whose only such statements were
+        # plain SETs and RESETs: the values of the settings they named.
+        "SettingsChecks",
         # Clients whose named prepared statements the proxy keeps (not pinned for them),
         # and statements it prepared on database connections for them.
         "StatementClients",

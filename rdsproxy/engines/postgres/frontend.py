@@ -53,6 +53,7 @@ from .sessionstate import (
     read_current_settings,
     read_settings,
     read_sql_statements,
+    data_row,
     verdict,
 )
 
@@ -198,6 +199,11 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
     borrow_deadline = None
     seen_activity = 0
     _buf = None               # bytes of the login the engine's path has not used yet
+    # What the check after an unverified transaction must read: the whole session (the
+    # state check), or, when every text that marked it was a plain SET or RESET, just the
+    # settings it named.
+    _check_all = False
+    _settings_named = None
     _described = None         # (peer, peer_host), worked out when first asked for
 
     # Sessions are made by PostgresEngine.client_factory (a relay SessionFactory, which
@@ -297,12 +303,14 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
             if mtype == MSG_FUNCTION_CALL:
                 # Any function by OID (set_config is 2078): what it did is asked afterwards.
                 self.unverified = True
+                self._check_all = True
                 continue
             if mtype == MSG_QUERY:
                 if b"database" in payload.lower():   # spare the tokenizer every other text
                     database = database_in_ddl(payload)
                     if database is not None:
                         self.engine.release_database(database)
+                sql = payload
                 reason = rules.classify_query(payload, length - 1)  # without the NUL
             else:
                 # Parse: name NUL query NUL then parameter types; the rules want the query.
@@ -321,6 +329,14 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
                 # is over is read from the server and carried with the client
                 # (_adopt_settings, _adopt_sql_statements).
                 self.unverified = True
+                if not self._check_all:
+                    names = rules.settings_named(sql) if reason == SET_VARIABLE else None
+                    if names is None:
+                        self._check_all = True
+                    elif self._settings_named is None:
+                        self._settings_named = set(names)
+                    else:
+                        self._settings_named.update(names)
             elif reason is not None:
                 self.pin(reason)
         self.scanner.captured.clear()
@@ -358,13 +374,39 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         self.unverified = False
         self.waiting = True
         self._syncing = server
-        self.engine.metrics.SessionStateChecks += 1
+        names = None if self._check_all else self._settings_named
+        self._check_all = False
+        self._settings_named = None
         rows = []
+        if names:
+            # Only plain SETs and RESETs: their settings' values are all there is to read.
+            names = sorted(names)
+            self.engine.metrics.SettingsChecks += 1
+            server.run_internal(current_settings_sql(names, missing_ok=True),
+                                lambda error: self._on_settings_read(server, names, rows, error),
+                                rows)
+            return
+        self.engine.metrics.SessionStateChecks += 1
         server.run_internal(STATE_CHECK_SQL, lambda error: self._on_state_checked(server, rows, error),
                             rows)
 
+    def _on_settings_read(self, server, names, rows, error):
+        reason = None
+        if error is None:
+            try:
+                settings = dict(server.known_settings)
+                for name, value in zip(names, data_row(rows[-1])):
+                    if value is None:
+                        settings.pop(name, None)   # a custom setting that does not exist
+                    else:
+                        settings[name] = value
+                if not self.engine.rules.variable_sets_excluded:
+                    reason = self._adopt_settings(server, settings)
+            except (ValueError, IndexError) as exc:
+                error = exc
+        self._after_check(server, reason, error)
+
     def _on_state_checked(self, server, rows, error):
-        self._syncing = None
         reason = None
         if error is None:
             answers = server.answers
@@ -377,6 +419,12 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
                     reason = self._adopt_settings(server, read_settings(rows[1:]))
             except (ValueError, IndexError) as exc:
                 error = exc
+        self._after_check(server, reason, error)
+
+    def _after_check(self, server, reason, error):
+        """The check after the client's transaction is answered: `server` goes back to
+        the pool, or stays with the client (`reason`)."""
+        self._syncing = None
         if error is not None and not server.closed:
             # No answer (a statement_timeout the client set, say): the session's state
             # is unknown, so it stays with its client.

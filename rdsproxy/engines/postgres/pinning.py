@@ -140,6 +140,14 @@ _TRUE_TEXT = frozenset(("t", "tr", "tru", "true", "y", "ye", "yes", "on", "1"))
 # In a PL/pgSQL body a SQL statement may follow these block words, not only ';'.
 _PLPGSQL_STATEMENT_STARTERS = frozenset(("begin", "then", "else", "loop", "declare", "exception"))
 _MAX_NESTING = 3
+# SET forms that spell their setting in other words, and the setting's name.
+_SET_SPELLINGS = (
+    (("time", "zone"), "timezone"), (("xml", "option"), "xmloption"),
+    (("names",), "client_encoding"), (("schema",), "search_path"))
+# SET / RESET targets that are not one named setting of the session.
+_NOT_ONE_SETTING = frozenset((
+    "role", "session", "authorization", "session_authorization", "all", "seed", "local",
+    "transaction", "constraints", "characteristics"))
 
 
 def _tokenize(text, backslash_quotes=False, starts=None):
@@ -483,11 +491,59 @@ def _name(tokens, i):
     return None
 
 
+def _settings_named(text: str) -> tuple | None:
+    if "\\" in text or _UNICODE_ESCAPES.search(text):
+        return None
+    names = []
+    for stmt in split_statements(_tokenize(text), (_PUNCT, ";")):
+        first = _word(stmt, 0)
+        if first not in ("set", "reset"):
+            return None
+        i = 2 if first == "set" and _word(stmt, 1) == "session" else 1
+        for words, spelled in _SET_SPELLINGS:
+            if all(_word(stmt, i + k) == word for k, word in enumerate(words)):
+                name = spelled
+                i += len(words)
+                break
+        else:
+            name, i = _setting_name(stmt, i)
+            if name is None or name in _NOT_ONE_SETTING:
+                return None
+            if first == "set":
+                if i >= len(stmt) or not (_word(stmt, i) == "to" or stmt[i] == (_PUNCT, "=")):
+                    return None
+                i += 1
+        if first == "reset":
+            if i != len(stmt):
+                return None
+        else:
+            value = stmt[i:]
+            # Literals, names, numbers, commas and signs; never a call or a subquery.
+            if not value or any(kind == _PUNCT and tok not in ",-+." for kind, tok in value):
+                return None
+        names.append(name)
+    return tuple(names) if names else None
+
+
+def _setting_name(stmt, i):
+    """(the lower-cased, possibly dotted, setting name at stmt[i], the index after it),
+    or (None, i)."""
+    parts = []
+    while i < len(stmt) and stmt[i][0] in (_WORD, _QIDENT):
+        parts.append(stmt[i][1].lower())
+        i += 1
+        if i + 1 < len(stmt) and stmt[i] == (_PUNCT, ".") and stmt[i + 1][0] in (_WORD, _QIDENT):
+            i += 1
+            continue
+        break
+    return (".".join(parts), i) if parts else (None, i)
+
+
 class PinningRules:
     """Decides whether a statement pins a client to its server connection, and why; or
     whether the server must be asked about the session afterwards (UNVERIFIED)."""
 
-    __slots__ = ("_excluded", "_cache")
+    __slots__ = ("_excluded", "_cache", "_set_cache")
 
     CACHE_SIZE = 4096   # texts whose answer is kept (drivers and ORMs repeat theirs)
 
@@ -497,6 +553,7 @@ class PinningRules:
             raise ValueError(f"unknown pinning filter(s): {', '.join(map(str, unknown))}")
         self._excluded = frozenset((SET_VARIABLE,)) if EXCLUDE_VARIABLE_SETS in filters else frozenset()
         self._cache = {}
+        self._set_cache = {}
 
     @property
     def variable_sets_excluded(self) -> bool:
@@ -525,6 +582,24 @@ class PinningRules:
             cache.clear()
         cache[sql] = reason
         return reason
+
+    def settings_named(self, sql) -> tuple | None:
+        """The settings a text changes when it holds nothing but SET and RESET statements
+        of named settings (lower-cased names, which the server can be asked for one by
+        one); None when it holds anything else, or could be read two ways. A SET runs no
+        code: its value is a literal, a name or a number."""
+        if type(sql) is not bytes:
+            sql = bytes(sql)
+        cache = self._set_cache
+        try:
+            return cache[sql]
+        except KeyError:
+            pass
+        names = _settings_named(sql.rstrip(b"\x00").decode("latin-1"))
+        if len(cache) >= self.CACHE_SIZE:
+            cache.clear()
+        cache[sql] = names
+        return names
 
     def classify_parse(self, statement_name, sql, full_length=None):
         if statement_name and bytes(statement_name).rstrip(b"\x00"):

@@ -33,7 +33,7 @@ _NOT_PROXYS = "name OPERATOR(pg_catalog.!~) '^rdsproxy_([0-9]+|missing|check)$'"
 # Settings the session itself set (SET, set_config, a function's SET), as the server
 # spells their values. The role is asked for on its own.
 SETTINGS_SQL = (
-    "SELECT s.name, pg_catalog.current_setting(s.name) FROM pg_catalog.pg_settings s"
+    "SELECT s.name, pg_catalog.current_setting(s.name) FROM pg_catalog.pg_show_all_settings() s"
     f" WHERE s.source {_EQ} 'session' AND s.name {_NE} 'role'"
     f" AND s.name {_NE} 'session_authorization'")
 
@@ -45,9 +45,12 @@ SQL_STATEMENTS_SQL = (
 # One row of facts, then SETTINGS_SQL's rows, then SQL_STATEMENTS_SQL's.
 STATE_CHECK_SQL = (
     "SELECT pg_catalog.current_setting('role'), session_user::pg_catalog.text,"
+    # A session that never made a temporary object has no temporary schema (0): the
+    # catalogs need not be scanned for one.
+    f" CASE WHEN {_TEMP} {_EQ} 0 THEN false ELSE"
     f" EXISTS (SELECT FROM pg_catalog.pg_class WHERE relnamespace {_EQ} {_TEMP})"
     f" OR EXISTS (SELECT FROM pg_catalog.pg_proc WHERE pronamespace {_EQ} {_TEMP})"
-    f" OR EXISTS (SELECT FROM pg_catalog.pg_type WHERE typnamespace {_EQ} {_TEMP}),"
+    f" OR EXISTS (SELECT FROM pg_catalog.pg_type WHERE typnamespace {_EQ} {_TEMP}) END,"
     f" EXISTS (SELECT FROM pg_catalog.pg_locks WHERE locktype {_EQ} 'advisory'"
     f" AND pid {_EQ} pg_catalog.pg_backend_pid()),"
     " EXISTS (SELECT FROM pg_catalog.pg_listening_channels()),"
@@ -87,10 +90,12 @@ def read_sql_statements(rows: list[bytes]) -> list[tuple[bytes, bytes]]:
     return found
 
 
-def current_settings_sql(names) -> str:
-    """A query of the server's spelling of these settings' values, in order."""
+def current_settings_sql(names, missing_ok=False) -> str:
+    """A query of the server's spelling of these settings' values, in order (with
+    `missing_ok`, NULL for a custom setting that does not exist)."""
+    missing = ", true" if missing_ok else ""
     return "SELECT " + ", ".join(
-        "pg_catalog.current_setting(" + quote_literal(name) + ")" for name in names)
+        "pg_catalog.current_setting(" + quote_literal(name) + missing + ")" for name in names)
 
 
 def read_current_settings(names, rows: list[bytes]) -> dict[str, str]:
