@@ -336,6 +336,31 @@ def test_pinned_session_on_a_dead_target_gets_a_clear_error(pg_factory, start_pr
     assert proxy.stats()["RequestsReplayed"] == 0     # nothing was in flight
 
 
+def test_what_a_client_carries_outlives_its_database_connections(pg_factory, start_proxy,
+                                                                  tmp_path):
+    """Settings, SQL PREPAREd statements and named protocol statements are the client's,
+    not its connection's: after the database restarts under an idle client, its next
+    statements find them on a new connection, with no error."""
+    cluster = pg_factory(max_connections=20)
+    _prepare(cluster)
+    proxy = start_proxy(proxy_config(tmp_path, [("only", cluster)], connection_borrow_timeout=20,
+                                     endpoints=[{"name": "rw", "listen": "127.0.0.1:0"}]))
+    wait_available(proxy, "only")
+    with psycopg.connect(dsn(proxy), autocommit=True, prepare_threshold=None) as conn:
+        conn.execute("set work_mem = '7MB'")
+        conn.execute("prepare doubled(int) as select $1 * 2")
+        assert conn.execute("select %s::int + 1", [1], prepare=True).fetchone()[0] == 2
+        pid = conn.execute("select pg_backend_pid()").fetchone()[0]
+        wait_until(lambda: proxy.stats()["pool"]["borrowed"] == 0, message="connection returned")
+        cluster.kill()
+        cluster.start()
+        assert conn.execute("execute doubled(21)").fetchone()[0] == 42
+        assert conn.execute("show work_mem").fetchone()[0] == "7MB"
+        assert conn.execute("select %s::int + 1", [2], prepare=True).fetchone()[0] == 3
+        assert conn.execute("select pg_backend_pid()").fetchone()[0] != pid
+    assert proxy.stats()["SessionPinReasons"] == {}
+
+
 # -- failover --------------------------------------------------------------------------------
 
 def test_failover_drill_no_errors_outside_transactions():
