@@ -647,6 +647,9 @@ def test_rename_binds_renames_named_binds_only():
                          msg(ord("Q"), b" DEALLOCATE ALL\x00"),
                          msg(ord("P"), b"\x00discard all\x00\x00\x00"), chunk[:-3]):
             assert module.rename_binds(long_way, {b"s1": b"k1"}, cache) is None, long_way
+        # A Bind of a statement whose run must be checked takes the long way too.
+        assert module.rename_binds(chunk, {b"s1": b"k1"}, cache, {b"k1"}) is None
+        assert module.rename_binds(chunk, {b"s1": b"k1"}, cache, {b"k2"}) is not None
 
 
 @settings(max_examples=500, deadline=None)

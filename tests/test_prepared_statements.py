@@ -460,3 +460,26 @@ def test_malformed_named_message_ends_only_its_session(proxy_factory, malformed)
     with psycopg.connect(proxy.dsn(), autocommit=True) as other:
         assert other.execute("select %s::int", (7,), prepare=True).fetchone() == (7,)
     assert proxy.stats()["StatementClients"] == 2
+
+
+@pytest.mark.parametrize("statement,params,check", [
+    ("select set_config('work_mem', %s, false)", ["5MB"], "show work_mem"),
+    ("select set_config('search_path', %s, false)", ["pg_catalog"], "show search_path"),
+    ("set lock_timeout = '2s'", None, "show lock_timeout"),
+])
+def test_state_set_by_a_named_statement_never_crosses(proxy_factory, statement, params, check):
+    """A named statement is prepared in one transaction and run in later ones, where only
+    its Bind is sent: each run that may change the session is checked like the first. The
+    other client takes turns on the same connection."""
+    proxy = proxy_factory(max_connections_percent=2)   # one connection
+    with psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=0) as named, \
+            psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=None) as other:
+        clean = other.execute(check).fetchone()[0]
+        for _ in range(3):
+            named.execute(statement, params, prepare=True)
+            assert other.execute(check).fetchone()[0] == clean
+        changed = named.execute(check).fetchone()[0]
+        assert changed != clean
+        other.execute("select 1")
+        assert named.execute(check).fetchone()[0] == changed
+    assert proxy.stats()["SessionPinReasons"] == {}

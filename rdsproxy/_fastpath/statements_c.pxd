@@ -24,7 +24,7 @@ cpdef bint drops_statements(bytes sql) except -1
 @cython.locals(end=Py_ssize_t, pos=Py_ssize_t, size=Py_ssize_t, mtype=int, ready=Py_ssize_t,
                portal_end=Py_ssize_t, name_end=Py_ssize_t, grown=Py_ssize_t, renamed=list,
                unsynced=list, buf="const unsigned char *")
-cpdef object rename_binds(bytes data, dict names, object cache)
+cpdef object rename_binds(bytes data, dict names, object cache, set watched=*)
 
 
 cdef inline bytes _renamed_chunk(bytes data, list renamed, Py_ssize_t length):
@@ -102,6 +102,8 @@ cdef class BookCore:
     cdef public bint stalled
     cdef public object server
     cdef public bint spoke
+    cdef public set watched
+    cdef public object client
 
     cpdef attached(self, server, bint replayable, client_transport)
     @cython.locals(state=AnswerQueue, ready=Py_ssize_t)

@@ -84,6 +84,10 @@ class BookCore:
         self.stalled = False          # waiting for them before reading the book again
         self.server = None
         self.spoke = False            # answered the client itself during this borrow
+        # Definitions whose run may change the session (a SET, a function call): a Bind
+        # of one takes the long way, which has the client's session checked afterwards.
+        self.watched = set()
+        self.client = None            # the engine's client session, told of such a Bind
 
     def attached(self, server, replayable, client_transport):
         """A borrow of `server` starts (nothing is in flight); if its first request may be
@@ -109,7 +113,7 @@ class BookCore:
         state = server.answers
         if not (state.queue or state.skipping or self.passing or self.buf):
             walked = rename_binds(data if type(data) is bytes else bytes(data), self.names,
-                                  state.cache)
+                                  state.cache, self.watched)
             if walked is not None:
                 sent, ready, unsynced = walked
                 if ready:
@@ -134,13 +138,14 @@ def drops_statements(sql):
     return head.startswith(b"deallocate") or head.startswith(b"discard")
 
 
-def rename_binds(data, names, cache):
+def rename_binds(data, names, cache, watched=None):
     """(the chunk with each named Bind's statement renamed to the connection's name for it,
     the Syncs, Queries and FunctionCalls in it, the types of the answered messages after the
     last of those), or None when a message needs the long way: a partial one, a named Parse,
     Describe or Close, a Bind of a statement the client or the connection lacks, SQL that
-    may drop statements. `names`: the client's name -> definition; `cache`: the
-    connection's definition -> name (an OrderedDict, most recently used last)."""
+    may drop statements, a Bind of a definition in `watched`. `names`: the client's name ->
+    definition; `cache`: the connection's definition -> name (an OrderedDict, most
+    recently used last)."""
     end = len(data)
     buf = data   # compiled: a pointer to the chunk's bytes (statements_c.pxd)
     pos = 0
@@ -166,7 +171,7 @@ def rename_binds(data, names, cache):
                 return None
             if name_end > portal_end + 1:
                 key = names.get(buf[portal_end + 1:name_end])
-                if key is None:
+                if key is None or (watched and key in watched):
                     return None
                 server_name = cache.get(key)
                 if server_name is None:

@@ -322,6 +322,9 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
                     self.pin(PREPARED_STATEMENT)
                     continue
                 reason = rules.classify_query(sql, full_length)
+                if nul > 0 and reason is not None and end >= 0:
+                    # Run again later by Bind alone: each run is checked like this one.
+                    self.statements.watched.add(payload[nul + 1:])
             if reason == UNVERIFIED or reason == SET_VARIABLE or (
                     reason == PREPARED_STATEMENT
                     and self.engine.config.target_group.max_prepared_statements):
@@ -342,6 +345,13 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         self.scanner.captured.clear()
         return data
 
+    def statement_may_change_session(self) -> None:
+        """A Bind of a named statement whose text is not known to be harmless: the
+        transaction gets the whole state check (the book's long way calls this)."""
+        if self.pin_reason is None:
+            self.unverified = True
+            self._check_all = True
+
     def _name_statements(self) -> bool:
         """The client names a statement: from now on its statements are the proxy's to keep
         (statements.py). False when it must be pinned instead: named statements are turned
@@ -355,6 +365,7 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
                                    or not self.chunk_at_boundary):
             return False
         book = StatementBook()
+        book.client = self
         if server is not None:
             book.attached(server, False, self.transport)
         if self.replay is not None:

@@ -511,6 +511,8 @@ class StatementBook(BookCore):
         Parse first where the connection lacks it. An unknown name becomes MISSING, whose
         error is rewritten to name it."""
         key = self.names.get(name)
+        if key in self.watched and mtype == MSG_BIND:
+            self.client.statement_may_change_session()
         if key is None:
             text = b'prepared statement "' + name + b'" does not exist'
             entries.append((mtype, REWRITE, (b"26000", text), None))
