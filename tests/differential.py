@@ -102,6 +102,32 @@ def proxied_differential(directory, cluster, admin=False, **target_group):
         process.stop()
 
 
+def take_turns(side, steps) -> list:
+    """Run (client 0 or 1, SQL) steps on two sessions of `side` in order, over the simple
+    query protocol (a step may hold several statements); what each answered: the first
+    column of its last result's first row, its status, or its error's SQLSTATE. Through a
+    proxy with one database connection, both sessions must have shared it."""
+    sessions = [psycopg.connect(side.dsn(), autocommit=True, prepare_threshold=None)
+                for _ in range(2)]
+    seen = []
+    try:
+        for who, sql in steps:
+            try:
+                cur = sessions[who].execute(sql)
+                while cur.nextset():
+                    pass
+                row = cur.fetchone() if cur.description else None
+                seen.append((who, sql, row[0] if row else cur.statusmessage))
+            except psycopg.Error as exc:
+                seen.append((who, sql, exc.sqlstate))
+        if side.through_proxy:   # one connection for both (directly there are two)
+            assert len({s.execute("select pg_backend_pid()").fetchone()[0] for s in sessions}) == 1
+    finally:
+        for conn in sessions:
+            conn.close()
+    return seen
+
+
 def outcome(fn, *args):
     """('ok', value) or ('error', SQLSTATE, primary message) of fn(*args)."""
     try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from differential import proxied_differential
+from differential import proxied_differential, take_turns
 from utils import concurrently, wait_until
 
 ONE_CONNECTION = {"max_connections_percent": 2}   # of the session cluster's 60
@@ -19,28 +19,6 @@ def one_connection(tmp_path_factory, pg):
     with proxied_differential(tmp_path_factory.mktemp("settings"), pg, admin=True,
                               **ONE_CONNECTION) as diff:
         yield diff
-
-
-def turns(side, steps):
-    """Run (client, SQL) steps on two sessions of `side`, in order; what each statement
-    answered (first column of its first row, or the SQLSTATE of its error)."""
-    sessions = [psycopg.connect(side.dsn(), autocommit=True, prepare_threshold=None)
-                for _ in range(2)]
-    seen = []
-    try:
-        for who, sql in steps:
-            conn = sessions[who]
-            try:
-                cur = conn.execute(sql)
-                seen.append((who, sql, cur.fetchone()[0] if cur.description else cur.statusmessage))
-            except psycopg.Error as exc:
-                seen.append((who, sql, exc.sqlstate))
-        if side.through_proxy:   # one connection for both (directly there are two)
-            assert len({s.execute("select pg_backend_pid()").fetchone()[0] for s in sessions}) == 1
-    finally:
-        for conn in sessions:
-            conn.close()
-    return seen
 
 
 SCENARIOS = {
@@ -91,12 +69,12 @@ SCENARIOS = {
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_settings_follow_their_client(one_connection, name):
-    one_connection.assert_same(lambda side: turns(side, SCENARIOS[name]))
+    one_connection.assert_same(lambda side: take_turns(side, SCENARIOS[name]))
 
 
 def test_set_does_not_pin(one_connection):
     before = one_connection.proxied.stats()
-    turns(one_connection.proxy, SCENARIOS["set_then_other_client"])
+    take_turns(one_connection.proxy, SCENARIOS["set_then_other_client"])
     after = one_connection.proxied.stats()
     assert after["SessionPinReasons"] == before["SessionPinReasons"]
     assert after["SettingsAdopted"] > before["SettingsAdopted"]
@@ -109,9 +87,9 @@ def test_plain_set_reads_only_its_settings(one_connection):
         stats = one_connection.proxied.stats()
         return stats["SettingsChecks"], stats["SessionStateChecks"]
     light, full = counts()
-    turns(one_connection.proxy, SCENARIOS["set_then_other_client"])
+    take_turns(one_connection.proxy, SCENARIOS["set_then_other_client"])
     assert counts() == (light + 1, full)
-    turns(one_connection.proxy, SCENARIOS["set_and_set_config_in_one_text"])
+    take_turns(one_connection.proxy, SCENARIOS["set_and_set_config_in_one_text"])
     assert counts() == (light + 1, full + 1)
 
 

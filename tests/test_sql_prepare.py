@@ -13,7 +13,7 @@ import socket
 import psycopg
 import pytest
 
-from differential import proxied_differential
+from differential import proxied_differential, take_turns
 from utils import wait_until
 
 ONE_CONNECTION = {"max_connections_percent": 2}   # of the session cluster's 60
@@ -26,33 +26,6 @@ def one_connection(tmp_path_factory, pg):
     with proxied_differential(tmp_path_factory.mktemp("sql_prepare"), pg, admin=True,
                               **ONE_CONNECTION) as diff:
         yield diff
-
-
-def turns(side, steps):
-    """Run (client, SQL) steps on two sessions of `side` in order, over the simple query
-    protocol (a step may hold several statements); what each answered: the first column
-    of its last result's first row, its status, or its error's SQLSTATE."""
-    sessions = [psycopg.connect(side.dsn(), autocommit=True, prepare_threshold=None)
-                for _ in range(2)]
-    seen = []
-    try:
-        for who, sql in steps:
-            conn = sessions[who]
-            try:
-                cur = conn.cursor()
-                cur.execute(sql)
-                while cur.nextset():
-                    pass
-                row = cur.fetchone() if cur.description else None
-                seen.append((who, sql, row[0] if row else cur.statusmessage))
-            except psycopg.Error as exc:
-                seen.append((who, sql, exc.sqlstate))
-        if side.through_proxy:   # one connection for both (directly there are two)
-            assert len({s.execute("select pg_backend_pid()").fetchone()[0] for s in sessions}) == 1
-    finally:
-        for conn in sessions:
-            conn.close()
-    return seen
 
 
 SCENARIOS = {
@@ -93,13 +66,13 @@ SCENARIOS = {
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_sql_statements_follow_their_client(one_connection, name):
-    one_connection.assert_same(lambda side: turns(side, SCENARIOS[name]))
+    one_connection.assert_same(lambda side: take_turns(side, SCENARIOS[name]))
 
 
 def test_sql_prepare_does_not_pin(one_connection):
     before = one_connection.proxied.stats()
-    turns(one_connection.proxy, SCENARIOS["each_client_its_own"])
-    turns(one_connection.proxy, SCENARIOS["several_in_one_text"])
+    take_turns(one_connection.proxy, SCENARIOS["each_client_its_own"])
+    take_turns(one_connection.proxy, SCENARIOS["several_in_one_text"])
     after = one_connection.proxied.stats()
     assert after["SessionPinReasons"] == before["SessionPinReasons"]
     assert after["SQLStatementsAdopted"] >= before["SQLStatementsAdopted"] + 3
