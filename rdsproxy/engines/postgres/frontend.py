@@ -42,18 +42,18 @@ from .pinning import (
     UNKNOWN_STATE,
     UNVERIFIED,
     database_in_ddl,
-    prepare_statement_text,
 )
 from .sessionstate import (
     SETTINGS_SQL,
     STATE_CHECK_SQL,
+    SessionSync,
+    carried_settings,
+    carried_statements,
     current_settings_sql,
+    data_row,
     proxy_statement_names,
-    quote_literal,
-    read_current_settings,
     read_settings,
     read_sql_statements,
-    data_row,
     verdict,
 )
 
@@ -81,15 +81,6 @@ TRACKED_PARAMETERS = {
 }
 # Startup keys that are not server settings.
 STARTUP_KEYWORDS = {"user", "database", "options", "replication"}
-
-
-def quote_identifier(name: bytes) -> bytes:
-    return b'"' + name.replace(b'"', b'""') + b'"'
-
-
-def quote_setting_name(name: str) -> str:
-    """A setting's name as quoted identifiers (a custom one is dotted: each part quoted)."""
-    return ".".join('"' + part.replace('"', '""') + '"' for part in name.split("."))
 
 
 # What PostgreSQL accepts as a setting name in a startup packet: a simple identifier for
@@ -462,56 +453,32 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
 
     def _adopt_settings(self, server, settings: dict) -> str | None:
         """The session's settings after the client's transaction (`settings`, read from the
-        server) become the client's own: carried to whichever connection it borrows next,
-        as its startup parameters are, and taken off this one before another client gets
-        it. A SET that was rolled back, or SET LOCAL, left nothing to carry. A setting of
-        init_query changed pins instead (SET_VARIABLE): only a reset (DISCARD ALL, then
-        init_query again) brings the proxy's value back for the next client."""
-        known = server.known_settings
-        if settings == known:
+        server) become the client's own (sessionstate.carried_settings): carried to
+        whichever connection it borrows next, as its startup parameters are, and taken off
+        this one before another client gets it."""
+        if settings == server.known_settings:
             return None
-        for name, value in server.init_settings.items():
-            if settings.get(name) != value:
-                return SET_VARIABLE
-        self.engine.metrics.SettingsAdopted += 1
-        desired = dict(self.desired)
-        spelled = {name.lower(): name for name in desired}   # settings are keyed lower-case
-        for name, value in settings.items():
-            if known.get(name) != value:
-                desired[spelled.get(name, name)] = value
-        for name in known:
-            if name not in settings:   # RESET by the client: the server's default now
-                desired.pop(spelled.get(name, name), None)
-        self.desired = tuple(sorted(desired.items()))
-        server.applied = self.desired
-        server.known_settings = settings
-        return None
+        reason, desired = carried_settings(self.desired, server.known_settings,
+                                           server.init_settings, settings)
+        if reason is None:
+            self.engine.metrics.SettingsAdopted += 1
+            self.desired = server.applied = desired
+            server.known_settings = settings
+        return reason
 
     def _adopt_sql_statements(self, server, found: list) -> str | None:
-        """The statements the session made with SQL PREPARE (`found`: name and the query
-        text each came from) become the client's: made again, from that text, on whichever
-        connection it borrows next, and dropped from this one before another client gets
-        it. PREPARED_STATEMENT (pin) when a text does not show how to make one again, or
-        named statements are turned off."""
-        if not found:
-            if server.sql_prepared:
-                self.sql_prepared = server.sql_prepared = ()
+        """The statements the session made with SQL PREPARE become the client's
+        (sessionstate.carried_statements): made again on whichever connection it borrows
+        next, and dropped from this one before another client gets it."""
+        if not found and not server.sql_prepared:
             return None
-        if not self.engine.config.target_group.max_prepared_statements:
-            return PREPARED_STATEMENT
-        carried = {}
-        for name, source in found:
-            if name.startswith(SERVER_NAME_PREFIX):
-                return PREPARED_STATEMENT   # would pass for one of the proxy's own
-            text = prepare_statement_text(source, name)
-            if text is None:
-                return PREPARED_STATEMENT
-            carried[name] = text
-        carried = tuple(sorted(carried.items()))
-        if carried != server.sql_prepared:
-            self.engine.metrics.SQLStatementsAdopted += 1
-        self.sql_prepared = server.sql_prepared = carried
-        return None
+        reason, carried = carried_statements(
+            found, bool(self.engine.config.target_group.max_prepared_statements))
+        if reason is None:
+            if carried != server.sql_prepared:
+                self.engine.metrics.SQLStatementsAdopted += 1
+            self.sql_prepared = server.sql_prepared = carried
+        return reason
 
     def pin(self, reason: str) -> None:
         self.pin_reason = reason
@@ -554,71 +521,27 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
 
     def _sync_parameters(self, conn, done, with_statements=True) -> None:
         """Bring `conn`'s session parameters (and, with `with_statements`, its SQL prepared
-        statements) to this client's, then `done(error)`. The server's spelling of each
-        value set is kept (conn.known_settings), so that a later state check tells the
-        proxy's settings from a client's."""
-        # Setting names are case-insensitive: "TimeZone" from a startup packet and
-        # "timezone" from a client's SET are one setting.
-        want = {name.lower(): (name, value) for name, value in self.desired}
-        have = {name.lower(): value for name, value in conn.applied}
-        settings = []
-        set_names = []
-        reset_names = []
-        for key in sorted(set(want) | set(have)):
-            if key not in want:
-                settings.append(f"RESET {quote_setting_name(key)}")
-                reset_names.append(key)
-            elif want[key][1] != have.get(key):
-                set_names.append(want[key][0])
-        want = dict(want.values())
-        if set_names:
-            # set_config reads a value as the configuration file would (a list setting such
-            # as search_path splits at its commas; a SET of one literal would not).
-            settings.append("SELECT " + ", ".join(
-                f"pg_catalog.set_config({quote_literal(name)}, {quote_literal(want[name])}, false)"
-                for name in set_names))
-            settings.append(current_settings_sql(set_names))
-        queries = [pg.query("; ".join(settings))] if settings else []
-        prepares = []
-        if with_statements and conn.sql_prepared != self.sql_prepared:
-            # Each PREPARE alone, after the settings it is to be read under: one that fails
-            # (its table dropped since, say) costs the client that statement only. The
-            # extended protocol runs exactly one statement, whatever the text holds.
-            want = dict(self.sql_prepared)
-            have = dict(conn.sql_prepared)
-            drop = [name for name, text in have.items() if want.get(name) != text]
-            if drop:
-                queries.append(pg.message(b"Q", b"; ".join(
-                    b"DEALLOCATE " + quote_identifier(name) for name in drop) + b"\x00"))
-            for name, text in self.sql_prepared:
-                if have.get(name) != text:
-                    queries.append(pg.single_statement(text))
-                    prepares.append(name)
-        if not queries:
-            queries.append(pg.query(""))   # the names differed only in case: nothing to change
+        statements) to this client's (sessionstate.SessionSync), then `done(error)`."""
+        sync = SessionSync(self.desired, conn.applied, self.sql_prepared, conn.sql_prepared,
+                           with_statements)
         rows = []
         errors = []
 
         def synced(error):
-            if len(errors) == len(queries) and prepares:
-                failed = {name for name, failure in zip(prepares, errors[-len(prepares):]) if failure}
-                if failed:
-                    log.info("client %s (user %s): statements %s could not be prepared again: %s",
-                             self.peer, self.user, b", ".join(sorted(failed)).decode("latin-1"),
-                             error.fields.get("M", error))
-                    self.sql_prepared = tuple(pair for pair in self.sql_prepared if pair[0] not in failed)
-                    if not any(errors[:-len(prepares)]):
-                        error = None
+            failed = sync.failed_statements(errors)
+            if failed:
+                log.info("client %s (user %s): statements %s could not be prepared again",
+                         self.peer, self.user, b", ".join(sorted(failed)).decode("latin-1"))
+                self.sql_prepared = tuple(pair for pair in self.sql_prepared if pair[0] not in failed)
+                if not sync.settings_failed(errors):
+                    error = None
             if error is None:
-                known = conn.known_settings
-                for name in reset_names:
-                    known.pop(name.lower(), None)
-                known.update(read_current_settings(set_names, rows))
+                sync.learn(conn.known_settings, rows)
                 if with_statements:
                     conn.sql_prepared = self.sql_prepared
             done(error)
         self._syncing = conn
-        conn.run_internal(queries, synced, rows, errors)
+        conn.run_internal(sync.requests, synced, rows, errors)
 
     def _on_login_parameters(self, error):
         conn, self._syncing = self._syncing, None

@@ -1,17 +1,23 @@
-"""What a PostgreSQL session holds, asked of the server rather than read from SQL text.
+"""What a PostgreSQL session holds: asked of the server rather than read from SQL text,
+carried by its client, and brought to each connection the client borrows.
 
 The pinning rules read statements; what they cannot see (a user's function, DO, CALL, a
 FunctionCall message, names spelt with U&) can still change the session. After such a
 transaction, before its connection serves another client, one query asks the server who
 the session acts as and what it keeps, and `verdict` turns the answer into the reason to
 pin the client (the state is its own and must stay with it) or None (nothing of the
-client's is left: the connection may serve anyone). Sans-IO: SQL out, DataRows in.
+client's is left: the connection may serve anyone). What a client may keep without a pin,
+its settings and its SQL prepared statements, `carried_settings` and `carried_statements`
+turn into what it carries (the relay's `desired` and `sql_prepared`), and `SessionSync`
+brings a connection's session (its `applied`, `known_settings` and `sql_prepared`) to that.
+Sans-IO: SQL out, DataRows in.
 
 Every name in the SQL is qualified and every operator spelt OPERATOR(pg_catalog.x): the
 session being checked may have a search_path that puts someone's own objects first.
 """
 from __future__ import annotations
 
+from . import protocol as pg
 from .protocol import parse_datarow
 from .pinning import (
     ADVISORY_LOCK,
@@ -19,8 +25,11 @@ from .pinning import (
     LISTEN,
     PREPARED_STATEMENT,
     SET_ROLE,
+    SET_VARIABLE,
     TEMPORARY_OBJECT,
+    prepare_statement_text,
 )
+from .statements import SERVER_NAME_PREFIX
 
 _EQ = "OPERATOR(pg_catalog.=)"
 _NE = "OPERATOR(pg_catalog.<>)"
@@ -140,3 +149,121 @@ def verdict(rows: list[bytes], login_user: str, proxy_statements=()) -> str | No
         if held == "t":
             return reason
     return None
+
+
+def quote_identifier(name: bytes) -> bytes:
+    return b'"' + name.replace(b'"', b'""') + b'"'
+
+
+def quote_setting_name(name: str) -> str:
+    """A setting's name as quoted identifiers (a custom one is dotted: each part quoted)."""
+    return ".".join('"' + part.replace('"', '""') + '"' for part in name.split("."))
+
+
+def carried_settings(desired: tuple, known: dict, init_settings: dict,
+                     settings: dict) -> tuple[str | None, tuple]:
+    """(pin reason or None, the client's settings to carry) once its transaction left the
+    session with `settings` (read from the server) where `known` were before: what the
+    client changed becomes its own, what it RESET goes back to the server's default. A
+    setting of init_query changed pins instead (SET_VARIABLE): only a reset (DISCARD ALL,
+    then init_query again) brings the proxy's value back for the next client."""
+    for name, value in init_settings.items():
+        if settings.get(name) != value:
+            return SET_VARIABLE, desired
+    carried = dict(desired)
+    spelled = {name.lower(): name for name in carried}   # settings are keyed lower-case
+    for name, value in settings.items():
+        if known.get(name) != value:
+            carried[spelled.get(name, name)] = value
+    for name in known:
+        if name not in settings:   # RESET by the client: the server's default now
+            carried.pop(spelled.get(name, name), None)
+    return None, tuple(sorted(carried.items()))
+
+
+def carried_statements(found: list, allowed: bool) -> tuple[str | None, tuple]:
+    """(pin reason or None, the client's SQL prepared statements to carry, as sorted
+    (name, PREPARE text) pairs) from what the state check found (`found`: each name and
+    the query text it came from). PREPARED_STATEMENT when a text does not show how to
+    make one again, a name would pass for one of the proxy's, or named statements are
+    turned off (`allowed` false)."""
+    if found and not allowed:
+        return PREPARED_STATEMENT, ()
+    carried = {}
+    for name, source in found:
+        if name.startswith(SERVER_NAME_PREFIX):
+            return PREPARED_STATEMENT, ()
+        text = prepare_statement_text(source, name)
+        if text is None:
+            return PREPARED_STATEMENT, ()
+        carried[name] = text
+    return None, tuple(sorted(carried.items()))
+
+
+class SessionSync:
+    """How to bring a connection's session to a client's: `requests` (wire bytes, each
+    answered by one ReadyForQuery) and what their answers mean. Settings first, in one
+    Query: RESET of those the client lacks, set_config (which reads a list setting such as
+    search_path as the configuration file would) of those that differ, and a read of the
+    server's spelling of them. Then, with `statements`, DEALLOCATE of the SQL prepared
+    statements the client lacks, and each of its PREPAREs alone over the extended
+    protocol, which runs exactly one statement whatever the text holds: one that fails
+    (its table dropped since, say) costs the client that statement only."""
+
+    __slots__ = ("requests", "set_names", "reset_names", "prepares")
+
+    def __init__(self, desired: tuple, applied: tuple, client_statements: tuple = (),
+                 server_statements: tuple = (), statements: bool = False):
+        # Setting names are case-insensitive: "TimeZone" from a startup packet and
+        # "timezone" from a client's SET are one setting.
+        want = {name.lower(): (name, value) for name, value in desired}
+        have = {name.lower(): value for name, value in applied}
+        settings = []
+        self.set_names = []
+        self.reset_names = []
+        for key in sorted(set(want) | set(have)):
+            if key not in want:
+                settings.append(f"RESET {quote_setting_name(key)}")
+                self.reset_names.append(key)
+            elif want[key][1] != have.get(key):
+                self.set_names.append(want[key][0])
+        values = dict(want.values())
+        if self.set_names:
+            settings.append("SELECT " + ", ".join(
+                f"pg_catalog.set_config({quote_literal(name)}, {quote_literal(values[name])}, false)"
+                for name in self.set_names))
+            settings.append(current_settings_sql(self.set_names))
+        self.requests = [pg.query("; ".join(settings))] if settings else []
+        self.prepares = []
+        if statements and client_statements != server_statements:
+            wanted = dict(client_statements)
+            held = dict(server_statements)
+            drop = [name for name, text in held.items() if wanted.get(name) != text]
+            if drop:
+                self.requests.append(pg.message(b"Q", b"; ".join(
+                    b"DEALLOCATE " + quote_identifier(name) for name in drop) + b"\x00"))
+            for name, text in client_statements:
+                if held.get(name) != text:
+                    self.requests.append(pg.single_statement(text))
+                    self.prepares.append(name)
+        if not self.requests:
+            self.requests.append(pg.query(""))   # names differed only in case: nothing to do
+
+    def failed_statements(self, errors: list) -> set:
+        """The names whose PREPARE failed (`errors`: one entry per request, all answered)."""
+        if len(errors) != len(self.requests) or not self.prepares:
+            return set()
+        return {name for name, failure in zip(self.prepares, errors[-len(self.prepares):])
+                if failure is not None}
+
+    def settings_failed(self, errors: list) -> bool:
+        """Whether a request other than a PREPARE failed, or not all were answered."""
+        answered = len(errors) == len(self.requests)
+        return not answered or any(errors[:len(errors) - len(self.prepares)])
+
+    def learn(self, known: dict, rows: list) -> None:
+        """The server's spelling of what was set, into the connection's known_settings, so
+        that a later state check tells the proxy's settings from a client's."""
+        for name in self.reset_names:
+            known.pop(name.lower(), None)
+        known.update(read_current_settings(self.set_names, rows))
