@@ -8,6 +8,7 @@ cimport cython
 from rdsproxy._fastpath.framing_c cimport MessageScanner
 from rdsproxy._fastpath.keywords_c cimport KeywordScanner
 from rdsproxy._fastpath.pool_c cimport PoolCore
+from rdsproxy._fastpath.statements_c cimport BookCore
 
 cdef int STATE_STARTUP
 cdef int STATE_AUTH_MD5
@@ -145,7 +146,7 @@ cdef class ClientRelay:
     cdef public object pin_reason
     cdef public bint pinned_server
     cdef public bint unverified
-    cdef public object statements
+    cdef public BookCore statements
     cdef public bint chunk_at_boundary
     cdef public bint waiting
     cdef public bint terminating
@@ -184,7 +185,7 @@ cdef class ClientRelay:
 
     cpdef data_received(self, data)
     @cython.locals(n=Py_ssize_t, server=ServerRelay, scanner=MessageScanner, conn=ServerRelay,
-                   replay=list, statements=object, out=object)
+                   replay=list, statements=BookCore, out=object)
     cdef received(self, data)
 
     # cdef (C calls only): Cython checks every call of a cpdef method on an instance with a
@@ -203,6 +204,7 @@ cdef class ClientRelay:
     cpdef terminate(self, data)
 
     cpdef attach(self, ServerRelay conn)
+    @cython.locals(statements=BookCore)
     cdef _attach(self, ServerRelay conn)
 
     @cython.locals(outstanding=Py_ssize_t, server=ServerRelay, entry=tuple, client=ClientRelay)
