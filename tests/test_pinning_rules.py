@@ -92,6 +92,10 @@ CASES = [
     ("prepare p(int) as select $1", PREPARED_STATEMENT),
     ("PREPARE TRANSACTION 'gid1'", None),
     ("EXECUTE plan(1, 'x')", None),      # a prepared statement's name, not a call
+    # an alias's column list is not a call; what it names still is looked at
+    ("select i from generate_series(1, 3) as g(i)", None),
+    ("select * from lateral (select 1) as o(n) join myfunc() f on true", UNVERIFIED),
+    ("select cast(x as varchar(3)) from t", None),
     ("EXECUTE p", None),
     ("DEALLOCATE p", UNVERIFIED),   # may drop the proxy's statements: recounted after
     ("DEALLOCATE ALL", UNVERIFIED),

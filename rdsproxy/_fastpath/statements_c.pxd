@@ -105,6 +105,7 @@ cdef class BookCore:
     cdef public set watched
     cdef public object client
 
+    @cython.locals(state=AnswerQueue)
     cpdef attached(self, server, bint replayable, client_transport)
     @cython.locals(state=AnswerQueue, ready=Py_ssize_t)
     cpdef object forward(self, data, server, client_transport, Py_ssize_t in_flight)

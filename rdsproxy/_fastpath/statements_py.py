@@ -93,7 +93,8 @@ class BookCore:
         """A borrow of `server` starts (nothing is in flight); if its first request may be
         sent again elsewhere (failover), the names as they stand are kept for the replay:
         the same dict, which forward_slow copies before it changes anything."""
-        server.answers.idle(client_transport)
+        state = server.answers
+        state.idle(client_transport)
         self.server = server
         self.snapshot = self.names if replayable else None
         self.deferred = []

@@ -130,10 +130,11 @@ _NOT_CALLS = frozenset("""
 """.split())
 # After these words a name followed by "(" is a relation or a definition, not a call:
 # INSERT INTO t (a), CREATE TABLE [IF NOT EXISTS] t (...), REFERENCES t (a), COPY t (a),
-# CREATE FUNCTION f (...), CREATE VIEW v (a), EXECUTE statement (args).
+# CREATE FUNCTION f (...), CREATE VIEW v (a), EXECUTE statement (args), and an alias's
+# column list (FROM generate_series(1, 3) AS g (i)) or a type's modifiers (AS varchar (9)).
 _RELATION_CONTEXT = frozenset((
     "into", "table", "exists", "references", "copy", "function", "procedure", "view",
-    "aggregate", "analyze", "analyse", "tablesample", "execute"))
+    "aggregate", "analyze", "analyse", "tablesample", "execute", "as"))
 
 # Spellings of boolean true PostgreSQL accepts (unique prefixes of true/yes/on, and 1).
 _TRUE_TEXT = frozenset(("t", "tr", "tru", "true", "y", "ye", "yes", "on", "1"))
