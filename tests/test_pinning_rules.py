@@ -253,12 +253,12 @@ def test_prefix_of_long_statement_is_analysed_safely():
     assert RULES.classify_query(b"SET x = 'abc", full_length=100) == SET_VARIABLE
 
 
-def test_classify_parse():
-    assert RULES.classify_parse(b"stmt1", b"SELECT 1") == PREPARED_STATEMENT
-    assert RULES.classify_parse(b"", b"SELECT 1") is None
-    assert RULES.classify_parse(b"\x00", b"SELECT 1") is None
-    assert RULES.classify_parse(b"", b"SELECT nextval('s')") == SEQUENCE_FUNCTION
-    assert RULES.classify_parse(b"", b"SELECT 1", full_length=20000) == LONG_STATEMENT
+def test_parse_texts_are_read_as_queries():
+    # A Parse's text is classified as a Query's (a named Parse is the frontend's: the
+    # proxy keeps the statement, or pins when it cannot: test_pinning).
+    assert RULES.classify_query(b"SELECT 1") is None
+    assert RULES.classify_query(b"SELECT nextval('s')") == SEQUENCE_FUNCTION
+    assert RULES.classify_query(b"SELECT 1", full_length=20000) == LONG_STATEMENT
 
 
 def test_non_utf8_and_other_buffers():
@@ -279,7 +279,8 @@ def test_reason_values():
 def test_random_bytes_never_raise(data):
     result = RULES.classify_query(data)
     assert result is None or isinstance(result, str)
-    RULES.classify_parse(b"", data)
+    settings = RULES.settings_named(data)
+    assert settings is None or all(isinstance(name, str) for name in settings)
 
 
 _FRAGMENTS = [

@@ -2,12 +2,15 @@
 connection's session to it (sessionstate: sans-IO, no server needed)."""
 from __future__ import annotations
 
+import pytest
+
 from rdsproxy.engines.postgres import protocol as pg
 from rdsproxy.engines.postgres.pinning import PREPARED_STATEMENT, SET_VARIABLE
 from rdsproxy.engines.postgres.sessionstate import (
     SessionSync,
     carried_settings,
     carried_statements,
+    settings_after,
 )
 
 
@@ -88,3 +91,21 @@ def test_sync_without_statements_leaves_them():
     # Names that differ only in case need nothing, but the request still gets its answer.
     sync = SessionSync((("TimeZone", "UTC"),), (("timezone", "UTC"),))
     assert sync.requests == [pg.query("")]
+
+
+def data_row(*columns) -> bytes:
+    out = len(columns).to_bytes(2, "big")
+    for value in columns:
+        out += (b"\xff\xff\xff\xff" if value is None
+                else len(value).to_bytes(4, "big") + value)
+    return out
+
+
+def test_settings_after_a_plain_set_read():
+    known = {"work_mem": "4MB", "myapp.tenant": "acme", "timezone": "UTC"}
+    after = settings_after(known, ["myapp.tenant", "work_mem"], [data_row(None, b"8MB")])
+    # A custom setting that no longer exists is left out; the rest is the known state.
+    assert after == {"work_mem": "8MB", "timezone": "UTC"}
+    assert known == {"work_mem": "4MB", "myapp.tenant": "acme", "timezone": "UTC"}
+    with pytest.raises(ValueError):
+        settings_after(known, ["work_mem"], [])   # no answer: the state is unknown

@@ -172,19 +172,15 @@ class ServerConnection(ServerRelay, ServerSide, asyncio.Protocol):
                 self.mode = RELAY
                 self._ready.set_result(None)
             elif self.mode == INTERNAL:
-                err, self._internal_error = self._internal_error, None
-                if self._internal_errors is not None:
-                    self._internal_errors.append(err)
-                if self._internal_first_error is None:
-                    self._internal_first_error = err
-                self._internal_left -= 1
-                if self._internal_left:
+                errors = self._internal_errors
+                errors.append(self._internal_error)
+                self._internal_error = None
+                if len(errors) < self._internal_requests:
                     return
                 self.mode = RELAY
                 done, self._internal_done = self._internal_done, None
-                err, self._internal_first_error = self._internal_first_error, None
                 if done is not None:
-                    done(err)
+                    done(next((err for err in errors if err is not None), None))
         elif mtype == 69:  # 'E'
             fields = pg.parse_error_fields(payload)
             if self.mode == INTERNAL and fields.get("S") != "FATAL":
@@ -200,9 +196,8 @@ class ServerConnection(ServerRelay, ServerSide, asyncio.Protocol):
             self._internal_rows.append(payload)
 
     _internal_rows = None
-    _internal_errors = None       # one entry per query of a run_internal list
-    _internal_first_error = None
-    _internal_left = 0            # ReadyForQuery messages still to come
+    _internal_errors = None       # one entry per request of run_internal answered so far
+    _internal_requests = 0
 
     def _on_auth(self, payload: bytes) -> None:
         (code,) = struct.unpack_from("!i", payload)
@@ -256,15 +251,14 @@ class ServerConnection(ServerRelay, ServerSide, asyncio.Protocol):
         self.mode = INTERNAL
         self._internal_done = done
         self._internal_error = None
-        self._internal_first_error = None
         self._internal_rows = rows
-        self._internal_errors = errors
+        self._internal_errors = [] if errors is None else errors
         self._buf = bytearray()
         if isinstance(sql, list):
-            self._internal_left = len(sql)
+            self._internal_requests = len(sql)
             self.transport.write(b"".join(sql))
         else:
-            self._internal_left = 1
+            self._internal_requests = 1
             self.transport.write(pg.query(sql))
 
     def query_internal(self, sql: str, rows: list | None = None) -> asyncio.Future:

@@ -50,10 +50,10 @@ from .sessionstate import (
     carried_settings,
     carried_statements,
     current_settings_sql,
-    data_row,
     proxy_statement_names,
     read_settings,
     read_sql_statements,
+    settings_after,
     verdict,
 )
 
@@ -396,12 +396,7 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         reason = None
         if error is None:
             try:
-                settings = dict(server.known_settings)
-                for name, value in zip(names, data_row(rows[-1])):
-                    if value is None:
-                        settings.pop(name, None)   # a custom setting that does not exist
-                    else:
-                        settings[name] = value
+                settings = settings_after(server.known_settings, names, rows)
                 if not self.engine.rules.variable_sets_excluded:
                     reason = self._adopt_settings(server, settings)
             except (ValueError, IndexError) as exc:

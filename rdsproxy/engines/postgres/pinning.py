@@ -602,11 +602,6 @@ class PinningRules:
         cache[sql] = names
         return names
 
-    def classify_parse(self, statement_name, sql, full_length=None):
-        if statement_name and bytes(statement_name).rstrip(b"\x00"):
-            return PREPARED_STATEMENT
-        return self.classify_query(sql, full_length)
-
     def _analyze(self, text, nesting, plpgsql=False):
         """The text's pin reason, else UNVERIFIED, else None. Where backslashes could be
         quoting (standard_conforming_strings off), both ways of reading it count."""

@@ -29,15 +29,17 @@ from .pinning import (
     TEMPORARY_OBJECT,
     prepare_statement_text,
 )
-from .statements import SERVER_NAME_PREFIX
+from .statements import CHECK, MISSING, SERVER_NAME_PREFIX
 
 _EQ = "OPERATOR(pg_catalog.=)"
 _NE = "OPERATOR(pg_catalog.<>)"
 _TEMP = "pg_catalog.pg_my_temp_schema()"
 # Statements the proxy prepared for clients' named ones (statements.py) are its own, not
-# the session's: rdsproxy_ and digits (or rdsproxy_missing and rdsproxy_check, which only
-# live for a moment, if at all).
-_NOT_PROXYS = "name OPERATOR(pg_catalog.!~) '^rdsproxy_([0-9]+|missing|check)$'"
+# the session's: rdsproxy_ and digits (or MISSING and CHECK, which only live for a
+# moment, if at all).
+_NOT_PROXYS = ("name OPERATOR(pg_catalog.!~) '^" + SERVER_NAME_PREFIX.decode() + "([0-9]+|"
+               + MISSING[len(SERVER_NAME_PREFIX):].decode() + "|"
+               + CHECK[len(SERVER_NAME_PREFIX):].decode() + ")$'")
 
 # Settings the session itself set (SET, set_config, a function's SET), as the server
 # spells their values. The role is asked for on its own.
@@ -111,6 +113,23 @@ def read_current_settings(names, rows: list[bytes]) -> dict[str, str]:
     """current_settings_sql's answer as {lower-cased name: value}, as read_settings."""
     columns = data_row(rows[-1]) if rows else []
     return {name.lower(): value for name, value in zip(names, columns) if value is not None}
+
+
+def settings_after(known: dict, names, rows: list[bytes]) -> dict:
+    """The session's settings once a transaction changed only the settings `names`:
+    `known` with their values as current_settings_sql(names, missing_ok=True) read them
+    (a custom setting that does not exist is left out)."""
+    if not rows:
+        raise ValueError("the settings read returned no row")
+    values = read_current_settings(names, rows)
+    settings = dict(known)
+    for name in names:
+        name = name.lower()
+        if name in values:
+            settings[name] = values[name]
+        else:
+            settings.pop(name, None)
+    return settings
 
 
 def quote_literal(value: str) -> str:

@@ -28,7 +28,16 @@ import re
 from collections import OrderedDict
 
 from ..._fastpath import AnswerQueue, BookCore, drops_statements
-from ..._fastpath.statements_py import FORWARD
+from ..._fastpath.statements_py import (
+    FORWARD,
+    MSG_BIND,
+    MSG_CLOSE,
+    MSG_DESCRIBE,
+    MSG_FUNCTION_CALL,
+    MSG_PARSE,
+    MSG_QUERY,
+    MSG_SYNC,
+)
 from . import protocol as pg
 
 SERVER_NAME_PREFIX = b"rdsproxy_"
@@ -47,8 +56,7 @@ BARRIER = 1     # `count` ReadyForQuery answers to requests sent before tracking
 # server names its own.
 SWALLOW, REWRITE, RENAME = 1, 2, 3   # FORWARD (0) is the quick lane's
 
-MSG_PARSE, MSG_BIND, MSG_DESCRIBE, MSG_CLOSE, MSG_QUERY = 80, 66, 68, 67, 81
-MSG_EXECUTE, MSG_SYNC, MSG_FUNCTION_CALL = 69, 83, 70
+MSG_EXECUTE = 69
 PARSE_COMPLETE = b"1\x00\x00\x00\x04"
 CLOSE_COMPLETE = b"3\x00\x00\x00\x04"
 FLUSH = b"H\x00\x00\x00\x04"
