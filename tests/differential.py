@@ -103,12 +103,12 @@ def proxied_differential(directory, cluster, admin=False, **target_group):
 
 
 def take_turns(side, steps) -> list:
-    """Run (client 0 or 1, SQL) steps on two sessions of `side` in order, over the simple
-    query protocol (a step may hold several statements); what each answered: the first
-    column of its last result's first row, its status, or its error's SQLSTATE. Through a
-    proxy with one database connection, both sessions must have shared it."""
+    """Run (client 0, 1, ..., SQL) steps on that many sessions of `side` in order, over the
+    simple query protocol (a step may hold several statements); what each answered: the
+    first column of its last result's first row, its status, or its error's SQLSTATE.
+    Through a proxy with one database connection, the sessions must have shared it."""
     sessions = [psycopg.connect(side.dsn(), autocommit=True, prepare_threshold=None)
-                for _ in range(2)]
+                for _ in range(1 + max(who for who, _ in steps))]
     seen = []
     try:
         for who, sql in steps:

@@ -78,38 +78,23 @@ def test_sql_prepare_does_not_pin(one_connection):
     assert after["SQLStatementsAdopted"] >= before["SQLStatementsAdopted"] + 3
 
 
-def alone(side, steps):
-    """What one session sees of `steps` (SQL texts), as `turns` reports it."""
-    with psycopg.connect(side.dsn(), autocommit=True, prepare_threshold=None) as conn:
-        seen = []
-        for sql in steps:
-            try:
-                cur = conn.execute(sql)
-                while cur.nextset():
-                    pass
-                row = cur.fetchone() if cur.description else None
-                seen.append((sql, row[0] if row else cur.statusmessage))
-            except psycopg.Error as exc:
-                seen.append((sql, exc.sqlstate))
-        return seen
-
-
 UNREADABLE = {
     # Which of the two is left is not in the text the server keeps.
     "made_twice_in_one_text": [
-        "prepare twice_made as select 1; deallocate twice_made; prepare twice_made as select 2",
-        "execute twice_made"],
+        (0, "prepare twice_made as select 1; deallocate twice_made; prepare twice_made as select 2"),
+        (0, "execute twice_made")],
     # A backslash reads two ways while standard_conforming_strings is off.
     "backslash_while_strings_are_not_standard": [
-        "set standard_conforming_strings = off", "prepare quoted as select 'it\\'s'",
-        "execute quoted"],
+        (0, "set standard_conforming_strings = off"), (0, "prepare quoted as select 'it\\'s'"),
+        (0, "execute quoted")],
 }
 
 
 @pytest.mark.parametrize("name", sorted(UNREADABLE))
 def test_statement_the_proxy_cannot_make_again_pins(one_connection, name):
     before = one_connection.proxied.stats()["SessionPinReasons"].get("prepared_statement", 0)
-    one_connection.assert_same(lambda side: alone(side, UNREADABLE[name]))
+    # One client alone: pinned, it keeps the one connection.
+    one_connection.assert_same(lambda side: take_turns(side, UNREADABLE[name]))
     after = one_connection.proxied.stats()["SessionPinReasons"].get("prepared_statement", 0)
     assert after == before + 1
 
