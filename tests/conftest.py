@@ -89,6 +89,7 @@ class RunningProxy:
         self.loop = None
         self._ready = threading.Event()
         self._error = None
+        self.phase_problems: list[str] = []
         self._thread = threading.Thread(target=self._main, name="rdsproxy-test", daemon=True)
         self._thread.start()
         if not self._ready.wait(30):
@@ -110,6 +111,7 @@ class RunningProxy:
             self._ready.set()
             return
         self._ready.set()
+        self.loop.call_soon(self._audit_phases)
         self.loop.run_until_complete(self.proxy.serve_forever())
         self.loop.run_until_complete(asyncio.sleep(0.05))
         self.loop.close()
@@ -137,13 +139,44 @@ class RunningProxy:
     def stats(self) -> dict:
         return self.call(self.proxy.stats)
 
+    def _audit_phases(self):
+        """Every few milliseconds while it runs, the clients' phases are checked (each
+        callback of the loop must leave them right); the first problems are kept."""
+        engine = self.proxy.engine
+        if engine is None or self.loop.is_closed():
+            return
+        if len(self.phase_problems) < 5:
+            self.phase_problems += _phase_problems(engine)
+        self.loop.call_later(0.005, self._audit_phases)
+
     def stop(self, drain: bool = False):
+        """Stop the proxy; an AssertionError afterwards if its clients' phases were ever
+        wrong (every test that runs a proxy checks them this way)."""
         if self._thread.is_alive():
             try:
                 self.call(self.proxy.stop, drain)
             except Exception:
                 pass
             self._thread.join(30)
+            assert not self.phase_problems, self.phase_problems
+
+
+def _phase_problems(engine) -> list[str]:
+    from rdsproxy._fastpath import Phase
+    clients = list(engine.clients)
+    counted = {name: sum(1 for c in clients if c.phase == i)
+               for i, name in enumerate(Phase.NAMES) if i != Phase.FREE}
+    problems = []
+    if engine.ledger.phases() != counted:
+        problems.append(f"gauges {engine.ledger.phases()} but the clients are {counted}")
+    if engine.ledger.stray_moves:
+        problems.append(f"{engine.ledger.stray_moves} stray phase moves")
+    for client in clients:
+        holding = client.phase in (Phase.ACTIVE, Phase.PINNED)
+        if holding != (client.server is not None):
+            problems.append(f"client {client.peer} in phase {Phase.NAMES[client.phase]} "
+                            f"with server {client.server!r}")
+    return problems
 
 
 def write_secret(directory, username, password, **extra) -> str:

@@ -678,3 +678,51 @@ def test_rename_binds_twins_agree(messages, cut):
         cache = OrderedDict([(b"k1", b"rdsproxy_1"), (b"k2", b"rdsproxy_22")])
         results.append((module.rename_binds(chunk, {b"s1": b"k1", b"s2": b"k2"}, cache), list(cache)))
     assert results[0] == results[1]
+
+
+# -- the ledger's phase gauges (relay_py / relay_c) ------------------------------------------
+
+RELAY = {"py": _load("relay_py"), "c": _load("relay_c")}
+PHASE_NAMES = ("free", "waiting", "syncing", "active", "pinned")
+# Written out here, not read from the module: a client prepared a connection it never asked
+# for, or a pinned session checked or sent back to wait, is a bug the ledger must count.
+STRAY = {("free", "syncing"), ("pinned", "syncing"), ("pinned", "waiting")}
+
+
+def test_phase_names_match_the_constants():
+    phase = _require(RELAY, "py").Phase
+    assert [getattr(phase, name.upper()) for name in PHASE_NAMES] == list(range(5))
+    assert phase.NAMES == PHASE_NAMES
+
+
+class LedgerTwins(RuleBasedStateMachine):
+    """Clients move between phases through both twins' ClientLedger.move; each twin's
+    gauges always equal a recount of the clients' phases, and strays are counted."""
+
+    @initialize()
+    def make(self):
+        self.ledgers = [module.ClientLedger(set(), None, 10)
+                        for module in (_require(RELAY, "py"), _require(RELAY, "c"))]
+        self.phases = [0] * 6     # six clients, all free
+        self.strays = 0
+
+    @rule(who=st.integers(0, 5), new=st.integers(0, 4))
+    def move(self, who, new):
+        old = self.phases[who]
+        results = {ledger.move(old, new) for ledger in self.ledgers}
+        assert results == {new}
+        self.strays += (PHASE_NAMES[old], PHASE_NAMES[new]) in STRAY
+        self.phases[who] = new
+
+    @invariant()
+    def gauges_add_up(self):
+        expected = {name: self.phases.count(i) for i, name in enumerate(PHASE_NAMES) if i}
+        for ledger in self.ledgers:
+            assert ledger.phases() == expected
+            assert ledger.stray_moves == self.strays
+
+
+def test_ledger_phase_gauges_twins():
+    LedgerTwins.TestCase.settings = settings(max_examples=100, stateful_step_count=40,
+                                             deadline=None)
+    LedgerTwins.TestCase().runTest()

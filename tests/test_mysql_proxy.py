@@ -1079,7 +1079,7 @@ def test_quoting_modes_cannot_hide_a_statement(make_proxy, mdb, secret_role, mod
                     pass
             except pymysql.err.MySQLError:
                 pass   # a text that is malformed in this mode: the server says so
-        if engine(px).pinned_sessions:
+        if engine(px).ledger.pinned:
             first.close()   # pinned: its connection is reset before anyone else gets it
         # Otherwise the first client stays connected and idle, and its server connection
         # serves the next client at once.

@@ -240,3 +240,27 @@ def test_client_vanishing_after_unverified_work_leaves_nothing(proxy_factory, pg
         attacker.close()
         with psycopg.connect(dsn(proxy), autocommit=True) as victim:
             assert_clean_session(victim, pg)
+
+
+def test_a_check_without_an_answer_keeps_the_backend_with_its_client(proxy_factory, pg,
+                                                                      isolation_objects):
+    """The state check can fail: here a lock_timeout the client set meets a lock on a view
+    the check reads. The session's state is then unknown, so the backend stays with its
+    client (reason unknown_state) and is reset before anyone else gets it."""
+    proxy = one_connection_proxy(proxy_factory)
+    with psycopg.connect(pg.dsn(dbname=APP_DB), autocommit=True) as blocker:
+        blocker.execute("begin")
+        blocker.execute("lock table pg_catalog.pg_prepared_statements in access exclusive mode")
+        with psycopg.connect(dsn(proxy), autocommit=True) as client:
+            pid = backend_pid(client)
+            client.execute("select set_config('lock_timeout', '200ms', false), iso_search_path()")
+            wait_until(lambda: proxy.stats()["SessionPinReasons"] == {"unknown_state": 1},
+                       message="the check timed out and pinned")
+            blocker.execute("rollback")
+            assert client.execute("show search_path").fetchone()[0] == "iso_evil, public"
+            assert backend_pid(client) == pid
+    wait_until(lambda: proxy.stats()["pool"]["borrowed"] == 0, message="connection returned")
+    with psycopg.connect(dsn(proxy), autocommit=True) as victim:
+        assert backend_pid(victim) == pid, "the budget of one hands over the same backend"
+        assert victim.execute("show lock_timeout").fetchone()[0] == "0"
+        assert_clean_session(victim, pg)

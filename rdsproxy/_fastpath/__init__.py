@@ -53,12 +53,13 @@ LoginDesk = relay.LoginDesk
 SessionFactory = relay.SessionFactory
 ClientLedger = relay.ClientLedger
 MetricCounters = relay.MetricCounters
+Phase = relay.Phase
 rename_binds = statements.rename_binds
 drops_statements = statements.drops_statements
 AnswerQueue = statements.AnswerQueue
 BookCore = statements.BookCore
 
-__all__ = ["IMPLEMENTATION", "reactor", "MessageScanner", "FramingError", "split_messages", "PoolCore",
-           "KeywordScanner", "ClientRelay", "ServerRelay", "Entropy", "StartupPlan", "LoginDesk",
-           "SessionFactory", "ClientLedger", "MetricCounters", "rename_binds", "drops_statements",
-           "AnswerQueue", "BookCore"]
+__all__ = ["IMPLEMENTATION", "reactor", "MessageScanner", "FramingError", "split_messages",
+           "PoolCore", "KeywordScanner", "ClientRelay", "ServerRelay", "Entropy", "StartupPlan",
+           "LoginDesk", "SessionFactory", "ClientLedger", "MetricCounters", "Phase",
+           "rename_binds", "drops_statements", "AnswerQueue", "BookCore"]

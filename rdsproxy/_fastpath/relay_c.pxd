@@ -40,6 +40,13 @@ cdef bytes SSL_REQUEST
 cdef bytes GSSENC_REQUEST
 cdef bytes BACKEND_KEY_DATA_HEAD
 cdef Py_ssize_t ENTROPY_BLOCK
+cdef int PHASE_FREE
+cdef int PHASE_WAITING
+cdef int PHASE_SYNCING
+cdef int PHASE_ACTIVE
+cdef int PHASE_PINNED
+cdef int PHASES
+cdef bytearray STRAY_MOVES
 
 
 cdef class ClientRelay
@@ -108,7 +115,14 @@ cdef class ClientLedger:
     cdef public set clients
     cdef public MetricCounters metrics
     cdef public Py_ssize_t limit
+    cdef public Py_ssize_t waiting
+    cdef public Py_ssize_t syncing
+    cdef public Py_ssize_t active
+    cdef public Py_ssize_t pinned
+    cdef public unsigned long long stray_moves
 
+    cpdef int move(self, int old, int new) except -1
+    cdef inline int _move(self, int old, int new) noexcept
     @cython.locals(metrics=MetricCounters)
     cpdef bint admit(self, client) except -1
     @cython.locals(metrics=MetricCounters)
@@ -144,11 +158,10 @@ cdef class ClientRelay:
     cdef public Py_ssize_t outstanding
     cdef public int type_before_chunk
     cdef public object pin_reason
-    cdef public bint pinned_server
+    cdef public int phase
     cdef public bint unverified
     cdef public BookCore statements
     cdef public bint chunk_at_boundary
-    cdef public bint waiting
     cdef public bint terminating
     cdef public bint reading_paused
     cdef public list pending
@@ -203,6 +216,8 @@ cdef class ClientRelay:
     @cython.locals(scanner=MessageScanner)
     cpdef terminate(self, data)
 
+    cpdef enter(self, int phase)
+    cdef inline void _enter(self, int phase) noexcept
     cpdef attach(self, ServerRelay conn)
     @cython.locals(statements=BookCore)
     cdef _attach(self, ServerRelay conn)

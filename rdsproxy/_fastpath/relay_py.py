@@ -7,7 +7,7 @@ classes subclass these two and supply the slow paths this file calls by name:
   ClientRelay: startup_data(data), inspect(data) -> data, framing_error(exc), borrow(),
                on_connection(conn), verify_session(server) (at the end of a transaction
                that left `unverified` set), refuse() (over max_client_connections),
-               release_on_exit() (it leaves pinned, waiting or holding a server); the
+               release_on_exit() (it leaves in a phase other than PHASE_FREE); the
                engine's ClientLedger counts it in and out. Sessions are made by a
                SessionFactory, which fills the fields (engine, pool_core, prefilter: a
                KeywordScanner that flags statements worth inspect()ing, ...).
@@ -66,6 +66,34 @@ SSL_REQUEST = b"\x00\x00\x00\x08\x04\xd2\x16\x2f"      # length 8, code 80877103
 GSSENC_REQUEST = b"\x00\x00\x00\x08\x04\xd2\x16\x30"   # length 8, code 80877104
 BACKEND_KEY_DATA_HEAD = b"K\x00\x00\x00\x0c"   # BackendKeyData: pid and secret follow
 ENTROPY_BLOCK = 4096
+
+
+class Phase:
+    """Where a client stands with the database connections: its `phase`, which only
+    ClientLedger.move changes (both engines' clients call it through their `enter`)."""
+    FREE = 0      # holds none and asks for none: between transactions, logging in, gone
+    WAITING = 1   # asked for one: queued at a pool or the router, or held for a health check
+    SYNCING = 2   # the proxy holds one for it: bringing it to the client's session, or
+                  # reading what the client's transaction left on it
+    ACTIVE = 3    # holds one for its transaction
+    PINNED = 4    # holds one for the rest of its session
+    NAMES = ("free", "waiting", "syncing", "active", "pinned")
+
+
+PHASE_FREE = Phase.FREE   # the same as C ints for the relay (relay_c.pxd)
+PHASE_WAITING = Phase.WAITING
+PHASE_SYNCING = Phase.SYNCING
+PHASE_ACTIVE = Phase.ACTIVE
+PHASE_PINNED = Phase.PINNED
+PHASES = len(Phase.NAMES)
+# Moves that mean a bug: a connection prepared for a client that never asked, a pinned
+# session checked (its connection never goes back) or waiting (it lost its connection,
+# and its session with it). They are counted (stray_moves) and carried out all the same,
+# so that the gauges still add up.
+STRAY_MOVES = bytearray(PHASES * PHASES)
+for _old, _new in ((PHASE_FREE, PHASE_SYNCING), (PHASE_PINNED, PHASE_SYNCING),
+                   (PHASE_PINNED, PHASE_WAITING)):
+    STRAY_MOVES[_old * PHASES + _new] = 1
 
 
 class Wire:
@@ -186,13 +214,52 @@ class LoginDesk:
 
 
 class ClientLedger:
-    """Who is connected: an engine's set of clients, its max_client_connections and the
-    ClientConnections counters, kept the same way for both engines and the relay."""
+    """Who is connected and what they hold: an engine's set of clients, its
+    max_client_connections, the ClientConnections counters and the gauges of clients by
+    phase, kept the same way for both engines and the relay."""
 
     def __init__(self, clients, metrics, limit):
         self.clients = clients
         self.metrics = metrics
         self.limit = limit
+        self.waiting = 0   # clients in PHASE_WAITING, and so on
+        self.syncing = 0
+        self.active = 0
+        self.pinned = 0
+        self.stray_moves = 0
+
+    def move(self, old, new):
+        """A client goes from phase `old` to `new`: the one place the phase gauges change.
+        Returns `new`, for the client to keep."""
+        return self._move(old, new)
+
+    def _move(self, old, new):  # the relay's own calls, straight from C
+        if old == new:
+            return new
+        if STRAY_MOVES[old * PHASES + new]:
+            self.stray_moves += 1
+        if old == PHASE_ACTIVE:
+            self.active -= 1
+        elif old == PHASE_WAITING:
+            self.waiting -= 1
+        elif old == PHASE_PINNED:
+            self.pinned -= 1
+        elif old == PHASE_SYNCING:
+            self.syncing -= 1
+        if new == PHASE_ACTIVE:
+            self.active += 1
+        elif new == PHASE_WAITING:
+            self.waiting += 1
+        elif new == PHASE_PINNED:
+            self.pinned += 1
+        elif new == PHASE_SYNCING:
+            self.syncing += 1
+        return new
+
+    def phases(self):
+        """The gauges by phase name."""
+        return {"waiting": self.waiting, "syncing": self.syncing, "active": self.active,
+                "pinned": self.pinned}
 
     def admit(self, client):
         """Count a new client in; False when it is over the limit (it is then refused in
@@ -259,7 +326,7 @@ class ClientRelay:
         self.outstanding = 0
         self.type_before_chunk = 0
         self.pin_reason = None
-        self.pinned_server = False
+        self.phase = PHASE_FREE   # moved by enter() only
         # Sent something whose effect on the session the text does not show: the engine
         # asks the server about the session before the connection serves anyone else.
         self.unverified = False
@@ -267,7 +334,6 @@ class ClientRelay:
         # (the engine's StatementBook, with `forward`, `attached` and `rewind`).
         self.statements = None
         self.chunk_at_boundary = True   # the chunk being handled began at a message boundary
-        self.waiting = False
         self.terminating = False
         self.reading_paused = False
         self.pending = []
@@ -324,7 +390,7 @@ class ClientRelay:
         if self.state == STATE_CLOSED and self.transport is None:
             return
         self.state = STATE_CLOSED
-        if self.pinned_server or self.waiting or self.server is not None:
+        if self.phase != PHASE_FREE:
             self.release_on_exit()
         self.pending = []
         self.ledger.release(self, self.queries)
@@ -385,17 +451,18 @@ class ClientRelay:
                 # A client that keeps writing while it waits: leave the rest in the kernel.
                 self.reading_paused = True
                 self.transport.pause_reading()
-            if not self.waiting:
-                self.waiting = True
+            if self.phase == PHASE_FREE:
                 conn = self.pool_core.try_borrow(self.key)
                 if conn is None:
                     # Others are queued already: join them (the common case of a busy
                     # pool); otherwise let the pool decide (open one, or queue first).
+                    self._enter(PHASE_WAITING)
                     if not self.pool_core.queue_waiter(self.key, self):
                         self.borrow()
                 elif self.ready_on(conn):
                     self._attach(conn)            # the common case: an idle one, ready
                 else:
+                    self._enter(PHASE_WAITING)
                     self.on_connection(conn)      # parameters to sync first
         if self.terminating:
             self.close()
@@ -535,15 +602,19 @@ class ClientRelay:
         end = data.rfind(TERMINATE)
         return data[:end] if end >= 0 else b""
 
+    def enter(self, phase):
+        """Move to `phase` (PHASE_*), and the ledger's gauges with it."""
+        self._enter(phase)
+
+    def _enter(self, phase):  # the relay's own calls, straight from C
+        self.phase = self.ledger._move(self.phase, phase)
+
     def attach(self, conn):
         """Start relaying to `conn`, sending what the client wrote meanwhile."""
         self._attach(conn)
 
     def _attach(self, conn):  # the relay's own calls, straight from C
-        self.waiting = False
-        if self.pin_reason is not None and not self.pinned_server:  # pinned before attaching
-            self.pinned_server = True
-            self.engine.pinned_sessions += 1
+        self._enter(PHASE_ACTIVE if self.pin_reason is None else PHASE_PINNED)
         self.server = conn
         conn.client = self
         conn.last_client_pid = self.pid
@@ -581,6 +652,7 @@ class ClientRelay:
                 return
             self.server = None
             server.client = None
+            self._enter(PHASE_FREE)
             # Back to the pool the connection came from (the client's may have changed).
             entry = server.pool_core.give_back(server.key, server)
             if entry is None:
@@ -592,7 +664,8 @@ class ClientRelay:
             waiter = entry[1]
             if isinstance(waiter, ClientRelay) and entry[0] == server.key:
                 client = waiter
-                if client.state == STATE_READY and client.waiting and client.ready_on(server):
+                if (client.state == STATE_READY and client.phase == PHASE_WAITING
+                        and client.ready_on(server)):
                     client.borrow_entry = None
                     client._attach(server)
                     return

@@ -22,8 +22,8 @@ parts:
                           only once they have arrived: TCP_DEFER_ACCEPT)
 
 Clients offer fatal(sqlstate, text), replay_request(), report_server_lost(server) and the
-relay attributes read here (state, activity, outstanding, waiting, server, pinned_server,
-route_role, peer, user, connected_at, last_active, seen_activity).
+relay attributes read here (state, activity, outstanding, phase, server, route_role, peer,
+user, connected_at, last_active, seen_activity).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import logging
 import os
 
 from .. import tls as tlsmod
-from .._fastpath import ClientLedger, Entropy, reactor_py
+from .._fastpath import ClientLedger, Entropy, Phase, reactor_py
 from ..auth.iam import Principal
 from ..auth.throttle import LoginThrottle
 from ..secrets import SecretCache, SecretError, read_principal_secret, read_secret
@@ -41,6 +41,8 @@ from .router import Router
 from .targets import Target, TargetGroup
 
 log = logging.getLogger("rdsproxy.engine")
+# Phases in which a client is busy though it may have nothing outstanding.
+_BUSY_PHASES = (Phase.WAITING, Phase.SYNCING)
 
 # Below the default login timeout, so the handshake's own error wins.
 TLS_HANDSHAKE_TIMEOUT = 30.0
@@ -96,7 +98,6 @@ class BaseEngine:
         self.ledger = ClientLedger(self.clients, metrics, config.max_client_connections)
         for tcfg in config.targets:
             self._add_target(tcfg)
-        self.pinned_sessions = 0
         # The OS CSPRNG, 4 KiB at a time: md5 salts, cancel secrets, connection ids.
         self.entropy = Entropy(os.urandom)
         self._housekeeper = None
@@ -362,7 +363,7 @@ class BaseEngine:
                     if client.activity != client.seen_activity:  # it sent something
                         client.seen_activity = client.activity
                         client.last_active = now
-                    if client.outstanding or client.waiting:
+                    if client.outstanding or client.phase in _BUSY_PHASES:
                         # Busy now (a request in flight): idleness starts after this tick.
                         # Holding a connection is not busy: a pinned session or an open
                         # transaction left idle is closed too (and its connection reset).
@@ -387,7 +388,7 @@ class BaseEngine:
         """Wait (bounded) until no client holds a database connection."""
         deadline = self.loop.time() + timeout
         while self.loop.time() < deadline:
-            if not any(c.server is not None or c.waiting for c in self.clients):
+            if not any(c.phase != Phase.FREE for c in self.clients):
                 return
             await asyncio.sleep(0.05)
 
@@ -546,7 +547,7 @@ class BaseEngine:
             pool = self.router.pools.get(target)
             if pool is not None:
                 stats = pool.stats()
-                pinned = sum(1 for c in self.clients if c.pinned_server and c.server is not None
+                pinned = sum(1 for c in self.clients if c.phase == Phase.PINNED
                              and c.server.pool is pool)
                 entry["Pool"] = {"InUse": stats["borrowed"], "Idle": stats["idle"],
                                  "Open": stats["open"], "Max": stats["max"],
@@ -565,7 +566,9 @@ class BaseEngine:
                                                                  "waiting", "max_idle")}
         total["waiting"] += self.router.waiting
         return {"pool": total, "targets": self.describe_targets(),
-                "pinned_sessions": self.pinned_sessions,
+                "pinned_sessions": self.ledger.pinned,
+                "sessions": self.ledger.phases(),
+                "StrayPhaseMoves": self.ledger.stray_moves,
                 "QueryRequests": self.metrics.QueryRequests + live_queries,
                 "ClientConnectionsTLS": self.metrics.ClientConnectionsTLS,
                 "ClientConnectionsNoTLS": self.metrics.ClientConnectionsNoTLS}

@@ -1,11 +1,13 @@
 """What every engine's client and server sessions do alike, whatever their wire protocol.
 
 Mixins, listed before asyncio.Protocol among a session class's bases (whose flow-control
-methods are no-ops). A client session supplies `engine`, `server`, `route_role`, `key`,
-`on_connection(conn)` and `on_borrow_error(exc)`; a server connection supplies `client`.
+methods are no-ops). A client session supplies `engine`, `ledger`, `phase`, `server`,
+`route_role`, `key`, `on_connection(conn)` and `on_borrow_error(exc)`; a server connection
+supplies `client`.
 """
 from __future__ import annotations
 
+from .._fastpath import Phase
 from .pool import PoolClosed
 
 
@@ -42,10 +44,15 @@ class ClientSide:
         sock = self.transport.get_extra_info("sockname") if self.transport is not None else None
         return (sock[0], sock[1]) if isinstance(sock, tuple) else ("", 0)
 
+    def enter(self, phase: int) -> None:
+        """Move to `phase` (a Phase), and the ledger's gauges with it. (The PostgreSQL
+        client's is the relay's, compiled; both ask the ledger.)"""
+        self.phase = self.ledger.move(self.phase, phase)
+
     def borrow(self) -> None:
         """A connection for this client's next request: now (on_connection) or later
         (on_connection or on_borrow_error), through the router."""
-        self.waiting = True
+        self.enter(Phase.WAITING)
         self.borrow_deadline = None  # a new borrow gets a new deadline
         try:
             conn = self.engine.router.acquire(self.route_role, self.key, self)

@@ -21,6 +21,7 @@ import logging
 from collections import deque
 from dataclasses import dataclass
 
+from ..._fastpath import Phase
 from ...auth import mysql as auth
 from ...auth.iam import TokenError, verify_token
 from ...core.pool import BorrowTimeout
@@ -119,9 +120,9 @@ class ClientSession(ClientSide, asyncio.Protocol):
         self.activity = 0
         self.queries = 0
         self.outstanding = 0
-        self.waiting = False
+        self.ledger = engine.ledger
+        self.phase = Phase.FREE   # moved by enter() only
         self.server = None
-        self.pinned_server = False
         self.pin_reason = None
         self.reader = p.PacketReader(MAX_AUTH_PACKET)
         self.queue: deque = deque()
@@ -243,15 +244,13 @@ class ClientSession(ClientSide, asyncio.Protocol):
             return
         self.state = CLOSED
         self.transport = None
-        self._uncount_pinned()
-        if self.waiting:
-            self.waiting = False
+        if self.phase == Phase.WAITING:
             self.engine.router.cancel_wait(self)
         server = self.server
         if server is not None:
-            self.server = None
-            server.client = None
+            self._detach(server)
             self._return_after_exit(server)
+        self.enter(Phase.FREE)
         self.queue.clear()
         if self in self.engine.clients:
             self.engine.client_gone(self)
@@ -528,8 +527,7 @@ class ClientSession(ClientSide, asyncio.Protocol):
         self._unpin()
         server = self.server
         if server is not None:
-            self.server = None
-            server.client = None
+            self._detach(server)
             self._reset_and_release(server)
         self._reset_state()
         self.key = (self.user, self.database, self.capabilities & p.SESSION_CAPABILITIES, self.charset)
@@ -663,8 +661,7 @@ class ClientSession(ClientSide, asyncio.Protocol):
             self._reply_ok()
             self._command_done()
             return
-        self.server = None
-        server.client = None
+        self._detach(server)
 
         def reset_done(ok):
             if self.state == READY:
@@ -814,25 +811,19 @@ class ClientSession(ClientSide, asyncio.Protocol):
             self.pin_reason = reason
             self.engine.metrics.pinned(reason)
             log.debug("client %s (user %s) pinned: %s", self.peer, self.user, reason)
-        if self.server is not None and not self.pinned_server:
-            self.pinned_server = True
-            self.engine.pinned_sessions += 1
+        if self.phase == Phase.ACTIVE:
+            self.enter(Phase.PINNED)
 
     def _unpin(self) -> None:
         self.pin_reason = None
-        self._uncount_pinned()
-
-    def _uncount_pinned(self) -> None:
-        """The pinned-sessions gauge counts clients that hold a pinned server connection."""
-        if self.pinned_server:
-            self.pinned_server = False
-            self.engine.pinned_sessions -= 1
+        if self.phase == Phase.PINNED:
+            self.enter(Phase.ACTIVE)
 
     def _detach(self, conn) -> None:
         """`conn` no longer serves this client."""
         self.server = None
         conn.client = None
-        self._uncount_pinned()
+        self.enter(Phase.FREE)
 
     # -- borrowing ---------------------------------------------------------------------
     def _send_to_server(self) -> None:
@@ -852,27 +843,26 @@ class ClientSession(ClientSide, asyncio.Protocol):
         self.borrow()
 
     def on_connection(self, conn) -> None:
-        self.waiting = False
         if self.state == LOGIN:
+            self.enter(Phase.FREE)
             conn.pool.release(conn)
             self._finish_login()
             return
         if self.state != READY or not self.busy:
+            self.enter(Phase.FREE)
             conn.pool.release(conn)
             return
         if conn.closed:
             conn.pool.discard(conn)
             self.borrow()
             return
+        self.enter(Phase.ACTIVE if self.pin_reason is None else Phase.PINNED)
         self.server = conn
         conn.client = self
-        if self.pin_reason is not None and not self.pinned_server:
-            self.pinned_server = True
-            self.engine.pinned_sessions += 1
         self._sync_and_send(conn)
 
     def on_borrow_error(self, exc) -> None:
-        self.waiting = False
+        self.enter(Phase.FREE)
         if isinstance(exc, BorrowTimeout):
             code, text = (1040, "08004"), str(exc)
         elif isinstance(exc, ServerError):
@@ -1126,7 +1116,7 @@ class ClientSession(ClientSide, asyncio.Protocol):
     def on_server_lost(self, server) -> None:
         """The database connection serving this client died."""
         if self.server is server:
-            self.server = None
+            self._detach(server)
         server.client = None
         server.pool.discard(server)
         if self.state != READY:
@@ -1138,22 +1128,23 @@ class ClientSession(ClientSide, asyncio.Protocol):
             # Nothing reached the client and the statement only reads: if the target is going
             # away (failover) it is sent again once a target is routable; if the target is
             # fine (this one connection was killed) the client gets the error.
-            self.waiting = True
+            self.enter(Phase.WAITING)
             self.engine.hold_for_health_check(self, server)
             return
         self.report_server_lost(server)
 
     def replay_request(self) -> None:
-        self.waiting = False
         if self.state == READY and self.busy:
             log.info("client %s (user %s): database connection lost before answering; "
                      "sending the request again", self.peer, self.user)
             self.borrow()
+        else:
+            self.enter(Phase.FREE)
 
     def report_server_lost(self, server) -> None:
         if self.state != READY:
             return
-        self.waiting = False
+        self.enter(Phase.FREE)
         text = "the database connection serving this session was lost"
         stateful = (self.pin_reason is not None or server.status & _HOLD
                     or self.long_data)

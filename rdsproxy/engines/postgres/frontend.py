@@ -12,7 +12,7 @@ import hmac
 import logging
 import re
 
-from ..._fastpath import ClientRelay, split_messages
+from ..._fastpath import ClientRelay, Phase, split_messages
 from ..._fastpath.relay_py import (
     MSG_BIND,
     MSG_CLOSE,
@@ -246,15 +246,12 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
             self.fatal(exc.sqlstate, str(exc), exc.detail)
 
     def release_on_exit(self):
-        """The client is gone (the relay's connection_lost) while pinned, waiting or
-        holding a database connection."""
-        if self.pinned_server:  # also when its server died first and it was closed for that
-            self.pinned_server = False
-            self.engine.pinned_sessions -= 1
-        if self.waiting:
-            self.waiting = False
-            if self._syncing is None:  # a syncing connection comes back through its callback
-                self.engine.router.cancel_wait(self)
+        """The client is gone (the relay's connection_lost) in a phase other than FREE."""
+        phase = self.phase
+        self.enter(Phase.FREE)
+        if phase == Phase.WAITING:
+            # (A connection being synced or checked comes back through its callback.)
+            self.engine.router.cancel_wait(self)
         server = self.server
         if server is not None:
             self.server = None
@@ -374,7 +371,7 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         self.server = None
         server.client = None
         self.unverified = False
-        self.waiting = True
+        self.enter(Phase.SYNCING)
         self._syncing = server
         names = None if self._check_all else self._settings_named
         self._check_all = False
@@ -432,14 +429,14 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
             return
         if server.closed:
             server.pool.discard(server)
-            self.waiting = False
+            self.enter(Phase.FREE)
             self.fatal("08006", "the database connection serving this session was lost")
             return
         if reason is not None:
             self.pin(reason)
             self.attach(server)
             return
-        self.waiting = False
+        self.enter(Phase.FREE)
         server.pool.release(server)
         if self.pending:
             self.borrow()
@@ -478,9 +475,8 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
     def pin(self, reason: str) -> None:
         self.pin_reason = reason
         self.engine.metrics.pinned(reason)
-        if self.server is not None and not self.pinned_server:
-            self.pinned_server = True
-            self.engine.pinned_sessions += 1
+        if self.phase == Phase.ACTIVE:
+            self.enter(Phase.PINNED)
         log.debug("client %s (user %s) pinned: %s", self.peer, self.user, reason)
 
     # borrow() is ClientSide's. While it waits, the client's bytes gather in `pending`; the
@@ -491,10 +487,10 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         if self.state == LOGIN:
             # The first login of its kind: what the server reports for these startup
             # parameters (its spelling of them, or its error) is learnt on this connection.
-            self.waiting = False
             if self.desired and conn.applied != self.desired:
                 self._sync_parameters(conn, self._on_login_parameters, with_statements=False)
                 return
+            self.enter(Phase.FREE)
             self.engine.learn_greeting(self.key, self.desired, conn.parameters)
             conn.pool.release(conn)
             self._finish_login()
@@ -535,11 +531,13 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
                 if with_statements:
                     conn.sql_prepared = self.sql_prepared
             done(error)
+        self.enter(Phase.SYNCING)
         self._syncing = conn
         conn.run_internal(sync.requests, synced, rows, errors)
 
     def _on_login_parameters(self, error):
         conn, self._syncing = self._syncing, None
+        self.enter(Phase.FREE)
         if error is None:
             conn.applied = self.desired
             self.engine.learn_greeting(self.key, self.desired, conn.parameters)
@@ -562,7 +560,7 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
             _give_back(conn, clean=error is None)
             return
         if error is not None:
-            self.waiting = False
+            self.enter(Phase.FREE)
             conn.pool.discard(conn)
             fields = getattr(error, "fields", {})
             self.fatal(fields.get("C", "08006"), f"cannot apply session parameters: {fields.get('M', error)}")
@@ -575,7 +573,7 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
             self.transport.resume_reading()
 
     def on_borrow_error(self, exc):
-        self.waiting = False
+        self.enter(Phase.FREE)
         if isinstance(exc, BorrowTimeout):
             code, text = "53300", str(exc)
         elif isinstance(exc, ServerError):
@@ -609,6 +607,7 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         """The database connection serving this client died."""
         self.server = None
         server.client = None
+        self.enter(Phase.FREE)
         server.pool.discard(server)
         self.engine.server_connection_died(server.pool)
         if self.state != READY:
@@ -634,7 +633,7 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
             self.replay = None
             if self.statements is not None:
                 self.statements.rewind()
-            self.waiting = True
+            self.enter(Phase.WAITING)
             self.engine.hold_for_health_check(self, server)
             return
         log.debug("client %s: connection lost with no replayable request (outstanding %d, "
@@ -644,7 +643,6 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
 
     def replay_request(self):
         """Send the held-back request again, through whatever target is routed now."""
-        self.waiting = False
         if self.state == READY:
             self.engine.metrics.RequestsReplayed += 1
             log.info("client %s (user %s): database connection lost before answering; "
@@ -654,8 +652,8 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
     def report_server_lost(self, server, in_doubt=False):
         if self.state != READY:
             return
-        if self.waiting:  # held for a health check: the request is not to be sent again
-            self.waiting = False
+        if self.phase == Phase.WAITING:  # held for a health check: not to be sent again
+            self.enter(Phase.FREE)
             self.pending = []
             self.pending_size = 0
         clean_cut = (server.scanner.at_boundary() and server.scanner.status == STATUS_IDLE
