@@ -54,7 +54,6 @@ SessionFactory = relay.SessionFactory
 ClientLedger = relay.ClientLedger
 MetricCounters = relay.MetricCounters
 Phase = relay.Phase
-rename_binds = statements.rename_binds
 drops_statements = statements.drops_statements
 AnswerQueue = statements.AnswerQueue
 BookCore = statements.BookCore
@@ -62,4 +61,4 @@ BookCore = statements.BookCore
 __all__ = ["IMPLEMENTATION", "reactor", "MessageScanner", "FramingError", "split_messages",
            "PoolCore", "KeywordScanner", "ClientRelay", "ServerRelay", "Entropy", "StartupPlan",
            "LoginDesk", "SessionFactory", "ClientLedger", "MetricCounters", "Phase",
-           "rename_binds", "drops_statements", "AnswerQueue", "BookCore"]
+           "drops_statements", "AnswerQueue", "BookCore"]

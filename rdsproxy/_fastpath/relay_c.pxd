@@ -8,7 +8,7 @@ cimport cython
 from rdsproxy._fastpath.framing_c cimport MessageScanner
 from rdsproxy._fastpath.keywords_c cimport KeywordScanner
 from rdsproxy._fastpath.pool_c cimport PoolCore
-from rdsproxy._fastpath.statements_c cimport BookCore
+from rdsproxy._fastpath.statements_c cimport AnswerQueue, BookCore
 
 cdef int STATE_STARTUP
 cdef int STATE_AUTH_MD5
@@ -241,7 +241,7 @@ cdef class ServerRelay:
     cdef public list held
     cdef public Py_ssize_t held_size
     cdef public long last_client_pid
-    cdef public object answers
+    cdef public AnswerQueue answers
     cdef public bint tracking
     cdef dict __dict__
 

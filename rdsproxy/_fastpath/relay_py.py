@@ -435,7 +435,8 @@ class ClientRelay:
                 if statements is None:
                     wire_write(server.transport, data)
                 else:
-                    out = statements.forward(data, server, self.transport, self.outstanding - n)
+                    out = statements.forward(data, server, server.answers, self.transport,
+                                             self.outstanding - n)
                     if out:
                         wire_write(server.transport, out)
                 replay = self.replay
@@ -627,14 +628,14 @@ class ClientRelay:
             self.replay = pending if self.outstanding > 0 and self.pin_reason is None else None
             data = pending[0] if len(pending) == 1 else b"".join(pending)
             if statements is not None:
-                statements.attached(conn, self.replay is not None, self.transport)
-                data = statements.forward(data, conn, self.transport, 0)
+                statements.attached(conn, conn.answers, self.replay is not None, self.transport)
+                data = statements.forward(data, conn, conn.answers, self.transport, 0)
             if data:
                 wire_write(conn.transport, data)
         else:
             self.replay = None
             if statements is not None:
-                statements.attached(conn, False, self.transport)
+                statements.attached(conn, conn.answers, False, self.transport)
         if self.reading_paused:
             self.reading_paused = False
             self.transport.resume_reading()

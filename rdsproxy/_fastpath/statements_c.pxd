@@ -4,7 +4,9 @@
 # looked up and the renamed Binds.
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from libc.string cimport memcpy
+from cpython.dict cimport PyDict_GetItemWithError
+from cpython.object cimport PyObject
+from libc.string cimport memcmp, memcpy
 
 cdef int MSG_BIND
 cdef int MSG_PARSE
@@ -21,10 +23,24 @@ cdef int STATEMENT_TARGET
 
 cpdef bint drops_statements(bytes sql) except -1
 
-@cython.locals(end=Py_ssize_t, pos=Py_ssize_t, size=Py_ssize_t, mtype=int, ready=Py_ssize_t,
-               portal_end=Py_ssize_t, name_end=Py_ssize_t, grown=Py_ssize_t, renamed=list,
-               unsynced=list, buf="const unsigned char *")
-cpdef object rename_binds(bytes data, dict names, object cache, set watched=*)
+@cython.locals(end=Py_ssize_t, mtype=int, types=list, buf="const unsigned char *")
+cdef list _answered_types(bytes data, Py_ssize_t pos)
+
+
+cdef inline bint _same_bytes(const unsigned char *buf, Py_ssize_t start, Py_ssize_t stop,
+                             bytes name) noexcept:
+    """Whether buf[start:stop] holds `name`'s bytes."""
+    return (PyBytes_GET_SIZE(name) == stop - start
+            and memcmp(buf + start, PyBytes_AS_STRING(name), stop - start) == 0)
+
+
+cdef inline object _cache_get(object cache, object key):
+    """cache.get(key) for the OrderedDict of a connection's statements, without a method
+    call: it keeps its items in the dict it derives from."""
+    cdef PyObject *found = PyDict_GetItemWithError(cache, key)
+    if found == NULL:
+        return None
+    return <object>found
 
 
 cdef inline bytes _renamed_chunk(bytes data, list renamed, Py_ssize_t length):
@@ -86,8 +102,10 @@ cdef class AnswerQueue:
     cdef public object metrics
     cdef public object waiter
     cdef public object client_transport
+    cdef public object recent
 
-    cpdef idle(self, client_transport)
+    # cdef: only the book calls it (a cpdef's override check would cost a lookup per call).
+    cdef idle(self, client_transport)
 
 
 cdef class BookCore:
@@ -104,8 +122,14 @@ cdef class BookCore:
     cdef public bint spoke
     cdef public set watched
     cdef public object client
+    cdef public bytes bound_name
 
-    @cython.locals(state=AnswerQueue)
-    cpdef attached(self, server, bint replayable, client_transport)
-    @cython.locals(state=AnswerQueue, ready=Py_ssize_t)
-    cpdef object forward(self, data, server, client_transport, Py_ssize_t in_flight)
+    cpdef attached(self, server, AnswerQueue state, bint replayable, client_transport)
+    @cython.locals(ready=Py_ssize_t)
+    cpdef object forward(self, data, server, AnswerQueue state, client_transport,
+                         Py_ssize_t in_flight)
+    @cython.locals(end=Py_ssize_t, pos=Py_ssize_t, size=Py_ssize_t, mtype=int,
+                   ready=Py_ssize_t, portal_end=Py_ssize_t, name_end=Py_ssize_t,
+                   answered_to=Py_ssize_t, grown=Py_ssize_t, renamed=list, names=dict,
+                   watched=set, name=bytes, same=bint, buf="const unsigned char *")
+    cdef object _rename_binds(self, bytes data, AnswerQueue queue)

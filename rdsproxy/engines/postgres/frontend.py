@@ -355,7 +355,7 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         book = StatementBook()
         book.client = self
         if server is not None:
-            book.attached(server, False, self.transport)
+            book.attached(server, server.answers, False, self.transport)
         if self.replay is not None:
             book.snapshot = {}   # a replay of this request starts from an empty book
         self.statements = book

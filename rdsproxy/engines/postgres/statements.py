@@ -195,6 +195,11 @@ class ServerStatements(AnswerQueue):
     def names(self) -> set:
         return set(self.cache.values())
 
+    def touch(self, key) -> None:
+        """`key` was used: the last to be closed."""
+        self.cache.move_to_end(key)
+        self.recent = key
+
     # -- the queue ------------------------------------------------------------------------
     def push(self, entry) -> None:
         queue = self.queue
@@ -366,7 +371,8 @@ class StatementBook(BookCore):
         data = bytes(self.buf)
         self.buf.clear()
         server = self.server
-        out = self.forward(data, server, server.answers.client_transport, 0)
+        state = server.answers
+        out = self.forward(data, server, state, state.client_transport, 0)
         if out:
             server.transport.write(out)
 
@@ -502,7 +508,7 @@ class StatementBook(BookCore):
         names[name] = key
         effect = Effect(self, lambda: names.get(name) == key and names.pop(name))
         if key in state.cache:
-            state.cache.move_to_end(key)
+            state.touch(key)
             if (not state.queue and not self.deferred and not self.deferred_ready
                     and state.server.scanner.status != STATUS_FAILED):
                 entries.append((FAKE, FORWARD, PARSE_COMPLETE, effect))
@@ -527,7 +533,7 @@ class StatementBook(BookCore):
             return b"", MISSING
         server_name = state.cache.get(key)
         if server_name is not None:
-            state.cache.move_to_end(key)
+            state.touch(key)
             before = b""
         else:
             before, server_name = self._prepare(key, state, entries, SWALLOW, None)
@@ -550,6 +556,7 @@ class StatementBook(BookCore):
         state.counter += 1
         server_name = SERVER_NAME_PREFIX + str(state.counter).encode()
         state.cache[key] = server_name
+        state.recent = key
         if state.metrics is not None:
             state.metrics.StatementsPrepared += 1
         sent.append(pg.message(b"P", server_name + b"\x00" + key))
