@@ -56,7 +56,7 @@ class TargetGroupConfig:
     # recently used closed first; 0 pins a client that names one, as RDS Proxy does.
     max_prepared_statements: int = 200
     connect_timeout: float = 10.0
-    # Health checks and failover (issue 5).
+    # Health checks and failover.
     health_check_interval: float = 1.0        # seconds between checks of one target
     health_check_timeout: float = 2.0         # a check slower than this fails
     health_check_failures: int = 2            # consecutive failures before UNAVAILABLE

@@ -222,7 +222,7 @@ def proxy(proxy_factory):
     return proxy_factory()
 
 
-# --- TLS / IAM / secrets fixtures (issue 4) ---
+# --- TLS / IAM / secrets fixtures ---
 
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
@@ -258,7 +258,7 @@ def postgres_tls_settings(ca) -> dict:
 
 @pytest.fixture
 def secure_proxy_factory(tmp_path, pg):
-    """proxy_factory plus issue 4's settings:
+    """proxy_factory plus the TLS, IAM and secrets settings:
 
     make(cluster=pg, users=[(user, password)], client_auth=..., top={...},
          tls={cert_file, key_file, ...}, iam={region, host_names, principals: [...]},

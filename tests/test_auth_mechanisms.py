@@ -1,6 +1,7 @@
 """Tests for SCRAM-SHA-256 and md5 (rdsproxy.auth), including logins to a throwaway PostgreSQL."""
 import base64
 import hashlib
+import hmac
 import os
 import pwd
 import shutil
@@ -138,10 +139,36 @@ def test_channel_binding_data_must_match_header():
         server.handle_client_final(final.replace(b"c=biws", b"c=eSws", 1))
 
 
+def _client_final(password: str, client_first: bytes, server_first: bytes) -> bytes:
+    """The client-final-message for `client_first` (RFC 5802, computed here step by step)."""
+    attrs = dict(item.split(b"=", 1) for item in server_first.split(b","))
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), base64.b64decode(attrs[b"s"]),
+                                 int(attrs[b"i"]))
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    gs2_header, bare = client_first.split(b",", 2)[:2], client_first.split(b",", 2)[2]
+    without_proof = (b"c=" + base64.b64encode(b",".join(gs2_header) + b",") + b",r="
+                     + attrs[b"r"])
+    auth_message = bare + b"," + server_first + b"," + without_proof
+    signature = hmac.new(hashlib.sha256(client_key).digest(), auth_message, "sha256").digest()
+    proof = bytes(a ^ b for a, b in zip(client_key, signature))
+    return without_proof + b",p=" + base64.b64encode(proof)
+
+
 def test_server_accepts_any_username_and_y_flag():
+    """PostgreSQL takes the user from the startup packet, so the SCRAM user name may be
+    anything (even empty); a client that could bind channels but thinks the server cannot
+    says `y`. Each such login completes with the right password."""
     secret = make_server_key_material("pw", iterations=16)
     for first in (b"n,,n=,r=abc", b"n,,n=someone=2Celse,r=abc", b"y,,n=x,r=abc"):
-        ScramServer(secret).handle_client_first(first)
+        server = ScramServer(secret)
+        server_first = server.handle_client_first(first)
+        assert server_first.startswith(b"r=abc") and len(server_first.split(b",")[0]) > 5
+        server_final = server.handle_client_final(_client_final("pw", first, server_first))
+        assert server_final.startswith(b"v=")
+        wrong = ScramServer(secret)
+        with pytest.raises(ScramError):
+            wrong.handle_client_final(_client_final("nope", first,
+                                                    wrong.handle_client_first(first)))
 
 
 def test_server_one_attempt_only():

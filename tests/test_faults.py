@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import struct
 import threading
@@ -111,7 +112,9 @@ GARBAGE_STARTUPS = [
     ("length_too_small", struct.pack("!i", 3) + b"\0\0\0\0"),
     ("bad_version", struct.pack("!ii", 8, 0x00020000)),
     ("odd_strings", struct.pack("!i", 17) + struct.pack("!i", 196608) + b"user\0app\0x\0"),
-    ("random", os.urandom(64)),
+    # Random bytes (the same in every run) after a length that matches them: a whole
+    # startup packet whose version and contents are noise.
+    ("random", struct.pack("!i", 64) + random.Random(2026).randbytes(60)),
     ("http", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
 ]
 
@@ -123,9 +126,8 @@ def test_garbage_before_startup_gets_an_error(md5_proxy, name, payload):
         sock.sendall(payload)
         reply = read_all(sock)
         sock.close()
-        if name != "random" or reply:
-            assert reply[:1] == b"E", reply
-            assert error_code(reply) in ("08P01", "0A000", "28000")
+        assert reply[:1] == b"E", reply
+        assert error_code(reply) in ("08P01", "0A000", "28000")
     # (psycopg prepares repeated statements, so the bystander was pinned: its connection is
     # reset with DISCARD ALL after it leaves, which takes a moment.)
     wait_until(lambda: md5_proxy.stats()["pool"]["borrowed"] == 0, message="nothing leaked")

@@ -78,7 +78,7 @@ def test_budget_is_derived_from_max_connections(proxy_factory, pg):
 
 
 def test_500_clients_through_20_connections(proxy_factory, small_pg):
-    """The issue's acceptance run: 500 pgbench clients, max_connections=50, 40% budget."""
+    """The acceptance run: 500 pgbench clients, max_connections=50, 40% budget."""
     # md5 on the client leg keeps pgbench's own SCRAM work (500 logins) out of the run time.
     proxy = proxy_factory(cluster=small_pg, max_connections_percent=40, connection_borrow_timeout=60,
                           client_auth="POSTGRES_MD5")

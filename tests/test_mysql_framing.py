@@ -7,15 +7,10 @@ import random
 
 import pytest
 
-from rdsproxy._fastpath import mysql_framing_py
 from rdsproxy.engines.mysql import protocol as p
+from utils import twins
 
-try:
-    from rdsproxy._fastpath import mysql_framing_c
-except ImportError:   # not built: only the pure twin is checked
-    mysql_framing_c = None
-
-TWINS = [mysql_framing_py] + ([mysql_framing_c] if mysql_framing_c is not None else [])
+TWINS = list(twins("mysql_framing").values())
 EOF_MODES = [p.DEFAULT_MAX_PAYLOAD and (p.CLIENT_PROTOCOL_41 | p.CLIENT_DEPRECATE_EOF),
              p.CLIENT_PROTOCOL_41]
 

@@ -1,5 +1,5 @@
 """MySQL targets through the proxy: roles from @@read_only, the READ_ONLY endpoint, and a
-writer that goes away while clients keep working (issue 6, item 6).
+writer that goes away while clients keep working.
 
 Two independent MariaDB servers stand in for a writer and a replica: the "replica" runs with
 read_only=ON, and "promoting" it is SET GLOBAL read_only=OFF, which is what the proxy sees

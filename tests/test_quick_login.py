@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from conftest import APP_DB, APP_PASSWORD, APP_USER, write_secret
 from proxyproc import ProxyProcess
-from utils import free_port
+from utils import free_port, twins
 from test_faults import Bystander, error_code, read_all, startup_packet
 
 from rdsproxy.auth.md5 import md5_response
@@ -259,17 +259,12 @@ def test_a_rotated_password_takes_effect_in_the_quick_lane(md5_proxy, pg, tmp_pa
 
 
 # -- the lane's C pieces against their pure twins (no database) ----------------------------
-import importlib  # noqa: E402
 import random  # noqa: E402
 
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-RELAY = {"py": importlib.import_module("rdsproxy._fastpath.relay_py")}
-try:
-    RELAY["c"] = importlib.import_module("rdsproxy._fastpath.relay_c")
-except ImportError:  # test_fastpath fails the run when RDSPROXY_REQUIRE_CYTHON=1
-    pass
+RELAY = twins("relay")
 
 
 def block_of(seed: int) -> bytes:

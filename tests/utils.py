@@ -6,6 +6,7 @@ plain sync tests, one fresh event loop per call.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import socket
 import struct
@@ -25,11 +26,27 @@ __all__ = [
     "recv_message",
     "run",
     "run_cmd",
+    "twins",
     "wait_for_port",
     "wait_until",
 ]
 
 T = TypeVar("T")
+
+REQUIRE_CYTHON = os.environ.get("RDSPROXY_REQUIRE_CYTHON", "") not in ("", "0")
+
+
+def twins(name: str) -> dict:
+    """{"py": rdsproxy._fastpath.<name>_py, "c": <name>_c}. A compiled twin that is not built
+    is left out, unless RDSPROXY_REQUIRE_CYTHON=1: then its ImportError fails the module's
+    collection, and so the run."""
+    modules = {"py": importlib.import_module(f"rdsproxy._fastpath.{name}_py")}
+    try:
+        modules["c"] = importlib.import_module(f"rdsproxy._fastpath.{name}_c")
+    except ImportError:
+        if REQUIRE_CYTHON:
+            raise
+    return modules
 
 
 def run(coro: Awaitable[T], *, timeout: float | None = 60) -> T:

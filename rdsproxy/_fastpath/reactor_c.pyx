@@ -4,20 +4,18 @@
 Why: a short-lived client (a Lambda invocation, pgbench -C) costs the proxy one accepted
 socket, four small reads and writes and a close. Through uvloop's transports each of those
 steps goes through libuv callbacks that re-take the GIL, a weak-value registry of
-transports written in Python, and a scheduled handle for connection_made: about 50 us of
-user CPU per connection before the proxy's own work, three times what PgBouncer spends in
-all. Here the endpoint's accepted sockets live in one epoll set of the reactor's own, and
+transports written in Python, and a scheduled handle for connection_made: more user CPU
+per connection before the proxy's own work than PgBouncer spends in all (bench/ measures
+both). Here the endpoint's accepted sockets live in one epoll set of the reactor's own, and
 that set is a single reader of the loop: one callback serves every client that is ready,
 and reads, writes, accepts and closes are plain system calls on the descriptors.
 
 The plain (non-TLS) database connections join the same set (adopt below): a query and its
 answer then cost the proxy one loop callback per wakeup for both halves of every session,
-and the chunks reach the relay's C code without a Python method call. With only the
-clients here, each answer from the database still went through a libuv read callback
-(GIL taken again, a context entered, a method looked up): pgbench -S at 10 clients went
-from 0.88 to 0.92-0.95 of PgBouncer's tps with that. One reactor serves a loop: every
-endpoint's listeners and every adopted connection (a Tally counts what one endpoint
-accepted, for its wait_closed).
+and the chunks reach the relay's C code without a Python method call (through a libuv read
+callback, every answer would take the GIL again, enter a context and look up a method).
+One reactor serves a loop: every endpoint's listeners and every adopted connection (a
+Tally counts what one endpoint accepted, for its wait_closed).
 
 FdTransport offers what asyncio protocols use of a transport (write, writelines, close,
 abort, is_closing, pause/resume_reading, get_extra_info, flow control, write_eof), with
