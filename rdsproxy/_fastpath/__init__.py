@@ -13,6 +13,7 @@ if not PURE_PYTHON_FORCED:
         from . import keywords_c as keywords
         from . import relay_c as relay
         from . import statements_c as statements
+        from . import mysql_framing_c as mysql_framing
         IMPLEMENTATION = "cython"
     except ImportError:
         from . import framing_py as framing
@@ -20,6 +21,7 @@ if not PURE_PYTHON_FORCED:
         from . import keywords_py as keywords
         from . import relay_py as relay
         from . import statements_py as statements
+        from . import mysql_framing_py as mysql_framing
         IMPLEMENTATION = "python"
 else:
     from . import framing_py as framing
@@ -27,6 +29,7 @@ else:
     from . import keywords_py as keywords
     from . import relay_py as relay
     from . import statements_py as statements
+    from . import mysql_framing_py as mysql_framing
     IMPLEMENTATION = "python"
 
 # The client-socket reactor compiles only where epoll exists: elsewhere (and in pure mode)
@@ -43,6 +46,8 @@ if reactor is None:
 MessageScanner = framing.MessageScanner
 FramingError = framing.FramingError  # the same class in both twins (errors.py)
 split_messages = framing.split_messages
+type_mask = framing.type_mask
+ResponseScanner = mysql_framing.ResponseScanner
 PoolCore = pool.PoolCore
 KeywordScanner = keywords.KeywordScanner
 ClientRelay = relay.ClientRelay
@@ -59,6 +64,7 @@ AnswerQueue = statements.AnswerQueue
 BookCore = statements.BookCore
 
 __all__ = ["IMPLEMENTATION", "reactor", "MessageScanner", "FramingError", "split_messages",
+           "type_mask", "ResponseScanner",
            "PoolCore", "KeywordScanner", "ClientRelay", "ServerRelay", "Entropy", "StartupPlan",
            "LoginDesk", "SessionFactory", "ClientLedger", "MetricCounters", "Phase",
            "drops_statements", "AnswerQueue", "BookCore"]

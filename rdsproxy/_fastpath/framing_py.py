@@ -19,12 +19,12 @@ except ImportError:
     # through globals() because Cython reserves the name `cython` (no rebinding allowed).
     globals()["cython"] = type("cython", (), {"compiled": False})
 
-# Plain ints (declared `cdef int` in the .pxd) so the compiled twin compares C ints.
-MSG_READY_FOR_QUERY = 90  # 'Z'
-STATUS_IDLE = 73  # 'I'
-
-
+from . import pgwire  # noqa: E402
 from .errors import FramingError  # noqa: E402  (one class for both twins)
+
+# The wire's values, C ints once compiled (framing_c.pxd).
+MSG_READY_FOR_QUERY = pgwire.MSG_READY_FOR_QUERY
+STATUS_IDLE = pgwire.STATUS_IDLE
 
 
 _MASKS = {}

@@ -28,43 +28,40 @@ users who cannot log in (decoys) are answered here alike, up to their failure.
 """
 from rdsproxy.auth.md5 import md5 as _md5
 from hmac import compare_digest as _compare_digest
+from rdsproxy._fastpath import contract, pgwire
 
-STATE_STARTUP = 0         # the client states of frontend.py the relay needs to know
-STATE_AUTH_MD5 = 3
-STATE_READY = 5           # the client state in which bytes are relayed (frontend.READY)
-STATE_CLOSED = 6
-MODE_RELAY = 1            # the server mode in which bytes are relayed (backend.RELAY)
-STATUS_IDLE = 73          # ReadyForQuery 'I'
-MSG_QUERY = 81            # 'Q'
-MSG_PARSE = 80            # 'P'
-MSG_FUNCTION_CALL = 70    # 'F'
-MSG_BIND = 66             # 'B'
-MSG_DESCRIBE = 68         # 'D'
-MSG_CLOSE = 67            # 'C'
-MSG_STATEMENT = 83        # 'S': Describe and Close of a statement (not a portal)
+STATE_STARTUP = contract.PG_CLIENT_STARTUP   # C ints once compiled (relay_c.pxd)
+STATE_AUTH_MD5 = contract.PG_CLIENT_AUTH_MD5
+STATE_READY = contract.PG_CLIENT_READY         # the client state in which bytes are relayed
+STATE_CLOSED = contract.PG_CLIENT_CLOSED
+MODE_RELAY = contract.PG_SERVER_RELAY          # the server mode in which bytes are relayed
 PENDING_LIMIT = 262144    # bytes a waiting client may queue in the proxy before we pause it
 REPLAY_CHUNKS = 16        # chunks of one request kept for a replay; a longer one is not replayed
 HOLD_LIMIT = 65536        # bytes of an answer held back while its request may be replayed
-MSG_COPY_IN = 71          # 'G' CopyInResponse
-MSG_COPY_BOTH = 87        # 'W' CopyBothResponse
-MSG_FLUSH = 72            # 'H'
 
-# Message types after which a client still expects its server with nothing outstanding:
-# extended-protocol messages not yet closed by a Sync ('P', 'B', 'D', 'E', 'C', 'H').
-UNSYNCED_MASK = bytearray(256)
-for _t in (80, 66, 68, 69, 67, 72):  # ints: Cython iterates a bytes literal as chars
-    UNSYNCED_MASK[_t] = 1
+# The wire's values (pgwire), as C ints and bytes once compiled (relay_c.pxd).
+STATUS_IDLE = pgwire.STATUS_IDLE
+MSG_QUERY = pgwire.MSG_QUERY
+MSG_PARSE = pgwire.MSG_PARSE
+MSG_FUNCTION_CALL = pgwire.MSG_FUNCTION_CALL
+MSG_BIND = pgwire.MSG_BIND
+MSG_DESCRIBE = pgwire.MSG_DESCRIBE
+MSG_CLOSE = pgwire.MSG_CLOSE
+MSG_STATEMENT = pgwire.TARGET_STATEMENT
+MSG_COPY_IN = pgwire.MSG_COPY_IN
+MSG_COPY_BOTH = pgwire.MSG_COPY_BOTH
+MSG_FLUSH = pgwire.MSG_FLUSH
+MSG_PASSWORD = pgwire.MSG_PASSWORD
+MD5_PASSWORD_SIZE = pgwire.MD5_PASSWORD_SIZE
+AUTH_MD5_REQUEST = pgwire.AUTH_MD5_REQUEST
+AUTH_OK_MESSAGE = pgwire.AUTH_OK_MESSAGE
+READY_FOR_QUERY_IDLE = pgwire.READY_FOR_QUERY_IDLE
+TERMINATE = pgwire.TERMINATE
+SSL_REQUEST = pgwire.SSL_REQUEST
+GSSENC_REQUEST = pgwire.GSSENC_REQUEST
+BACKEND_KEY_DATA_HEAD = pgwire.BACKEND_KEY_DATA_HEAD
 
-# The login's messages (protocol.py builds the same for the engine's own path).
-MSG_PASSWORD = 112        # 'p'
-MD5_PASSWORD_SIZE = 41    # 'p', length 40, "md5" + 32 hex digits, NUL
-AUTH_MD5_REQUEST = b"R\x00\x00\x00\x0c\x00\x00\x00\x05"   # AuthenticationMD5Password, then the salt
-AUTH_OK_MESSAGE = b"R\x00\x00\x00\x08\x00\x00\x00\x00"
-READY_FOR_QUERY_IDLE = b"Z\x00\x00\x00\x05I"
-TERMINATE = b"X\x00\x00\x00\x04"
-SSL_REQUEST = b"\x00\x00\x00\x08\x04\xd2\x16\x2f"      # length 8, code 80877103
-GSSENC_REQUEST = b"\x00\x00\x00\x08\x04\xd2\x16\x30"   # length 8, code 80877104
-BACKEND_KEY_DATA_HEAD = b"K\x00\x00\x00\x0c"   # BackendKeyData: pid and secret follow
+UNSYNCED_MASK = pgwire.UNSYNCED_MASK
 ENTROPY_BLOCK = 4096
 
 

@@ -15,23 +15,24 @@ except ImportError:
     # through globals(): Cython reserves the name).
     globals()["cython"] = type("cython", (), {"compiled": False})
 
-MSG_BIND = 66             # 'B'
-MSG_PARSE = 80            # 'P'
-MSG_DESCRIBE = 68         # 'D'
-MSG_CLOSE = 67            # 'C'
-MSG_QUERY = 81            # 'Q'
-MSG_SYNC = 83             # 'S'
-MSG_FUNCTION_CALL = 70    # 'F'
-MSG_FLUSH = 72            # 'H'
-MSG_COPY_DATA = 100       # 'd'
-MSG_COPY_DONE = 99        # 'c'
-MSG_COPY_FAIL = 102       # 'f'
-STATEMENT_TARGET = 83     # 'S': Describe and Close of a statement, not a portal
+from rdsproxy._fastpath import pgwire
+from rdsproxy._fastpath.contract import FORWARD
+
+# The wire's values (pgwire), as C ints once compiled (statements_c.pxd).
+MSG_BIND = pgwire.MSG_BIND
+MSG_PARSE = pgwire.MSG_PARSE
+MSG_DESCRIBE = pgwire.MSG_DESCRIBE
+MSG_CLOSE = pgwire.MSG_CLOSE
+MSG_QUERY = pgwire.MSG_QUERY
+MSG_SYNC = pgwire.MSG_SYNC
+MSG_FUNCTION_CALL = pgwire.MSG_FUNCTION_CALL
+MSG_FLUSH = pgwire.MSG_FLUSH
+MSG_COPY_DATA = pgwire.MSG_COPY_DATA
+MSG_COPY_DONE = pgwire.MSG_COPY_DONE
+MSG_COPY_FAIL = pgwire.MSG_COPY_FAIL
+STATEMENT_TARGET = pgwire.TARGET_STATEMENT
 
 
-# What the engine's answer queue does with an answer it is owed (statements.py has the
-# rest): FORWARD passes it on as the server sent it.
-FORWARD = 0
 _NO_TYPES = ()   # rename_binds' types when every message in the chunk is answered
 
 

@@ -12,19 +12,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from ..._fastpath import PURE_PYTHON_FORCED
+from ..._fastpath import ResponseScanner
 from ...core.sessions import ServerSide
 from . import protocol as p
 from .login import DEFAULT_CAPABILITIES, LoginError, ServerLogin
 from .protocol import ProtocolViolation, ServerError
-
-if PURE_PYTHON_FORCED:
-    from ..._fastpath.mysql_framing_py import ResponseScanner
-else:
-    try:
-        from ..._fastpath.mysql_framing_c import ResponseScanner
-    except ImportError:
-        from ..._fastpath.mysql_framing_py import ResponseScanner
 
 log = logging.getLogger("rdsproxy.mysql.backend")
 

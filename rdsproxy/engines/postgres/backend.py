@@ -13,7 +13,14 @@ from ..._fastpath import (
     reactor,
     split_messages,
 )
-from ..._fastpath.relay_py import MODE_RELAY
+from ..._fastpath.pgwire import MSG_NOTIFICATION, MSG_PARAMETER_STATUS
+from ..._fastpath.contract import (   # the connection's modes
+    PG_SERVER_CLOSED as CLOSED,
+    PG_SERVER_INTERNAL as INTERNAL,
+    PG_SERVER_RELAY as RELAY,
+    PG_SERVER_RETIRING as RETIRING,
+    PG_SERVER_STARTING as STARTING,
+)
 from ...auth.md5 import md5_response
 from ...auth.scram import ScramClient, ScramError
 from ...core.sessions import ServerSide
@@ -21,14 +28,6 @@ from .sessionstate import read_settings
 from . import protocol as pg
 
 log = logging.getLogger("rdsproxy.backend")
-
-MSG_PARAMETER_STATUS = 83   # 'S'
-MSG_NOTIFICATION = 65       # 'A'
-
-# Modes of a server connection. RETIRING: its client left it in a state nothing can
-# prove harmless, and it was asked to end (it still counts against the budget until then).
-STARTING, RELAY, INTERNAL, CLOSED, RETIRING = range(5)
-assert RELAY == MODE_RELAY
 
 
 class ServerError(Exception):

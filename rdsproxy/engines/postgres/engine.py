@@ -9,8 +9,7 @@ import logging
 import os
 
 from ... import _fastpath
-from ..._fastpath import LoginDesk, MessageScanner, SessionFactory, StartupPlan
-from ..._fastpath.framing_py import type_mask
+from ..._fastpath import LoginDesk, MessageScanner, SessionFactory, StartupPlan, type_mask
 from ...auth.md5 import md5_inner_hash
 from ...auth.scram import make_server_key_material
 from ...core.engine import BaseEngine

@@ -13,16 +13,30 @@ import logging
 import re
 
 from ..._fastpath import ClientRelay, Phase, split_messages
-from ..._fastpath.relay_py import (
+from ..._fastpath.pgwire import (
     MSG_BIND,
     MSG_CLOSE,
+    MSG_COMMAND_COMPLETE,
     MSG_DESCRIBE,
+    MSG_ERROR,
     MSG_FUNCTION_CALL,
-    STATE_AUTH_MD5,
-    STATE_CLOSED,
-    STATE_READY,
-    STATE_STARTUP,
+    MSG_NOTICE,
+    MSG_PARSE,
+    MSG_PASSWORD,
+    MSG_QUERY,
+    MSG_TERMINATE,
+    STATUS_IDLE,
     UNSYNCED_MASK,
+)
+from ..._fastpath.contract import (   # the session's states
+    PG_CLIENT_AUTH_CLEARTEXT as AUTH_CLEARTEXT,
+    PG_CLIENT_AUTH_MD5 as AUTH_MD5,
+    PG_CLIENT_AUTH_SASL_FINAL as AUTH_SASL_FINAL,
+    PG_CLIENT_AUTH_SASL_FIRST as AUTH_SASL_FIRST,
+    PG_CLIENT_CLOSED as CLOSED,
+    PG_CLIENT_LOGIN as LOGIN,
+    PG_CLIENT_READY as READY,
+    PG_CLIENT_STARTUP as STARTUP,
 )
 from ...auth.iam import TokenError, verify_token
 from ...auth.md5 import md5_verify
@@ -58,19 +72,6 @@ from .sessionstate import (
 )
 
 log = logging.getLogger("rdsproxy.client")
-
-# Client states, in the order a session goes through them.
-STARTUP, AUTH_SASL_FIRST, AUTH_SASL_FINAL, AUTH_MD5, LOGIN, READY, CLOSED, AUTH_CLEARTEXT = range(8)
-assert (STARTUP, AUTH_MD5, READY, CLOSED) == (STATE_STARTUP, STATE_AUTH_MD5, STATE_READY, STATE_CLOSED)
-
-STATUS_IDLE = 73          # 'I'
-MSG_QUERY = 81            # 'Q'
-MSG_PARSE = 80            # 'P'
-MSG_TERMINATE = 88        # 'X'
-MSG_PASSWORD = 112        # 'p'
-MSG_ERROR = 69            # 'E'
-MSG_NOTICE = 78           # 'N'
-MSG_COMMAND_COMPLETE = 67 # 'C'
 
 # Startup parameters the proxy carries from client to whichever connection it borrows.
 TRACKED_PARAMETERS = {

@@ -4,20 +4,25 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-PROTOCOL_V3 = 196608            # 3.0
-SSL_REQUEST_CODE = 80877103
-GSSENC_REQUEST_CODE = 80877104
-CANCEL_REQUEST_CODE = 80877102
+# The wire's constants live in one module; these names are part of this one's vocabulary.
+from ..._fastpath.pgwire import (  # noqa: F401
+    AUTH_CLEARTEXT,
+    AUTH_MD5,
+    AUTH_OK,
+    AUTH_OK_MESSAGE,
+    AUTH_SASL,
+    AUTH_SASL_CONTINUE,
+    AUTH_SASL_FINAL,
+    CANCEL_REQUEST_CODE,
+    GSSENC_REQUEST_CODE,
+    PROTOCOL_V3,
+    READY_FOR_QUERY_IDLE,
+    SSL_REQUEST_CODE,
+    SYNC,
+    TERMINATE,
+)
 
 MAX_STARTUP_PACKET = 10000       # PostgreSQL's own MAX_STARTUP_PACKET_LENGTH
-
-# Authentication request codes ('R' messages).
-AUTH_OK = 0
-AUTH_CLEARTEXT = 3
-AUTH_MD5 = 5
-AUTH_SASL = 10
-AUTH_SASL_CONTINUE = 11
-AUTH_SASL_FINAL = 12
 
 _I32 = struct.Struct("!i")
 _HDR = struct.Struct("!ci")
@@ -112,12 +117,6 @@ def single_statement(sql: bytes) -> bytes:
     statement, then Sync: one ReadyForQuery."""
     return (message(b"P", b"\x00" + sql + b"\x00\x00\x00") + _BIND_UNNAMED + _EXECUTE_UNNAMED
             + message(b"S"))
-
-
-AUTH_OK_MESSAGE = authentication(AUTH_OK)
-READY_FOR_QUERY_IDLE = ready_for_query(b"I")
-TERMINATE = b"X\x00\x00\x00\x04"
-SYNC = b"S\x00\x00\x00\x04"
 
 
 # --- parsers ----------------------------------------------------------------------------

@@ -25,19 +25,23 @@ message that reads the book while an earlier Sync's changes are still unanswered
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
 
 from ..._fastpath import AnswerQueue, BookCore, drops_statements
-from ..._fastpath.statements_py import (
-    FORWARD,
+from ..._fastpath.pgwire import (
+    CLOSE_COMPLETE,
+    FLUSH,
     MSG_BIND,
     MSG_CLOSE,
     MSG_DESCRIBE,
+    MSG_EXECUTE,
     MSG_FUNCTION_CALL,
     MSG_PARSE,
     MSG_QUERY,
     MSG_SYNC,
+    PARSE_COMPLETE,
+    STATUS_FAILED,
 )
+from ..._fastpath.contract import FORWARD
 from . import protocol as pg
 
 SERVER_NAME_PREFIX = b"rdsproxy_"
@@ -55,12 +59,6 @@ BARRIER = 1     # `count` ReadyForQuery answers to requests sent before tracking
 # rewrite its error (SQLSTATE, text); name the client's statement in its error where the
 # server names its own.
 SWALLOW, REWRITE, RENAME = 1, 2, 3   # FORWARD (0) is the quick lane's
-
-MSG_EXECUTE = 69
-PARSE_COMPLETE = b"1\x00\x00\x00\x04"
-CLOSE_COMPLETE = b"3\x00\x00\x00\x04"
-FLUSH = b"H\x00\x00\x00\x04"
-STATUS_FAILED = 69   # ReadyForQuery 'E': in a transaction that failed
 
 # Client messages the book must see whole (they name statements); the rest stream through.
 _WHOLE_CLIENT = bytearray(256)

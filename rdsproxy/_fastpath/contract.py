@@ -1,0 +1,19 @@
+"""Values the compiled fast path and the engines' Python code agree on, other than the
+wire's own (pgwire): the states and modes the relay reads, and the statement book's one
+action. Plain Python and never compiled; the twins copy what they read per chunk into C
+ints at import (their `.pxd` declares those names).
+"""
+
+# A PostgreSQL client session's states, in the order it goes through them
+# (engines/postgres/frontend.py names them; the relay reads four).
+(PG_CLIENT_STARTUP, PG_CLIENT_AUTH_SASL_FIRST, PG_CLIENT_AUTH_SASL_FINAL, PG_CLIENT_AUTH_MD5,
+ PG_CLIENT_LOGIN, PG_CLIENT_READY, PG_CLIENT_CLOSED, PG_CLIENT_AUTH_CLEARTEXT) = range(8)
+
+# A PostgreSQL server connection's modes (engines/postgres/backend.py). RETIRING: its client
+# left it in a state nothing can prove harmless, and it was asked to end.
+(PG_SERVER_STARTING, PG_SERVER_RELAY, PG_SERVER_INTERNAL, PG_SERVER_CLOSED,
+ PG_SERVER_RETIRING) = range(5)
+
+# What the statement book does with an answer it is owed: FORWARD passes it on as the
+# server sent it (the quick lane's only action; engines/postgres/statements.py has the rest).
+FORWARD = 0
