@@ -714,9 +714,9 @@ def test_rename_binds_twins_agree(chunks):
         assert results[0] == results[1]
 
 
-# -- the ledger's phase gauges (relay_py / relay_c) ------------------------------------------
+# -- the ledger's phase gauges (ledger_py / ledger_c) ----------------------------------------
 
-RELAY = {"py": _load("relay_py"), "c": _load("relay_c")}
+LEDGER = {"py": _load("ledger_py"), "c": _load("ledger_c")}
 PHASE_NAMES = ("free", "waiting", "syncing", "active", "pinned")
 # Written out here, not read from the module: a client prepared a connection it never asked
 # for, or a pinned session checked or sent back to wait, is a bug the ledger must count.
@@ -724,7 +724,7 @@ STRAY = {("free", "syncing"), ("pinned", "syncing"), ("pinned", "waiting")}
 
 
 def test_phase_names_match_the_constants():
-    phase = _require(RELAY, "py").Phase
+    from rdsproxy._fastpath.contract import Phase as phase
     assert [getattr(phase, name.upper()) for name in PHASE_NAMES] == list(range(5))
     assert phase.NAMES == PHASE_NAMES
 
@@ -736,7 +736,7 @@ class LedgerTwins(RuleBasedStateMachine):
     @initialize()
     def make(self):
         self.ledgers = [module.ClientLedger(set(), None, 10)
-                        for module in (_require(RELAY, "py"), _require(RELAY, "c"))]
+                        for module in (_require(LEDGER, "py"), _require(LEDGER, "c"))]
         self.phases = [0] * 6     # six clients, all free
         self.strays = 0
 

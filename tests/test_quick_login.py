@@ -265,6 +265,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 RELAY = twins("relay")
+LEDGER = twins("ledger")
 
 
 def block_of(seed: int) -> bytes:
@@ -276,9 +277,9 @@ def block_of(seed: int) -> bytes:
 def test_entropy_hands_out_each_byte_once_alike_in_both_twins(seed, sizes):
     block = block_of(seed)
     outs = {}
-    for name, relay in RELAY.items():
+    for name, ledger in LEDGER.items():
         blocks = iter([block, block[::-1]] * 100)
-        entropy = relay.Entropy(lambda n: next(blocks))
+        entropy = ledger.Entropy(lambda n: next(blocks))
         outs[name] = [entropy.take(n) for n in sizes]
     reference = outs["py"]
     assert all(got == reference for got in outs.values())
@@ -300,7 +301,7 @@ def test_cancel_keys_alike_in_both_twins(seed):
     keys = {}
     for name, relay in RELAY.items():
         blocks = iter([block] + [bytes(range(256)) * 16] * 10)
-        desk = relay.LoginDesk(relay.Entropy(lambda n: next(blocks)), None, None, None, {})
+        desk = relay.LoginDesk(LEDGER[name].Entropy(lambda n: next(blocks)), None, None, None, {})
         keys[name] = [desk.register_cancel_key(object()) for _ in range(100)]
         assert len(desk.by_pid) == len({pid for pid, _ in keys[name]}) == 100
     assert all(got == keys["py"] for got in keys.values())

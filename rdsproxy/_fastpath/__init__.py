@@ -4,6 +4,8 @@ RDSPROXY_PURE_PYTHON=1 forces the twins; so does a missing or broken build.
 """
 import os
 
+from . import contract
+
 PURE_PYTHON_FORCED = os.environ.get("RDSPROXY_PURE_PYTHON", "") not in ("", "0")
 
 if not PURE_PYTHON_FORCED:
@@ -11,6 +13,7 @@ if not PURE_PYTHON_FORCED:
         from . import framing_c as framing
         from . import pool_c as pool
         from . import keywords_c as keywords
+        from . import ledger_c as ledger
         from . import relay_c as relay
         from . import statements_c as statements
         from . import mysql_framing_c as mysql_framing
@@ -19,6 +22,7 @@ if not PURE_PYTHON_FORCED:
         from . import framing_py as framing
         from . import pool_py as pool
         from . import keywords_py as keywords
+        from . import ledger_py as ledger
         from . import relay_py as relay
         from . import statements_py as statements
         from . import mysql_framing_py as mysql_framing
@@ -27,6 +31,7 @@ else:
     from . import framing_py as framing
     from . import pool_py as pool
     from . import keywords_py as keywords
+    from . import ledger_py as ledger
     from . import relay_py as relay
     from . import statements_py as statements
     from . import mysql_framing_py as mysql_framing
@@ -52,13 +57,13 @@ PoolCore = pool.PoolCore
 KeywordScanner = keywords.KeywordScanner
 ClientRelay = relay.ClientRelay
 ServerRelay = relay.ServerRelay
-Entropy = relay.Entropy
+Entropy = ledger.Entropy
 StartupPlan = relay.StartupPlan
 LoginDesk = relay.LoginDesk
 SessionFactory = relay.SessionFactory
-ClientLedger = relay.ClientLedger
-MetricCounters = relay.MetricCounters
-Phase = relay.Phase
+ClientLedger = ledger.ClientLedger
+MetricCounters = ledger.MetricCounters
+Phase = contract.Phase
 drops_statements = statements.drops_statements
 AnswerQueue = statements.AnswerQueue
 BookCore = statements.BookCore

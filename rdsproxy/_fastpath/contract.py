@@ -1,6 +1,6 @@
 """Values the compiled fast path and the engines' Python code agree on, other than the
-wire's own (pgwire): the states and modes the relay reads, and the statement book's one
-action. Plain Python and never compiled; the twins copy what they read per chunk into C
+wire's own (pgwire): a client's borrow phases, the states and modes the relay reads, and
+the statement book's one action. Plain Python and never compiled; the twins copy what they read per chunk into C
 ints at import (their `.pxd` declares those names).
 """
 
@@ -17,3 +17,15 @@ ints at import (their `.pxd` declares those names).
 # What the statement book does with an answer it is owed: FORWARD passes it on as the
 # server sent it (the quick lane's only action; engines/postgres/statements.py has the rest).
 FORWARD = 0
+
+
+class Phase:
+    """Where a client stands with the database connections: its `phase`, which only
+    ClientLedger.move changes (both engines' clients call it through their `enter`)."""
+    FREE = 0      # holds none and asks for none: between transactions, logging in, gone
+    WAITING = 1   # asked for one: queued at a pool or the router, or held for a health check
+    SYNCING = 2   # the proxy holds one for it: bringing it to the client's session, or
+                  # reading what the client's transaction left on it
+    ACTIVE = 3    # holds one for its transaction
+    PINNED = 4    # holds one for the rest of its session
+    NAMES = ("free", "waiting", "syncing", "active", "pinned")

@@ -7,6 +7,7 @@ cimport cython
 
 from rdsproxy._fastpath.framing_c cimport MessageScanner
 from rdsproxy._fastpath.keywords_c cimport KeywordScanner
+from rdsproxy._fastpath.ledger_c cimport ClientLedger, Entropy, MetricCounters
 from rdsproxy._fastpath.pool_c cimport PoolCore
 from rdsproxy._fastpath.statements_c cimport AnswerQueue, BookCore
 
@@ -39,14 +40,10 @@ cdef bytes TERMINATE
 cdef bytes SSL_REQUEST
 cdef bytes GSSENC_REQUEST
 cdef bytes BACKEND_KEY_DATA_HEAD
-cdef Py_ssize_t ENTROPY_BLOCK
 cdef int PHASE_FREE
 cdef int PHASE_WAITING
-cdef int PHASE_SYNCING
 cdef int PHASE_ACTIVE
 cdef int PHASE_PINNED
-cdef int PHASES
-cdef bytearray STRAY_MOVES
 
 
 cdef class ClientRelay
@@ -58,15 +55,6 @@ cdef class Wire:
 
 @cython.locals(wire=Wire)
 cdef wire_write(object transport, object data)
-
-
-cdef class Entropy:
-    cdef public object urandom
-    cdef public bytes block
-    cdef public Py_ssize_t used
-
-    @cython.locals(used=Py_ssize_t)
-    cpdef bytes take(self, Py_ssize_t n)
 
 
 cdef class StartupPlan:
@@ -81,17 +69,6 @@ cdef class StartupPlan:
     cdef public Py_ssize_t key_at
 
     cpdef learn_greeting(self, bytes statuses)
-
-
-cdef class MetricCounters:
-    cdef public long long ClientConnectionsReceived
-    cdef public long long ClientConnectionsSetupSucceeded
-    cdef public long long ClientConnectionsClosed
-    cdef public long long ClientConnectionsRefused
-    cdef public long long ClientConnectionsTLS
-    cdef public long long ClientConnectionsNoTLS
-    cdef public long long ClientConnections
-    cdef public long long QueryRequests
 
 
 cdef class LoginDesk:
@@ -109,24 +86,6 @@ cdef class LoginDesk:
 
     @cython.locals(raw=bytes, pid=long, secret="unsigned long", i=int)
     cpdef tuple register_cancel_key(self, client)
-
-
-cdef class ClientLedger:
-    cdef public set clients
-    cdef public MetricCounters metrics
-    cdef public Py_ssize_t limit
-    cdef public Py_ssize_t waiting
-    cdef public Py_ssize_t syncing
-    cdef public Py_ssize_t active
-    cdef public Py_ssize_t pinned
-    cdef public unsigned long long stray_moves
-
-    cpdef int move(self, int old, int new) except -1
-    cdef inline int _move(self, int old, int new) noexcept
-    @cython.locals(metrics=MetricCounters)
-    cpdef bint admit(self, client) except -1
-    @cython.locals(metrics=MetricCounters)
-    cpdef release(self, client, unsigned long long queries)
 
 
 cdef class SessionFactory:

@@ -29,6 +29,7 @@ users who cannot log in (decoys) are answered here alike, up to their failure.
 from rdsproxy.auth.md5 import md5 as _md5
 from hmac import compare_digest as _compare_digest
 from rdsproxy._fastpath import contract, pgwire
+from rdsproxy._fastpath.contract import Phase
 
 STATE_STARTUP = contract.PG_CLIENT_STARTUP   # C ints once compiled (relay_c.pxd)
 STATE_AUTH_MD5 = contract.PG_CLIENT_AUTH_MD5
@@ -41,6 +42,10 @@ HOLD_LIMIT = 65536        # bytes of an answer held back while its request may b
 
 # The wire's values (pgwire), as C ints and bytes once compiled (relay_c.pxd).
 STATUS_IDLE = pgwire.STATUS_IDLE
+PHASE_FREE = Phase.FREE
+PHASE_WAITING = Phase.WAITING
+PHASE_ACTIVE = Phase.ACTIVE
+PHASE_PINNED = Phase.PINNED
 MSG_QUERY = pgwire.MSG_QUERY
 MSG_PARSE = pgwire.MSG_PARSE
 MSG_FUNCTION_CALL = pgwire.MSG_FUNCTION_CALL
@@ -62,37 +67,6 @@ GSSENC_REQUEST = pgwire.GSSENC_REQUEST
 BACKEND_KEY_DATA_HEAD = pgwire.BACKEND_KEY_DATA_HEAD
 
 UNSYNCED_MASK = pgwire.UNSYNCED_MASK
-ENTROPY_BLOCK = 4096
-
-
-class Phase:
-    """Where a client stands with the database connections: its `phase`, which only
-    ClientLedger.move changes (both engines' clients call it through their `enter`)."""
-    FREE = 0      # holds none and asks for none: between transactions, logging in, gone
-    WAITING = 1   # asked for one: queued at a pool or the router, or held for a health check
-    SYNCING = 2   # the proxy holds one for it: bringing it to the client's session, or
-                  # reading what the client's transaction left on it
-    ACTIVE = 3    # holds one for its transaction
-    PINNED = 4    # holds one for the rest of its session
-    NAMES = ("free", "waiting", "syncing", "active", "pinned")
-
-
-PHASE_FREE = Phase.FREE   # the same as C ints for the relay (relay_c.pxd)
-PHASE_WAITING = Phase.WAITING
-PHASE_SYNCING = Phase.SYNCING
-PHASE_ACTIVE = Phase.ACTIVE
-PHASE_PINNED = Phase.PINNED
-PHASES = len(Phase.NAMES)
-# Moves that mean a bug: a connection prepared for a client that never asked, a pinned
-# session checked (its connection never goes back) or waiting (it lost its connection,
-# and its session with it). They are counted (stray_moves) and carried out all the same,
-# so that the gauges still add up.
-STRAY_MOVES = bytearray(PHASES * PHASES)
-for _old, _new in ((PHASE_FREE, PHASE_SYNCING), (PHASE_PINNED, PHASE_SYNCING),
-                   (PHASE_PINNED, PHASE_WAITING)):
-    STRAY_MOVES[_old * PHASES + _new] = 1
-
-
 class Wire:
     """A transport the compiled relay writes to with a C call: the C reactor's FdTransport
     derives from this class (relay_c.pxd), so a chunk's write skips the method lookup
@@ -109,24 +83,6 @@ def wire_write(transport, data):
         wire.write(data)
     else:
         transport.write(data)
-
-
-class Entropy:
-    """Bytes from the OS CSPRNG (salts, cancel secrets), drawn 4 KiB at a time so that a
-    login costs no getrandom() call of its own; each byte is handed out once."""
-
-    def __init__(self, urandom):
-        self.urandom = urandom
-        self.block = b""
-        self.used = 0
-
-    def take(self, n):
-        used = self.used
-        if used + n > len(self.block):
-            self.block = self.urandom(ENTROPY_BLOCK)
-            used = 0
-        self.used = used + n
-        return self.block[used:used + n]
 
 
 class StartupPlan:
@@ -154,22 +110,6 @@ class StartupPlan:
         self.key_at = len(AUTH_OK_MESSAGE) + len(statuses) + len(BACKEND_KEY_DATA_HEAD)
         self.reply = b"".join((AUTH_OK_MESSAGE, statuses, BACKEND_KEY_DATA_HEAD, bytes(8),
                                READY_FOR_QUERY_IDLE))
-
-
-class MetricCounters:
-    """The counters every client connection moves, as C integers once compiled
-    (relay_c.pxd): an update is then one add, not an attribute lookup and store in a
-    dict. core.metrics.Metrics derives from it and keeps the rest."""
-
-    def __init__(self):
-        self.ClientConnectionsReceived = 0
-        self.ClientConnectionsSetupSucceeded = 0
-        self.ClientConnectionsClosed = 0
-        self.ClientConnectionsRefused = 0
-        self.ClientConnectionsTLS = 0
-        self.ClientConnectionsNoTLS = 0
-        self.ClientConnections = 0      # a gauge: connected now
-        self.QueryRequests = 0
 
 
 class LoginDesk:
@@ -208,76 +148,6 @@ class LoginDesk:
         for i in range(5, 8):
             secret = (secret << 8) | (raw[i] & 0xFF)
         return pid, secret
-
-
-class ClientLedger:
-    """Who is connected and what they hold: an engine's set of clients, its
-    max_client_connections, the ClientConnections counters and the gauges of clients by
-    phase, kept the same way for both engines and the relay."""
-
-    def __init__(self, clients, metrics, limit):
-        self.clients = clients
-        self.metrics = metrics
-        self.limit = limit
-        self.waiting = 0   # clients in PHASE_WAITING, and so on
-        self.syncing = 0
-        self.active = 0
-        self.pinned = 0
-        self.stray_moves = 0
-
-    def move(self, old, new):
-        """A client goes from phase `old` to `new`: the one place the phase gauges change.
-        Returns `new`, for the client to keep."""
-        return self._move(old, new)
-
-    def _move(self, old, new):  # the relay's own calls, straight from C
-        if old == new:
-            return new
-        if STRAY_MOVES[old * PHASES + new]:
-            self.stray_moves += 1
-        if old == PHASE_ACTIVE:
-            self.active -= 1
-        elif old == PHASE_WAITING:
-            self.waiting -= 1
-        elif old == PHASE_PINNED:
-            self.pinned -= 1
-        elif old == PHASE_SYNCING:
-            self.syncing -= 1
-        if new == PHASE_ACTIVE:
-            self.active += 1
-        elif new == PHASE_WAITING:
-            self.waiting += 1
-        elif new == PHASE_PINNED:
-            self.pinned += 1
-        elif new == PHASE_SYNCING:
-            self.syncing += 1
-        return new
-
-    def phases(self):
-        """The gauges by phase name."""
-        return {"waiting": self.waiting, "syncing": self.syncing, "active": self.active,
-                "pinned": self.pinned}
-
-    def admit(self, client):
-        """Count a new client in; False when it is over the limit (it is then refused in
-        its protocol's words, and not counted as connected)."""
-        metrics = self.metrics
-        metrics.ClientConnectionsReceived += 1
-        clients = self.clients
-        if len(clients) >= self.limit:
-            metrics.ClientConnectionsRefused += 1
-            return False
-        clients.add(client)
-        metrics.ClientConnections = len(clients)
-        return True
-
-    def release(self, client, queries):
-        clients = self.clients
-        clients.discard(client)
-        metrics = self.metrics
-        metrics.ClientConnectionsClosed += 1
-        metrics.QueryRequests += queries
-        metrics.ClientConnections = len(clients)
 
 
 class SessionFactory:
