@@ -38,7 +38,7 @@ from ..auth.throttle import LoginThrottle
 from ..secrets import SecretCache, SecretError, read_principal_secret, read_secret
 from .pool import Pool
 from .router import Router
-from .targets import Target, TargetGroup
+from .targets import Role, Target, TargetGroup, TargetState
 
 log = logging.getLogger("rdsproxy.engine")
 # Phases in which a client is busy though it may have nothing outstanding.
@@ -482,7 +482,7 @@ class BaseEngine:
                 continue
             if target.probe_started is None or target.probe_started < since:
                 keep.append((client, server, since))   # this check began before the loss
-            elif (target.consecutive_failures or target.state.value != "AVAILABLE"
+            elif (target.consecutive_failures or target.state is not TargetState.AVAILABLE
                   or self.router.target_for(client.route_role) is not target):
                 client.replay_request()
             else:
@@ -495,7 +495,7 @@ class BaseEngine:
     def _on_target_change(self, target: Target, what: str) -> None:
         self.metrics.TargetStateChanges += 1
         self.router.on_change(target, what)
-        if target.state.value != "AVAILABLE" and self.config.target_group.failover_promote_command:
+        if target.state is not TargetState.AVAILABLE and self.config.target_group.failover_promote_command:
             self._maybe_promote()
 
     def _maybe_promote(self) -> None:
@@ -503,7 +503,7 @@ class BaseEngine:
         if self.group.writer() is not None or self._promoting is not None:
             return
         readers = self.group.readers()
-        writers_down = [t for t in self.group.targets if t.role.value == "READ_WRITE"]
+        writers_down = [t for t in self.group.targets if t.role is Role.WRITER]
         if not readers or not writers_down:
             return
         reader = readers[0]
