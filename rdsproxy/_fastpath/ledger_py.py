@@ -45,7 +45,7 @@ class Entropy:
 
 class MetricCounters:
     """The counters every client connection moves, as C integers once compiled
-    (relay_c.pxd): an update is then one add, not an attribute lookup and store in a
+    (ledger_c.pxd): an update is then one add, not an attribute lookup and store in a
     dict. core.metrics.Metrics derives from it and keeps the rest."""
 
     def __init__(self):

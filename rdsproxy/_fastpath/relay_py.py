@@ -7,7 +7,8 @@ classes subclass these two and supply the slow paths this file calls by name:
   ClientRelay: startup_data(data), inspect(data) -> data, framing_error(exc), borrow(),
                on_connection(conn), verify_session(server) (at the end of a transaction
                that left `unverified` set), refuse() (over max_client_connections),
-               release_on_exit() (it leaves in a phase other than PHASE_FREE); the
+               release_on_exit() (core.sessions.ClientSide's: it leaves in a phase
+               other than PHASE_FREE); the
                engine's ClientLedger counts it in and out. Sessions are made by a
                SessionFactory, which fills the fields (engine, pool_core, prefilter: a
                KeywordScanner that flags statements worth inspect()ing, ...).
@@ -40,12 +41,13 @@ PENDING_LIMIT = 262144    # bytes a waiting client may queue in the proxy before
 REPLAY_CHUNKS = 16        # chunks of one request kept for a replay; a longer one is not replayed
 HOLD_LIMIT = 65536        # bytes of an answer held back while its request may be replayed
 
-# The wire's values (pgwire), as C ints and bytes once compiled (relay_c.pxd).
-STATUS_IDLE = pgwire.STATUS_IDLE
-PHASE_FREE = Phase.FREE
+PHASE_FREE = Phase.FREE         # the client phases the relay moves through (relay_c.pxd)
 PHASE_WAITING = Phase.WAITING
 PHASE_ACTIVE = Phase.ACTIVE
 PHASE_PINNED = Phase.PINNED
+
+# The wire's values (pgwire), as C ints and bytes once compiled (relay_c.pxd).
+STATUS_IDLE = pgwire.STATUS_IDLE
 MSG_QUERY = pgwire.MSG_QUERY
 MSG_PARSE = pgwire.MSG_PARSE
 MSG_FUNCTION_CALL = pgwire.MSG_FUNCTION_CALL

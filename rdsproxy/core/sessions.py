@@ -2,8 +2,8 @@
 
 Mixins, listed before asyncio.Protocol among a session class's bases (whose flow-control
 methods are no-ops). A client session supplies `engine`, `ledger`, `phase`, `server`,
-`route_role`, `key`, `on_connection(conn)` and `on_borrow_error(exc)`; a server connection
-supplies `client`.
+`route_role`, `key`, `on_connection(conn)`, `on_borrow_error(exc)` and
+`_return_after_exit(server)`; a server connection supplies `client`.
 """
 from __future__ import annotations
 
@@ -48,6 +48,26 @@ class ClientSide:
         """Move to `phase` (a Phase), and the ledger's gauges with it. (The PostgreSQL
         client's is the relay's, compiled; both ask the ledger.)"""
         self.phase = self.ledger.move(self.phase, phase)
+
+    def detach(self, server, phase: int = Phase.FREE) -> None:
+        """`server` no longer serves this client, which moves to `phase`: the connection
+        and the holding phases change together. (The relay's own return, in C, does the
+        same inline.)"""
+        self.server = None
+        server.client = None
+        self.enter(phase)
+
+    def release_on_exit(self) -> None:
+        """The client is gone in a phase other than FREE: it stops waiting, and the
+        connection it held goes back clean or is closed (a connection being synced or
+        checked for it comes back through that callback)."""
+        if self.phase == Phase.WAITING:
+            self.engine.router.cancel_wait(self)
+        server = self.server
+        if server is not None:
+            self.detach(server)
+            self._return_after_exit(server)
+        self.enter(Phase.FREE)
 
     def borrow(self) -> None:
         """A connection for this client's next request: now (on_connection) or later

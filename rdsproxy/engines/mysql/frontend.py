@@ -244,13 +244,7 @@ class ClientSession(ClientSide, asyncio.Protocol):
             return
         self.state = CLOSED
         self.transport = None
-        if self.phase == Phase.WAITING:
-            self.engine.router.cancel_wait(self)
-        server = self.server
-        if server is not None:
-            self._detach(server)
-            self._return_after_exit(server)
-        self.enter(Phase.FREE)
+        self.release_on_exit()
         self.queue.clear()
         if self in self.engine.clients:
             self.engine.client_gone(self)
@@ -527,7 +521,7 @@ class ClientSession(ClientSide, asyncio.Protocol):
         self._unpin()
         server = self.server
         if server is not None:
-            self._detach(server)
+            self.detach(server)
             self._reset_and_release(server)
         self._reset_state()
         self.key = (self.user, self.database, self.capabilities & p.SESSION_CAPABILITIES, self.charset)
@@ -598,7 +592,7 @@ class ClientSession(ClientSide, asyncio.Protocol):
         self.cmd = None
         server = self.server
         if server is not None and not self._must_keep(server):
-            self._detach(server)
+            self.detach(server)
             server.pool.release(server)
         self._next()
 
@@ -661,7 +655,7 @@ class ClientSession(ClientSide, asyncio.Protocol):
             self._reply_ok()
             self._command_done()
             return
-        self._detach(server)
+        self.detach(server)
 
         def reset_done(ok):
             if self.state == READY:
@@ -819,12 +813,6 @@ class ClientSession(ClientSide, asyncio.Protocol):
         if self.phase == Phase.PINNED:
             self.enter(Phase.ACTIVE)
 
-    def _detach(self, conn) -> None:
-        """`conn` no longer serves this client."""
-        self.server = None
-        conn.client = None
-        self.enter(Phase.FREE)
-
     # -- borrowing ---------------------------------------------------------------------
     def _send_to_server(self) -> None:
         if self.server is not None:
@@ -933,7 +921,7 @@ class ClientSession(ClientSide, asyncio.Protocol):
             else:
                 steps = self._sync_steps(conn)
         except _Unresettable:
-            self._detach(conn)
+            self.detach(conn)
             conn.pool.discard(conn)
             self.borrow()
             return
@@ -998,7 +986,7 @@ class ClientSession(ClientSide, asyncio.Protocol):
             return
         log.warning("client %s (user %s): restoring session state on %r failed: %s",
                     self.peer, self.user, conn, error.message)
-        self._detach(conn)
+        self.detach(conn)
         conn.pool.discard(conn)
         self._reply_err((error.code, error.sqlstate),
                         f"cannot restore the session state: {error.message}")
@@ -1116,7 +1104,7 @@ class ClientSession(ClientSide, asyncio.Protocol):
     def on_server_lost(self, server) -> None:
         """The database connection serving this client died."""
         if self.server is server:
-            self._detach(server)
+            self.detach(server)
         server.client = None
         server.pool.discard(server)
         if self.state != READY:

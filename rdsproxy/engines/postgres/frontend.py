@@ -246,19 +246,6 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
             log.warning("client %s: protocol violation during startup: %s", self.peer, exc)
             self.fatal(exc.sqlstate, str(exc), exc.detail)
 
-    def release_on_exit(self):
-        """The client is gone (the relay's connection_lost) in a phase other than FREE."""
-        phase = self.phase
-        self.enter(Phase.FREE)
-        if phase == Phase.WAITING:
-            # (A connection being synced or checked comes back through its callback.)
-            self.engine.router.cancel_wait(self)
-        server = self.server
-        if server is not None:
-            self.server = None
-            server.client = None
-            self._return_after_exit(server)
-
     # -- the relay's slow paths --------------------------------------------------------
     def framing_error(self, exc):
         self.engine.metrics.ProtocolErrors += 1
@@ -369,10 +356,8 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         """The transaction that left `unverified` set is over: before `server` goes back
         to the pool, ask it what the session holds (sessionstate). Meanwhile the client's
         next requests wait in `pending`, as during a parameter sync."""
-        self.server = None
-        server.client = None
+        self.detach(server, Phase.SYNCING)
         self.unverified = False
-        self.enter(Phase.SYNCING)
         self._syncing = server
         names = None if self._check_all else self._settings_named
         self._check_all = False
@@ -606,9 +591,7 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
 
     def on_server_lost(self, server):
         """The database connection serving this client died."""
-        self.server = None
-        server.client = None
-        self.enter(Phase.FREE)
+        self.detach(server)
         server.pool.discard(server)
         self.engine.server_connection_died(server.pool)
         if self.state != READY:
