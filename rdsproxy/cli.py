@@ -179,7 +179,7 @@ async def _probe_targets(config) -> list[dict]:
 
     engine = engine_class(config)(config, Metrics(), asyncio.get_running_loop())
     engine.load_tls()
-    await engine.aload_accounts()
+    await engine.accounts.load()
     if engine.group.loop is None:
         engine.group.loop = asyncio.get_running_loop()
     await engine.group.check_all()

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .core.targets import Role
+
 try:
     import tomllib
 except ImportError:  # Python < 3.11
@@ -27,7 +29,7 @@ CLIENT_AUTH_TYPES = {
     "MYSQL": ("MYSQL_NATIVE_PASSWORD", "MYSQL_CACHING_SHA2_PASSWORD"),
 }
 PINNING_FILTERS = ("EXCLUDE_VARIABLE_SETS",)
-TARGET_ROLES = ("READ_WRITE", "READ_ONLY")
+TARGET_ROLES = (Role.WRITER.value, Role.READER.value)
 TARGET_TLS_MODES = ("disable", "require", "verify-ca", "verify-full")
 SECRET_PROVIDERS = ("file:", "env:", "aws-secretsmanager:")
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -113,7 +115,7 @@ class AdminConfig:
 class EndpointConfig:
     name: str
     listen: str
-    target_role: str = "READ_WRITE"
+    target_role: Role = Role.WRITER
 
     @property
     def host(self) -> str:
@@ -362,6 +364,7 @@ def config_from_dict(data: dict, *, source: str = "<dict>", base_dir: str | os.P
         prefix = f"endpoints[{i}]."
         e = EndpointConfig(**_check_fields(EndpointConfig, entry, source, prefix))
         _one_of(e.target_role, TARGET_ROLES, source, prefix + "target_role")
+        e.target_role = Role(e.target_role)
         try:
             _range(e.port, 0, 65535, source, prefix + "listen")
         except (ValueError, IndexError):

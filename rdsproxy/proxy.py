@@ -71,7 +71,7 @@ class Proxy:
                 sock = server.sockets[0]
                 self.addresses[endpoint.name] = sock.getsockname()[:2]
                 log.info("endpoint %s listening on %s:%d (%s)", endpoint.name,
-                         *self.addresses[endpoint.name], endpoint.target_role)
+                         *self.addresses[endpoint.name], endpoint.target_role.value)
             if self.config.admin is not None and self.config.admin.listen:
                 from .admin import AdminServer
                 self._admin = AdminServer({"/targets": self.describe_targets, "/stats": self.stats})
@@ -123,12 +123,12 @@ class Proxy:
         except Exception as exc:  # noqa: BLE001 - a bad edit must not stop the proxy
             log.error("config not reloaded (keeping the running one): %s", exc)
         if fresh is not None:
-            await self.engine.apply_targets(fresh.targets)
+            await self.engine.failover.apply_targets(fresh.targets)
             self.config.targets = fresh.targets
 
     def describe_targets(self) -> dict:
         """Like `aws rds describe-db-proxy-targets`, plus each target's pool figures."""
-        return {"Targets": self.engine.describe_targets() if self.engine is not None else []}
+        return {"Targets": self.engine.failover.describe_targets() if self.engine is not None else []}
 
     async def serve_forever(self) -> None:
         await self._stopped.wait()

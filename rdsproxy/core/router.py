@@ -20,12 +20,9 @@ from collections import deque
 
 from .._fastpath import PoolCore
 from .pool import BorrowTimeout, Pool
-from .targets import Target, TargetGroup, TargetState
+from .targets import Role, Target, TargetGroup, TargetState
 
 log = logging.getLogger("rdsproxy.router")
-
-READ_WRITE = "READ_WRITE"
-READ_ONLY = "READ_ONLY"
 
 # A core that never has an idle connection: a borrower pointing here asks the router.
 UNROUTED = PoolCore(0)
@@ -43,11 +40,11 @@ class Router:
         self.borrowers: set = set()     # every client that may hold a routed pool_core
         self._waiters: deque = deque()  # (role, key, waiter), FIFO
         self._timer = None
-        self._routes: dict[str, Target | None] = {}
+        self._routes: dict[Role, Target | None] = {}
 
     # -- routing -----------------------------------------------------------------------
-    def target_for(self, role: str) -> Target | None:
-        if role == READ_ONLY:
+    def target_for(self, role: Role) -> Target | None:
+        if role is Role.READER:
             readers = [t for t in self.group.readers() if t in self.pools]
             if readers:
                 # Least connections: spread sessions over the readers.
@@ -57,13 +54,13 @@ class Router:
         writer = self.group.writer()
         return writer if writer in self.pools else None
 
-    def route(self, client, role: str | None = None):
+    def route(self, client, role: Role | None = None):
         """Point `client` at the pool of the target that fits its role now (a client that
         just logged in: its first borrow can then take an idle connection in the relay
         without asking here). The pool, or None when no target fits."""
         role = client.route_role if role is None else role
         # Every login of a READ_WRITE endpoint comes here: take the writer directly.
-        target = self.group.current_writer if role == READ_WRITE else self.target_for(role)
+        target = self.group.current_writer if role is Role.WRITER else self.target_for(role)
         pool = self.pools.get(target)   # None: no target, or one without a pool (yet)
         if pool is None:
             return None
@@ -71,7 +68,7 @@ class Router:
         client.pool_core = pool.core
         return pool
 
-    def acquire(self, role: str, key, waiter):
+    def acquire(self, role: Role, key, waiter):
         """Like Pool.acquire, through the pool of the target that fits `role` now."""
         pool = self.route(waiter, role)
         if pool is None:
@@ -91,7 +88,7 @@ class Router:
         waiter.on_borrow_error(ConnectionError(
             f"no database target is reachable: {self.group.summary()}"))
 
-    def _wait(self, role: str, key, waiter) -> None:
+    def _wait(self, role: Role, key, waiter) -> None:
         if self._hopeless():
             waiter.waiting_for_route = False
             self._fail_hopeless(waiter)
@@ -104,7 +101,7 @@ class Router:
         if self._timer is None and self.borrow_timeout > 0:
             self._timer = self.loop.call_at(waiter.borrow_deadline, self._expire)
 
-    def requeue(self, role: str, key, waiter, target: Target, exc: Exception) -> None:
+    def requeue(self, role: Role, key, waiter, target: Target, exc: Exception) -> None:
         """Opening a connection to `target` failed as if it were down: wait for the health
         checks to say so (or not) instead of failing the client, and check it now."""
         log.info("cannot open a connection to %s (%s); the borrower waits for its health check",
@@ -138,7 +135,7 @@ class Router:
             waiter.waiting_for_route = False
             if self.metrics:
                 self.metrics.DatabaseConnectionsBorrowTimeouts += 1
-            what = "writer" if role == READ_WRITE else "reader"
+            what = "writer" if role is Role.WRITER else "reader"
             waiter.on_borrow_error(BorrowTimeout(
                 f"timed out after {self.borrow_timeout:g} s waiting for an AVAILABLE {what} "
                 f"(connection_borrow_timeout; targets: {self.group.summary()})"))
@@ -190,7 +187,7 @@ class Router:
                     and target.max_connections != pool.server_max_connections):
                 pool.set_server_max_connections(target.max_connections)
         self.reroute_all()
-        routes = {role: self.target_for(role) for role in (READ_WRITE, READ_ONLY)}
+        routes = {role: self.target_for(role) for role in (Role.WRITER, Role.READER)}
         if routes != self._routes:
             self._routes = routes
             log.info("routing: READ_WRITE -> %s, READ_ONLY -> %s",

@@ -7,8 +7,20 @@ methods are no-ops). A client session supplies `engine`, `ledger`, `phase`, `ser
 """
 from __future__ import annotations
 
+from enum import Enum
+
 from .._fastpath import Phase
 from .pool import PoolClosed
+
+
+class CloseReason(Enum):
+    """Why the core ends a client's connection, and the text the client is shown; each
+    engine supplies the error code in its protocol (BaseEngine.close_codes)."""
+    IDLE_TIMEOUT = "terminating connection due to idle_client_timeout"
+    LOGIN_TIMEOUT = "canceling authentication due to timeout"
+    LOGINS_PER_ADDRESS = ("too many connections logging in from this address "
+                          "(max_logins_per_address)")
+    SHUTDOWN = "terminating connection because the proxy is shutting down"
 
 
 def _pause_reading(peer) -> None:

@@ -12,11 +12,13 @@ from dataclasses import dataclass
 
 from ...auth import mysql as auth
 from ...core.engine import BaseEngine
+from ...core.sessions import CloseReason
 from ...core.targets import AUTH_FAILURE, ProbeError, Target
 from ...secrets import Credentials
 from . import protocol as p
 from .backend import first_row, open_server_connection
-from .frontend import CLOSED, READY, PROXY_CAPABILITIES, ClientSession
+from .frontend import (CLOSED, ER_CON_COUNT, ER_IDLE, ER_LOST, ER_SERVER_SHUTDOWN, READY,
+                       PROXY_CAPABILITIES, ClientSession)
 from .health import probe as health_probe
 from .pinning import Rules
 from .protocol import ServerError
@@ -45,6 +47,9 @@ class MysqlEngine(BaseEngine):
     client_class = ClientSession
     ready_state = READY
     closed_state = CLOSED
+    close_codes = {CloseReason.IDLE_TIMEOUT: ER_IDLE, CloseReason.LOGIN_TIMEOUT: ER_LOST,
+                   CloseReason.LOGINS_PER_ADDRESS: ER_CON_COUNT,
+                   CloseReason.SHUTDOWN: ER_SERVER_SHUTDOWN}
 
     def __init__(self, config, metrics, loop):
         super().__init__(config, metrics, loop)
@@ -132,8 +137,8 @@ class MysqlEngine(BaseEngine):
     # -- health --------------------------------------------------------------------------
     async def probe(self, target: Target):
         # A check refused for the password re-reads the secret first (a rotation).
-        return await self.retry_with_fresh_secret(
-            self.probe_account(), lambda acc: self._probe_as(target, acc),
+        return await self.accounts.retry_with_fresh_secret(
+            self.accounts.probe_account(), lambda acc: self._probe_as(target, acc),
             lambda exc: isinstance(exc, ProbeError) and exc.reason == AUTH_FAILURE)
 
     def _probe_as(self, target: Target, account):
@@ -153,7 +158,7 @@ class MysqlEngine(BaseEngine):
         account = self.accounts.get(user)
         if account is None:
             raise ConnectionError(f"no secret configured for user {user!r}")
-        conn = await self.retry_with_fresh_secret(
+        conn = await self.accounts.retry_with_fresh_secret(
             account, lambda acc: self._open(target, acc, database, caps, charset),
             lambda exc: isinstance(exc, ServerError) and exc.code == 1045)
         try:

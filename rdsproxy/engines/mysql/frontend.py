@@ -451,8 +451,8 @@ class ClientSession(ClientSide, asyncio.Protocol):
                 names.append(local_host)
             try:
                 principal = verify_token(text, host=names, port=local_port, user=self.user,
-                                         principals=self.engine.principals,
-                                         region=self.engine.iam_region)
+                                         principals=self.engine.accounts.principals,
+                                         region=self.engine.accounts.iam_region)
             except TokenError as exc:
                 raise TokenError(f"IAM token rejected: {exc}") from None
             log.info("client %s (user %s): IAM token of %s accepted", self.peer, self.user,
@@ -1117,7 +1117,7 @@ class ClientSession(ClientSide, asyncio.Protocol):
             # away (failover) it is sent again once a target is routable; if the target is
             # fine (this one connection was killed) the client gets the error.
             self.enter(Phase.WAITING)
-            self.engine.hold_for_health_check(self, server)
+            self.engine.failover.hold_for_health_check(self, server)
             return
         self.report_server_lost(server)
 

@@ -14,6 +14,7 @@ from ...auth.md5 import md5_inner_hash
 from ...auth.scram import make_server_key_material
 from ...core.engine import BaseEngine
 from ...core.router import UNROUTED
+from ...core.sessions import CloseReason
 from ...core.targets import AUTH_FAILURE, ProbeError, Target
 from . import protocol as pg
 from .accounts import MD5, SCRAM, Account, decoy_account, default_method, login_method
@@ -39,6 +40,9 @@ class PostgresEngine(BaseEngine):
     client_speaks_first = True
     ready_state = READY
     closed_state = CLOSED
+    # PostgreSQL's own codes for the same events (authentication_timeout is 57014).
+    close_codes = {CloseReason.IDLE_TIMEOUT: "57P05", CloseReason.LOGIN_TIMEOUT: "57014",
+                   CloseReason.LOGINS_PER_ADDRESS: "53300", CloseReason.SHUTDOWN: "57P01"}
     rules_capture_limit = RULES_CAPTURE_LIMIT
 
     def __init__(self, config, metrics, loop):
@@ -97,8 +101,8 @@ class PostgresEngine(BaseEngine):
     async def probe(self, target: Target):
         # A check refused for the password re-reads the secret before calling the target
         # unavailable for everyone (a rotation).
-        return await self.retry_with_fresh_secret(
-            self.probe_account(), lambda acc: self._probe_as(target, acc),
+        return await self.accounts.retry_with_fresh_secret(
+            self.accounts.probe_account(), lambda acc: self._probe_as(target, acc),
             lambda exc: isinstance(exc, ProbeError) and exc.reason == AUTH_FAILURE)
 
     def _probe_as(self, target: Target, account):
@@ -116,7 +120,7 @@ class PostgresEngine(BaseEngine):
         if account is None:
             raise ConnectionError(f"no secret configured for user {user!r}")
         params = {"options": options} if options else {}
-        conn = await self.retry_with_fresh_secret(
+        conn = await self.accounts.retry_with_fresh_secret(
             account, lambda acc: self._open(target, acc, database, params),
             lambda exc: isinstance(exc, ServerError) and exc.sqlstate == "28P01")
         try:

@@ -227,7 +227,7 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         self.refused = True
         self.login_step = -1   # not the relay's quick lane either
         self.engine.loop.call_later(10.0, self.close)  # if no startup packet comes
-        self.engine.limit_logins_per_address()   # one address's half-open logins make room
+        self.engine.housekeeper.limit_logins_per_address()   # one address's half-open logins make room
 
     def startup_data(self, data):
         if self.state == CLOSED:
@@ -593,7 +593,7 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         """The database connection serving this client died."""
         self.detach(server)
         server.pool.discard(server)
-        self.engine.server_connection_died(server.pool)
+        self.engine.failover.server_connection_died(server.pool)
         if self.state != READY:
             return
         if self.replay is not None and self.statements is not None and self.statements.spoke:
@@ -618,7 +618,7 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
             if self.statements is not None:
                 self.statements.rewind()
             self.enter(Phase.WAITING)
-            self.engine.hold_for_health_check(self, server)
+            self.engine.failover.hold_for_health_check(self, server)
             return
         log.debug("client %s: connection lost with no replayable request (outstanding %d, "
                   "server at boundary %s, status %r)", self.peer, self.outstanding,
@@ -884,8 +884,8 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
                     names.append(local_host)
                 principal = verify_token(text, host=names,
                                          port=local_port, user=self.user,
-                                         principals=self.engine.principals,
-                                         region=self.engine.iam_region)
+                                         principals=self.engine.accounts.principals,
+                                         region=self.engine.accounts.iam_region)
             except TokenError as exc:
                 raise TokenError(f"IAM token rejected: {exc}") from None
             log.info("client %s (user %s): IAM token of %s accepted", self.peer, self.user,
