@@ -181,7 +181,8 @@ cdef class ClientRelay:
     @cython.locals(statements=BookCore)
     cdef _attach(self, ServerRelay conn)
 
-    @cython.locals(outstanding=Py_ssize_t, server=ServerRelay, entry=tuple, client=ClientRelay)
+    @cython.locals(outstanding=Py_ssize_t, server=ServerRelay, entry=tuple, client=ClientRelay,
+                   clock=double)
     cdef on_server_ready(self, Py_ssize_t n, int status)
 
 
@@ -197,6 +198,7 @@ cdef class ServerRelay:
     cdef public object applied
     cdef public object sql_prepared
     cdef public double idle_since
+    cdef public double retire_at
     cdef public list held
     cdef public Py_ssize_t held_size
     cdef public long last_client_pid

@@ -40,6 +40,7 @@ MODE_RELAY = contract.PG_SERVER_RELAY          # the server mode in which bytes 
 PENDING_LIMIT = 262144    # bytes a waiting client may queue in the proxy before we pause it
 REPLAY_CHUNKS = 16        # chunks of one request kept for a replay; a longer one is not replayed
 HOLD_LIMIT = 65536        # bytes of an answer held back while its request may be replayed
+INFINITY = float("inf")
 
 PHASE_FREE = Phase.FREE         # the client phases the relay moves through (relay_c.pxd)
 PHASE_WAITING = Phase.WAITING
@@ -523,10 +524,14 @@ class ClientRelay:
             self.server = None
             server.client = None
             self._enter(PHASE_FREE)
+            clock = self.engine.clock
+            if clock >= server.retire_at:
+                server.pool.release(server)   # past its lifetime: the pool retires it
+                return
             # Back to the pool the connection came from (the client's may have changed).
             entry = server.pool_core.give_back(server.key, server)
             if entry is None:
-                server.idle_since = self.engine.clock
+                server.idle_since = clock
                 return
             # Someone is waiting. A relay client of the same key whose session parameters
             # the connection already carries takes it here; anything else (another key, a
@@ -557,6 +562,7 @@ class ServerRelay:
         self.applied = ()
         self.sql_prepared = ()    # the SQL prepared statements it holds, as a client's
         self.idle_since = 0.0
+        self.retire_at = INFINITY   # set by the pool that opens it (Pool.usable)
         self.held = None          # answer chunks held back while a replay is still possible
         self.held_size = 0
         self.last_client_pid = 0  # the BackendKeyData pid of the client it served last

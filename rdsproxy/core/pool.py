@@ -1,7 +1,8 @@
 """One target's connection budget, shared by every (user, database) pool: borrow, return, wait, reap.
 
 Engine-agnostic: connections come from an engine-supplied `connector` coroutine and only
-need `key`, `close()`, `closed`, `discarded`, `created_at` and `idle_since`. Borrowing is callback based
+need `key`, `close()`, `closed`, `discarded`, `created_at` and `idle_since` (the pool sets
+`retire_at`). Borrowing is callback based
 (no task or future per transaction): `acquire()` returns an idle connection at once when
 there is one, and otherwise calls the waiter's `on_connection(conn)` or `on_borrow_error(exc)`
 later. Waiters are served first come, first served across keys.
@@ -80,6 +81,14 @@ class Pool:
                 "idle": core.idle_count, "waiting": core.waiting, "max_idle": self.max_idle}
 
     # -- borrowing ---------------------------------------------------------------------
+    @staticmethod
+    def usable(conn, now: float) -> bool:
+        """The one test a connection passes before it is lent: still open and not past
+        max_connection_lifetime. Applied when it is borrowed from the idle stack, when it
+        comes back (the relay applies it to its typed fields on the coarse clock) and
+        each second to the idle ones (reap)."""
+        return not conn.closed and now < conn.retire_at
+
     def acquire(self, key, waiter):
         """An idle connection now, or None and a callback to `waiter` later."""
         if self._closed:
@@ -87,7 +96,7 @@ class Pool:
         core = self.core
         conn = core.try_borrow(key)
         while conn is not None:
-            if not conn.closed and self.loop.time() - conn.created_at < self.lifetime:
+            if self.usable(conn, self.loop.time()):
                 return conn
             core.forget(True)
             conn.close()
@@ -179,6 +188,7 @@ class Pool:
         conn.key = key
         conn.pool = self
         conn.pool_core = self.core
+        conn.retire_at = conn.created_at + self.lifetime
         if self._closed:
             self.core.forget(True)
             conn.close()
@@ -189,12 +199,13 @@ class Pool:
     # -- returning ---------------------------------------------------------------------
     def release(self, conn) -> None:
         """Give back a clean connection: to the first waiter, or onto the idle stack."""
-        if conn.closed or self._closed:
+        now = self.loop.time()
+        if self._closed or not self.usable(conn, now):
             self.discard(conn)
             return
         entry = self.core.give_back(conn.key, conn)
         if entry is None:
-            conn.idle_since = self.loop.time()
+            conn.idle_since = now
         else:
             self.hand_over(conn, entry)
 
@@ -265,9 +276,8 @@ class Pool:
         items = self.core.idle_items()
         excess = self.core.idle_count - self.max_idle
         for key, conn in items:  # oldest first within each key
-            too_old = now - conn.created_at >= self.lifetime
             surplus = excess > 0 and now - conn.idle_since >= self.idle_grace
-            if (too_old or surplus or conn.closed) and self.core.take_idle(conn, key):
+            if (surplus or not self.usable(conn, now)) and self.core.take_idle(conn, key):
                 self.core.forget(False)
                 conn.close()
                 excess -= 1

@@ -10,6 +10,7 @@ id is rewritten, the proxy's own commands whose answers no client sees).
 from __future__ import annotations
 
 import asyncio
+import math
 import logging
 
 from ..._fastpath import ResponseScanner
@@ -55,6 +56,7 @@ class ServerConnection(ServerSide, asyncio.Protocol):
         self.closed = False
         self.created_at = loop.time()
         self.idle_since = self.created_at
+        self.retire_at = math.inf   # set by the pool that opens it (Pool.usable)
         self.reader = p.PacketReader(max_payload)     # answers the proxy reads whole
         self.scanner = ResponseScanner()              # answers relayed to a client
         self.capabilities = 0

@@ -823,7 +823,7 @@ class ClientSession(ClientSide, asyncio.Protocol):
         conn = self.pool_core.try_borrow(self.key)
         if conn is not None:
             pool = conn.pool
-            if not conn.closed and self.engine.loop.time() - conn.created_at < pool.lifetime:
+            if pool.usable(conn, self.engine.loop.time()):
                 self.on_connection(conn)
                 return
             pool.core.forget(True)
