@@ -7,8 +7,9 @@
 - `backend`: server connections (login, one command at a time, the proxy's own commands).
 - `pinning`: RDS Proxy's MySQL pinning rules and the tracked variables.
 - `health`: the health probe (@@read_only / @@innodb_read_only / @@max_connections).
-- `protocol`: the client/server wire protocol, sans-IO (framing, handshake, OK/ERR/EOF,
-  prepared-statement ids, and a response tracker that finds where a response ends).
+- `protocol`: the client/server wire protocol, sans-IO, a package by concern (constants,
+  codec and framing, responses, login packets, commands, and a response tracker that finds
+  where a response ends); callers use the names its `__init__` re-exports.
 - `login`: the proxy's login to a database server (handshake, TLS, auth plugins), sans-IO.
 - `devserver`: throwaway MariaDB servers for tests and benchmarks.
 

@@ -1,0 +1,165 @@
+"""MySQL / MariaDB client-server protocol, sans-IO: bytes in, objects or bytes out; no sockets.
+
+Callers import the package (`from . import protocol as p`) and use the names it re-exports;
+its modules, each depending only on those before it:
+
+- `constants`: capability flags (MariaDB's extended ones in bits 32..63 of one int, as
+  MariaDB's connectors do), server status flags, command bytes, cursor flags, column
+  types, session-tracking types, charsets and the error numbers the proxy itself answers with;
+- `codec`: little-endian fixed ints, length-encoded ints and strings, NUL-terminated
+  strings; framing (`packet()` builds, splitting payloads of 16 MiB and more;
+  `PacketReader` decodes a byte stream arriving in arbitrary chunks and joins split
+  payloads); `ProtocolViolation` (a peer broke the protocol; carries the MySQL error
+  number and SQLSTATE to answer with);
+- `responses`: the server's answers, each a dataclass with `parse(payload, ...)` and
+  `build(...)`: `OkPacket`, `ErrPacket` (and `ServerError`, raised for one),
+  `EofPacket`, `LocalInfileRequest`, `ColumnDefinition`, `PrepareOk`; `response_kind()`
+  tells OK / ERR / EOF / LOCAL INFILE / result-set header / row apart; `text_row` and
+  `result_set` write the proxy's own results;
+- `handshake`: the login packets `Handshake` (HandshakeV10), `HandshakeResponse`
+  (HandshakeResponse41, and the short SSLRequest), `AuthSwitchRequest`, `AuthMoreData`,
+  and `ChangeUser` (COM_CHANGE_USER, a login on an open connection);
+- `commands`: command builders (`com_query`, `com_stmt_prepare`, ...), `StmtExecute` and
+  the statement-id helpers for the commands that name a prepared statement;
+- `tracker`: `ResponseTracker`, fed the server's packets one by one after a command, says
+  when the whole response has arrived and what the final server status flags are.
+
+Payloads are the packet bodies without the 4-byte header. Names (users, databases, plugin
+names, messages) are `str` decoded as UTF-8 with surrogateescape, so any bytes a client
+sends survive a parse/build round trip unchanged.
+
+Not supported (a pooler should not offer these capabilities to clients or servers):
+CLIENT_COMPRESS (the compressed framing), CLIENT_OPTIONAL_RESULTSET_METADATA (MySQL 8's
+optional metadata; its byte layout could not be checked here against a MySQL 8 server),
+CLIENT_QUERY_ATTRIBUTES (changes the COM_QUERY / COM_STMT_EXECUTE layouts), the pre-4.1
+protocol. MariaDB's MARIADB_CLIENT_CACHE_METADATA is understood by the tracker.
+"""
+from .codec import (
+    PacketReader, ProtocolViolation, fragment_count, lenenc_int, lenenc_str, nul_str, packet,
+    read_lenenc_int, read_lenenc_str, read_nul_str, seq_after,
+)
+from .commands import (
+    STATEMENT_ID_COMMANDS, StmtExecute, com_field_list, com_init_db, com_ping, com_process_kill,
+    com_query, com_quit, com_reset_connection, com_set_option, com_statistics, com_stmt_close,
+    com_stmt_execute, com_stmt_fetch, com_stmt_prepare, com_stmt_reset, com_stmt_send_long_data,
+    rewrite_statement_id, statement_id, with_statement_id,
+)
+from .constants import (
+    AUTH_MORE_DATA_HEADER, AUTH_SWITCH_HEADER, BINARY_FLAG, CHARSET_BINARY, CHARSET_LATIN1,
+    CHARSET_UTF8MB3, CHARSET_UTF8MB4, CHARSET_UTF8MB4_0900_AI_CI,
+    CLIENT_CAN_HANDLE_EXPIRED_PASSWORDS, CLIENT_CAPABILITY_EXTENSION, CLIENT_COMPRESS,
+    CLIENT_CONNECT_ATTRS, CLIENT_CONNECT_WITH_DB, CLIENT_DEPRECATE_EOF, CLIENT_FOUND_ROWS,
+    CLIENT_IGNORE_SIGPIPE, CLIENT_IGNORE_SPACE, CLIENT_INTERACTIVE, CLIENT_LOCAL_FILES,
+    CLIENT_LONG_FLAG, CLIENT_LONG_PASSWORD, CLIENT_MULTI_FACTOR_AUTHENTICATION,
+    CLIENT_MULTI_RESULTS, CLIENT_MULTI_STATEMENTS, CLIENT_MYSQL, CLIENT_NO_SCHEMA, CLIENT_ODBC,
+    CLIENT_OPTIONAL_RESULTSET_METADATA, CLIENT_PLUGIN_AUTH,
+    CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA, CLIENT_PROTOCOL_41, CLIENT_PS_MULTI_RESULTS,
+    CLIENT_QUERY_ATTRIBUTES, CLIENT_REMEMBER_OPTIONS, CLIENT_RESERVED, CLIENT_SECURE_CONNECTION,
+    CLIENT_SESSION_TRACK, CLIENT_SSL, CLIENT_SSL_VERIFY_SERVER_CERT, CLIENT_TRANSACTIONS,
+    CLIENT_ZSTD_COMPRESSION_ALGORITHM, COMMAND_NAMES, COM_BINLOG_DUMP, COM_BINLOG_DUMP_GTID,
+    COM_CHANGE_USER, COM_CONNECT, COM_CONNECT_OUT, COM_CREATE_DB, COM_DAEMON, COM_DEBUG,
+    COM_DELAYED_INSERT, COM_DROP_DB, COM_FIELD_LIST, COM_INIT_DB, COM_PING, COM_PROCESS_INFO,
+    COM_PROCESS_KILL, COM_QUERY, COM_QUIT, COM_REFRESH, COM_REGISTER_SLAVE,
+    COM_RESET_CONNECTION, COM_SET_OPTION, COM_SHUTDOWN, COM_SLEEP, COM_STATISTICS,
+    COM_STMT_BULK_EXECUTE, COM_STMT_CLOSE, COM_STMT_EXECUTE, COM_STMT_FETCH, COM_STMT_PREPARE,
+    COM_STMT_RESET, COM_STMT_SEND_LONG_DATA, COM_TABLE_DUMP, COM_TIME, CURSOR_TYPE_FOR_UPDATE,
+    CURSOR_TYPE_MASK, CURSOR_TYPE_NO_CURSOR, CURSOR_TYPE_READ_ONLY, CURSOR_TYPE_SCROLLABLE,
+    DEFAULT_MAX_PAYLOAD, EOF_HEADER, ERR_HEADER, ER_ACCESS_DENIED_ERROR, ER_CON_COUNT_ERROR,
+    ER_HANDSHAKE_ERROR, ER_MALFORMED_PACKET, ER_NET_PACKETS_OUT_OF_ORDER,
+    ER_NET_PACKET_TOO_LARGE, ER_NET_READ_ERROR, ER_NOT_SUPPORTED_AUTH_MODE,
+    ER_QUERY_INTERRUPTED, ER_SECURE_TRANSPORT_REQUIRED, ER_UNKNOWN_COM_ERROR,
+    ER_UNKNOWN_STMT_HANDLER, LOCAL_INFILE_HEADER, MARIADB_CAPABILITIES_MASK,
+    MARIADB_CLIENT_BULK_UNIT_RESULTS, MARIADB_CLIENT_CACHE_METADATA, MARIADB_CLIENT_COM_MULTI,
+    MARIADB_CLIENT_EXTENDED_METADATA, MARIADB_CLIENT_PROGRESS,
+    MARIADB_CLIENT_STMT_BULK_OPERATIONS, MARIADB_LAST_STATEMENT_ID, MAX_PACKET_LENGTH,
+    MYSQL_OPTION_MULTI_STATEMENTS_OFF, MYSQL_OPTION_MULTI_STATEMENTS_ON, MYSQL_TYPE_BIT,
+    MYSQL_TYPE_BLOB, MYSQL_TYPE_DATE, MYSQL_TYPE_DATETIME, MYSQL_TYPE_DECIMAL,
+    MYSQL_TYPE_DOUBLE, MYSQL_TYPE_ENUM, MYSQL_TYPE_FLOAT, MYSQL_TYPE_GEOMETRY, MYSQL_TYPE_INT24,
+    MYSQL_TYPE_JSON, MYSQL_TYPE_LONG, MYSQL_TYPE_LONGLONG, MYSQL_TYPE_LONG_BLOB,
+    MYSQL_TYPE_MEDIUM_BLOB, MYSQL_TYPE_NEWDECIMAL, MYSQL_TYPE_NULL, MYSQL_TYPE_SET,
+    MYSQL_TYPE_SHORT, MYSQL_TYPE_STRING, MYSQL_TYPE_TIME, MYSQL_TYPE_TIMESTAMP, MYSQL_TYPE_TINY,
+    MYSQL_TYPE_TINY_BLOB, MYSQL_TYPE_VARCHAR, MYSQL_TYPE_VAR_STRING, MYSQL_TYPE_YEAR,
+    NOT_NULL_FLAG, OK_HEADER, PARAMETER_COUNT_AVAILABLE, PRI_KEY_FLAG, PROGRESS_REPORT_CODE,
+    SERVER_MORE_RESULTS_EXISTS, SERVER_PS_OUT_PARAMS, SERVER_QUERY_NO_GOOD_INDEX_USED,
+    SERVER_QUERY_NO_INDEX_USED, SERVER_QUERY_WAS_SLOW, SERVER_SESSION_STATE_CHANGED,
+    SERVER_STATUS_AUTOCOMMIT, SERVER_STATUS_CURSOR_EXISTS, SERVER_STATUS_DB_DROPPED,
+    SERVER_STATUS_IN_TRANS, SERVER_STATUS_IN_TRANS_READONLY, SERVER_STATUS_LAST_ROW_SENT,
+    SERVER_STATUS_METADATA_CHANGED, SERVER_STATUS_NO_BACKSLASH_ESCAPES, SESSION_CAPABILITIES,
+    SESSION_TRACK_GTIDS, SESSION_TRACK_SCHEMA, SESSION_TRACK_STATE_CHANGE,
+    SESSION_TRACK_SYSTEM_VARIABLES, SESSION_TRACK_TRANSACTION_CHARACTERISTICS,
+    SESSION_TRACK_TRANSACTION_STATE, SUPPORTED_CAPABILITIES, UNSIGNED_FLAG,
+)
+from .handshake import (
+    AuthMoreData, AuthSwitchRequest, ChangeUser, Handshake, HandshakeResponse,
+    SSL_REQUEST_LENGTH,
+)
+from .responses import (
+    ColumnDefinition, EofPacket, ErrPacket, LocalInfileRequest, OkPacket, PrepareOk,
+    RESPONSE_EOF, RESPONSE_ERR, RESPONSE_LOCAL_INFILE, RESPONSE_OK, RESPONSE_RESULT_SET,
+    RESPONSE_ROW, ServerError, column_count, eof_or_ok, parse_text_row, response_kind,
+    result_set, text_row,
+)
+from .tracker import ResponseTracker, UNTRACKED_CAPABILITIES
+
+__all__ = [
+    "AUTH_MORE_DATA_HEADER", "AUTH_SWITCH_HEADER", "AuthMoreData", "AuthSwitchRequest",
+    "BINARY_FLAG", "CHARSET_BINARY", "CHARSET_LATIN1", "CHARSET_UTF8MB3", "CHARSET_UTF8MB4",
+    "CHARSET_UTF8MB4_0900_AI_CI", "CLIENT_CAN_HANDLE_EXPIRED_PASSWORDS",
+    "CLIENT_CAPABILITY_EXTENSION", "CLIENT_COMPRESS", "CLIENT_CONNECT_ATTRS",
+    "CLIENT_CONNECT_WITH_DB", "CLIENT_DEPRECATE_EOF", "CLIENT_FOUND_ROWS",
+    "CLIENT_IGNORE_SIGPIPE", "CLIENT_IGNORE_SPACE", "CLIENT_INTERACTIVE", "CLIENT_LOCAL_FILES",
+    "CLIENT_LONG_FLAG", "CLIENT_LONG_PASSWORD", "CLIENT_MULTI_FACTOR_AUTHENTICATION",
+    "CLIENT_MULTI_RESULTS", "CLIENT_MULTI_STATEMENTS", "CLIENT_MYSQL", "CLIENT_NO_SCHEMA",
+    "CLIENT_ODBC", "CLIENT_OPTIONAL_RESULTSET_METADATA", "CLIENT_PLUGIN_AUTH",
+    "CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA", "CLIENT_PROTOCOL_41", "CLIENT_PS_MULTI_RESULTS",
+    "CLIENT_QUERY_ATTRIBUTES", "CLIENT_REMEMBER_OPTIONS", "CLIENT_RESERVED",
+    "CLIENT_SECURE_CONNECTION", "CLIENT_SESSION_TRACK", "CLIENT_SSL",
+    "CLIENT_SSL_VERIFY_SERVER_CERT", "CLIENT_TRANSACTIONS", "CLIENT_ZSTD_COMPRESSION_ALGORITHM",
+    "COMMAND_NAMES", "COM_BINLOG_DUMP", "COM_BINLOG_DUMP_GTID", "COM_CHANGE_USER",
+    "COM_CONNECT", "COM_CONNECT_OUT", "COM_CREATE_DB", "COM_DAEMON", "COM_DEBUG",
+    "COM_DELAYED_INSERT", "COM_DROP_DB", "COM_FIELD_LIST", "COM_INIT_DB", "COM_PING",
+    "COM_PROCESS_INFO", "COM_PROCESS_KILL", "COM_QUERY", "COM_QUIT", "COM_REFRESH",
+    "COM_REGISTER_SLAVE", "COM_RESET_CONNECTION", "COM_SET_OPTION", "COM_SHUTDOWN", "COM_SLEEP",
+    "COM_STATISTICS", "COM_STMT_BULK_EXECUTE", "COM_STMT_CLOSE", "COM_STMT_EXECUTE",
+    "COM_STMT_FETCH", "COM_STMT_PREPARE", "COM_STMT_RESET", "COM_STMT_SEND_LONG_DATA",
+    "COM_TABLE_DUMP", "COM_TIME", "CURSOR_TYPE_FOR_UPDATE", "CURSOR_TYPE_MASK",
+    "CURSOR_TYPE_NO_CURSOR", "CURSOR_TYPE_READ_ONLY", "CURSOR_TYPE_SCROLLABLE", "ChangeUser",
+    "ColumnDefinition", "DEFAULT_MAX_PAYLOAD", "EOF_HEADER", "ERR_HEADER",
+    "ER_ACCESS_DENIED_ERROR", "ER_CON_COUNT_ERROR", "ER_HANDSHAKE_ERROR", "ER_MALFORMED_PACKET",
+    "ER_NET_PACKETS_OUT_OF_ORDER", "ER_NET_PACKET_TOO_LARGE", "ER_NET_READ_ERROR",
+    "ER_NOT_SUPPORTED_AUTH_MODE", "ER_QUERY_INTERRUPTED", "ER_SECURE_TRANSPORT_REQUIRED",
+    "ER_UNKNOWN_COM_ERROR", "ER_UNKNOWN_STMT_HANDLER", "EofPacket", "ErrPacket", "Handshake",
+    "HandshakeResponse", "LOCAL_INFILE_HEADER", "LocalInfileRequest",
+    "MARIADB_CAPABILITIES_MASK", "MARIADB_CLIENT_BULK_UNIT_RESULTS",
+    "MARIADB_CLIENT_CACHE_METADATA", "MARIADB_CLIENT_COM_MULTI",
+    "MARIADB_CLIENT_EXTENDED_METADATA", "MARIADB_CLIENT_PROGRESS",
+    "MARIADB_CLIENT_STMT_BULK_OPERATIONS", "MARIADB_LAST_STATEMENT_ID", "MAX_PACKET_LENGTH",
+    "MYSQL_OPTION_MULTI_STATEMENTS_OFF", "MYSQL_OPTION_MULTI_STATEMENTS_ON", "MYSQL_TYPE_BIT",
+    "MYSQL_TYPE_BLOB", "MYSQL_TYPE_DATE", "MYSQL_TYPE_DATETIME", "MYSQL_TYPE_DECIMAL",
+    "MYSQL_TYPE_DOUBLE", "MYSQL_TYPE_ENUM", "MYSQL_TYPE_FLOAT", "MYSQL_TYPE_GEOMETRY",
+    "MYSQL_TYPE_INT24", "MYSQL_TYPE_JSON", "MYSQL_TYPE_LONG", "MYSQL_TYPE_LONGLONG",
+    "MYSQL_TYPE_LONG_BLOB", "MYSQL_TYPE_MEDIUM_BLOB", "MYSQL_TYPE_NEWDECIMAL",
+    "MYSQL_TYPE_NULL", "MYSQL_TYPE_SET", "MYSQL_TYPE_SHORT", "MYSQL_TYPE_STRING",
+    "MYSQL_TYPE_TIME", "MYSQL_TYPE_TIMESTAMP", "MYSQL_TYPE_TINY", "MYSQL_TYPE_TINY_BLOB",
+    "MYSQL_TYPE_VARCHAR", "MYSQL_TYPE_VAR_STRING", "MYSQL_TYPE_YEAR", "NOT_NULL_FLAG",
+    "OK_HEADER", "OkPacket", "PARAMETER_COUNT_AVAILABLE", "PRI_KEY_FLAG",
+    "PROGRESS_REPORT_CODE", "PacketReader", "PrepareOk", "ProtocolViolation", "RESPONSE_EOF",
+    "RESPONSE_ERR", "RESPONSE_LOCAL_INFILE", "RESPONSE_OK", "RESPONSE_RESULT_SET",
+    "RESPONSE_ROW", "ResponseTracker", "SERVER_MORE_RESULTS_EXISTS", "SERVER_PS_OUT_PARAMS",
+    "SERVER_QUERY_NO_GOOD_INDEX_USED", "SERVER_QUERY_NO_INDEX_USED", "SERVER_QUERY_WAS_SLOW",
+    "SERVER_SESSION_STATE_CHANGED", "SERVER_STATUS_AUTOCOMMIT", "SERVER_STATUS_CURSOR_EXISTS",
+    "SERVER_STATUS_DB_DROPPED", "SERVER_STATUS_IN_TRANS", "SERVER_STATUS_IN_TRANS_READONLY",
+    "SERVER_STATUS_LAST_ROW_SENT", "SERVER_STATUS_METADATA_CHANGED",
+    "SERVER_STATUS_NO_BACKSLASH_ESCAPES", "SESSION_CAPABILITIES", "SESSION_TRACK_GTIDS",
+    "SESSION_TRACK_SCHEMA", "SESSION_TRACK_STATE_CHANGE", "SESSION_TRACK_SYSTEM_VARIABLES",
+    "SESSION_TRACK_TRANSACTION_CHARACTERISTICS", "SESSION_TRACK_TRANSACTION_STATE",
+    "SSL_REQUEST_LENGTH", "STATEMENT_ID_COMMANDS", "SUPPORTED_CAPABILITIES", "ServerError",
+    "StmtExecute", "UNSIGNED_FLAG", "UNTRACKED_CAPABILITIES", "column_count", "com_field_list",
+    "com_init_db", "com_ping", "com_process_kill", "com_query", "com_quit",
+    "com_reset_connection", "com_set_option", "com_statistics", "com_stmt_close",
+    "com_stmt_execute", "com_stmt_fetch", "com_stmt_prepare", "com_stmt_reset",
+    "com_stmt_send_long_data", "eof_or_ok", "fragment_count", "lenenc_int", "lenenc_str",
+    "nul_str", "packet", "parse_text_row", "read_lenenc_int", "read_lenenc_str", "read_nul_str",
+    "response_kind", "result_set", "rewrite_statement_id", "seq_after", "statement_id",
+    "text_row", "with_statement_id",
+]

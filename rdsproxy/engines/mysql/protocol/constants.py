@@ -1,0 +1,228 @@
+"""MySQL / MariaDB wire constants: capability and status flags, commands, types, errors."""
+
+
+# --- capability flags (HandshakeV10 / HandshakeResponse41) ----------------------------------
+
+CLIENT_LONG_PASSWORD = 1 << 0        # MariaDB calls this bit CLIENT_MYSQL: see below
+CLIENT_MYSQL = CLIENT_LONG_PASSWORD
+CLIENT_FOUND_ROWS = 1 << 1
+CLIENT_LONG_FLAG = 1 << 2
+CLIENT_CONNECT_WITH_DB = 1 << 3
+CLIENT_NO_SCHEMA = 1 << 4
+CLIENT_COMPRESS = 1 << 5
+CLIENT_ODBC = 1 << 6
+CLIENT_LOCAL_FILES = 1 << 7
+CLIENT_IGNORE_SPACE = 1 << 8
+CLIENT_PROTOCOL_41 = 1 << 9
+CLIENT_INTERACTIVE = 1 << 10
+CLIENT_SSL = 1 << 11
+CLIENT_IGNORE_SIGPIPE = 1 << 12
+CLIENT_TRANSACTIONS = 1 << 13
+CLIENT_RESERVED = 1 << 14            # old CLIENT_PROTOCOL_41; servers still set it
+CLIENT_SECURE_CONNECTION = 1 << 15   # a.k.a. CLIENT_RESERVED2
+CLIENT_MULTI_STATEMENTS = 1 << 16
+CLIENT_MULTI_RESULTS = 1 << 17
+CLIENT_PS_MULTI_RESULTS = 1 << 18
+CLIENT_PLUGIN_AUTH = 1 << 19
+CLIENT_CONNECT_ATTRS = 1 << 20
+CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA = 1 << 21
+CLIENT_CAN_HANDLE_EXPIRED_PASSWORDS = 1 << 22
+CLIENT_SESSION_TRACK = 1 << 23
+CLIENT_DEPRECATE_EOF = 1 << 24
+CLIENT_OPTIONAL_RESULTSET_METADATA = 1 << 25    # MySQL 8
+CLIENT_ZSTD_COMPRESSION_ALGORITHM = 1 << 26     # MySQL 8
+CLIENT_QUERY_ATTRIBUTES = 1 << 27               # MySQL 8.0.23
+CLIENT_MULTI_FACTOR_AUTHENTICATION = 1 << 28    # MySQL 8.0.27
+CLIENT_CAPABILITY_EXTENSION = 1 << 29
+CLIENT_SSL_VERIFY_SERVER_CERT = 1 << 30
+CLIENT_REMEMBER_OPTIONS = 1 << 31
+
+# MariaDB's extended capabilities. On the wire they are a separate 4-byte field (in bytes
+# that MySQL leaves as filler), present only when the sender clears bit 0 (CLIENT_MYSQL):
+# a MariaDB server clears it in its handshake, and a client that wants any of these clears
+# it in its response. Here they are kept in bits 32..63 of the same int.
+MARIADB_CLIENT_PROGRESS = 1 << 32               # progress reports as ERR 0xFFFF packets
+MARIADB_CLIENT_COM_MULTI = 1 << 33              # obsolete
+MARIADB_CLIENT_STMT_BULK_OPERATIONS = 1 << 34   # COM_STMT_BULK_EXECUTE
+MARIADB_CLIENT_EXTENDED_METADATA = 1 << 35      # extra field in column definitions
+MARIADB_CLIENT_CACHE_METADATA = 1 << 36         # "metadata follows" byte; executes may skip it
+MARIADB_CLIENT_BULK_UNIT_RESULTS = 1 << 37      # MariaDB 11.5
+MARIADB_CAPABILITIES_MASK = 0xFFFFFFFF << 32
+
+# The client capabilities this module's packets and tracker fully understand.
+SUPPORTED_CAPABILITIES = (
+    CLIENT_LONG_PASSWORD | CLIENT_FOUND_ROWS | CLIENT_LONG_FLAG | CLIENT_CONNECT_WITH_DB
+    | CLIENT_NO_SCHEMA | CLIENT_ODBC | CLIENT_LOCAL_FILES | CLIENT_IGNORE_SPACE
+    | CLIENT_PROTOCOL_41 | CLIENT_INTERACTIVE | CLIENT_SSL | CLIENT_IGNORE_SIGPIPE
+    | CLIENT_TRANSACTIONS | CLIENT_RESERVED | CLIENT_SECURE_CONNECTION
+    | CLIENT_MULTI_STATEMENTS | CLIENT_MULTI_RESULTS | CLIENT_PS_MULTI_RESULTS
+    | CLIENT_PLUGIN_AUTH | CLIENT_CONNECT_ATTRS | CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA
+    | CLIENT_CAN_HANDLE_EXPIRED_PASSWORDS | CLIENT_SESSION_TRACK | CLIENT_DEPRECATE_EOF
+    | CLIENT_SSL_VERIFY_SERVER_CERT | CLIENT_REMEMBER_OPTIONS
+    | MARIADB_CLIENT_PROGRESS | MARIADB_CLIENT_STMT_BULK_OPERATIONS
+    | MARIADB_CLIENT_EXTENDED_METADATA | MARIADB_CLIENT_CACHE_METADATA
+)
+
+# Client capabilities that change how the server treats a session or formats its answers
+# (affected-rows meaning, SQL parsing, timeouts, LOCAL INFILE permission, multi-statements,
+# result and OK packet layouts). A pooled server connection serves a client unchanged only
+# if these were negotiated alike on both legs (or the proxy translates between them).
+SESSION_CAPABILITIES = (
+    CLIENT_FOUND_ROWS | CLIENT_NO_SCHEMA | CLIENT_ODBC | CLIENT_LOCAL_FILES
+    | CLIENT_IGNORE_SPACE | CLIENT_INTERACTIVE | CLIENT_MULTI_STATEMENTS | CLIENT_MULTI_RESULTS
+    | CLIENT_PS_MULTI_RESULTS | CLIENT_SESSION_TRACK | CLIENT_DEPRECATE_EOF
+    | CLIENT_CAN_HANDLE_EXPIRED_PASSWORDS | MARIADB_CLIENT_PROGRESS
+    | MARIADB_CLIENT_STMT_BULK_OPERATIONS | MARIADB_CLIENT_EXTENDED_METADATA
+    | MARIADB_CLIENT_CACHE_METADATA
+)
+
+# --- server status flags (OK and EOF packets, HandshakeV10) ----------------------------------
+
+SERVER_STATUS_IN_TRANS = 0x0001
+SERVER_STATUS_AUTOCOMMIT = 0x0002
+SERVER_MORE_RESULTS_EXISTS = 0x0008
+SERVER_QUERY_NO_GOOD_INDEX_USED = 0x0010
+SERVER_QUERY_NO_INDEX_USED = 0x0020
+SERVER_STATUS_CURSOR_EXISTS = 0x0040
+SERVER_STATUS_LAST_ROW_SENT = 0x0080
+SERVER_STATUS_DB_DROPPED = 0x0100
+SERVER_STATUS_NO_BACKSLASH_ESCAPES = 0x0200
+SERVER_STATUS_METADATA_CHANGED = 0x0400
+SERVER_QUERY_WAS_SLOW = 0x0800
+SERVER_PS_OUT_PARAMS = 0x1000
+SERVER_STATUS_IN_TRANS_READONLY = 0x2000
+SERVER_SESSION_STATE_CHANGED = 0x4000
+
+# --- commands (first byte of a client's command packet) ---------------------------------------
+
+COM_SLEEP = 0x00
+COM_QUIT = 0x01
+COM_INIT_DB = 0x02
+COM_QUERY = 0x03
+COM_FIELD_LIST = 0x04
+COM_CREATE_DB = 0x05
+COM_DROP_DB = 0x06
+COM_REFRESH = 0x07
+COM_SHUTDOWN = 0x08
+COM_STATISTICS = 0x09
+COM_PROCESS_INFO = 0x0A
+COM_CONNECT = 0x0B
+COM_PROCESS_KILL = 0x0C
+COM_DEBUG = 0x0D
+COM_PING = 0x0E
+COM_TIME = 0x0F
+COM_DELAYED_INSERT = 0x10
+COM_CHANGE_USER = 0x11
+COM_BINLOG_DUMP = 0x12
+COM_TABLE_DUMP = 0x13
+COM_CONNECT_OUT = 0x14
+COM_REGISTER_SLAVE = 0x15
+COM_STMT_PREPARE = 0x16
+COM_STMT_EXECUTE = 0x17
+COM_STMT_SEND_LONG_DATA = 0x18
+COM_STMT_CLOSE = 0x19
+COM_STMT_RESET = 0x1A
+COM_SET_OPTION = 0x1B
+COM_STMT_FETCH = 0x1C
+COM_DAEMON = 0x1D
+COM_BINLOG_DUMP_GTID = 0x1E
+COM_RESET_CONNECTION = 0x1F
+COM_STMT_BULK_EXECUTE = 0xFA     # MariaDB
+
+COMMAND_NAMES = {value: name for name, value in globals().items()
+                 if name.startswith("COM_") and isinstance(value, int)}
+
+# COM_SET_OPTION values
+MYSQL_OPTION_MULTI_STATEMENTS_ON = 0
+MYSQL_OPTION_MULTI_STATEMENTS_OFF = 1
+
+# COM_STMT_EXECUTE flags (the byte after the statement id)
+CURSOR_TYPE_NO_CURSOR = 0x00
+CURSOR_TYPE_READ_ONLY = 0x01
+CURSOR_TYPE_FOR_UPDATE = 0x02
+CURSOR_TYPE_SCROLLABLE = 0x04
+CURSOR_TYPE_MASK = 0x07
+PARAMETER_COUNT_AVAILABLE = 0x08     # MariaDB (and MySQL with query attributes)
+
+# A COM_STMT_EXECUTE naming this id means "the statement prepared last on this connection"
+# (MariaDB connectors use it to pipeline PREPARE + EXECUTE); a statement-id remapper must
+# treat it specially.
+MARIADB_LAST_STATEMENT_ID = 0xFFFFFFFF
+
+# Column types (ColumnDefinition41.type, COM_STMT_EXECUTE parameter types)
+MYSQL_TYPE_DECIMAL = 0
+MYSQL_TYPE_TINY = 1
+MYSQL_TYPE_SHORT = 2
+MYSQL_TYPE_LONG = 3
+MYSQL_TYPE_FLOAT = 4
+MYSQL_TYPE_DOUBLE = 5
+MYSQL_TYPE_NULL = 6
+MYSQL_TYPE_TIMESTAMP = 7
+MYSQL_TYPE_LONGLONG = 8
+MYSQL_TYPE_INT24 = 9
+MYSQL_TYPE_DATE = 10
+MYSQL_TYPE_TIME = 11
+MYSQL_TYPE_DATETIME = 12
+MYSQL_TYPE_YEAR = 13
+MYSQL_TYPE_VARCHAR = 15
+MYSQL_TYPE_BIT = 16
+MYSQL_TYPE_JSON = 245
+MYSQL_TYPE_NEWDECIMAL = 246
+MYSQL_TYPE_ENUM = 247
+MYSQL_TYPE_SET = 248
+MYSQL_TYPE_TINY_BLOB = 249
+MYSQL_TYPE_MEDIUM_BLOB = 250
+MYSQL_TYPE_LONG_BLOB = 251
+MYSQL_TYPE_BLOB = 252
+MYSQL_TYPE_VAR_STRING = 253
+MYSQL_TYPE_STRING = 254
+MYSQL_TYPE_GEOMETRY = 255
+
+# Column definition flags (a few)
+NOT_NULL_FLAG = 0x0001
+PRI_KEY_FLAG = 0x0002
+BINARY_FLAG = 0x0080
+UNSIGNED_FLAG = 0x0020
+
+# Session state change types (OK packets when CLIENT_SESSION_TRACK is on)
+SESSION_TRACK_SYSTEM_VARIABLES = 0
+SESSION_TRACK_SCHEMA = 1
+SESSION_TRACK_STATE_CHANGE = 2
+SESSION_TRACK_GTIDS = 3
+SESSION_TRACK_TRANSACTION_CHARACTERISTICS = 4
+SESSION_TRACK_TRANSACTION_STATE = 5      # MariaDB names it SESSION_TRACK_TRANSACTION_TYPE
+
+# Character set / collation ids
+CHARSET_LATIN1 = 8                   # latin1_swedish_ci
+CHARSET_UTF8MB3 = 33                 # utf8_general_ci
+CHARSET_UTF8MB4 = 45                 # utf8mb4_general_ci (MariaDB's default)
+CHARSET_BINARY = 63
+CHARSET_UTF8MB4_0900_AI_CI = 255     # MySQL 8's default
+
+# Error numbers and SQLSTATEs the proxy answers with itself.
+ER_CON_COUNT_ERROR = 1040            # 08004 Too many connections
+ER_HANDSHAKE_ERROR = 1043            # 08S01 Bad handshake
+ER_ACCESS_DENIED_ERROR = 1045        # 28000
+ER_UNKNOWN_COM_ERROR = 1047          # 08S01 Unknown command
+ER_NET_PACKET_TOO_LARGE = 1153       # 08S01 Got a packet bigger than 'max_allowed_packet' bytes
+ER_NET_READ_ERROR = 1158             # 08S01
+ER_NET_PACKETS_OUT_OF_ORDER = 1156   # 08S01
+ER_UNKNOWN_STMT_HANDLER = 1243       # HY000 Unknown prepared statement handler
+ER_NOT_SUPPORTED_AUTH_MODE = 1251    # 08004 Client does not support authentication protocol
+ER_SECURE_TRANSPORT_REQUIRED = 3159  # HY000 (MySQL 8)
+ER_MALFORMED_PACKET = 1835           # HY000 Malformed communication packet
+ER_QUERY_INTERRUPTED = 1317          # 70100
+# Codes 2000-2999 and 5000-5999 are the client libraries' own: clients treat an ERR packet
+# carrying one as malformed, so a proxy must never send them.
+
+# Packet header bytes
+OK_HEADER = 0x00
+AUTH_MORE_DATA_HEADER = 0x01
+LOCAL_INFILE_HEADER = 0xFB
+EOF_HEADER = 0xFE
+AUTH_SWITCH_HEADER = 0xFE
+ERR_HEADER = 0xFF
+PROGRESS_REPORT_CODE = 0xFFFF        # an ERR packet with this code is a MariaDB progress report
+
+MAX_PACKET_LENGTH = 0xFFFFFF         # payloads this long continue in the next packet
+DEFAULT_MAX_PAYLOAD = 64 * 1024 * 1024    # MySQL 8's default max_allowed_packet
