@@ -532,6 +532,14 @@ def test_change_user_round_trip():
     assert p.ChangeUser.parse(cu.build(caps), caps) == cu
     old = p.ChangeUser("u", b"", "", 33, "")
     assert p.ChangeUser.parse(old.build(BASE_CAPS), BASE_CAPS) == old
+    # An attribute running past the attributes' declared length is refused, as at login.
+    packet = cu.build(caps)
+    assert packet.endswith(b"\x04\x01a\x01b")
+    for parse, short in ((lambda raw: p.ChangeUser.parse(raw, caps), packet[:-5]),
+                         (p.HandshakeResponse.parse,
+                          p.HandshakeResponse(caps, "u", connect_attrs={"a": "b"}).build()[:-5])):
+        with pytest.raises(ProtocolViolation):
+            parse(short + b"\x02\x01a\x01b")
 
 
 def test_command_builders():
