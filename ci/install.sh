@@ -110,7 +110,7 @@ fi
 log "python3 -m pip ${PIP_ARGS[*]}"
 python3 -m pip "${PIP_ARGS[@]}"
 
-if python3 -c "import rdsproxy._fastpath.framing_c" >/dev/null 2>&1; then
+if python3 -c "import rdsproxy._fastpath.pg_framing_c" >/dev/null 2>&1; then
     log "Cython fast path built"
 else
     log "Cython fast path NOT importable (pure-Python twins will be used)"

@@ -3,10 +3,9 @@
 Every behaviour test runs against both `*_py` (ids `py`) and the compiled `*_c` (ids `c`),
 imported directly so both are covered whatever `rdsproxy._fastpath` selected. `c` is skipped
 when the extension is not built, unless RDSPROXY_REQUIRE_CYTHON=1 (CI after a build), which
-turns the skip into a failure. Property tests also compare the twins against each other.
+fails the module's collection instead (utils.twins). Property tests also compare the twins
+against each other.
 """
-import importlib
-import os
 import struct
 
 import pytest
@@ -14,52 +13,31 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (Bundle, RuleBasedStateMachine, consumes, initialize,
                                  invariant, rule)
+from utils import REQUIRE_CYTHON, pick, twins
 
-REQUIRE_CYTHON = os.environ.get("RDSPROXY_REQUIRE_CYTHON", "") not in ("", "0")
-
-
-def _load(name):
-    """Import rdsproxy._fastpath.<name>; None for a compiled twin that is not built."""
-    try:
-        return importlib.import_module("rdsproxy._fastpath." + name)
-    except ImportError:
-        if name.endswith("_py"):
-            raise
-        return None
-
-
-FRAMING = {"py": _load("framing_py"), "c": _load("framing_c")}
-POOL = {"py": _load("pool_py"), "c": _load("pool_c")}
-
-
-def _require(modules, impl):
-    module = modules[impl]
-    if module is None:
-        if REQUIRE_CYTHON:
-            pytest.fail("RDSPROXY_REQUIRE_CYTHON=1 but the Cython twin is not built")
-        pytest.skip("Cython twin not built")
-    return module
+FRAMING = twins("pg_framing")
+POOL = twins("pool")
 
 
 # Module scope: hypothesis runs many examples per test call (the modules are stateless).
 @pytest.fixture(scope="module", params=["py", "c"])
 def framing(request):
-    return _require(FRAMING, request.param)
+    return pick(FRAMING, request.param)
 
 
 @pytest.fixture(scope="module", params=["py", "c"])
 def pool(request):
-    return _require(POOL, request.param)
+    return pick(POOL, request.param)
 
 
 @pytest.fixture(scope="module")
 def both_framing():
-    return _require(FRAMING, "py"), _require(FRAMING, "c")
+    return pick(FRAMING, "py"), pick(FRAMING, "c")
 
 
 @pytest.fixture(scope="module")
 def both_pool():
-    return _require(POOL, "py"), _require(POOL, "c")
+    return pick(POOL, "py"), pick(POOL, "c")
 
 
 def msg(mtype, payload=b""):
@@ -530,7 +508,7 @@ class PoolTwins(RuleBasedStateMachine):
 
     def __init__(self):
         super().__init__()
-        py, c = _require(POOL, "py"), _require(POOL, "c")
+        py, c = pick(POOL, "py"), pick(POOL, "c")
         self.twins = None
         self._modules = (py, c)
         self.next_conn = 0
@@ -622,9 +600,9 @@ def test_fastpath_selection():
 
 
 
-# -- the statement renaming quick lane (statements_py / statements_c) -------------------------
+# -- the statement renaming quick lane (pg_statements_py / pg_statements_c) ------------
 
-STATEMENTS = {"py": _load("statements_py"), "c": _load("statements_c")}
+STATEMENTS = twins("pg_statements")
 
 
 def _bind(portal, statement, params=b"\x00\x00\x00\x00\x00\x00"):
@@ -642,9 +620,9 @@ def _quick_lane(module, names, cache, watched=()):
 
 
 def test_rename_binds_renames_named_binds_only():
-    py = _require(STATEMENTS, "py")
+    py = pick(STATEMENTS, "py")
     from collections import OrderedDict
-    for module in (py, _require(STATEMENTS, "c")):
+    for module in (py, pick(STATEMENTS, "c")):
         cache = OrderedDict([(b"k1", b"rdsproxy_1"), (b"k2", b"rdsproxy_2")])
         book, queue = _quick_lane(module, {b"s1": b"k1"}, cache)
         chunk = (_bind(b"", b"s1") + msg(ord("D"), b"P\x00") + msg(ord("E"), b"\x00" + bytes(4))
@@ -699,7 +677,7 @@ def test_rename_binds_twins_agree(chunks):
     them the engine may make a key the most recently used."""
     from collections import OrderedDict
     lanes = []
-    for module in (_require(STATEMENTS, "py"), _require(STATEMENTS, "c")):
+    for module in (pick(STATEMENTS, "py"), pick(STATEMENTS, "c")):
         cache = OrderedDict([(b"k1", b"rdsproxy_1"), (b"k2", b"rdsproxy_22")])
         lanes.append((cache,) + _quick_lane(module, {b"s1": b"k1", b"s2": b"k2"}, cache))
     for messages, cut, touched in chunks:
@@ -716,7 +694,7 @@ def test_rename_binds_twins_agree(chunks):
 
 # -- the ledger's phase gauges (ledger_py / ledger_c) ----------------------------------------
 
-LEDGER = {"py": _load("ledger_py"), "c": _load("ledger_c")}
+LEDGER = twins("ledger")
 PHASE_NAMES = ("free", "waiting", "syncing", "active", "pinned")
 # Written out here, not read from the module: a client prepared a connection it never asked
 # for, or a pinned session checked or sent back to wait, is a bug the ledger must count.
@@ -736,7 +714,7 @@ class LedgerTwins(RuleBasedStateMachine):
     @initialize()
     def make(self):
         self.ledgers = [module.ClientLedger(set(), None, 10)
-                        for module in (_require(LEDGER, "py"), _require(LEDGER, "c"))]
+                        for module in (pick(LEDGER, "py"), pick(LEDGER, "c"))]
         self.phases = [0] * 6     # six clients, all free
         self.strays = 0
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_fastpath import _load, _require
+from utils import pick, twins
 
 from rdsproxy.engines.postgres.pinning import PREFILTER
 
-KEYWORDS = {"py": _load("keywords_py"), "c": _load("keywords_c")}
+KEYWORDS = twins("pg_keywords")
 LEADING = [b"/*", b"--", b"set", b"reset", b"prepare", b"declare", b"discard", b"do",
            b"listen", b"load", b"drop", b"alter", b"create", b"call", b"deallocate"]
 ANYWHERE = [b"temp", b"tval", b"_config", b"y_lock", b"(", b"u&"]
@@ -16,7 +16,7 @@ ANYWHERE = [b"temp", b"tval", b"_config", b"y_lock", b"(", b"u&"]
 
 @pytest.fixture(scope="module", params=["py", "c"])
 def scanner(request):
-    return _require(KEYWORDS, request.param).KeywordScanner(LEADING, ANYWHERE)
+    return pick(KEYWORDS, request.param).KeywordScanner(LEADING, ANYWHERE)
 
 
 @pytest.mark.parametrize("sql,expected", [

@@ -8,9 +8,9 @@ import random
 import pytest
 
 from rdsproxy.engines.mysql import protocol as p
-from utils import twins
+from utils import built, twins
 
-TWINS = list(twins("mysql_framing").values())
+TWINS = list(built(twins("mysql_framing")).values())
 EOF_MODES = [p.DEFAULT_MAX_PAYLOAD and (p.CLIENT_PROTOCOL_41 | p.CLIENT_DEPRECATE_EOF),
              p.CLIENT_PROTOCOL_41]
 

@@ -1,4 +1,4 @@
-"""The relay's quick login lane (relay_py.ClientRelay.quick_login), against a real PostgreSQL.
+"""The relay's quick login lane (pg_relay_py.ClientRelay.quick_login), against a real PostgreSQL.
 
 A client whose startup packet the proxy has parsed before, for an md5 account, is logged in
 by the relay itself (salt, password check, greeting) once one login of that packet went the
@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from conftest import APP_DB, APP_PASSWORD, APP_USER, write_secret
 from proxyproc import ProxyProcess
-from utils import free_port, twins
+from utils import built, free_port, twins
 from test_faults import Bystander, error_code, read_all, startup_packet
 
 from rdsproxy.auth.md5 import md5_response
@@ -264,7 +264,7 @@ import random  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-RELAY = twins("relay")
+RELAY = twins("pg_relay")
 LEDGER = twins("ledger")
 
 
@@ -277,7 +277,7 @@ def block_of(seed: int) -> bytes:
 def test_entropy_hands_out_each_byte_once_alike_in_both_twins(seed, sizes):
     block = block_of(seed)
     outs = {}
-    for name, ledger in LEDGER.items():
+    for name, ledger in built(LEDGER).items():
         blocks = iter([block, block[::-1]] * 100)
         entropy = ledger.Entropy(lambda n: next(blocks))
         outs[name] = [entropy.take(n) for n in sizes]
@@ -299,7 +299,7 @@ def test_entropy_hands_out_each_byte_once_alike_in_both_twins(seed, sizes):
 def test_cancel_keys_alike_in_both_twins(seed):
     block = block_of(seed)
     keys = {}
-    for name, relay in RELAY.items():
+    for name, relay in built(RELAY).items():
         blocks = iter([block] + [bytes(range(256)) * 16] * 10)
         desk = relay.LoginDesk(LEDGER[name].Entropy(lambda n: next(blocks)), None, None, None, {})
         keys[name] = [desk.register_cancel_key(object()) for _ in range(100)]

@@ -462,9 +462,9 @@ def _relay_half_class():
         if REQUIRE_CYTHON:
             pytest.fail("RDSPROXY_REQUIRE_CYTHON=1 but reactor_c is not built")
         pytest.skip("reactor_c not built (needs Linux and a compiler)")
-    relay_c = importlib.import_module("rdsproxy._fastpath.relay_c")
+    pg_relay_c = importlib.import_module("rdsproxy._fastpath.pg_relay_c")
 
-    class Half(relay_c.ClientRelay):
+    class Half(pg_relay_c.ClientRelay):
         def __init__(self, events, close_on_data=True):
             super().__init__()
             self.events = events
@@ -549,8 +549,8 @@ def test_a_relay_half_closed_outside_a_batch_is_lost_from_the_loop():
 
 
 def test_the_relay_writes_to_the_c_transport_in_c():
-    # FdTransport derives from relay_c.Wire: without it every chunk's write would fall
+    # FdTransport derives from pg_relay_c.Wire: without it every chunk's write would fall
     # back to a Python method call, correct but slower, and no other test would notice.
     _relay_half_class()
-    relay_c = importlib.import_module("rdsproxy._fastpath.relay_c")
-    assert issubclass(TWINS["c"].FdTransport, relay_c.Wire)
+    pg_relay_c = importlib.import_module("rdsproxy._fastpath.pg_relay_c")
+    assert issubclass(TWINS["c"].FdTransport, pg_relay_c.Wire)

@@ -15,6 +15,8 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+import pytest
+
 from rdsproxy.devcluster import free_port
 
 __all__ = [
@@ -27,6 +29,8 @@ __all__ = [
     "run",
     "run_cmd",
     "twins",
+    "built",
+    "pick",
     "wait_for_port",
     "wait_until",
 ]
@@ -37,16 +41,29 @@ REQUIRE_CYTHON = os.environ.get("RDSPROXY_REQUIRE_CYTHON", "") not in ("", "0")
 
 
 def twins(name: str) -> dict:
-    """{"py": rdsproxy._fastpath.<name>_py, "c": <name>_c}. A compiled twin that is not built
-    is left out, unless RDSPROXY_REQUIRE_CYTHON=1: then its ImportError fails the module's
+    """{"py": rdsproxy._fastpath.<name>_py, "c": <name>_c, or None where it is not built}.
+    With RDSPROXY_REQUIRE_CYTHON=1 a compiled twin that is not built fails the module's
     collection, and so the run."""
-    modules = {"py": importlib.import_module(f"rdsproxy._fastpath.{name}_py")}
+    modules = {"py": importlib.import_module(f"rdsproxy._fastpath.{name}_py"), "c": None}
     try:
         modules["c"] = importlib.import_module(f"rdsproxy._fastpath.{name}_c")
     except ImportError:
         if REQUIRE_CYTHON:
             raise
     return modules
+
+
+def built(modules: dict) -> dict:
+    """The twins of `modules` that exist here, by name."""
+    return {impl: module for impl, module in modules.items() if module is not None}
+
+
+def pick(modules: dict, impl: str):
+    """Twin `impl` of `modules` for a test, which is skipped where that twin is not built."""
+    module = modules[impl]
+    if module is None:
+        pytest.skip("Cython twin not built")
+    return module
 
 
 def run(coro: Awaitable[T], *, timeout: float | None = 60) -> T:

@@ -2,40 +2,39 @@
 
 RDSPROXY_PURE_PYTHON=1 forces the twins; so does a missing or broken build.
 """
+import importlib
 import os
 
 from . import contract
 
 PURE_PYTHON_FORCED = os.environ.get("RDSPROXY_PURE_PYTHON", "") not in ("", "0")
+# Every module built twice from one source (setup.py's FASTPATH_MODULES): `<name>_py` is the
+# source, `<name>_c` its compiled twin. pg_* serve the PostgreSQL engine, mysql_* MySQL's.
+TWINNED = ("pg_framing", "pg_keywords", "pg_relay", "pg_statements", "mysql_framing", "pool",
+           "ledger")
 
+
+def _twins(suffix: str) -> dict:
+    return {name: importlib.import_module(f"{__name__}.{name}_{suffix}") for name in TWINNED}
+
+
+_chosen = None
 if not PURE_PYTHON_FORCED:
     try:
-        from . import framing_c as framing
-        from . import pool_c as pool
-        from . import keywords_c as keywords
-        from . import ledger_c as ledger
-        from . import relay_c as relay
-        from . import statements_c as statements
-        from . import mysql_framing_c as mysql_framing
+        _chosen = _twins("c")
         IMPLEMENTATION = "cython"
     except ImportError:
-        from . import framing_py as framing
-        from . import pool_py as pool
-        from . import keywords_py as keywords
-        from . import ledger_py as ledger
-        from . import relay_py as relay
-        from . import statements_py as statements
-        from . import mysql_framing_py as mysql_framing
-        IMPLEMENTATION = "python"
-else:
-    from . import framing_py as framing
-    from . import pool_py as pool
-    from . import keywords_py as keywords
-    from . import ledger_py as ledger
-    from . import relay_py as relay
-    from . import statements_py as statements
-    from . import mysql_framing_py as mysql_framing
+        pass
+if _chosen is None:
+    _chosen = _twins("py")
     IMPLEMENTATION = "python"
+pg_framing = _chosen["pg_framing"]
+pg_keywords = _chosen["pg_keywords"]
+pg_relay = _chosen["pg_relay"]
+pg_statements = _chosen["pg_statements"]
+mysql_framing = _chosen["mysql_framing"]
+pool = _chosen["pool"]
+ledger = _chosen["ledger"]
 
 # The client-socket reactor compiles only where epoll exists: elsewhere (and in pure mode)
 # the loop's own transports serve clients, whatever the other modules are.
@@ -48,25 +47,25 @@ if IMPLEMENTATION == "cython":
 if reactor is None:
     from . import reactor_py as reactor
 
-MessageScanner = framing.MessageScanner
-FramingError = framing.FramingError  # the same class in both twins (errors.py)
-split_messages = framing.split_messages
-type_mask = framing.type_mask
+MessageScanner = pg_framing.MessageScanner
+FramingError = pg_framing.FramingError  # the same class in both twins (errors.py)
+split_messages = pg_framing.split_messages
+type_mask = pg_framing.type_mask
 ResponseScanner = mysql_framing.ResponseScanner
 PoolCore = pool.PoolCore
-KeywordScanner = keywords.KeywordScanner
-ClientRelay = relay.ClientRelay
-ServerRelay = relay.ServerRelay
+KeywordScanner = pg_keywords.KeywordScanner
+ClientRelay = pg_relay.ClientRelay
+ServerRelay = pg_relay.ServerRelay
 Entropy = ledger.Entropy
-StartupPlan = relay.StartupPlan
-LoginDesk = relay.LoginDesk
-SessionFactory = relay.SessionFactory
+StartupPlan = pg_relay.StartupPlan
+LoginDesk = pg_relay.LoginDesk
+SessionFactory = pg_relay.SessionFactory
 ClientLedger = ledger.ClientLedger
 MetricCounters = ledger.MetricCounters
 Phase = contract.Phase
-drops_statements = statements.drops_statements
-AnswerQueue = statements.AnswerQueue
-BookCore = statements.BookCore
+drops_statements = pg_statements.drops_statements
+AnswerQueue = pg_statements.AnswerQueue
+BookCore = pg_statements.BookCore
 
 __all__ = ["IMPLEMENTATION", "reactor", "MessageScanner", "FramingError", "split_messages",
            "type_mask", "ResponseScanner",

@@ -36,7 +36,7 @@ from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memset, strerror
 
 from rdsproxy._fastpath.reactor_py import BACKLOG, Listening
-from rdsproxy._fastpath.relay_c cimport ClientRelay, ServerRelay, SessionFactory, Wire
+from rdsproxy._fastpath.pg_relay_c cimport ClientRelay, ServerRelay, SessionFactory, Wire
 
 cdef extern from "<sys/types.h>":
     ctypedef long ssize_t

@@ -79,7 +79,7 @@ class PostgresEngine(BaseEngine):
         self.logins.tls_offered = self.server_ssl is not None
 
     def client_factory(self, endpoint):
-        # Made in C, without a Python __init__ (see relay_py.SessionFactory).
+        # Made in C, without a Python __init__ (see pg_relay_py.SessionFactory).
         return SessionFactory(self.client_class, self, endpoint, UNROUTED, PREFILTER,
                               self.logins, self.client_scanner)
 

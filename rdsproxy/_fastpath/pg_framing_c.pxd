@@ -1,6 +1,6 @@
-# C layout of `framing_py.py` when setup.py compiles it as `rdsproxy._fastpath.framing_c`.
+# C layout of `pg_framing_py.py` when setup.py compiles it as `rdsproxy._fastpath.pg_framing_c`.
 #
-# Cython finds this file by the compiled module's name (framing_c), so the pure module
+# Cython finds this file by the compiled module's name (pg_framing_c), so the pure module
 # never sees it. It types the fields and locals of the shared source and adds the one
 # thing plain Python cannot say: how to get a pointer to the chunk (_feed_buffer).
 cimport cython

@@ -1,4 +1,4 @@
-# C types of `statements_py.py` when setup.py compiles it as `rdsproxy._fastpath.statements_c`.
+# C types of `pg_statements_py.py` when setup.py compiles it as `rdsproxy._fastpath.pg_statements_c`.
 #
 # The walk over a chunk's messages is a C loop; Python objects are made only for the names
 # looked up and the renamed Binds.

@@ -1,7 +1,7 @@
 """The common chunk of a client whose named statements the proxy keeps: Binds renamed.
 
-Pure-Python twin of `statements_c`, which setup.py compiles from this very file with
-`statements_c.pxd`. The engine's StatementBook (engines/postgres/statements.py) owns the
+Pure-Python twin of `pg_statements_c`, which setup.py compiles from this very file with
+`pg_statements_c.pxd`. The engine's StatementBook (engines/postgres/statements.py) owns the
 rules; this is its quick lane for a chunk of whole messages in which nothing but Binds of
 statements the connection already holds needs its hand, walked in one C loop.
 """
@@ -18,7 +18,7 @@ except ImportError:
 from rdsproxy._fastpath import pgwire
 from rdsproxy._fastpath.contract import FORWARD
 
-# The wire's values (pgwire), as C ints once compiled (statements_c.pxd).
+# The wire's values (pgwire), as C ints once compiled (pg_statements_c.pxd).
 MSG_BIND = pgwire.MSG_BIND
 MSG_PARSE = pgwire.MSG_PARSE
 MSG_DESCRIBE = pgwire.MSG_DESCRIBE
@@ -154,7 +154,7 @@ class BookCore:
         watched = self.watched
         cache = queue.cache
         end = len(data)
-        buf = data   # compiled: a pointer to the chunk's bytes (statements_c.pxd)
+        buf = data   # compiled: a pointer to the chunk's bytes (pg_statements_c.pxd)
         pos = 0
         ready = 0
         answered_to = 0   # where the messages after the last Sync, Query or FunctionCall start
@@ -220,7 +220,7 @@ class BookCore:
         unsynced = _answered_types(data, answered_to) if answered_to < end else _NO_TYPES
         if renamed is not None:
             if cython.compiled:
-                # One allocation, filled by memcpy (statements_c.pxd).
+                # One allocation, filled by memcpy (pg_statements_c.pxd).
                 data = _renamed_chunk(data, renamed, end + grown)  # noqa: F821
             else:
                 data = _renamed_pieces(data, renamed)

@@ -1,7 +1,7 @@
 """A cheap first look at SQL text: could any trigger keyword be in it? (case-insensitive)
 
-Pure-Python twin of `keywords_c`, which setup.py compiles from this very file with
-`keywords_c.pxd`. The engines' rules (which statements pin a session) are far too rich to
+Pure-Python twin of `pg_keywords_c`, which setup.py compiles from this very file with
+`pg_keywords_c.pxd`. The engines' rules (which statements pin a session) are far too rich to
 run on every statement; this scanner answers the common question "certainly nothing of
 interest here?" and sends only the rest to the full analysis. It may say yes too often,
 never too rarely.

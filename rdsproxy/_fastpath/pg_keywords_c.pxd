@@ -1,4 +1,4 @@
-# C layout of `keywords_py.py` when setup.py compiles it as `rdsproxy._fastpath.keywords_c`.
+# C layout of `pg_keywords_py.py` when setup.py compiles it as `rdsproxy._fastpath.pg_keywords_c`.
 #
 # The scan runs as one C loop over the text (no lower-cased copy, no regex engine).
 cimport cython

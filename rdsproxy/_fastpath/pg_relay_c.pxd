@@ -1,15 +1,15 @@
-# C layout of `relay_py.py` when setup.py compiles it as `rdsproxy._fastpath.relay_c`.
+# C layout of `pg_relay_py.py` when setup.py compiles it as `rdsproxy._fastpath.pg_relay_c`.
 #
 # The fields read on every chunk become C struct members typed with the other fast-path
 # classes, so scanning, borrowing and returning are C calls (no attribute lookups); the
 # engine's Python subclasses still add their own attributes in a __dict__.
 cimport cython
 
-from rdsproxy._fastpath.framing_c cimport MessageScanner
-from rdsproxy._fastpath.keywords_c cimport KeywordScanner
+from rdsproxy._fastpath.pg_framing_c cimport MessageScanner
+from rdsproxy._fastpath.pg_keywords_c cimport KeywordScanner
 from rdsproxy._fastpath.ledger_c cimport ClientLedger, Entropy, MetricCounters
 from rdsproxy._fastpath.pool_c cimport PoolCore
-from rdsproxy._fastpath.statements_c cimport AnswerQueue, BookCore
+from rdsproxy._fastpath.pg_statements_c cimport AnswerQueue, BookCore
 
 cdef int STATE_STARTUP
 cdef int STATE_AUTH_MD5

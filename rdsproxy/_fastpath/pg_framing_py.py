@@ -1,8 +1,8 @@
 """PostgreSQL v3 message framing over a byte stream that arrives in arbitrary chunks.
 
-Pure-Python twin of `framing_c`, which setup.py compiles from this very file; the C types
-live in `framing_c.pxd` beside it (Cython matches a module's .pxd by the *module* name, and
-the compiled module is `framing_c`). Keep this file valid, plain Python: it is what runs
+Pure-Python twin of `pg_framing_c`, which setup.py compiles from this very file; the C types
+live in `pg_framing_c.pxd` beside it (Cython matches a module's .pxd by the *module* name, and
+the compiled module is `pg_framing_c`). Keep this file valid, plain Python: it is what runs
 when the extension is not built or RDSPROXY_PURE_PYTHON=1 is set.
 
 The scanner walks message headers only: payloads are skipped, never copied, so the relay
@@ -22,7 +22,7 @@ except ImportError:
 from . import pgwire  # noqa: E402
 from .errors import FramingError  # noqa: E402  (one class for both twins)
 
-# The wire's values, C ints once compiled (framing_c.pxd).
+# The wire's values, C ints once compiled (pg_framing_c.pxd).
 MSG_READY_FOR_QUERY = pgwire.MSG_READY_FOR_QUERY
 STATUS_IDLE = pgwire.STATUS_IDLE
 
@@ -110,8 +110,8 @@ class MessageScanner:
     def feed(self, data):
         """Scan one chunk (bytes, bytearray or memoryview); return the counted completions."""
         if cython.compiled:
-            # Compiled twin: take a pointer to the chunk once (framing_c.pxd).
-            return _feed_buffer(self, data)  # noqa: F821 (defined in framing_c.pxd)
+            # Compiled twin: take a pointer to the chunk once (pg_framing_c.pxd).
+            return _feed_buffer(self, data)  # noqa: F821 (defined in pg_framing_c.pxd)
         return self._scan(data, len(data))
 
     def _scan(self, buf, end):

@@ -1,7 +1,7 @@
 """The relay's per-chunk work: splice bytes between a client and its borrowed connection.
 
-Pure-Python twin of `relay_c`, which setup.py compiles from this very file with
-`relay_c.pxd` (C fields for the attributes read on every chunk). The engine's session
+Pure-Python twin of `pg_relay_c`, which setup.py compiles from this very file with
+`pg_relay_c.pxd` (C fields for the attributes read on every chunk). The engine's session
 classes subclass these two and supply the slow paths this file calls by name:
 
   ClientRelay: startup_data(data), inspect(data) -> data, framing_error(exc), borrow(),
@@ -32,7 +32,7 @@ from hmac import compare_digest as _compare_digest
 from rdsproxy._fastpath import contract, pgwire
 from rdsproxy._fastpath.contract import Phase
 
-STATE_STARTUP = contract.PG_CLIENT_STARTUP   # C ints once compiled (relay_c.pxd)
+STATE_STARTUP = contract.PG_CLIENT_STARTUP   # C ints once compiled (pg_relay_c.pxd)
 STATE_AUTH_MD5 = contract.PG_CLIENT_AUTH_MD5
 STATE_READY = contract.PG_CLIENT_READY         # the client state in which bytes are relayed
 STATE_CLOSED = contract.PG_CLIENT_CLOSED
@@ -42,12 +42,12 @@ REPLAY_CHUNKS = 16        # chunks of one request kept for a replay; a longer on
 HOLD_LIMIT = 65536        # bytes of an answer held back while its request may be replayed
 INFINITY = float("inf")
 
-PHASE_FREE = Phase.FREE         # the client phases the relay moves through (relay_c.pxd)
+PHASE_FREE = Phase.FREE         # the client phases the relay moves through (pg_relay_c.pxd)
 PHASE_WAITING = Phase.WAITING
 PHASE_ACTIVE = Phase.ACTIVE
 PHASE_PINNED = Phase.PINNED
 
-# The wire's values (pgwire), as C ints and bytes once compiled (relay_c.pxd).
+# The wire's values (pgwire), as C ints and bytes once compiled (pg_relay_c.pxd).
 STATUS_IDLE = pgwire.STATUS_IDLE
 MSG_QUERY = pgwire.MSG_QUERY
 MSG_PARSE = pgwire.MSG_PARSE
@@ -72,7 +72,7 @@ BACKEND_KEY_DATA_HEAD = pgwire.BACKEND_KEY_DATA_HEAD
 UNSYNCED_MASK = pgwire.UNSYNCED_MASK
 class Wire:
     """A transport the compiled relay writes to with a C call: the C reactor's FdTransport
-    derives from this class (relay_c.pxd), so a chunk's write skips the method lookup
+    derives from this class (pg_relay_c.pxd), so a chunk's write skips the method lookup
     and argument parsing of `transport.write`. Nothing derives from it in pure Python."""
 
     def write(self, data):
@@ -82,7 +82,7 @@ class Wire:
 def wire_write(transport, data):
     """transport.write(data), as a C call when the transport is a Wire."""
     if isinstance(transport, Wire):
-        wire = transport   # compiled: a typed Wire local (relay_c.pxd)
+        wire = transport   # compiled: a typed Wire local (pg_relay_c.pxd)
         wire.write(data)
     else:
         transport.write(data)
