@@ -25,7 +25,7 @@ import pytest
 from rdsproxy.auth import mysql as auth
 from rdsproxy.engines.mysql import protocol as p
 from rdsproxy.engines.mysql.devserver import MariaDBServer
-from rdsproxy.engines.mysql.login import (DEFAULT_CAPABILITIES, ChangeUserLogin, LoginError,
+from rdsproxy.engines.mysql.server_login import (DEFAULT_CAPABILITIES, ChangeUserLogin, LoginError,
                                           ServerLogin)
 from rdsproxy.tls import client_context, server_context
 

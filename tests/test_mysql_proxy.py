@@ -23,7 +23,7 @@ from conftest import RunningProxy
 from rdsproxy import config_from_dict
 from rdsproxy.engines.mysql import protocol as p
 from rdsproxy.engines.mysql.devserver import MariaDBServer
-from rdsproxy.engines.mysql.login import ChangeUserLogin
+from rdsproxy.engines.mysql.server_login import ChangeUserLogin
 from test_mysql_login import log_in
 
 APP, APP_PW, APP_DB = "app", "app-secret", "appdb"

@@ -16,7 +16,7 @@ import logging
 from ..._fastpath import ResponseScanner
 from ...core.sessions import ServerSide
 from . import protocol as p
-from .login import DEFAULT_CAPABILITIES, LoginError, ServerLogin
+from .server_login import DEFAULT_CAPABILITIES, LoginError, ServerLogin
 from .protocol import ProtocolViolation, ServerError
 
 log = logging.getLogger("rdsproxy.mysql.backend")

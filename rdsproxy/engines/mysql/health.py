@@ -19,7 +19,7 @@ from ...core.targets import (AUTH_FAILURE, CONNECTION_FAILED, ProbeError, ProbeR
                              Target, probe_failure, run_probe)
 from . import protocol as p
 from .backend import first_row, open_server_connection
-from .login import LoginError
+from .server_login import LoginError
 from .protocol import ServerError
 
 PROBE_MARK = "rdsproxy-health"
