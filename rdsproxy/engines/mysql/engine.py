@@ -17,8 +17,9 @@ from ...core.targets import AUTH_FAILURE, ProbeError, Target
 from ...secrets import Credentials
 from . import protocol as p
 from .backend import first_row, open_server_connection
-from .frontend import (CLOSED, ER_CON_COUNT, ER_IDLE, ER_LOST, ER_SERVER_SHUTDOWN, READY,
-                       PROXY_CAPABILITIES, ClientSession)
+from .client import ClientConnection
+from .client_login import PROXY_CAPABILITIES
+from .clientstate import CLOSED, ER_CON_COUNT, ER_IDLE, ER_LOST, ER_SERVER_SHUTDOWN, READY
 from .health import probe as health_probe
 from .pinning import Rules
 from .protocol import ServerError
@@ -44,7 +45,7 @@ class Account:
 
 
 class MysqlEngine(BaseEngine):
-    client_class = ClientSession
+    client_class = ClientConnection
     ready_state = READY
     closed_state = CLOSED
     close_codes = {CloseReason.IDLE_TIMEOUT: ER_IDLE, CloseReason.LOGIN_TIMEOUT: ER_LOST,
@@ -55,7 +56,7 @@ class MysqlEngine(BaseEngine):
         super().__init__(config, metrics, loop)
         self.rules = Rules(config.target_group.session_pinning_filters)
         self._rsa = None
-        self.by_id: dict[int, ClientSession] = {}
+        self.by_id: dict[int, ClientConnection] = {}
         self._next_id = 0
         self.server_version = DEFAULT_VERSION
         self.server_capabilities = PROXY_CAPABILITIES

@@ -1,0 +1,158 @@
+"""Prepared statements of a MySQL client connection: the ids the client sees, mapped to
+each server connection's own, and prepared again, unseen, where a connection lacks one."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import pinning
+from . import protocol as p
+from .clientstate import ER_NO_CURSOR, ER_UNKNOWN_STMT
+from .protocol import ProtocolViolation
+
+MAX_PREPARED_PER_CONNECTION = 512
+
+
+@dataclass
+class ClientStatement:
+    sql: bytes
+    num_params: int
+    num_columns: int
+    verdict: object
+    param_types: bytes = b""
+
+
+class StatementMapping:
+    """ClientConnection's prepared statements (a mixin: the connection is `self`)."""
+
+    def _com_stmt_prepare(self, payload):
+        # Preparing creates no session state; what the text does is judged at execute.
+        self.verdict = self.engine.rules.classify(payload[1:])
+        self._send_to_server()
+
+    def _statement(self, payload) -> ClientStatement:
+        if len(payload) < 5:
+            raise ProtocolViolation("statement command too short")
+        stmt_id = int.from_bytes(payload[1:5], "little")
+        if stmt_id == p.MARIADB_LAST_STATEMENT_ID:
+            stmt_id = self.last_stmt_id
+        stmt = self.stmts.get(stmt_id)
+        if stmt is None:
+            raise ProtocolViolation(f"Unknown prepared statement handler ({stmt_id}) given to "
+                                    f"{p.COMMAND_NAMES.get(payload[0], 'command')}", *ER_UNKNOWN_STMT)
+        self.stmt = stmt
+        return stmt
+
+    def _com_stmt_execute(self, payload):
+        stmt = self._statement(payload)
+        if stmt.verdict.pin is not None:
+            self.pin(stmt.verdict.pin)
+        self.verdict = stmt.verdict
+        n = stmt.num_params
+        if n:
+            if payload[5:6] and payload[5] & p.PARAMETER_COUNT_AVAILABLE:
+                raise ProtocolViolation("COM_STMT_EXECUTE with a parameter count is not supported")
+            pos = 10 + (n + 7) // 8           # command, id, flags, iterations, null bitmap
+            if len(payload) <= pos:
+                raise ProtocolViolation("COM_STMT_EXECUTE too short for its parameters")
+            if payload[pos] == 1:
+                stmt.param_types = payload[pos + 1:pos + 1 + 2 * n]
+            elif stmt.param_types:
+                # The server statement may be shared (or new): always bind the types.
+                self.cmd_payload_override = (payload[:pos] + b"\x01" + stmt.param_types
+                                             + payload[pos + 1:])
+        self._send_to_server()
+
+    def _com_stmt_long_data(self, payload):
+        self._statement(payload)
+        self.long_data = True
+        self._send_to_server()
+
+    def _com_stmt_reset(self, payload):
+        self._statement(payload)
+        self.long_data = False
+        if self.server is None:
+            self._reply_ok()
+            self._command_done()
+            return
+        self._send_to_server()
+
+    def _com_stmt_fetch(self, payload):
+        stmt = self._statement(payload)
+        if self.server is None or self.cursor_stmt is not stmt:
+            self._refuse(ER_NO_CURSOR, f"The statement ({int.from_bytes(payload[1:5], 'little')}) "
+                                       "has no open cursor")
+            return
+        self._send_to_server()
+
+    def _com_stmt_close(self, payload):
+        if len(payload) < 5:
+            raise ProtocolViolation("COM_STMT_CLOSE too short")
+        stmt_id = int.from_bytes(payload[1:5], "little")
+        if stmt_id == p.MARIADB_LAST_STATEMENT_ID:
+            stmt_id = self.last_stmt_id
+        stmt = self.stmts.pop(stmt_id, None)
+        # No answer. The server statement stays prepared for whoever prepares it next; an
+        # open cursor of it is closed so the connection can be returned.
+        server = self.server
+        if stmt is not None and stmt is self.cursor_stmt and server is not None:
+            self.cursor_stmt = None
+            sid = server.prepared.get((server.schema, stmt.sql))
+            if sid is not None:
+                self.busy = True
+                server.run(p.com_stmt_reset(sid[0].statement_id), lambda t: self._closed_cursor(server, t))
+                return
+        self.busy = False
+        self.outstanding = 0
+        self._command_done()
+
+    def _closed_cursor(self, server, tracker):
+        if tracker is None:
+            self.on_server_lost(server)
+            return
+        server.status &= ~p.SERVER_STATUS_CURSOR_EXISTS
+        self._command_done()
+
+
+    def _reprepared(self, conn, stmt):
+        def record(tracker, collect):
+            self._remember_prepared(conn, stmt.sql, tracker.prepare_ok, collect)
+        return record
+
+    def _remember_prepared(self, conn, sql, ok, packets) -> None:
+        prepared = conn.prepared
+        if len(prepared) >= MAX_PREPARED_PER_CONNECTION:
+            old_key = next(iter(prepared))
+            old = prepared.pop(old_key)
+            conn.transport.write(p.packet(0, p.com_stmt_close(old[0].statement_id)))
+        prepared[(conn.schema, sql)] = (ok, [payload for _seq, payload in packets])
+
+
+    def _prepared(self, conn, tracker, packets) -> None:
+        if tracker is None:
+            self.on_server_lost(conn)
+            return
+        if tracker.error is not None:
+            self.last_stmt_id = 0      # a pipelined execute of "the last statement" fails too
+            for seq, payload in packets:
+                self.transport.write(p.packet(seq, payload))
+            self._command_done()
+            return
+        self._remember_prepared(conn, self.cmd[1:], tracker.prepare_ok, packets)
+        self._answer_prepare(conn, tracker.prepare_ok, [pl for _s, pl in packets])
+
+    def _answer_prepare(self, conn, ok, payloads) -> None:
+        stmt_id = self.next_stmt_id
+        self.next_stmt_id += 1
+        self.last_stmt_id = stmt_id
+        self.stmts[stmt_id] = ClientStatement(self.cmd[1:], ok.num_params, ok.num_columns,
+                                              self.verdict or pinning.PLAIN)
+        out = []
+        seq = 1
+        for i, payload in enumerate(payloads):
+            if i == 0:
+                payload = b"\x00" + stmt_id.to_bytes(4, "little") + payload[5:]
+            out.append(p.packet(seq, payload))
+            seq = p.seq_after(seq, len(payload))
+        self.transport.write(b"".join(out))
+        self._command_done()
+
