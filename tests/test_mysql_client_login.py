@@ -68,7 +68,8 @@ class Link:
     def run(self, connection_id: int = 7) -> "Link":
         self.to_client(self.proxy.greeting(connection_id))
         if self.proxy.done:
-            self.to_client(self.proxy.send(p.OkPacket(status_flags=2).build(self.proxy.capabilities)))
+            ok = p.OkPacket(status_flags=p.SERVER_STATUS_AUTOCOMMIT).build(self.proxy.capabilities)
+            self.to_client(self.proxy.send(ok))
         return self
 
     def deliver_failure(self) -> ServerError:
@@ -171,7 +172,8 @@ def test_full_auth_with_a_wrong_password_over_tls():
 def test_iam_token_in_clear_over_tls():
     seen = []
     link = Link(ServerLogin("iam", "the-token", tls="require", allow_cleartext=False),
-                proxy(tls_available=True, check_token=lambda token, user: seen.append((token, user))))
+                proxy(tls_available=True,
+                      check_token=lambda token, user: seen.append((token, user))))
     link.run()
     assert link.client.done and link.client.result.auth_plugin == auth.MYSQL_CLEAR_PASSWORD
     assert seen == [("the-token", "iam")]

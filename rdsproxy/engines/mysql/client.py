@@ -204,12 +204,16 @@ class ClientConnection(CommandDispatch, StatementMapping, StateSync, ClientSide,
         self.transport.write(p.packet(self._reply_seq(), err(code_state, message, self.capabilities
                                                               or p.CLIENT_PROTOCOL_41)))
 
+    def _login_error_seq(self) -> int:
+        """The sequence id of an ERR sent during the login (see ClientLogin.error_seq)."""
+        return self.login.error_seq
+
     def fatal(self, code, text: str) -> None:
         """Tell the client why (an ERR packet), then close its connection."""
         if isinstance(code, str):
             code = _FROM_SQLSTATE.get(code, (1158, "08S01"))
         if self.transport is not None and not self.transport.is_closing():
-            seq = self.login.error_seq if self.state in (STARTUP, AUTH) else (
+            seq = self._login_error_seq() if self.state in (STARTUP, AUTH) else (
                 self._reply_seq() if self.busy else 0)
             try:
                 self.transport.write(p.packet(seq, err(code, text)))
@@ -226,7 +230,7 @@ class ClientConnection(CommandDispatch, StatementMapping, StateSync, ClientSide,
             self.fatal(code, text)
             return
         seq = self._reply_seq() if self.busy else (
-            self.reader.next_seq if self.state == READY else self.login.error_seq)
+            self.reader.next_seq if self.state == READY else self._login_error_seq())
         transport.write(p.packet(seq, err(code, text)))
         self.state = CLOSED
         transport.write_eof()
@@ -357,7 +361,8 @@ class ClientConnection(CommandDispatch, StatementMapping, StateSync, ClientSide,
     def _send_login_ok(self) -> None:
         """The OK that ends a login or COM_CHANGE_USER; the session is READY from here."""
         self.state = READY
-        self.transport.write(self.login.send(p.OkPacket(status_flags=OK_STATUS).build(self.capabilities)))
+        ok = p.OkPacket(status_flags=OK_STATUS).build(self.capabilities)
+        self.transport.write(self.login.send(ok))
         self.login = None
 
     def _finish_login(self) -> None:

@@ -88,9 +88,10 @@ class ClientLogin:
     `client_host` goes into "Access denied for user 'u'@'host'".
     """
 
-    def __init__(self, *, account: Callable, server_version: str = "", server_capabilities: int = PROXY_CAPABILITIES,
-                 tls_available: bool = False, default_plugin: str = auth.MYSQL_NATIVE_PASSWORD,
-                 client_host: str = "", admit: Callable[[], bool] = _allow_all,
+    def __init__(self, *, account: Callable, server_version: str = "",
+                 server_capabilities: int = PROXY_CAPABILITIES, tls_available: bool = False,
+                 default_plugin: str = auth.MYSQL_NATIVE_PASSWORD, client_host: str = "",
+                 admit: Callable[[], bool] = _allow_all,
                  may_check: Callable[[], bool] = _allow_all,
                  check_token: Callable[[str, str], object] | None = None,
                  rsa: Callable[[], auth.RsaKeyPair] | None = None,
