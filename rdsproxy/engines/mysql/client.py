@@ -30,9 +30,8 @@ from ...core.sessions import ClientSide
 from . import protocol as p
 from .backend import BUSY
 from .client_login import MAX_AUTH_PACKET, ClientLogin
-from .clientstate import (AUTH, CLOSED, ER_ACCESS_DENIED, ER_CON_COUNT, ER_IDLE, ER_LOST,
-                          ER_MALFORMED, ER_SERVER_SHUTDOWN, HOLD_STATUS, LOGIN, OK_STATUS,
-                          READY, STARTUP, err)
+from .clientstate import (AUTH, CLOSED, ER_CON_COUNT, ER_LOST, ER_MALFORMED, HOLD_STATUS, LOGIN,
+                          OK_STATUS, READY, STARTUP, err)
 from .commands import CommandDispatch
 from .protocol import ProtocolViolation, ServerError
 from .statements import ClientStatement, StatementMapping
@@ -40,9 +39,6 @@ from .sync import StateSync
 
 log = logging.getLogger("rdsproxy.mysql.client")
 
-# fatal() takes the core's PostgreSQL-style SQLSTATEs too (housekeeping, shutdown).
-_FROM_SQLSTATE = {"57P05": ER_IDLE, "57P01": ER_SERVER_SHUTDOWN, "53300": ER_CON_COUNT,
-                  "28000": ER_ACCESS_DENIED, "08006": (1158, "08S01"), "08P01": ER_MALFORMED}
 _SSL_HEAD = b"\x20\x00\x00\x01"   # a 32-byte packet with sequence id 1: an SSLRequest
 
 
@@ -209,9 +205,8 @@ class ClientConnection(CommandDispatch, StatementMapping, StateSync, ClientSide,
         return self.login.error_seq
 
     def fatal(self, code, text: str) -> None:
-        """Tell the client why (an ERR packet), then close its connection."""
-        if isinstance(code, str):
-            code = _FROM_SQLSTATE.get(code, (1158, "08S01"))
+        """Tell the client why (an ERR packet: `code` is (errno, sqlstate)), then close its
+        connection."""
         if self.transport is not None and not self.transport.is_closing():
             seq = self._login_error_seq() if self.state in (STARTUP, AUTH) else (
                 self._reply_seq() if self.busy else 0)
@@ -318,7 +313,8 @@ class ClientConnection(CommandDispatch, StatementMapping, StateSync, ClientSide,
         if local_host:
             names.append(local_host)
         principal = verify_token(token, host=names, port=local_port, user=user,
-                                 principals=engine.principals, region=engine.iam_region)
+                                 principals=engine.accounts.principals,
+                                 region=engine.accounts.iam_region)
         log.info("client %s (user %s): IAM token of %s accepted", self.peer, user,
                  principal.access_key_id)
 
@@ -417,7 +413,7 @@ class ClientConnection(CommandDispatch, StatementMapping, StateSync, ClientSide,
         conn = self.pool_core.try_borrow(self.key)
         if conn is not None:
             pool = conn.pool
-            if not conn.closed and self.engine.loop.time() - conn.created_at < pool.lifetime:
+            if pool.usable(conn, self.engine.loop.time()):
                 self.on_connection(conn)
                 return
             pool.core.forget(True)
@@ -480,7 +476,7 @@ class ClientConnection(CommandDispatch, StatementMapping, StateSync, ClientSide,
             # away (failover) it is sent again once a target is routable; if the target is
             # fine (this one connection was killed) the client gets the error.
             self.enter(Phase.WAITING)
-            self.engine.hold_for_health_check(self, server)
+            self.engine.failover.hold_for_health_check(self, server)
             return
         self.report_server_lost(server)
 
