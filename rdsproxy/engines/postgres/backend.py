@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import struct
 
 from ..._fastpath import (
     FramingError,
@@ -21,39 +20,25 @@ from ..._fastpath.contract import (   # the connection's modes
     PG_SERVER_RETIRING as RETIRING,
     PG_SERVER_STARTING as STARTING,
 )
-from ...auth.md5 import md5_response
-from ...auth.scram import ScramClient, ScramError
 from ...core.sessions import ServerSide
+from .login import ServerLogin, malformed_stream
+from .protocol import ServerError
 from .sessionstate import read_settings
 from . import protocol as pg
 
 log = logging.getLogger("rdsproxy.backend")
 
 
-class ServerError(Exception):
-    """PostgreSQL refused a login or an internal query; carries its ErrorResponse fields."""
-
-    def __init__(self, fields: dict[str, str]):
-        self.fields = fields
-        super().__init__(f"{fields.get('S', 'ERROR')}: {fields.get('M', 'unknown error')} "
-                         f"(SQLSTATE {fields.get('C', '?????')})")
-
-    @property
-    def sqlstate(self) -> str:
-        return self.fields.get("C", "08000")
-
-
 class ServerConnection(ServerRelay, ServerSide, asyncio.Protocol):
     """One PostgreSQL connection. In RELAY mode its bytes go straight to the attached client."""
 
     def __init__(self, loop, target_name: str, address: tuple[str, int], *,
-                 user: str, password: str, max_message_size: int):
+                 user: str, max_message_size: int):
         ServerRelay.__init__(self)   # the relay's fields: mode, client, scanner, transport
         self.loop = loop
         self.target_name = target_name
         self.address = address
         self.user = user
-        self._password = password
         self.mode = STARTING
         self.key = None
         self.pool = None
@@ -76,7 +61,7 @@ class ServerConnection(ServerRelay, ServerSide, asyncio.Protocol):
         self._ready: asyncio.Future = loop.create_future()
         self._internal_done = None
         self._internal_error = None
-        self._scram: ScramClient | None = None
+        self._login: ServerLogin | None = None   # while STARTING
 
     # -- asyncio.Protocol --------------------------------------------------------------
     def connection_made(self, transport):
@@ -117,13 +102,16 @@ class ServerConnection(ServerRelay, ServerSide, asyncio.Protocol):
     def slow_data(self, data):
         if self.mode == RETIRING:
             return   # what a vanished client's requests still produce: nobody reads it
-        self._buf += data
-        try:
-            messages, used = split_messages(self._buf)
-        except FramingError as exc:
-            self._fail(ServerError({"S": "FATAL", "C": "08P01", "M": f"malformed server message: {exc}"}))
-            return
-        del self._buf[:used]
+        if self.mode == STARTING:
+            messages = self._login_data(data)
+        else:
+            self._buf += data
+            try:
+                messages, used = split_messages(self._buf)
+            except FramingError as exc:
+                self._fail(malformed_stream(exc))
+                return
+            del self._buf[:used]
         for mtype, payload in messages:
             self._slow_message(mtype, payload)
             if self.closed:
@@ -152,25 +140,38 @@ class ServerConnection(ServerRelay, ServerSide, asyncio.Protocol):
             self.pool.idle_connection_lost(self)
 
     # -- login -------------------------------------------------------------------------
-    async def login(self, database: str, params: dict[str, str]) -> None:
-        startup = {"user": self.user, "database": database, **params}
-        self.transport.write(pg.startup_message(startup))
+    async def login(self, login: ServerLogin) -> None:
+        """Run `login` (its TLS step already done) on this connection."""
+        self._login = login
+        self.transport.write(login.tls_started() if login.need_tls else login.start())
         await self._ready
         self._buf = bytearray()
 
+    def _login_data(self, data) -> list:
+        """The login's share of `data`; returns the messages that followed its end."""
+        login = self._login
+        try:
+            out = login.receive_data(data)
+        except ServerError as exc:
+            self._fail(exc)
+            return []
+        if out:
+            self.transport.write(out)
+        if not login.done:
+            return []
+        self._login = None
+        self.parameters = login.parameters
+        self.backend_pid, self.backend_secret = login.backend_pid, login.backend_secret
+        self.mode = RELAY
+        self._ready.set_result(None)
+        return login.leftover
+
     def _slow_message(self, mtype: int, payload: bytes) -> None:
-        if mtype == 82:    # 'R'
-            self._on_auth(payload)
-        elif mtype == 83:  # 'S'
+        if mtype == 83:    # 'S'
             name, value = pg.parse_parameter_status(payload)
             self.parameters[name] = value
-        elif mtype == 75:  # 'K'
-            self.backend_pid, self.backend_secret = struct.unpack("!iI", payload[:8])
         elif mtype == 90:  # 'Z'
-            if self.mode == STARTING:
-                self.mode = RELAY
-                self._ready.set_result(None)
-            elif self.mode == INTERNAL:
+            if self.mode == INTERNAL:
                 errors = self._internal_errors
                 errors.append(self._internal_error)
                 self._internal_error = None
@@ -197,36 +198,6 @@ class ServerConnection(ServerRelay, ServerSide, asyncio.Protocol):
     _internal_rows = None
     _internal_errors = None       # one entry per request of run_internal answered so far
     _internal_requests = 0
-
-    def _on_auth(self, payload: bytes) -> None:
-        (code,) = struct.unpack_from("!i", payload)
-        data = payload[4:]
-        try:
-            if code == pg.AUTH_OK:
-                if self._scram is not None:
-                    self._scram = None
-            elif code == pg.AUTH_CLEARTEXT:
-                self.transport.write(pg.password_message(self._password.encode() + b"\x00"))
-            elif code == pg.AUTH_MD5:
-                self.transport.write(pg.password_message(md5_response(self._password, self.user, data[:4]) + b"\x00"))
-            elif code == pg.AUTH_SASL:
-                mechanisms = pg.split_cstrings(data)
-                if b"SCRAM-SHA-256" not in mechanisms:
-                    raise ScramError(f"server offers no supported SASL mechanism ({mechanisms!r})")
-                self._scram = ScramClient(self._password)
-                self.transport.write(pg.sasl_initial_response("SCRAM-SHA-256", self._scram.client_first()))
-            elif code == pg.AUTH_SASL_CONTINUE:
-                if self._scram is None:
-                    raise ScramError("unexpected SASL continue")
-                self.transport.write(pg.password_message(self._scram.handle_server_first(data)))
-            elif code == pg.AUTH_SASL_FINAL:
-                if self._scram is None:
-                    raise ScramError("unexpected SASL final")
-                self._scram.verify_server_final(data)
-            else:
-                raise ScramError(f"server asks for unsupported authentication method {code}")
-        except ScramError as exc:
-            self._fail(ServerError({"S": "FATAL", "C": "28000", "M": f"database login failed: {exc}"}))
 
     def _fail(self, exc: Exception) -> None:
         if not self._ready.done():
@@ -362,22 +333,18 @@ async def _connect_socket(loop, host: str, port: int, first=None):
     raise last_error or OSError(f"cannot resolve {host}")
 
 
-async def _negotiate_tls(loop, target_name: str, host: str, port: int, tls_mode: str):
+async def _negotiate_tls(loop, host: str, port: int, login: ServerLogin):
     """Connect a plain socket and ask for TLS; return it once the server said 'S'."""
     async def ask(sock):
-        await loop.sock_sendall(sock, struct.pack("!ii", 8, pg.SSL_REQUEST_CODE))
-        return await loop.sock_recv(sock, 1)
+        await loop.sock_sendall(sock, login.start())
+        return await loop.sock_recv(sock, 1)   # only the answer: nothing may follow an 'S'
     sock, answer = await _connect_socket(loop, host, port, ask)
-    if answer == b"S":
-        # Nothing may follow 'S' before the handshake (a MITM could inject plaintext).
-        return sock
-    sock.close()
-    if answer == b"N":
-        raise ServerError({"S": "FATAL", "C": "08P01",
-                           "M": f"database {target_name} does not accept TLS (it answered 'N' to "
-                                f"SSLRequest) but the target's tls is {tls_mode!r}"})
-    raise ServerError({"S": "FATAL", "C": "08P01",
-                       "M": f"database {target_name} gave an unexpected answer {answer!r} to SSLRequest"})
+    try:
+        login.tls_answer(answer)
+    except ServerError:
+        sock.close()
+        raise
+    return sock
 
 
 async def open_server_connection(loop, target_name: str, host: str, port: int, *, user: str,
@@ -387,10 +354,14 @@ async def open_server_connection(loop, target_name: str, host: str, port: int, *
     """Connect (over TLS when `ssl_context` is given) and log in; raise ServerError (refused)
     or OSError/TimeoutError/ssl.SSLError (unreachable, or the TLS handshake failed)."""
     def factory():
-        conn = ServerConnection(loop, target_name, (host, port), user=user, password=password,
+        conn = ServerConnection(loop, target_name, (host, port), user=user,
                                 max_message_size=max_message_size)
         conn.connect_timeout = timeout
         return conn
+
+    # Without a context (tls "disable") the login asks for no TLS.
+    login = ServerLogin(user, password, database, params, target_name=target_name,
+                        tls_mode=tls_mode if ssl_context is not None else "disable")
 
     async def connect():
         if ssl_context is None:
@@ -403,7 +374,7 @@ async def open_server_connection(loop, target_name: str, host: str, port: int, *
                 sock.close()
                 raise
         else:
-            sock = await _negotiate_tls(loop, target_name, host, port, tls_mode)
+            sock = await _negotiate_tls(loop, host, port, login)
             try:
                 _, conn = await loop.create_connection(factory, sock=sock, ssl=ssl_context,
                                                        server_hostname=host)
@@ -411,7 +382,7 @@ async def open_server_connection(loop, target_name: str, host: str, port: int, *
                 sock.close()
                 raise
         try:
-            await conn.login(database, params)
+            await conn.login(login)
         except BaseException:
             conn.close()
             raise

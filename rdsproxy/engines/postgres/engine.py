@@ -17,8 +17,9 @@ from ...core.router import UNROUTED
 from ...core.sessions import CloseReason
 from ...core.targets import AUTH_FAILURE, ProbeError, Target
 from . import protocol as pg
+from .protocol import ServerError
 from .accounts import MD5, SCRAM, Account, decoy_account, default_method, login_method
-from .backend import ServerError, open_server_connection, send_cancel
+from .backend import open_server_connection, send_cancel
 from .statements import ServerStatements
 from .frontend import CLOSED, READY, ClientConnection
 from .health import probe as health_probe
@@ -61,7 +62,7 @@ class PostgresEngine(BaseEngine):
         self._session_parts: dict = {}
         # The template of every client's scanner (ClientConnection: .fresh() of it).
         # Bind, Describe and Close are copied only to see that a client which sends them
-        # as they are names none of the proxy's statements (frontend.reserved_statement_name).
+        # as they are names none of the proxy's statements (statements.reserved_statement_name).
         self.client_scanner = MessageScanner(counted=b"QSF", captured=b"QPXFBDC",
                                              capture_limit=self.rules_capture_limit,
                                              max_message_size=config.max_message_size)

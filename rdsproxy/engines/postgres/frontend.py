@@ -10,44 +10,42 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import re
 
-from ..._fastpath import ClientRelay, Phase, split_messages
+from ..._fastpath import ClientRelay, Phase
 from ..._fastpath.pgwire import (
     MSG_BIND,
     MSG_CLOSE,
-    MSG_COMMAND_COMPLETE,
     MSG_DESCRIBE,
-    MSG_ERROR,
     MSG_FUNCTION_CALL,
-    MSG_NOTICE,
     MSG_PARSE,
-    MSG_PASSWORD,
     MSG_QUERY,
     MSG_TERMINATE,
     STATUS_IDLE,
     UNSYNCED_MASK,
 )
 from ..._fastpath.contract import (   # the session's states
-    PG_CLIENT_AUTH_CLEARTEXT as AUTH_CLEARTEXT,
     PG_CLIENT_AUTH_MD5 as AUTH_MD5,
-    PG_CLIENT_AUTH_SASL_FINAL as AUTH_SASL_FINAL,
-    PG_CLIENT_AUTH_SASL_FIRST as AUTH_SASL_FIRST,
     PG_CLIENT_CLOSED as CLOSED,
     PG_CLIENT_LOGIN as LOGIN,
     PG_CLIENT_READY as READY,
-    PG_CLIENT_STARTUP as STARTUP,
 )
-from ...auth.iam import TokenError, verify_token
-from ...auth.md5 import md5_verify
-from ...auth.scram import ScramError, ScramServer
+from ...auth.iam import verify_token
 from ...core.pool import BorrowTimeout
 from ...core.router import UNROUTED
 from ...core.sessions import ClientSide, describe_peer
 from . import protocol as pg
-from .backend import ServerError
-from .accounts import CLEARTEXT, SCRAM, login_method
-from .statements import SERVER_NAME_PREFIX, StatementBook
+from .login import (
+    TLS_ACCEPTED,
+    AuthFailed,
+    ClientLogin,
+    PasswordReceived,
+    Reply,
+    StartupReceived,
+    TlsRequested,
+)
+from .held import answer_completed_a_statement, server_fatal_error, server_last_words
+from .protocol import ServerError
+from .statements import SERVER_NAME_PREFIX, StatementBook, reserved_statement_name
 from .pinning import (
     LOAD,
     PREPARED_STATEMENT,
@@ -73,78 +71,7 @@ from .sessionstate import (
 
 log = logging.getLogger("rdsproxy.client")
 
-# Startup parameters the proxy carries from client to whichever connection it borrows.
-TRACKED_PARAMETERS = {
-    "application_name": "application_name", "client_encoding": "client_encoding",
-    "datestyle": "DateStyle", "timezone": "TimeZone", "intervalstyle": "IntervalStyle",
-    "extra_float_digits": "extra_float_digits", "search_path": "search_path",
-    "standard_conforming_strings": "standard_conforming_strings",
-}
-# Startup keys that are not server settings.
-STARTUP_KEYWORDS = {"user", "database", "options", "replication"}
-
-
-# What PostgreSQL accepts as a setting name in a startup packet: a simple identifier for
-# its own settings, two or more of them joined by dots for a custom one.
-_SETTING_NAME_PART = re.compile(r"[A-Za-z_\x80-\U0010ffff][A-Za-z0-9_$\x80-\U0010ffff]*")
-
-
-def check_setting_name(name: str) -> None:
-    """Refuse a startup parameter name as PostgreSQL would: it only ever reaches the server
-    quoted, but a name PostgreSQL refuses must not start a session here either."""
-    parts = name.split(".")
-    if len(parts) == 1:
-        if not _SETTING_NAME_PART.fullmatch(name):
-            raise pg.ProtocolViolation(f'unrecognized configuration parameter "{name}"', "42704")
-    elif not all(_SETTING_NAME_PART.fullmatch(part) for part in parts):
-        raise pg.ProtocolViolation(
-            f'invalid configuration parameter name "{name}"', "42602",
-            detail="Custom parameter names must be two or more simple identifiers separated by dots.")
-
-
-def _held_messages(held):
-    if not held:
-        return []
-    try:
-        messages, _ = split_messages(bytearray(b"".join(held)))
-    except Exception:  # noqa: BLE001 - FramingError: a broken stream completed nothing we know of
-        return []
-    return messages
-
-
-def answer_completed_a_statement(held) -> bool:
-    """Whether the held-back part of an answer reports a finished statement."""
-    return any(mtype == MSG_COMMAND_COMPLETE for mtype, _ in _held_messages(held))
-
-
-def server_fatal_error(held) -> bytes | None:
-    """The server's own FATAL ErrorResponse among the held-back answer, as sent."""
-    for mtype, payload in reversed(_held_messages(held)):
-        if mtype == MSG_ERROR and pg.parse_error_fields(payload).get("S") in ("FATAL", "PANIC"):
-            return pg.message(b"E", payload)
-    return None
-
-
-def server_last_words(held) -> str:
-    """The message of the last error or notice the server sent before it went away."""
-    for mtype, payload in reversed(_held_messages(held)):
-        if mtype in (MSG_ERROR, MSG_NOTICE):
-            return pg.parse_error_fields(payload).get("M", "")
-    return ""
-
-
 _NAMING = (MSG_PARSE, MSG_BIND, MSG_DESCRIBE, MSG_CLOSE)
-
-
-def reserved_statement_name(mtype: int, payload: bytes) -> bool:
-    """Whether a Parse, Bind, Describe or Close names a statement as the proxy names its own."""
-    if mtype == MSG_BIND:
-        start = payload.find(b"\x00") + 1
-    elif mtype == MSG_PARSE:
-        start = 0
-    else:
-        start = 1 if payload[:1] == b"S" else len(payload)
-    return payload.startswith(SERVER_NAME_PREFIX, start)
 
 
 def _give_back(conn, clean: bool) -> None:
@@ -154,28 +81,6 @@ def _give_back(conn, clean: bool) -> None:
         conn.pool.release(conn)
     else:
         conn.pool.discard(conn)
-
-
-def startup_session(params: dict) -> tuple:
-    """What a startup packet's parameters mean for the session:
-    (user, database, options, pool key, tracked parameters as sorted (name, value) pairs)."""
-    user = params.get("user", "")
-    if not user:
-        raise pg.ProtocolViolation("no PostgreSQL user name specified in startup packet", "28000")
-    if params.get("replication", "false").lower() not in ("false", "off", "no", "0"):
-        raise pg.ProtocolViolation("replication connections are not supported by the proxy", "0A000")
-    database = params.get("database") or user
-    options = params.get("options", "").strip()
-    desired = {}
-    for name, value in params.items():
-        canonical = TRACKED_PARAMETERS.get(name.lower())
-        if canonical is not None:
-            desired[canonical] = value
-        elif name not in STARTUP_KEYWORDS and not name.startswith("_pq_."):
-            # Any other setting is a session parameter the server would apply: carry it too.
-            check_setting_name(name)
-            desired[name] = value
-    return user, database, options, (user, database, options), tuple(sorted(desired.items()))
 
 
 class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
@@ -190,7 +95,7 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
     waiting_for_route = False
     borrow_deadline = None
     seen_activity = 0
-    _buf = None               # bytes of the login the engine's path has not used yet
+    _login = None             # the engine's path of the login (login.ClientLogin)
     # What the check after an unverified transaction must read: the whole session (the
     # state check), or, when every text that marked it was a plain SET or RESET, just the
     # settings it named.
@@ -232,15 +137,16 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
     def startup_data(self, data):
         if self.state == CLOSED:
             return
-        if self._buf is None:
-            self._buf = bytearray()
-        self._buf += data
+        login = self._login
+        if login is None:
+            login = self._login = self._new_login()
+        login.receive_data(data)
         if self._tls_pending:
             # Decrypted bytes can arrive (plain asyncio) before start_tls has handed us the
-            # TLS transport to answer on: keep them for _handshake.
+            # TLS transport to answer on: the login keeps them for _handshake.
             return
         try:
-            self._startup_phase()
+            self._run_login(login)
         except pg.ProtocolViolation as exc:
             self.engine.metrics.ProtocolErrors += 1
             log.warning("client %s: protocol violation during startup: %s", self.peer, exc)
@@ -729,77 +635,56 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
                 pool.release(server)
         next_step()
 
-    # -- startup and authentication ----------------------------------------------------
-    def _startup_phase(self):
-        while self._buf and self.state not in (CLOSED, LOGIN, READY):
-            if self.state == STARTUP:
-                # Short-lived clients send the same startup packet again and again: reuse
-                # what the last identical one parsed to (also sharing its key and parameter
-                # tuples, so the relay's comparisons of them are identity checks).
-                plan = self.engine.startup_plans.get(bytes(self._buf))
-                if plan is not None:
-                    self._buf.clear()
-                    self.plan = plan
-                    self._on_startup(plan.session)
-                    continue
-                packet, used = pg.read_startup_packet(self._buf)
-                if packet is None:
-                    return
-                raw = bytes(self._buf[:used])
-                del self._buf[:used]
-                self._on_startup_packet(packet, raw)
-            else:
-                # One message at a time: once the login is done, what follows it (a query
-                # sent right after the password) stays in _buf for _finish_login.
-                buf = self._buf
-                if len(buf) < 5:
-                    return
-                length = int.from_bytes(buf[1:5], "big")
-                if length > 65536:
-                    raise pg.ProtocolViolation("authentication message too long")
-                if length < 4:
-                    raise pg.ProtocolViolation(f"invalid message length {length}")
-                if len(buf) <= length:
-                    return
-                if buf[0] != MSG_PASSWORD:
-                    raise pg.ProtocolViolation(
-                        f"expected password response, got message type {chr(buf[0])!r}")
-                payload = bytes(buf[5:length + 1])
-                del buf[:length + 1]
-                self._on_password_message(payload)
+    # -- startup and authentication (login.ClientLogin's exchange) ----------------------
+    def _new_login(self) -> ClientLogin:
+        engine = self.engine
+        login = ClientLogin(engine.login_account, engine.random_bytes,
+                            tls_offered=engine.server_ssl is not None, tls=self.tls,
+                            known_packets=engine.startup_plans, check_token=self._check_token)
+        if self.state == AUTH_MD5:
+            # The relay's quick lane sent this salt and leaves the password to this path.
+            login.expect_md5(self.user, self._account, self._auth)
+        return login
 
-    def _on_startup_packet(self, packet, raw):
-        if packet.kind == "ssl" and self.engine.server_ssl is not None and not self.tls:
-            self._start_tls()
-        elif packet.kind in ("ssl", "gssenc"):
-            self.transport.write(b"N")
-        elif packet.kind == "cancel":
-            # Closed once the cancel has reached the database: clients take the close to
-            # mean "done" and send their next statement.
-            self.state = CLOSED
-            self.engine.cancel(packet.cancel_pid, packet.cancel_secret, self.peer, self.close)
-        else:
-            self.plan = self.engine.remember_startup(raw, startup_session(packet.params))
-            self._on_startup(self.plan.session)
+    def _run_login(self, login: ClientLogin) -> None:
+        while self.state not in (CLOSED, LOGIN, READY):
+            event = login.next_event()
+            if event is None:
+                return
+            kind = type(event)
+            if kind is PasswordReceived:
+                self._on_password(login, event)
+            elif kind is Reply:
+                self.transport.write(event.data)
+            elif kind is StartupReceived:
+                plan = event.known
+                if plan is None:
+                    plan = self.engine.remember_startup(event.raw, event.session)
+                self.plan = plan
+                self._on_startup(login, plan.session)
+            elif kind is TlsRequested:
+                self._start_tls()
+            else:   # CancelRequested
+                # Closed once the cancel has reached the database: clients take the close to
+                # mean "done" and send their next statement.
+                self.state = CLOSED
+                self.engine.cancel(event.pid, event.secret, self.peer, self.close)
 
     def _start_tls(self):
-        if self._buf:
-            # As PostgreSQL: bytes sent before our 'S' were not protected by TLS and could
-            # have been injected by a man in the middle (CVE-2021-23214).
-            raise pg.ProtocolViolation("received unencrypted data after SSL request")
         raw = self.transport
         # Stop reading first so the ClientHello cannot reach us instead of the TLS layer;
         # start_tls resumes reading once its protocol is in place.
         raw.pause_reading()
-        raw.write(b"S")
+        raw.write(TLS_ACCEPTED)
         self._tls_pending = True
-        self.engine.loop.create_task(self._handshake(raw, self.engine.server_ssl))
+        self.engine.loop.create_task(self._handshake(raw))
 
-    async def _handshake(self, raw, context):
-        if await self.engine.upgrade_client_tls(self, raw) and self._buf and self.state != CLOSED:
+    async def _handshake(self, raw):
+        if await self.engine.upgrade_client_tls(self, raw) and self.state != CLOSED:
+            self._login.tls_started()
             self.startup_data(b"")
 
-    def _on_startup(self, session):
+    def _on_startup(self, login: ClientLogin, session) -> None:
         engine = self.engine
         if self.refused:
             log.warning("client %s refused: max_client_connections (%d) reached", self.peer,
@@ -813,85 +698,45 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         self.user = user
         if options:
             self.pin(STARTUP_OPTIONS)
-        # Whether the user exists or not, the client goes through the same exchange (a
-        # decoy account's, for users who cannot log in) and fails the same way.
-        account = self._account = engine.login_account(user, self.tls)
-        method = login_method(account, self.tls)
-        if method == CLEARTEXT:
-            # The token (or, with OPTIONAL, the password) arrives as a cleartext password,
-            # protected by TLS.
-            self.state = AUTH_CLEARTEXT
-            self.transport.write(pg.authentication(pg.AUTH_CLEARTEXT))
-        elif method == SCRAM:
-            self._auth = ScramServer(account.scram_secret)
-            self.state = AUTH_SASL_FIRST
-            self.transport.write(pg.auth_sasl())
-        else:
-            self._auth = self.engine.random_bytes(4)   # the md5 salt
-            self.state = AUTH_MD5
-            self.transport.write(pg.authentication(pg.AUTH_MD5, self._auth))
+        self.transport.write(login.begin(user))
+        self.state = login.state
 
-    def _on_password_message(self, payload):
-        account = self._account
-        if self.state != AUTH_SASL_FIRST and not self.engine.throttle.may_check(
-                self.peer_host, self.engine.loop.time()):
+    def _on_password(self, login: ClientLogin, event: PasswordReceived) -> None:
+        engine = self.engine
+        if event.checked and not engine.throttle.may_check(self.peer_host, engine.loop.time()):
             self._auth_failed("too many failed logins from this address: not checked")
             return
         try:
-            if self.state == AUTH_SASL_FIRST:
-                mechanism, data = pg.parse_sasl_initial_response(payload)
-                if mechanism != "SCRAM-SHA-256":
-                    raise pg.ProtocolViolation(f"unsupported SASL mechanism {mechanism!r}", "28000")
-                self.transport.write(pg.authentication(pg.AUTH_SASL_CONTINUE,
-                                                       self._auth.handle_client_first(data)))
-                self.state = AUTH_SASL_FINAL
-                return
-            if self.state == AUTH_SASL_FINAL:
-                final = self._auth.handle_client_final(payload)
-            elif self.state == AUTH_MD5:
-                response = pg.parse_password_message(payload)
-                if not md5_verify(account.credentials.password, self.user, self._auth, response):
-                    raise ScramError("wrong password")
-            elif self.state == AUTH_CLEARTEXT:
-                self._check_cleartext(account, pg.parse_password_message(payload))
-            if account.decoy:   # nothing passes one; never let anything through it either
-                raise ScramError("no such user")
-            if self.state == AUTH_SASL_FINAL:
-                self.transport.write(pg.authentication(pg.AUTH_SASL_FINAL, final))
-        except (ScramError, pg.ProtocolViolation, TokenError) as exc:
-            self._auth_failed(self._decoy_reason() if account.decoy else str(exc))
+            out = login.check(event.payload)
+        except AuthFailed as exc:
+            self._auth_failed(self._decoy_reason() if exc.decoy else exc.reason)
             return
-        self._auth = None
-        self._login()
+        if out:
+            self.transport.write(out)
+        if login.state == LOGIN:
+            self._authenticated()
+        else:
+            self.state = login.state
+
+    def _check_token(self, text: str, user: str):
+        """The principal that signed an IAM token `user` presented (ClientLogin's check_token)."""
+        # The configured names, plus the address the client really reached (so an
+        # endpoint listening on 0.0.0.0 accepts tokens for its own addresses).
+        names = self.engine.config.iam_host_names(self.endpoint)
+        local_host, local_port = self.local_address()
+        if local_host:
+            names.append(local_host)
+        principal = verify_token(text, host=names, port=local_port, user=user,
+                                 principals=self.engine.accounts.principals, region=self.engine.accounts.iam_region)
+        log.info("client %s (user %s): IAM token of %s accepted", self.peer, user,
+                 principal.access_key_id)
+        return principal
 
     def _decoy_reason(self) -> str:
         """Why a login through a decoy account failed, for the log."""
         if self.user in self.engine.accounts:
             return "IAM authentication requires TLS (answered as for an unknown user)"
         return "no such user"
-
-    def _check_cleartext(self, account, response: bytes) -> None:
-        """An IAM token (or, with OPTIONAL, the password) sent in the clear over TLS."""
-        text = response.decode("utf-8", "replace")
-        looks_like_token = "/?" in text and "X-Amz-" in text
-        if account.iam_auth == "REQUIRED" or looks_like_token:
-            try:
-                # The configured names, plus the address the client really reached (so an
-                # endpoint listening on 0.0.0.0 accepts tokens for its own addresses).
-                names = self.engine.config.iam_host_names(self.endpoint)
-                local_host, local_port = self.local_address()
-                if local_host:
-                    names.append(local_host)
-                principal = verify_token(text, host=names,
-                                         port=local_port, user=self.user,
-                                         principals=self.engine.accounts.principals,
-                                         region=self.engine.accounts.iam_region)
-            except TokenError as exc:
-                raise TokenError(f"IAM token rejected: {exc}") from None
-            log.info("client %s (user %s): IAM token of %s accepted", self.peer, self.user,
-                     principal.access_key_id)
-        elif not hmac.compare_digest(response, account.credentials.password.encode("utf-8")):
-            raise ScramError("wrong password")
 
     def _auth_failed(self, reason: str) -> None:
         """28P01 for the client (delayed for an address that keeps failing), the reason in the log."""
@@ -907,12 +752,12 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
             return
         # Answer later without blocking the loop; ignore anything the client sends meanwhile.
         self.state = CLOSED
-        self._buf = bytearray()
+        self._login = None
         self.transport.pause_reading()
         engine.loop.call_later(delay, self.fatal, "28P01", text)
 
-    def _login(self):
-        """Authenticated: learn the server's parameters for this user and database once."""
+    def _authenticated(self):
+        """Learn the server's parameters for this user and database once."""
         self.state = LOGIN
         if self.engine.greeting_known(self.key, self.desired):
             self._finish_login(pg.AUTH_OK_MESSAGE)  # one write for the whole greeting
@@ -931,10 +776,10 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         plan = self.plan
         if plan is not None and plan.reply is None and plan.key == self.key:
             plan.learn_greeting(statuses)   # the relay can now greet this packet's clients itself
-        self.transport.write(b"".join((prefix, statuses, pg.backend_key_data(self.pid, self.secret),
-                                       pg.READY_FOR_QUERY_IDLE)))
-        if self._buf:  # pipelined right after the password (libpq does not, others may)
-            data, self._buf = bytes(self._buf), bytearray()
+        login, self._login = self._login, None
+        self.transport.write(login.finish(statuses, self.pid, self.secret, prefix))
+        data = login.trailing_data()
+        if data:  # pipelined right after the password (libpq does not, others may)
             self.data_received(data)
 
     # -- closing -----------------------------------------------------------------------

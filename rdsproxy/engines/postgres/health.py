@@ -19,8 +19,8 @@ from typing import Awaitable, Callable
 
 from ...core.targets import (AUTH_FAILURE, CONNECTION_FAILED, ProbeError, ProbeResult, Role,
                              Target, probe_failure, run_probe)
-from .backend import ServerError, open_server_connection
-from .protocol import parse_datarow
+from .backend import open_server_connection
+from .protocol import ServerError, parse_datarow
 
 __all__ = ["probe", "make_probe", "PROBE_SQL"]
 

@@ -38,6 +38,19 @@ class ProtocolViolation(Exception):
         self.detail = detail
 
 
+class ServerError(Exception):
+    """PostgreSQL refused a login or an internal query; carries its ErrorResponse fields."""
+
+    def __init__(self, fields: dict[str, str]):
+        self.fields = fields
+        super().__init__(f"{fields.get('S', 'ERROR')}: {fields.get('M', 'unknown error')} "
+                         f"(SQLSTATE {fields.get('C', '?????')})")
+
+    @property
+    def sqlstate(self) -> str:
+        return self.fields.get("C", "08000")
+
+
 # --- builders ---------------------------------------------------------------------------
 
 def message(mtype: bytes, payload: bytes = b"") -> bytes:

@@ -51,6 +51,18 @@ MISSING = SERVER_NAME_PREFIX + b"missing"
 # The name a Parse is checked under when its answer must be the server's (then closed).
 CHECK = SERVER_NAME_PREFIX + b"check"
 
+
+def reserved_statement_name(mtype: int, payload: bytes) -> bool:
+    """Whether a Parse, Bind, Describe or Close names a statement as the proxy names its own."""
+    if mtype == MSG_BIND:
+        start = payload.find(b"\x00") + 1
+    elif mtype == MSG_PARSE:
+        start = 0
+    else:
+        start = 1 if payload[:1] == b"S" else len(payload)
+    return payload.startswith(SERVER_NAME_PREFIX, start)
+
+
 # Entry kinds besides a client message's type byte.
 FAKE = 0        # a proxy-made answer, sent when every earlier answer has been
 BARRIER = 1     # `count` ReadyForQuery answers to requests sent before tracking began
