@@ -5,7 +5,7 @@ ints at import (their `.pxd` declares those names).
 """
 
 # A PostgreSQL client session's states, in the order it goes through them
-# (engines/postgres/frontend.py names them; the relay reads four).
+# (engines/postgres/login.py and frontend.py name them; the relay reads four).
 (PG_CLIENT_STARTUP, PG_CLIENT_AUTH_SASL_FIRST, PG_CLIENT_AUTH_SASL_FINAL, PG_CLIENT_AUTH_MD5,
  PG_CLIENT_LOGIN, PG_CLIENT_READY, PG_CLIENT_CLOSED, PG_CLIENT_AUTH_CLEARTEXT) = range(8)
 

@@ -90,7 +90,7 @@ def wire_write(transport, data):
 
 class StartupPlan:
     """What one raw startup packet means, kept by the engine for the clients that send it
-    again: the session tuple (frontend.startup_session), and, when the quick lane may log
+    again: the session tuple (login.startup_session), and, when the quick lane may log
     such a client in, the account, md5(password + user) and the greeting's parameters."""
 
     def __init__(self, session, account=None, md5_inner=None):
@@ -224,7 +224,7 @@ class ClientRelay:
         self.logins = None
         self.login_step = 0
         self.plan = None
-        self._auth = None         # the login's state: a salt or a ScramServer
+        self._auth = None         # the quick lane's md5 salt while it awaits the password
         self._account = None
         self.pid = 0              # its BackendKeyData
         self.secret = 0

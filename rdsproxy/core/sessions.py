@@ -7,10 +7,15 @@ methods are no-ops). A client session supplies `engine`, `ledger`, `phase`, `ser
 """
 from __future__ import annotations
 
+import logging
 from enum import Enum
 
 from .._fastpath import Phase
+from ..auth.iam import verify_token
 from .pool import PoolClosed
+
+
+log = logging.getLogger("rdsproxy.auth")
 
 
 class CloseReason(Enum):
@@ -55,6 +60,22 @@ class ClientSide:
         """(host, port) the client reached: ("", 0) when the transport cannot tell."""
         sock = self.transport.get_extra_info("sockname") if self.transport is not None else None
         return (sock[0], sock[1]) if isinstance(sock, tuple) else ("", 0)
+
+    def check_iam_token(self, token: str, user: str):
+        """The principal that signed the IAM token `user` presented (TokenError if none did).
+        The token may name the endpoint's configured host names or the address the client
+        really reached (so an endpoint listening on 0.0.0.0 accepts tokens for its own)."""
+        engine = self.engine
+        names = engine.config.iam_host_names(self.endpoint)
+        local_host, local_port = self.local_address()
+        if local_host:
+            names.append(local_host)
+        principal = verify_token(token, host=names, port=local_port, user=user,
+                                 principals=engine.accounts.principals,
+                                 region=engine.accounts.iam_region)
+        log.info("client %s (user %s): IAM token of %s accepted", self.peer, user,
+                 principal.access_key_id)
+        return principal
 
     def enter(self, phase: int) -> None:
         """Move to `phase` (a Phase), and the ledger's gauges with it. (The PostgreSQL

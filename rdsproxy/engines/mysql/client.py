@@ -23,7 +23,6 @@ import logging
 from collections import deque
 
 from ..._fastpath import Phase
-from ...auth.iam import verify_token
 from ...core.pool import BorrowTimeout
 from ...core.router import UNROUTED
 from ...core.sessions import ClientSide
@@ -246,7 +245,7 @@ class ClientConnection(CommandDispatch, StatementMapping, StateSync, ClientSide,
             tls_available=engine.server_ssl is not None, default_plugin=engine.default_plugin,
             client_host=self.peer_host, admit=lambda: engine.admit_transport(self),
             may_check=lambda: engine.throttle.may_check(self.peer_host, engine.loop.time()),
-            check_token=self._check_iam_token, rsa=lambda: engine.rsa, tls=self.tls)
+            check_token=self.check_iam_token, rsa=lambda: engine.rsa, tls=self.tls)
 
     def _on_login_packet(self, seq: int, payload: bytes) -> None:
         login = self.login
@@ -305,18 +304,6 @@ class ClientConnection(CommandDispatch, StatementMapping, StateSync, ClientSide,
         if early and self.state != CLOSED:
             self._early = b""
             self.data_received(early)
-
-    def _check_iam_token(self, token: str, user: str) -> None:
-        engine = self.engine
-        names = engine.config.iam_host_names(self.endpoint)
-        local_host, local_port = self.local_address()
-        if local_host:
-            names.append(local_host)
-        principal = verify_token(token, host=names, port=local_port, user=user,
-                                 principals=engine.accounts.principals,
-                                 region=engine.accounts.iam_region)
-        log.info("client %s (user %s): IAM token of %s accepted", self.peer, user,
-                 principal.access_key_id)
 
     def _auth_failed(self, failure) -> None:
         engine = self.engine

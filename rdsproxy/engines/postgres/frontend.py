@@ -29,7 +29,6 @@ from ..._fastpath.contract import (   # the session's states
     PG_CLIENT_LOGIN as LOGIN,
     PG_CLIENT_READY as READY,
 )
-from ...auth.iam import verify_token
 from ...core.pool import BorrowTimeout
 from ...core.router import UNROUTED
 from ...core.sessions import ClientSide, describe_peer
@@ -640,7 +639,7 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         engine = self.engine
         login = ClientLogin(engine.login_account, engine.random_bytes,
                             tls_offered=engine.server_ssl is not None, tls=self.tls,
-                            known_packets=engine.startup_plans, check_token=self._check_token)
+                            known_packets=engine.startup_plans, check_token=self.check_iam_token)
         if self.state == AUTH_MD5:
             # The relay's quick lane sent this salt and leaves the password to this path.
             login.expect_md5(self.user, self._account, self._auth)
@@ -717,20 +716,6 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
             self._authenticated()
         else:
             self.state = login.state
-
-    def _check_token(self, text: str, user: str):
-        """The principal that signed an IAM token `user` presented (ClientLogin's check_token)."""
-        # The configured names, plus the address the client really reached (so an
-        # endpoint listening on 0.0.0.0 accepts tokens for its own addresses).
-        names = self.engine.config.iam_host_names(self.endpoint)
-        local_host, local_port = self.local_address()
-        if local_host:
-            names.append(local_host)
-        principal = verify_token(text, host=names, port=local_port, user=user,
-                                 principals=self.engine.accounts.principals, region=self.engine.accounts.iam_region)
-        log.info("client %s (user %s): IAM token of %s accepted", self.peer, user,
-                 principal.access_key_id)
-        return principal
 
     def _decoy_reason(self) -> str:
         """Why a login through a decoy account failed, for the log."""
