@@ -120,12 +120,17 @@ def native_password_verify_hash(double_hash: bytes | str, nonce: bytes, response
     return hmac.compare_digest(hashlib.sha1(stage1).digest(), stored)
 
 
-def native_password_verify(password: str | bytes, nonce: bytes, response: bytes) -> bool:
-    """True when `response` is the scramble of `password` for `nonce` (an empty password
-    matches only an empty response)."""
+def _matches(scramble, password: str | bytes, nonce: bytes, response: bytes) -> bool:
+    """True when `response` is `scramble(password, nonce)` (an empty password matches only
+    an empty response)."""
     if not _pw(password):
         return bytes(response) == b""
-    return hmac.compare_digest(bytes(response), native_password_response(password, nonce))
+    return hmac.compare_digest(bytes(response), scramble(password, nonce))
+
+
+def native_password_verify(password: str | bytes, nonce: bytes, response: bytes) -> bool:
+    """True when `response` is the mysql_native_password scramble of `password` for `nonce`."""
+    return _matches(native_password_response, password, nonce, response)
 
 
 # --- caching_sha2_password --------------------------------------------------------------------
@@ -163,11 +168,8 @@ def caching_sha2_verify_hash(double_hash: bytes, nonce: bytes, response: bytes) 
 
 
 def caching_sha2_verify(password: str | bytes, nonce: bytes, response: bytes) -> bool:
-    """True when `response` is the scramble of `password` for `nonce` (an empty password
-    matches only an empty response)."""
-    if not _pw(password):
-        return bytes(response) == b""
-    return hmac.compare_digest(bytes(response), caching_sha2_response(password, nonce))
+    """True when `response` is the caching_sha2_password scramble of `password` for `nonce`."""
+    return _matches(caching_sha2_response, password, nonce, response)
 
 
 # --- cleartext ----------------------------------------------------------------------------------

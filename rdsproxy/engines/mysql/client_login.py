@@ -30,6 +30,7 @@ from typing import Callable
 
 from ...auth import mysql as auth
 from ...auth.iam import TokenError
+from ...core.login import DONE, TLS, LoginMachine
 from . import protocol as p
 from .clientstate import ER_ACCESS_DENIED, ER_SECURE_TRANSPORT, OK_STATUS, err
 
@@ -57,7 +58,7 @@ _NOT_CHECKED = "too many failed logins from this address: not checked"
 
 # Login states
 _GREETING, _HANDSHAKE, _TLS, _AUTH, _DONE, _FAILED = (
-    "greeting", "handshake", "tls", "auth", "done", "failed")
+    "greeting", "handshake", TLS, "auth", DONE, "failed")
 
 
 @dataclass(slots=True)
@@ -77,7 +78,7 @@ def _allow_all() -> bool:
     return True
 
 
-class ClientLogin:
+class ClientLogin(LoginMachine):
     """One client's login (or COM_CHANGE_USER); see the module docstring for the loop.
 
     `account(user)` returns the account (its `plugin`, `iam_auth` and
@@ -128,15 +129,6 @@ class ClientLogin:
         self._seq = 0                  # next sequence id to send
         # Waiting for a packet from the client: an ERR sent now answers that packet.
         self._awaiting_client = False
-
-    @property
-    def done(self) -> bool:
-        return self.state == _DONE
-
-    @property
-    def need_tls(self) -> bool:
-        """True after the client's SSLRequest: do the TLS handshake, then call tls_started()."""
-        return self.state == _TLS
 
     @property
     def error_seq(self) -> int:

@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...auth import mysql as auth
+from ...core.login import DONE, TLS, LoginMachine
 from . import protocol as p
 from .protocol import ProtocolViolation, ServerError
 
@@ -51,7 +52,7 @@ SUPPORTED_PLUGINS = (auth.MYSQL_NATIVE_PASSWORD, auth.CACHING_SHA2_PASSWORD,
 _TLS_MODES = ("disable", "prefer", "require")
 
 # Login states
-_HANDSHAKE, _TLS, _AUTH, _DONE, _FAILED = "handshake", "tls", "auth", "done", "failed"
+_HANDSHAKE, _TLS, _AUTH, _DONE, _FAILED = "handshake", TLS, "auth", DONE, "failed"
 
 
 class LoginError(Exception):
@@ -77,7 +78,7 @@ class LoginResult:
     handshake: p.Handshake | None
 
 
-class _AuthExchange:
+class _AuthExchange(LoginMachine):
     """The auth phase shared by the first login and COM_CHANGE_USER: OK, ERR,
     AuthSwitchRequest and AuthMoreData until the server says OK."""
 
@@ -102,10 +103,6 @@ class _AuthExchange:
         self.leftover: list[tuple[int, bytes]] = []
         self._seq = 0                      # next sequence id to send
         self._awaiting_key = False
-
-    @property
-    def done(self) -> bool:
-        return self.state == _DONE
 
     @property
     def failed(self) -> bool:
@@ -255,11 +252,6 @@ class ServerLogin(_AuthExchange):
         self.handshake: p.Handshake | None = None
         self.result: LoginResult | None = None
         self.state = _HANDSHAKE
-
-    @property
-    def need_tls(self) -> bool:
-        """True once the SSLRequest is out: do the TLS handshake, then call tls_started()."""
-        return self.state == _TLS
 
     def _packet(self, payload: bytes) -> bytes:
         if self.state == _HANDSHAKE:

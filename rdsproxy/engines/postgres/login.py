@@ -46,6 +46,7 @@ from ..._fastpath.pgwire import MSG_PASSWORD
 from ...auth.iam import TokenError
 from ...auth.md5 import md5_response, md5_verify
 from ...auth.scram import ScramClient, ScramError, ScramServer
+from ...core.login import DONE, TLS, LoginMachine
 from . import protocol as pg
 from .accounts import CLEARTEXT, SCRAM, login_method
 from .protocol import ProtocolViolation, ServerError
@@ -326,7 +327,7 @@ class ClientLogin:
 
 # -- the server's login -------------------------------------------------------------------
 
-_TLS_ANSWER, _TLS, _AUTH, _DONE = range(4)
+_TLS_ANSWER, _TLS, _AUTH, _DONE = "tls answer", TLS, "auth", DONE
 
 
 def malformed_stream(exc: Exception) -> ServerError:
@@ -334,7 +335,7 @@ def malformed_stream(exc: Exception) -> ServerError:
     return ServerError({"S": "FATAL", "C": "08P01", "M": f"malformed server message: {exc}"})
 
 
-class ServerLogin:
+class ServerLogin(LoginMachine):
     """Logs in to PostgreSQL as `user` with `password` on `database`, with the startup
     parameters `params`; see the module docstring for the loop.
 
@@ -357,15 +358,6 @@ class ServerLogin:
         self.leftover: list[tuple[int, bytes]] = []
         self._scram: ScramClient | None = None
         self._buf = bytearray()
-
-    @property
-    def done(self) -> bool:
-        return self.state == _DONE
-
-    @property
-    def need_tls(self) -> bool:
-        """The server said 'S': do the TLS handshake, then send tls_started()."""
-        return self.state == _TLS
 
     def start(self) -> bytes:
         """The first bytes to send: an SSLRequest, or the StartupMessage."""
