@@ -9,7 +9,6 @@ import asyncio
 import importlib
 import os
 import socket
-import ssl
 
 import pytest
 import uvloop

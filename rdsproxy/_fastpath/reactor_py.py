@@ -15,7 +15,6 @@ close the file descriptors directly (see reactor_c.pyx for why).
 """
 from __future__ import annotations
 
-import asyncio
 import socket
 
 BACKLOG = 4096
