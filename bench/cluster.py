@@ -1,7 +1,7 @@
 """The throwaway PostgreSQL server the benchmark runs against.
 
-Charter: prefer the project's own `rdsproxy.devcluster.PostgresCluster`; while that module
-is missing (or broken mid-edit) fall back to `FallbackCluster`, a minimal stand-in with the
+Charter: prefer the project's own `rdsproxy.devservers.postgres.PostgresCluster`; while that
+module is missing (or broken mid-edit) fall back to `FallbackCluster`, a minimal stand-in with the
 same API (start/stop/host/port/psql/create_user/create_database/dsn) so the suite runs
 either way. PostgreSQL refuses to run as root, so the stand-in runs initdb/pg_ctl as the
 `postgres` user.
@@ -36,7 +36,7 @@ def _as_postgres(argv: list[str]) -> list[str]:
 
 
 class FallbackCluster:
-    """Just enough of devcluster.PostgresCluster for the benchmark."""
+    """Just enough of PostgresCluster for the benchmark."""
 
     def __init__(self, port=None, *, auth="scram-sha-256", max_connections=100,
                  superuser_password="postgres", settings=None, base_dir=None):
@@ -69,7 +69,7 @@ class FallbackCluster:
             "port": str(self.port),
             "unix_socket_directories": f"'{self.data_dir}'",
             "max_connections": str(self.max_connections),
-            # throwaway data, same as devcluster: durability only costs time
+            # throwaway data, same as rdsproxy.devservers: durability only costs time
             "fsync": "off",
             "full_page_writes": "off",
             "synchronous_commit": "off",
@@ -116,12 +116,12 @@ class FallbackCluster:
 
 
 def make_cluster(**kwargs):
-    """A devcluster.PostgresCluster when importable, else the stand-in."""
+    """A PostgresCluster when importable, else the stand-in."""
     try:
-        from rdsproxy.devcluster import PostgresCluster  # the project's own helper
-        log("using rdsproxy.devcluster.PostgresCluster")
+        from rdsproxy.devservers.postgres import PostgresCluster  # the project's own helper
+        log("using rdsproxy.devservers.postgres.PostgresCluster")
         return PostgresCluster(**kwargs)
     except Exception as exc:  # missing, or mid-edit by a colleague
-        log(f"rdsproxy.devcluster unavailable ({type(exc).__name__}: {exc}); "
+        log(f"rdsproxy.devservers.postgres unavailable ({type(exc).__name__}: {exc}); "
             "using bench.cluster.FallbackCluster")
         return FallbackCluster(**kwargs)

@@ -1,6 +1,6 @@
 """Failover drill: clients keep working through rdsproxy while the primary dies.
 
-A primary and its streaming replica (rdsproxy.devcluster), rdsproxy as a subprocess with
+A primary and its streaming replica (rdsproxy.devservers.postgres), rdsproxy as a subprocess with
 both as targets, then `clients` psycopg sessions in threads: half run autocommit
 statements (an INSERT ... RETURNING the server's port, then a SELECT), half run short
 explicit transactions (BEGIN; two INSERTs; COMMIT). After a warm-up the primary is
@@ -37,7 +37,8 @@ import psycopg
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from rdsproxy.devcluster import PostgresCluster, free_port  # noqa: E402
+from rdsproxy.devservers.base import free_port  # noqa: E402
+from rdsproxy.devservers.postgres import PostgresCluster  # noqa: E402
 
 USER, PASSWORD, DB = "drill", "drill-secret", "drilldb"
 # transaction_resolution_unknown: an autocommit statement whose implicit transaction was

@@ -17,7 +17,8 @@ import tempfile
 import threading
 import time
 
-from rdsproxy.devcluster import PostgresCluster, free_port
+from rdsproxy.devservers.base import free_port
+from rdsproxy.devservers.postgres import PostgresCluster
 
 USER, PASSWORD, DB = "app", "app-secret", "bench"
 

@@ -4,7 +4,7 @@
     python3 -m bench.mysql --quick                 # 2 rounds x 5 s
     python3 -m bench.mysql --targets direct,rdsproxy-cython --threads 16 --duration 20
 
-Starts a throwaway MariaDB (rdsproxy.engines.mysql.devserver, max_connections=200), loads
+Starts a throwaway MariaDB (rdsproxy.devservers.mariadb, max_connections=200), loads
 sysbench's tables, then starts rdsproxy twice from a frozen, Cython-built copy of the source
 (bench.build.prepare, as the PostgreSQL bench does): `rdsproxy-cython` and `rdsproxy-pure`
 (RDSPROXY_PURE_PYTHON=1), both with max_connections_percent=10 -> a pool of 20. The
@@ -148,7 +148,7 @@ def markdown(results: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from rdsproxy.engines.mysql.devserver import MariaDBServer
+    from rdsproxy.devservers.mariadb import MariaDBServer
 
     workloads = [w for w in args.workloads.split(",") if w]
     targets = [t for t in args.targets.split(",") if t]

@@ -188,7 +188,7 @@ async def _probe_targets(config) -> list[dict]:
 
 def _quickstart(listen: str) -> None:
     """Start a throwaway PostgreSQL, put the proxy in front of it, and say how to connect."""
-    from .devcluster import PostgresCluster
+    from .devservers.postgres import PostgresCluster
 
     password = "rdsproxy-demo"
     with tempfile.TemporaryDirectory(prefix="rdsproxy-demo-") as tmp:

@@ -14,7 +14,7 @@ import pytest
 # Make `tests.utils` / `utils` importable however pytest was invoked.
 sys.path.insert(0, os.path.dirname(__file__))
 
-from rdsproxy.devcluster import PostgresCluster  # noqa: E402
+from rdsproxy.devservers.postgres import PostgresCluster  # noqa: E402
 
 APP_USER = "app"
 APP_PASSWORD = "app-secret"

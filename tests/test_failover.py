@@ -16,7 +16,7 @@ from conftest import RunningProxy, write_secret
 from utils import free_port, wait_until
 
 from rdsproxy import config_from_dict
-from rdsproxy.devcluster import PostgresCluster
+from rdsproxy.devservers.postgres import PostgresCluster
 
 USER, PASSWORD, DB = "app", "app-secret", "appdb"
 FAST_CHECKS = {"health_check_interval": 0.2, "health_check_timeout": 1.0, "health_check_failures": 2}

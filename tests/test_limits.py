@@ -58,7 +58,7 @@ def pgbench(proxy_or_cluster_port, *args, timeout=120, dbname="bench", password=
 @pytest.fixture(scope="module")
 def small_pg(request):
     """A PostgreSQL that can take only 50 connections, with pgbench tables."""
-    from rdsproxy.devcluster import PostgresCluster
+    from rdsproxy.devservers.postgres import PostgresCluster
     cluster = PostgresCluster(auth="scram-sha-256", max_connections=50)
     cluster.start()
     request.addfinalizer(cluster.stop)

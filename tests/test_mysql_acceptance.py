@@ -22,7 +22,7 @@ import pymysql
 import pytest
 
 from proxyproc import ProxyProcess
-from rdsproxy.engines.mysql.devserver import MariaDBServer
+from rdsproxy.devservers.mariadb import MariaDBServer
 
 APP, APP_PW, APP_DB = "app", "app-secret", "appdb"
 MONITOR, MONITOR_PW = "monitor", "monitor-secret"

@@ -10,7 +10,6 @@ does not have.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import ssl
@@ -24,7 +23,7 @@ import pytest
 
 from rdsproxy.auth import mysql as auth
 from rdsproxy.engines.mysql import protocol as p
-from rdsproxy.engines.mysql.devserver import MariaDBServer
+from rdsproxy.devservers.mariadb import MariaDBServer
 from rdsproxy.engines.mysql.server_login import (DEFAULT_CAPABILITIES, ChangeUserLogin, LoginError,
                                           ServerLogin)
 from rdsproxy.tls import client_context, server_context
@@ -503,25 +502,6 @@ def test_processlist_counts(mariadb):
     while mariadb.connection_count("counted") and time.monotonic() < deadline:
         time.sleep(0.02)
     assert mariadb.connection_count("counted") == 0
-
-
-def test_devserver_life_cycle():
-    server = MariaDBServer(max_connections=12)
-    with server:
-        base, pid = server.base_dir, server.pid
-        assert os.path.isdir(base) and pid and server.running
-        assert server.variable("max_connections") == "12"
-        assert server.variable("port") == str(server.port)
-        server.create_database("keep")
-        server.kill()                                   # a crash: data kept
-        assert not server.running and os.path.isdir(base)
-        server.start()
-        assert "keep" in server.sql("SHOW DATABASES").split()
-        assert server.pid != pid
-        pid = server.pid
-    assert not os.path.exists(base) and not server.running
-    with pytest.raises(ProcessLookupError):
-        os.kill(pid, 0)
 
 
 # --- part 2: a server built from our builders, real clients against it -------------------------

@@ -22,7 +22,7 @@ from pymysql.constants import CLIENT
 from conftest import RunningProxy
 from rdsproxy import config_from_dict
 from rdsproxy.engines.mysql import protocol as p
-from rdsproxy.engines.mysql.devserver import MariaDBServer
+from rdsproxy.devservers.mariadb import MariaDBServer
 from rdsproxy.engines.mysql.server_login import ChangeUserLogin
 from test_mysql_login import log_in
 

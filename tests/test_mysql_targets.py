@@ -20,7 +20,7 @@ from conftest import RunningProxy
 from utils import wait_until
 
 from rdsproxy import config_from_dict
-from rdsproxy.engines.mysql.devserver import MariaDBServer
+from rdsproxy.devservers.mariadb import MariaDBServer
 
 APP, APP_PW, APP_DB = "app", "app-secret", "appdb"
 

@@ -19,7 +19,8 @@ import pytest
 from rdsproxy.core.targets import (AUTH_FAILURE, CONNECTION_FAILED,
                                    INVALID_REPLICATION_STATE, UNREACHABLE, ProbeError,
                                    ProbeResult, Role, Target, TargetGroup, TargetState)
-from rdsproxy.devcluster import PostgresCluster, free_port
+from rdsproxy.devservers.base import free_port
+from rdsproxy.devservers.postgres import PostgresCluster
 from rdsproxy.engines.postgres.health import make_probe, probe
 from rdsproxy.engines.postgres.protocol import parse_datarow
 

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from rdsproxy.devcluster import free_port
+from rdsproxy.devservers.base import free_port
 
 __all__ = [
     "concurrently",

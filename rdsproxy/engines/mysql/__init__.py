@@ -16,8 +16,8 @@
   codec and framing, responses, login packets, commands, and a response tracker that finds
   where a response ends); callers use the names its `__init__` re-exports.
 - `server_login`: the proxy's login to a database server (handshake, TLS, auth plugins), sans-IO.
-- `devserver`: throwaway MariaDB servers for tests and benchmarks.
 
 Password scrambles and the RSA exchange live in `rdsproxy.auth.mysql`; the relay's answer
-scanner in `rdsproxy._fastpath.mysql_framing_py` (compiled as `mysql_framing_c`).
+scanner in `rdsproxy._fastpath.mysql_framing_py` (compiled as `mysql_framing_c`). Throwaway
+MariaDB servers for tests and benchmarks are `rdsproxy.devservers.mariadb`.
 """

@@ -1,12 +1,11 @@
-"""Throwaway PostgreSQL clusters for tests and for `rdsproxy serve` without a config.
+"""Throwaway PostgreSQL clusters for tests, benchmarks and `rdsproxy serve` without a config.
 
-Charter: this module owns the life cycle of short-lived, local-only PostgreSQL servers
-built from the distribution's binaries (Debian's /usr/lib/postgresql/<ver>/bin):
-initdb into a private directory, a minimal and fast configuration (no fsync, TCP on
-127.0.0.1 only, a private unix socket directory), start/stop/kill, and a few admin
-helpers (psql, users, databases). It also makes streaming replicas of a running cluster
-(make_replica: pg_basebackup -R) and promotes them, for failover tests. It knows nothing
-about the proxy itself.
+The life cycle of short-lived, local-only PostgreSQL servers built from the distribution's
+binaries (Debian's /usr/lib/postgresql/<ver>/bin): initdb into a private directory (copied
+from a per-process template), a minimal and fast configuration (no fsync, TCP on 127.0.0.1
+only, a private unix socket directory), start/stop/kill, and a few admin helpers (psql,
+users, databases). It also makes streaming replicas of a running cluster (make_replica:
+pg_basebackup -R) and promotes them, for failover tests. It knows nothing about the proxy.
 
 Admin work goes over the cluster's own unix socket with `trust` auth; clients of the
 proxy (and tests) go over TCP 127.0.0.1 with the configured password method, so the
@@ -17,18 +16,16 @@ as the `postgres` OS user (runuser); a non-root user runs the binaries directly.
 """
 from __future__ import annotations
 
-import atexit
 import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
-import tempfile
-import threading
-import weakref
+import time
 
-__all__ = ["PostgresCluster", "ClusterError", "PsqlError", "find_pg_bin", "free_port"]
+from .base import DevServer, DevServerError, clean_env, quoted
+
+__all__ = ["PostgresCluster", "ClusterError", "PsqlError", "find_pg_bin"]
 
 _AUTH_METHODS = ("scram-sha-256", "md5", "trust", "password")
 _PG_LIB = "/usr/lib/postgresql"
@@ -36,16 +33,8 @@ _PG_LIB = "/usr/lib/postgresql"
 # it. Admin helpers commit synchronously so their users/databases survive a kill().
 _DURABLE = "SET synchronous_commit = on;\n"
 
-# Clusters started by this process and not yet stopped; atexit stops them so a crashed
-# test run or an interrupted `rdsproxy serve` does not leave postmasters behind.
-_LIVE: "weakref.WeakSet[PostgresCluster]" = weakref.WeakSet()
-_LIVE_LOCK = threading.Lock()
-# pg_bin -> an initdb'd data dir that new clusters copy (see PostgresCluster._initdb).
-_TEMPLATES: dict[str, str] = {}
-_TEMPLATE_LOCK = threading.Lock()
 
-
-class ClusterError(RuntimeError):
+class ClusterError(DevServerError):
     """A cluster could not be created, started or stopped."""
 
 
@@ -87,20 +76,13 @@ def find_pg_bin() -> str:
         "or set RDSPROXY_PG_BIN")
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now (racy by nature; start() retries)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
+    return quoted(name, '"')
 
 
 def _quote_literal(value: str) -> str:
     # standard_conforming_strings is on (the default), so only quotes need doubling.
-    return "'" + value.replace("'", "''") + "'"
+    return quoted(value, "'")
 
 
 def _conf_value(value: str) -> str:
@@ -114,77 +96,17 @@ def _dsn_value(value: str) -> str:
 
 
 def _clean_env() -> dict[str, str]:
-    # Stray PGHOST/PGPASSWORD/PGSERVICE... from the caller must not redirect admin commands.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env.setdefault("LC_ALL", "C")
-    return env
+    return clean_env(("PG",))
 
 
-def _atexit_stop_all() -> None:
-    with _LIVE_LOCK:
-        clusters = list(_LIVE)
-    for cluster in clusters:
-        try:
-            cluster.stop("immediate")
-        except Exception:
-            pass
-    for template in list(_TEMPLATES.values()):
-        shutil.rmtree(os.path.dirname(template), ignore_errors=True)
-    _TEMPLATES.clear()
-
-
-atexit.register(_atexit_stop_all)
-
-_OWNER_FILE = "owner.pid"
-_reaped = False
-
-
-def _mark_owned(tmp_dir: str) -> None:
-    with open(os.path.join(tmp_dir, _OWNER_FILE), "w") as f:
-        f.write(str(os.getpid()))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _reap_orphans(pg_bin: str, wrap) -> None:
-    """Stop and remove temp clusters whose creating process died without cleaning up
-    (SIGKILL, a test-runner timeout): otherwise each such run leaks a postmaster and a
-    data dir on the machine. Only dirs carrying our owner.pid of a dead pid are touched."""
-    global _reaped
-    if _reaped:
-        return
-    _reaped = True
-    for entry in os.listdir("/tmp"):
-        if not entry.startswith("rdsproxy-pg-"):
-            continue
-        tmp_dir = os.path.join("/tmp", entry)
-        try:
-            with open(os.path.join(tmp_dir, _OWNER_FILE)) as f:
-                pid = int(f.read().strip() or 0)
-        except (OSError, ValueError):
-            continue
-        if pid <= 0 or _pid_alive(pid):
-            continue
-        data = os.path.join(tmp_dir, "data")
-        if os.path.isfile(os.path.join(data, "postmaster.pid")):
-            subprocess.run(wrap(os.path.join(pg_bin, "pg_ctl"), "stop", "-w", "-m",
-                                "immediate", "-D", data),
-                           capture_output=True, timeout=60, env=_clean_env(), cwd="/")
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-
-
-class PostgresCluster:
+class PostgresCluster(DevServer):
     """One local PostgreSQL server in its own directory; see the module docstring."""
 
-    host = "127.0.0.1"
+    kind = "postgres"
+    dir_prefix = "rdsproxy-pg-"
+    os_user = "postgres"
+    package = "postgresql"
+    error = ClusterError
 
     def __init__(self, port: int | None = None, *, auth: str = "scram-sha-256",
                  max_connections: int = 100, superuser_password: str = "postgres",
@@ -197,38 +119,18 @@ class PostgresCluster:
         self.superuser_password = superuser_password
         self.settings = dict(settings or {})
         self.pg_bin = pg_bin or find_pg_bin()
-        self._auto_port = port is None
-        self.port = free_port() if port is None else int(port)
-        self._own_base = base_dir is None
-        self._base_dir_arg = base_dir
-        self.base_dir = ""
-        self.data_dir = ""
-        self.socket_dir = ""
-        self.log_path = ""
+        super().__init__(port, base_dir)
         self._running = False
-        self._lock = threading.RLock()
-        self._set_paths(base_dir)
+        self._set_base_dir(base_dir or "")
         # Set on a replica made by make_replica(): where its first start() clones from
         # (host, port, user, password) instead of copying the initdb template.
         self._clone_from: tuple[str, int, str, str] | None = None
         # On a primary: the replication role's password once make_replica() created it.
         self._replication_password: str | None = None
 
-        self._as_postgres = os.geteuid() == 0
-        self._pg_uid = self._pg_gid = None
-        if self._as_postgres:
-            import pwd
-            try:
-                pw = pwd.getpwnam("postgres")
-            except KeyError:
-                raise ClusterError(
-                    "running as root but there is no 'postgres' OS user to run the server "
-                    "as; install the postgresql package") from None
-            self._pg_uid, self._pg_gid = pw.pw_uid, pw.pw_gid
-
     # -- paths and processes -------------------------------------------------------------
 
-    def _set_paths(self, base_dir: str | None) -> None:
+    def _set_base_dir(self, base_dir: str) -> None:
         self.base_dir = os.path.abspath(base_dir) if base_dir else ""
         if self.base_dir:
             self.data_dir = os.path.join(self.base_dir, "data")
@@ -239,19 +141,13 @@ class PostgresCluster:
 
     def _prepare_dirs(self) -> None:
         if self._own_base and (not self.base_dir or not os.path.isdir(self.base_dir)):
-            # Under /tmp (not $TMPDIR, which may be a 0700 dir postgres cannot enter) and
-            # short, because the unix socket path is limited to ~107 bytes.
-            with _TEMPLATE_LOCK:
-                _reap_orphans(self.pg_bin, self._server_cmd)
-            self._set_paths(tempfile.mkdtemp(prefix="rdsproxy-pg-", dir="/tmp"))
-            _mark_owned(self.base_dir)
+            self._set_base_dir(self._make_base_dir())
         os.makedirs(self.base_dir, exist_ok=True)
         os.makedirs(self.socket_dir, exist_ok=True)
         for path in (self.base_dir, self.socket_dir):
             os.chmod(path, 0o755)
-            if self._as_postgres:
-                os.chown(path, self._pg_uid, self._pg_gid)
-        if self._as_postgres:
+            self.chown(path)
+        if self._as_os_user:
             self._check_traversable(self.base_dir)
 
     def _check_traversable(self, path: str) -> None:
@@ -260,15 +156,22 @@ class PostgresCluster:
         parent = os.path.dirname(path)
         while parent and parent != "/":
             st = os.stat(parent)
-            if not (st.st_mode & 0o001 or (st.st_uid == self._pg_uid and st.st_mode & 0o100)
-                    or (st.st_gid == self._pg_gid and st.st_mode & 0o010)):
+            if not (st.st_mode & 0o001 or (st.st_uid == self._uid and st.st_mode & 0o100)
+                    or (st.st_gid == self._gid and st.st_mode & 0o010)):
                 raise ClusterError(
                     f"{parent} is not traversable by the postgres OS user; choose a base_dir "
                     "whose parents are world-executable (e.g. under /tmp) or leave base_dir=None")
             parent = os.path.dirname(parent)
 
+    def _stop_orphan(self, directory: str) -> None:
+        data = os.path.join(directory, "data")
+        if os.path.isfile(os.path.join(data, "postmaster.pid")):
+            subprocess.run(self._server_cmd(self._bin("pg_ctl"), "stop", "-w", "-m",
+                                            "immediate", "-D", data),
+                           capture_output=True, timeout=60, env=_clean_env(), cwd="/")
+
     def _server_cmd(self, *argv: str) -> list[str]:
-        if self._as_postgres:
+        if self._as_os_user:
             return ["runuser", "-u", "postgres", "--", *argv]
         return list(argv)
 
@@ -281,40 +184,13 @@ class PostgresCluster:
                               text=True, timeout=timeout, check=check, env=_clean_env(),
                               cwd=self.base_dir or "/")
 
-    def log_tail(self, lines: int = 40) -> str:
-        """The last lines of the server log (for error messages)."""
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                return "".join(f.readlines()[-lines:])
-        except OSError:
-            return "(no server log)"
-
     # -- life cycle ----------------------------------------------------------------------
 
     def _initdb(self) -> None:
-        # initdb is most of a cluster's start-up time, and its output does not depend on
-        # our options (pg_hba and settings are rewritten on every start), so run it once
-        # per process and pg_bin into a template and copy that (~0.1 s vs ~1 s).
-        with _TEMPLATE_LOCK:
-            template = _TEMPLATES.get(self.pg_bin)
-            if template is None or not os.path.isfile(os.path.join(template, "PG_VERSION")):
-                tdir = tempfile.mkdtemp(prefix="rdsproxy-pg-template-", dir="/tmp")
-                _mark_owned(tdir)
-                os.chmod(tdir, 0o755)
-                if self._as_postgres:
-                    os.chown(tdir, self._pg_uid, self._pg_gid)
-                template = os.path.join(tdir, "data")
-                try:
-                    self._run_initdb(template, cwd=tdir)
-                except BaseException:
-                    shutil.rmtree(tdir, ignore_errors=True)
-                    raise
-                _TEMPLATES[self.pg_bin] = template
-        # cp -a keeps owner (postgres) and the 0700 mode PostgreSQL insists on.
-        proc = subprocess.run(["cp", "-a", template, self.data_dir], capture_output=True,
-                              text=True, timeout=120)
-        if proc.returncode != 0:
-            raise ClusterError(f"copying the initdb template failed: {proc.stderr.strip()}")
+        template = self._template(
+            (self.pg_bin,), self._run_initdb,
+            lambda data: os.path.isfile(os.path.join(data, "PG_VERSION")))
+        self._copy_template(template, self.data_dir)
 
     def _run_initdb(self, data_dir: str, cwd: str) -> None:
         proc = subprocess.run(self._server_cmd(
@@ -339,7 +215,7 @@ class PostgresCluster:
         conf.update(self.settings)  # caller's settings win
         # Our settings live in an included file rewritten on every start, so a restart
         # with a new port (retry) or new settings never piles up duplicates.
-        body = "# written by rdsproxy.devcluster on every start\n" + "".join(
+        body = "# written by rdsproxy.devservers on every start\n" + "".join(
             f"{k} = {_conf_value(v)}\n" for k, v in conf.items())
         self._write_data_file("rdsproxy.conf", body)
         main_conf = os.path.join(self.data_dir, "postgresql.conf")
@@ -351,7 +227,7 @@ class PostgresCluster:
 
         # Local socket: trust, for our own admin. TCP: the method under test.
         hba = (
-            "# written by rdsproxy.devcluster\n"
+            "# written by rdsproxy.devservers\n"
             "local   all          all                 trust\n"
             "local   replication  all                 trust\n"
             f"host    all          all  127.0.0.1/32   {self.auth}\n"
@@ -365,8 +241,7 @@ class PostgresCluster:
         with open(path, "w", encoding="utf-8") as f:
             f.write(body)
         os.chmod(path, 0o600)
-        if self._as_postgres:
-            os.chown(path, self._pg_uid, self._pg_gid)
+        self.chown(path)
 
     def _pg_ctl_running(self) -> bool:
         if not self.data_dir or not os.path.isfile(os.path.join(self.data_dir, "PG_VERSION")):
@@ -374,15 +249,12 @@ class PostgresCluster:
         proc = self._run([self._bin("pg_ctl"), "status", "-D", self.data_dir], check=False)
         return proc.returncode == 0
 
-    def _pg_ctl_start(self) -> bool:
+    def _pg_ctl_start(self, timeout: float) -> bool:
         """Start the server; False when the port turned out to be taken."""
-        # Truncate the log so the tail in an error message belongs to this attempt.
-        with open(self.log_path, "w"):
-            pass
-        if self._as_postgres:
-            os.chown(self.log_path, self._pg_uid, self._pg_gid)
-        proc = self._run([self._bin("pg_ctl"), "start", "-w", "-t", "60", "-D", self.data_dir,
-                          "-l", self.log_path], check=False, timeout=90)
+        self._fresh_log()
+        proc = self._run([self._bin("pg_ctl"), "start", "-w", "-t", str(int(timeout)),
+                          "-D", self.data_dir, "-l", self.log_path],
+                         check=False, timeout=timeout + 30)
         if proc.returncode == 0:
             return True
         tail = self.log_tail()
@@ -394,56 +266,39 @@ class PostgresCluster:
             f"{(proc.stderr or proc.stdout).strip()})\n--- server log tail ({self.log_path}) ---\n"
             f"{tail}")
 
-    def start(self) -> "PostgresCluster":
-        """initdb if needed, configure, start, and set the superuser password. Returns self.
+    def _still_running(self) -> bool:
+        if self._running and self._pg_ctl_running():
+            return True
+        self._running = False
+        return False
 
-        Safe to call again: a running cluster is left alone; a killed one is restarted on
-        its existing data (crash recovery), keeping its users and databases.
-        """
-        with self._lock:
-            if self._running and self._pg_ctl_running():
-                return self
-            self._running = False
-            try:
-                return self._start()
-            except BaseException:
-                # Leave nothing behind: no half-started server, no orphaned temp dir.
-                try:
-                    self.stop("immediate")
-                except Exception:
-                    pass
-                raise
-
-    def _start(self) -> "PostgresCluster":
-        with self._lock:
-            self._prepare_dirs()
-            fresh = not os.path.isfile(os.path.join(self.data_dir, "PG_VERSION"))
-            if fresh and self._clone_from is not None:
-                self._basebackup()
-            elif fresh:
-                self._initdb()
-            elif self._pg_ctl_running():
-                # A server left over on this data dir (e.g. by an earlier process): restart
-                # it so it runs with the configuration asked for now.
-                self._run([self._bin("pg_ctl"), "stop", "-w", "-m", "fast", "-D",
-                           self.data_dir], check=False)
-            for attempt in range(6):
-                self._write_config()
-                if self._pg_ctl_start():
-                    break
-                if not self._auto_port or attempt == 5:
-                    raise ClusterError(
-                        f"port {self.port} is already in use\n--- server log tail ---\n"
-                        f"{self.log_tail()}")
-                self.port = free_port()  # lost the race for an auto-picked port
-            self._running = True
-            with _LIVE_LOCK:
-                _LIVE.add(self)
-            if fresh and self._clone_from is None:
-                # (A replica is read-only and already has the primary's password.)
-                self.psql(f"{_DURABLE}ALTER ROLE postgres PASSWORD "
-                          f"{_quote_literal(self.superuser_password)}")
-            return self
+    def _start(self, timeout: float) -> None:
+        """initdb if needed, configure, start, and set the superuser password."""
+        self._prepare_dirs()
+        fresh = not os.path.isfile(os.path.join(self.data_dir, "PG_VERSION"))
+        if fresh and self._clone_from is not None:
+            self._basebackup()
+        elif fresh:
+            self._initdb()
+        elif self._pg_ctl_running():
+            # A server left over on this data dir (e.g. by an earlier process): restart
+            # it so it runs with the configuration asked for now.
+            self._run([self._bin("pg_ctl"), "stop", "-w", "-m", "fast", "-D",
+                       self.data_dir], check=False)
+        attempts = 6
+        for attempt in range(attempts):
+            self._write_config()
+            if self._pg_ctl_start(timeout):
+                break
+            if not self._next_port(attempt, attempts):
+                raise ClusterError(
+                    f"port {self.port} is already in use\n--- server log tail ---\n"
+                    f"{self.log_tail()}")
+        self._running = True
+        if fresh and self._clone_from is None:
+            # (A replica is read-only and already has the primary's password.)
+            self.psql(f"{_DURABLE}ALTER ROLE postgres PASSWORD "
+                      f"{_quote_literal(self.superuser_password)}")
 
     def stop(self, mode: str = "fast") -> None:
         """pg_ctl stop -m mode (no-op if not running); removes base_dir if we created it."""
@@ -454,11 +309,10 @@ class PostgresCluster:
                 if proc.returncode != 0 and self._pg_ctl_running():
                     raise ClusterError(f"pg_ctl stop -m {mode} failed: {proc.stderr.strip()}")
             self._running = False
-            with _LIVE_LOCK:
-                _LIVE.discard(self)
-            if self._own_base and self.base_dir:
-                shutil.rmtree(self.base_dir, ignore_errors=True)
-                self._set_paths(None)
+            self._forget()
+
+    def stop_at_exit(self) -> None:
+        self.stop("immediate")
 
     def kill(self) -> None:
         """Stop abruptly (-m immediate), like a crash; the data dir is kept, so start()
@@ -534,7 +388,6 @@ class PostgresCluster:
     def _wait_streaming(self, timeout: float = 30.0) -> None:
         # pg_ctl start -w returns once the standby accepts read-only connections; wait
         # for its WAL receiver too, so writes made on the primary from now on arrive.
-        import time
         deadline = time.monotonic() + timeout
         while True:
             status = self.psql("SELECT status FROM pg_stat_wal_receiver")
@@ -561,12 +414,6 @@ class PostgresCluster:
     @property
     def running(self) -> bool:
         return self._running
-
-    def __enter__(self) -> "PostgresCluster":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         state = "running" if self._running else "stopped"

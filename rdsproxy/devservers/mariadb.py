@@ -1,13 +1,12 @@
-"""Throwaway MariaDB servers for tests and benchmarks (the MySQL-family twin of
-rdsproxy.devcluster).
+"""Throwaway MariaDB servers for tests and benchmarks of the MySQL engine family.
 
-Charter: the life cycle of short-lived, local-only MariaDB servers built from the
-distribution's binaries (Debian's mariadb-server: mariadb-install-db, mariadbd, mariadb):
-a private directory under /tmp with its own data dir, unix socket, pid file and error log;
-a minimal, fast configuration (no durability, TCP on 127.0.0.1 only, no binary log, no
-performance_schema); start / stop / kill; and a few admin helpers (SQL as root over the
-unix socket, users with a chosen auth plugin, databases, SHOW PROCESSLIST counts). It
-knows nothing about the proxy.
+The life cycle of short-lived, local-only MariaDB servers built from the distribution's
+binaries (Debian's mariadb-server: mariadb-install-db, mariadbd, mariadb): a private
+directory under /tmp with its own data dir (copied from a per-process template), unix
+socket, pid file and error log; a minimal, fast configuration (no durability, TCP on
+127.0.0.1 only, no binary log, no performance_schema); start / stop / kill; and a few admin
+helpers (SQL as root over the unix socket, users with a chosen auth plugin, databases,
+SHOW PROCESSLIST counts). It knows nothing about the proxy.
 
 Every option is given on the command line after --no-defaults, so the machine's own
 /etc/mysql configuration (and the system MariaDB on port 3306) never interferes.
@@ -27,19 +26,15 @@ tested against the proxy's own server-side code instead.
 """
 from __future__ import annotations
 
-import atexit
 import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
-import tempfile
-import threading
 import time
-import weakref
 
-from ...devcluster import free_port
+from .base import DevServer, DevServerError, clean_env, pid_alive, quoted, read_pid
 
 __all__ = ["MariaDBServer", "MariaDBError", "SqlError", "find_mariadb_bin"]
 
@@ -49,17 +44,8 @@ _CLIENT_NAMES = ("mariadb", "mysql")
 _SEARCH_PATH = ("/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin",
                 "/usr/local/mysql/bin")
 
-_LIVE: "weakref.WeakSet[MariaDBServer]" = weakref.WeakSet()
-_LIVE_LOCK = threading.Lock()
-# (install_db, server) -> a freshly installed data dir that new servers copy.
-_TEMPLATES: dict[tuple[str, str], str] = {}
-_TEMPLATE_LOCK = threading.Lock()
-_OWNER_FILE = "owner.pid"
-_DIR_PREFIX = "rdsproxy-my-"
-_reaped = False
 
-
-class MariaDBError(RuntimeError):
+class MariaDBError(DevServerError):
     """A server could not be created, started or stopped."""
 
 
@@ -101,7 +87,7 @@ def find_mariadb_bin() -> dict[str, str]:
 
 
 def _quote_ident(name: str) -> str:
-    return "`" + name.replace("`", "``") + "`"
+    return quoted(name, "`")
 
 
 def _quote_literal(value: str) -> str:
@@ -110,29 +96,7 @@ def _quote_literal(value: str) -> str:
 
 
 def _clean_env() -> dict[str, str]:
-    # MYSQL_HOST / MYSQL_PWD / MYSQL_UNIX_PORT ... from the caller must not redirect admin
-    # commands; LC_ALL=C keeps messages parseable.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MYSQL", "MARIADB"))}
-    env["LC_ALL"] = "C"
-    return env
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _read_pid(path: str) -> int:
-    try:
-        with open(path) as f:
-            return int(f.read().strip() or 0)
-    except (OSError, ValueError):
-        return 0
+    return clean_env(("MYSQL", "MARIADB"))
 
 
 def _is_mariadbd(pid: int) -> bool:
@@ -153,7 +117,7 @@ def _kill_pid(pid: int, timeout: float = 30.0) -> None:
     except ProcessLookupError:
         return
     deadline = time.monotonic() + timeout
-    while _pid_alive(pid) and _is_mariadbd(pid):
+    while pid_alive(pid) and _is_mariadbd(pid):
         if time.monotonic() > deadline:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -163,41 +127,7 @@ def _kill_pid(pid: int, timeout: float = 30.0) -> None:
         time.sleep(0.02)
 
 
-def _reap_orphans() -> None:
-    """Stop and remove servers whose creating process died without cleaning up (SIGKILL, a
-    test-runner timeout). Only dirs carrying our owner.pid of a dead pid are touched."""
-    global _reaped
-    if _reaped:
-        return
-    _reaped = True
-    for entry in os.listdir("/tmp"):
-        if not entry.startswith(_DIR_PREFIX):
-            continue
-        base = os.path.join("/tmp", entry)
-        owner = _read_pid(os.path.join(base, _OWNER_FILE))
-        if owner <= 0 or _pid_alive(owner):
-            continue
-        _kill_pid(_read_pid(os.path.join(base, "mariadbd.pid")), timeout=10)
-        shutil.rmtree(base, ignore_errors=True)
-
-
-def _atexit_stop_all() -> None:
-    with _LIVE_LOCK:
-        servers = list(_LIVE)
-    for server in servers:
-        try:
-            server.stop()
-        except Exception:
-            pass
-    for template in list(_TEMPLATES.values()):
-        shutil.rmtree(os.path.dirname(template), ignore_errors=True)
-    _TEMPLATES.clear()
-
-
-atexit.register(_atexit_stop_all)
-
-
-class MariaDBServer:
+class MariaDBServer(DevServer):
     """One local MariaDB server in its own directory; see the module docstring.
 
     `settings` are extra server options ({"innodb_buffer_pool_size": "256M", ...}; a value
@@ -207,7 +137,12 @@ class MariaDBServer:
     point there.
     """
 
-    host = "127.0.0.1"
+    kind = "mariadb"
+    dir_prefix = "rdsproxy-my-"
+    os_user = "mysql"
+    package = "mariadb-server"
+    log_name = "error log"
+    error = MariaDBError
 
     def __init__(self, port: int | None = None, *, max_connections: int = 151,
                  settings: dict[str, str | int | None] | None = None,
@@ -216,40 +151,18 @@ class MariaDBServer:
         self.settings = dict(settings or {})
         self.tls = tuple(tls) if tls else None
         self.bins = find_mariadb_bin()
-        self._auto_port = port is None
-        self.port = free_port() if port is None else int(port)
-        self._own_base = base_dir is None
-        self.base_dir = os.path.abspath(base_dir) if base_dir else ""
+        super().__init__(port, base_dir)
+        self._set_base_dir(base_dir or "")
         self._proc: subprocess.Popen | None = None
-        self._lock = threading.RLock()
-        self._as_mysql = os.geteuid() == 0
-        self._uid = self._gid = None
-        if self._as_mysql:
-            import pwd
-            try:
-                pw = pwd.getpwnam("mysql")
-            except KeyError:
-                raise MariaDBError("running as root but there is no 'mysql' OS user to run "
-                                   "the server as; install the mariadb-server package") from None
-            self._uid, self._gid = pw.pw_uid, pw.pw_gid
 
     # -- paths ----------------------------------------------------------------------------
 
-    @property
-    def data_dir(self) -> str:
-        return os.path.join(self.base_dir, "data") if self.base_dir else ""
-
-    @property
-    def socket_path(self) -> str:
-        return os.path.join(self.base_dir, "mariadbd.sock") if self.base_dir else ""
-
-    @property
-    def pid_file(self) -> str:
-        return os.path.join(self.base_dir, "mariadbd.pid") if self.base_dir else ""
-
-    @property
-    def log_path(self) -> str:
-        return os.path.join(self.base_dir, "error.log") if self.base_dir else ""
+    def _set_base_dir(self, base_dir: str) -> None:
+        self.base_dir = os.path.abspath(base_dir) if base_dir else ""
+        paths = {"data_dir": "data", "socket_path": "mariadbd.sock",
+                 "pid_file": "mariadbd.pid", "log_path": "error.log"}
+        for attribute, name in paths.items():
+            setattr(self, attribute, os.path.join(self.base_dir, name) if self.base_dir else "")
 
     @property
     def pid(self) -> int:
@@ -260,68 +173,39 @@ class MariaDBServer:
     def running(self) -> bool:
         return self.pid != 0
 
-    def _chown(self, path: str) -> None:
-        if self._as_mysql:
-            os.chown(path, self._uid, self._gid)
-
     def _prepare_dirs(self) -> None:
         if self._own_base and not self.base_dir:
-            with _TEMPLATE_LOCK:
-                _reap_orphans()
-            # Under /tmp (not $TMPDIR, which may be a 0700 dir mysql cannot enter) and
-            # short, because a unix socket path is limited to ~107 bytes.
-            self.base_dir = tempfile.mkdtemp(prefix=_DIR_PREFIX, dir="/tmp")
-            with open(os.path.join(self.base_dir, _OWNER_FILE), "w") as f:
-                f.write(str(os.getpid()))
+            self._set_base_dir(self._make_base_dir())
         os.makedirs(self.base_dir, exist_ok=True)
         os.chmod(self.base_dir, 0o755)
-        self._chown(self.base_dir)
+        self.chown(self.base_dir)
         tmp = os.path.join(self.base_dir, "tmp")
         os.makedirs(tmp, exist_ok=True)
         os.chmod(tmp, 0o700)
-        self._chown(tmp)
+        self.chown(tmp)
 
-    def log_tail(self, lines: int = 40) -> str:
-        """The last lines of the error log (for error messages)."""
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                return "".join(f.readlines()[-lines:])
-        except OSError:
-            return "(no error log)"
+    def _stop_orphan(self, directory: str) -> None:
+        _kill_pid(read_pid(os.path.join(directory, "mariadbd.pid")), timeout=10)
 
     # -- life cycle -------------------------------------------------------------------------
 
     def _install(self) -> None:
-        # mariadb-install-db costs ~0.5 s and its output does not depend on our options
-        # (they are all given at start), so run it once per process and copy the result.
-        key = (self.bins["install_db"], self.bins["server"])
-        with _TEMPLATE_LOCK:
-            template = _TEMPLATES.get(key)
-            if template is None or not os.path.isdir(os.path.join(template, "mysql")):
-                tdir = tempfile.mkdtemp(prefix=_DIR_PREFIX + "template-", dir="/tmp")
-                with open(os.path.join(tdir, _OWNER_FILE), "w") as f:
-                    f.write(str(os.getpid()))
-                os.chmod(tdir, 0o755)
-                self._chown(tdir)
-                template = os.path.join(tdir, "data")
-                argv = [self.bins["install_db"], "--no-defaults", f"--datadir={template}",
-                        "--auth-root-authentication-method=normal", "--skip-test-db",
-                        "--skip-name-resolve", "--innodb-log-file-size=16M",
-                        f"--tmpdir={tdir}"]
-                if self._as_mysql:
-                    argv.append("--user=mysql")
-                proc = subprocess.run(argv, capture_output=True, text=True, timeout=180,
-                                      env=_clean_env(), cwd=tdir)
-                if proc.returncode != 0 or not os.path.isdir(os.path.join(template, "mysql")):
-                    shutil.rmtree(tdir, ignore_errors=True)
-                    raise MariaDBError(f"mariadb-install-db failed ({proc.returncode}):\n"
-                                       f"{proc.stderr}{proc.stdout}")
-                _TEMPLATES[key] = template
-        # cp -a keeps the mysql owner and modes.
-        proc = subprocess.run(["cp", "-a", template, self.data_dir], capture_output=True,
-                              text=True, timeout=120)
-        if proc.returncode != 0:
-            raise MariaDBError(f"copying the data dir template failed: {proc.stderr.strip()}")
+        template = self._template(
+            (self.bins["install_db"], self.bins["server"]), self._run_install_db,
+            lambda data: os.path.isdir(os.path.join(data, "mysql")))
+        self._copy_template(template, self.data_dir)
+
+    def _run_install_db(self, data_dir: str, cwd: str) -> None:
+        argv = [self.bins["install_db"], "--no-defaults", f"--datadir={data_dir}",
+                "--auth-root-authentication-method=normal", "--skip-test-db",
+                "--skip-name-resolve", "--innodb-log-file-size=16M", f"--tmpdir={cwd}"]
+        if self._as_os_user:
+            argv.append("--user=mysql")
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=180,
+                              env=_clean_env(), cwd=cwd)
+        if proc.returncode != 0 or not os.path.isdir(os.path.join(data_dir, "mysql")):
+            raise MariaDBError(f"mariadb-install-db failed ({proc.returncode}):\n"
+                               f"{proc.stderr}{proc.stdout}")
 
     def _tls_options(self) -> dict[str, str]:
         if not self.tls:
@@ -329,14 +213,14 @@ class MariaDBServer:
         directory = os.path.join(self.base_dir, "tls")
         os.makedirs(directory, exist_ok=True)
         os.chmod(directory, 0o755)
-        self._chown(directory)
+        self.chown(directory)
         names = ("server-cert.pem", "server-key.pem", "ca.pem")
         options = {}
         for option, name, source in zip(("ssl_cert", "ssl_key", "ssl_ca"), names, self.tls):
             target = os.path.join(directory, name)
             shutil.copyfile(source, target)
             os.chmod(target, 0o600 if option == "ssl_key" else 0o644)
-            self._chown(target)
+            self.chown(target)
             options[option] = target
         return options
 
@@ -364,52 +248,28 @@ class MariaDBServer:
         options.update(self._tls_options())
         options.update(self.settings)    # the caller's settings win
         argv = [self.bins["server"], "--no-defaults"]
-        if self._as_mysql:
+        if self._as_os_user:
             argv.append("--user=mysql")
         for key, value in options.items():
             argv.append(f"--{key}" if value is None else f"--{key}={value}")
         return argv
 
-    def start(self, timeout: float = 60.0) -> "MariaDBServer":
-        """Install if needed, start and wait until it accepts connections. Returns self.
-
-        Safe to call again: a running server is left alone; a killed one is restarted on
-        its existing data (crash recovery), keeping its users and databases.
-        """
-        with self._lock:
-            if self.running:
-                return self
-            try:
-                self._start(timeout)
-            except BaseException:
-                try:
-                    self.stop()
-                except Exception:
-                    pass
-                raise
-            return self
-
     def _start(self, timeout: float) -> None:
         self._prepare_dirs()
         if not os.path.isdir(os.path.join(self.data_dir, "mysql")):
             self._install()
-        for attempt in range(6):
-            # A fresh log per attempt, so an error message shows this attempt's tail.
-            with open(self.log_path, "w"):
-                pass
-            self._chown(self.log_path)
+        attempts = 6
+        for attempt in range(attempts):
+            self._fresh_log()
             self._proc = subprocess.Popen(
                 self._argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL, env=_clean_env(), cwd=self.base_dir,
                 start_new_session=True)
-            with _LIVE_LOCK:
-                _LIVE.add(self)
             if self._wait_ready(timeout):
                 return
             tail = self.log_tail()
             if re.search(r"Address already in use|Can't start server: Bind", tail) \
-                    and self._auto_port and attempt < 5:
-                self.port = free_port()     # lost the race for an auto-picked port
+                    and self._next_port(attempt, attempts):
                 continue
             raise MariaDBError(f"mariadbd failed to start on port {self.port} (exit "
                                f"{self._proc.poll()})\n--- error log tail ({self.log_path}) "
@@ -454,12 +314,11 @@ class MariaDBServer:
             self._kill_proc()
             if self.pid_file:
                 # A server left over on this directory by an earlier process.
-                _kill_pid(_read_pid(self.pid_file), timeout=10)
-            with _LIVE_LOCK:
-                _LIVE.discard(self)
-            if self._own_base and self.base_dir:
-                shutil.rmtree(self.base_dir, ignore_errors=True)
-                self.base_dir = ""
+                _kill_pid(read_pid(self.pid_file), timeout=10)
+            self._forget()
+
+    def stop_at_exit(self) -> None:
+        self.stop()
 
     def kill(self) -> None:
         """SIGKILL, like a crash; the data dir is kept, so start() brings the same server
@@ -476,12 +335,6 @@ class MariaDBServer:
         with self._lock:
             self._kill_proc()
             return self.start()
-
-    def __enter__(self) -> "MariaDBServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
