@@ -1,25 +1,39 @@
-"""Shared fixtures: throwaway PostgreSQL clusters (and, below, the lead's proxy fixtures).
+"""The suite's fixtures, by section: database servers, proxies, TLS, secrets.
 
-One session-wide cluster (`pg`) serves most tests, so initdb runs once; tests that need
-different server settings (auth method, tiny max_connections, ...) get their own from
-`pg_factory`, stopped when the test ends.
+Servers: one session-wide PostgreSQL (`pg`) and one MariaDB (`mariadb`) serve most tests,
+so each is installed once; tests that need other server settings start their own through
+rdsproxy.devservers (`pg_factory` for PostgreSQL), stopped when the test ends. Proxies:
+`proxy_factory` runs a proxy of either engine in front of them in this process, and
+`proxy_process_factory` the same as a subprocess (tests/harness.py builds both's
+configuration); `one_connection` is a module's proxy of one connection, compared with
+direct sessions (tests/differential.py).
 """
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import uuid
 
 import pytest
 
-# Make `tests.utils` / `utils` importable however pytest was invoked.
+# Make the helper modules (`harness`, `utils`, ...) importable however pytest was invoked.
 sys.path.insert(0, os.path.dirname(__file__))
 
+from differential import proxied_differential  # noqa: E402
+from harness import (APP_DB, APP_PASSWORD, APP_USER, MARIADB_MAX_CONNECTIONS,  # noqa: E402
+                     ONE_CONNECTION, OTHER_PASSWORD, OTHER_USER, RunningProxy, proxy_config,
+                     write_secret)
+from proxyproc import ProxyProcess  # noqa: E402
+from rdsproxy import config_from_dict  # noqa: E402
+from rdsproxy.devservers.mariadb import MariaDBServer  # noqa: E402
 from rdsproxy.devservers.postgres import PostgresCluster  # noqa: E402
 
-APP_USER = "app"
-APP_PASSWORD = "app-secret"
-APP_DB = "appdb"
+# test_quick_login.py still imports the accounts and write_secret from here.
+__all__ = ["APP_DB", "APP_PASSWORD", "APP_USER", "write_secret"]
 
+
+# --- servers ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
 def pg():
@@ -38,8 +52,6 @@ def pg():
 @pytest.fixture(scope="session")
 def pgbench_db(pg):
     """A database of the session cluster with pgbench's tables (scale 1), owned by app."""
-    import subprocess
-    import uuid
     name = "benchdb_" + uuid.uuid4().hex[:6]
     pg.create_database(name, owner=APP_USER)
     subprocess.run(["pgbench", "-i", "-s", "1", "-q", "-h", pg.host, "-p", str(pg.port), "-U", APP_USER,
@@ -67,153 +79,92 @@ def pg_factory():
             print(f"warning: could not stop {cluster!r}: {exc}", file=sys.stderr)
 
 
-# --- proxy fixtures (lead) ---
-
-import asyncio  # noqa: E402
-import json  # noqa: E402
-import threading  # noqa: E402
-
-from rdsproxy import Proxy, config_from_dict  # noqa: E402
-from utils import libpq_dsn  # noqa: E402
-
-
-class RunningProxy:
-    """A Proxy serving on its own event loop in a background thread, for sync clients.
-
-    The loop is uvloop unless RDSPROXY_TEST_LOOP=asyncio.
-    """
-
-    def __init__(self, config):
-        self.config = config
-        self.proxy = Proxy(config)
-        self.loop = None
-        self._ready = threading.Event()
-        self._error = None
-        self.phase_problems: list[str] = []
-        self._thread = threading.Thread(target=self._main, name="rdsproxy-test", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(30):
-            raise TimeoutError("proxy did not start in 30 s")
-        if self._error is not None:
-            raise self._error
-
-    def _main(self):
-        if os.environ.get("RDSPROXY_TEST_LOOP", "uvloop") == "uvloop":
-            import uvloop
-            self.loop = uvloop.new_event_loop()
-        else:
-            self.loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.loop.run_until_complete(self.proxy.start())
-        except BaseException as exc:  # reported to the starting thread
-            self._error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        self.loop.call_soon(self._audit_phases)
-        self.loop.run_until_complete(self.proxy.serve_forever())
-        self.loop.run_until_complete(asyncio.sleep(0.05))
-        self.loop.close()
-
-    @property
-    def host(self) -> str:
-        return self.proxy.address[0]
-
-    @property
-    def port(self) -> int:
-        return self.proxy.address[1]
-
-    def dsn(self, user=APP_USER, password=APP_PASSWORD, dbname=APP_DB, **extra) -> str:
-        return libpq_dsn(self.host, self.port, user, password, dbname, **extra)
-
-    def call(self, fn, *args):
-        """Run `fn(*args)` on the proxy's loop and return its result (sync or coroutine)."""
-        async def wrapper():
-            result = fn(*args)
-            if asyncio.iscoroutine(result):
-                result = await result
-            return result
-        return asyncio.run_coroutine_threadsafe(wrapper(), self.loop).result(30)
-
-    def stats(self) -> dict:
-        return self.call(self.proxy.stats)
-
-    def _audit_phases(self):
-        """Every few milliseconds while it runs, the clients' phases are checked (each
-        callback of the loop must leave them right); the first problems are kept."""
-        engine = self.proxy.engine
-        if engine is None or self.loop.is_closed():
-            return
-        if len(self.phase_problems) < 5:
-            self.phase_problems += _phase_problems(engine)
-        self.loop.call_later(0.005, self._audit_phases)
-
-    def stop(self, drain: bool = False):
-        """Stop the proxy; an AssertionError afterwards if its clients' phases were ever
-        wrong (every test that runs a proxy checks them this way)."""
-        if self._thread.is_alive():
-            try:
-                self.call(self.proxy.stop, drain)
-            except Exception:
-                pass
-            self._thread.join(30)
-            assert not self.phase_problems, self.phase_problems
+@pytest.fixture(scope="session")
+def mariadb(test_ca):
+    """Session MariaDB: max_connections=50, TLS with the test CA's server pair, 64 MiB
+    packets, local infile, no host blocking; user app (all privileges) owning database
+    appdb with table t (id, v) = (1, 'a'), (2, 'b'), (3, 'c'); user other with
+    all privileges on appdb."""
+    server = MariaDBServer(
+        max_connections=MARIADB_MAX_CONNECTIONS,
+        tls=(test_ca.server_cert, test_ca.server_key, test_ca.ca_cert),
+        settings={"max_allowed_packet": "64M", "local_infile": "ON",
+                  "max_connect_errors": 1000000})
+    server.start()
+    try:
+        server.create_user(APP_USER, APP_PASSWORD)
+        server.create_database(APP_DB, owner=APP_USER)
+        server.create_user(OTHER_USER, OTHER_PASSWORD, grant=f"ALL ON {APP_DB}.*")
+        server.sql("CREATE TABLE t (id INT AUTO_INCREMENT PRIMARY KEY, v VARCHAR(20)); "
+                   "INSERT INTO t VALUES (1, 'a'), (2, 'b'), (3, 'c');", database=APP_DB)
+        yield server
+    finally:
+        server.stop()
 
 
-def _phase_problems(engine) -> list[str]:
-    from rdsproxy._fastpath import Phase
-    clients = list(engine.clients)
-    counted = {name: sum(1 for c in clients if c.phase == i)
-               for i, name in enumerate(Phase.NAMES) if i != Phase.FREE}
-    problems = []
-    if engine.ledger.phases() != counted:
-        problems.append(f"gauges {engine.ledger.phases()} but the clients are {counted}")
-    if engine.ledger.stray_moves:
-        problems.append(f"{engine.ledger.stray_moves} stray phase moves")
-    for client in clients:
-        holding = client.phase in (Phase.ACTIVE, Phase.PINNED)
-        if holding != (client.server is not None):
-            problems.append(f"client {client.peer} in phase {Phase.NAMES[client.phase]} "
-                            f"with server {client.server!r}")
-    return problems
+# --- proxies ---------------------------------------------------------------------------------
 
+def _maker(request, start):
+    """make(server=None, *, engine="postgres", **options) -> start(server, engine, ...)'s
+    proxy, in front of the session server of that engine unless told otherwise; and the
+    list of the proxies made, to stop."""
+    made = []
 
-def write_secret(directory, username, password, **extra) -> str:
-    path = os.path.join(str(directory), f"secret-{username}.json")
-    with open(path, "w") as fh:
-        json.dump({"username": username, "password": password, "engine": "postgres", **extra}, fh)
-    return path
+    def make(server=None, *, engine="postgres", **options):
+        if server is None and options.get("targets") is None and options.get("config") is None:
+            server = request.getfixturevalue("pg" if engine == "postgres" else "mariadb")
+        made.append(start(server, engine, **options))
+        return made[-1]
+
+    return make, made
 
 
 @pytest.fixture
-def proxy_factory(tmp_path, pg):
-    """make(cluster=pg, users=[(user, password)], client_auth=..., **target_group) -> RunningProxy.
+def proxy_factory(tmp_path, request):
+    """make(server=None, engine="postgres" or "mysql", **options) -> RunningProxy: a proxy
+    in front of `server` (the session `pg` or `mariadb` by default); the options are
+    harness.proxy_config's (users, client_auth, top, tls, iam, iam_auth, target, targets,
+    endpoints, secrets, ..., **target_group), or config={...} is a ready configuration.
+    Every proxy is stopped at test end."""
+    def start(server, engine, config=None, **options) -> RunningProxy:
+        config = config or proxy_config(tmp_path, server, engine=engine, **options)
+        return RunningProxy(config_from_dict(config, source="<test>", base_dir=tmp_path))
 
-    Extra top-level config keys go in `top={...}`; every proxy is stopped at test end.
-    """
-    proxies: list[RunningProxy] = []
-
-    def make(cluster=None, users=((APP_USER, APP_PASSWORD),), client_auth="POSTGRES_SCRAM_SHA_256",
-             top=None, **target_group) -> RunningProxy:
-        cluster = cluster or pg
-        auth = [{"secret": f"file:{write_secret(tmp_path, u, p)}",
-                 "client_password_auth_type": client_auth} for u, p in users]
-        target_group.setdefault("max_connections_percent", 20)
-        target_group.setdefault("connection_borrow_timeout", 10)
-        config = config_from_dict({
-            "name": "test-proxy", "engine_family": "POSTGRESQL", **(top or {}),
-            "auth": auth, "target_group": target_group,
-            "targets": [{"host": cluster.host, "port": cluster.port}],
-            "endpoints": [{"name": "default", "listen": "127.0.0.1:0"}],
-        }, source="<test>", base_dir=tmp_path)
-        running = RunningProxy(config)
-        proxies.append(running)
-        return running
-
+    make, proxies = _maker(request, start)
     yield make
     for running in proxies:
         running.stop()
+
+
+@pytest.fixture
+def proxy_process_factory(tmp_path, request):
+    """proxy_factory's twin with the proxy as a subprocess (`rdsproxy serve`), for process
+    behaviour or clients that block the GIL (psycopg's C `conn.cancel()` waits holding it,
+    which would deadlock a proxy in a thread of this process): make(server=None,
+    engine=..., users=None, **options) -> ProxyProcess, each in its own directory."""
+    def start(server, engine, users=None, **options) -> ProxyProcess:
+        return ProxyProcess(tmp_path / f"proxy{len(processes)}", server, users, engine=engine,
+                            **options)
+
+    make, processes = _maker(request, start)
+    yield make
+    for process in processes:
+        process.stop()
+
+
+@pytest.fixture(scope="module")
+def one_connection(tmp_path_factory, pg):
+    """A Differential whose proxy (a subprocess with an admin endpoint) lends one connection
+    of the session cluster, shared by the module's tests."""
+    with proxied_differential(tmp_path_factory.mktemp("one-connection"), pg, admin=True,
+                              **ONE_CONNECTION) as diff:
+        yield diff
+
+
+@pytest.fixture
+def secure_proxy_factory(proxy_factory):
+    """proxy_factory under the name test_quick_login.py asks for."""
+    return proxy_factory
 
 
 @pytest.fixture
@@ -222,11 +173,7 @@ def proxy(proxy_factory):
     return proxy_factory()
 
 
-# --- TLS / IAM / secrets fixtures ---
-
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-
+# --- TLS -------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
 def test_ca(tmp_path_factory):
@@ -237,70 +184,8 @@ def test_ca(tmp_path_factory):
     return make_test_ca(tmp_path_factory.mktemp("ca"))
 
 
-def postgres_tls_settings(ca) -> dict:
-    """PostgresCluster settings turning on ssl with `ca`'s server pair, copied where the
-    postgres OS user can read them (key 0600, owned by it, as PostgreSQL insists)."""
-    directory = tempfile.mkdtemp(prefix="rdsproxy-pgtls-", dir="/tmp")
-    os.chmod(directory, 0o755)
-    cert = os.path.join(directory, "server.pem")
-    key = os.path.join(directory, "server.key")
-    shutil.copyfile(ca.server_cert, cert)
-    shutil.copyfile(ca.server_key, key)
-    os.chmod(cert, 0o644)
-    os.chmod(key, 0o600)
-    if os.geteuid() == 0:
-        import pwd
-        pw = pwd.getpwnam("postgres")
-        for path in (directory, cert, key):
-            os.chown(path, pw.pw_uid, pw.pw_gid)
-    return {"ssl": "on", "ssl_cert_file": cert, "ssl_key_file": key}
 
-
-@pytest.fixture
-def secure_proxy_factory(tmp_path, pg):
-    """proxy_factory plus the TLS, IAM and secrets settings:
-
-    make(cluster=pg, users=[(user, password)], client_auth=..., top={...},
-         tls={cert_file, key_file, ...}, iam={region, host_names, principals: [...]},
-         iam_auth="REQUIRED" or {user: mode}, target={tls, tls_ca_file},
-         secrets={user: "aws-secretsmanager:..."} (instead of a file), **target_group)
-    """
-    proxies: list[RunningProxy] = []
-
-    def make(cluster=None, users=((APP_USER, APP_PASSWORD),), client_auth="POSTGRES_SCRAM_SHA_256",
-             top=None, tls=None, iam=None, iam_auth=None, target=None, secrets=None,
-             **target_group) -> RunningProxy:
-        cluster = cluster or pg
-        auth = []
-        for user, password in users:
-            reference = (secrets or {}).get(user) or f"file:{write_secret(tmp_path, user, password)}"
-            entry = {"secret": reference, "client_password_auth_type": client_auth}
-            mode = iam_auth.get(user) if isinstance(iam_auth, dict) else iam_auth
-            if mode:
-                entry["iam_auth"] = mode
-            auth.append(entry)
-        target_group.setdefault("max_connections_percent", 20)
-        target_group.setdefault("connection_borrow_timeout", 10)
-        data = {
-            "name": "test-proxy", "engine_family": "POSTGRESQL", **(top or {}),
-            "auth": auth, "target_group": target_group,
-            "targets": [{"host": cluster.host, "port": cluster.port, **(target or {})}],
-            "endpoints": [{"name": "default", "listen": "127.0.0.1:0"}],
-        }
-        if tls is not None:
-            data["tls"] = tls
-        if iam is not None:
-            data["iam"] = iam
-        running = RunningProxy(config_from_dict(data, source="<test>", base_dir=tmp_path))
-        proxies.append(running)
-        return running
-
-    yield make
-    for running in proxies:
-        running.stop()
-
-
-# --- a local AWS Secrets Manager (moto's real server on loopback) ---
+# --- secrets: a local AWS Secrets Manager (moto's real server on loopback) -------------------
 
 @pytest.fixture(scope="session")
 def moto_endpoint():

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import asyncpg
 import psycopg
-from conftest import APP_DB, APP_PASSWORD, APP_USER
+from harness import APP_DB, APP_PASSWORD, APP_USER
 from proxyproc import ProxyProcess
 from psycopg import pq
 from utils import free_port, libpq_dsn, run
@@ -126,6 +126,14 @@ def take_turns(side, steps) -> list:
         for conn in sessions:
             conn.close()
     return seen
+
+
+def stats_around_turns(diff, *scenarios) -> tuple[dict, dict]:
+    """The proxy's admin stats before and after take_turns of each scenario through it."""
+    before = diff.proxied.stats()
+    for steps in scenarios:
+        take_turns(diff.proxy, steps)
+    return before, diff.proxied.stats()
 
 
 def outcome(fn, *args):

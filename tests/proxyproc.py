@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+from harness import proxy_config, secret_path
 from utils import free_port, libpq_dsn, wait_for_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,48 +30,41 @@ def toml_value(value) -> str:
     raise TypeError(value)
 
 
-def write_config(path, *, top: dict, auth: list[dict], target_group: dict, targets: list[dict],
-                 endpoints: list[dict]) -> None:
-    lines = [f"{k} = {toml_value(v)}" for k, v in top.items()]
-    if target_group:
-        lines.append("\n[target_group]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in target_group.items()]
-    for name, entries in (("auth", auth), ("targets", targets), ("endpoints", endpoints)):
-        for entry in entries:
-            lines.append(f"\n[[{name}]]")
-            lines += [f"{k} = {toml_value(v)}" for k, v in entry.items()]
-    with open(path, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-
-
-def write_secret_file(path, username, password) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as fh:
-        json.dump({"username": username, "password": password, "engine": "postgres"}, fh)
+def dump_toml(doc: dict) -> str:
+    """A configuration dict as a TOML file's text: scalars and plain lists first, then each
+    table, then each array of tables (auth, targets, endpoints)."""
+    lines = []
+    for key, value in doc.items():
+        if not isinstance(value, (dict, list)) or (isinstance(value, list) and not
+                                                     any(isinstance(v, dict) for v in value)):
+            lines.append(f"{key} = {toml_value(value)}")
+    for key, value in doc.items():
+        if isinstance(value, dict):
+            lines.append(f"\n[{key}]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in value.items()]
+        elif isinstance(value, list) and any(isinstance(v, dict) for v in value):
+            for entry in value:
+                lines.append(f"\n[[{key}]]")
+                lines += [f"{k} = {toml_value(v)}" for k, v in entry.items()]
+    return "\n".join(lines) + "\n"
 
 
 class ProxyProcess:
-    """A proxy subprocess with its config in `directory`; secrets live in
-    directory/secrets/<user>.json and are referenced relative to the config file."""
+    """`rdsproxy serve` in front of `server` with its config (harness.proxy_config's, with
+    the same options) and log in `directory`."""
 
-    def __init__(self, directory, cluster, users, *, top=None, client_auth="POSTGRES_SCRAM_SHA_256",
-                 env=None, **target_group):
+    def __init__(self, directory, server, users, *, env=None, **options):
         self.directory = str(directory)
+        os.makedirs(self.directory, exist_ok=True)
         self.port = free_port()
         self.host = "127.0.0.1"
         self.config_path = os.path.join(self.directory, "proxy.toml")
         self.log_path = os.path.join(self.directory, "proxy.log")
-        auth = []
-        for user, password in users:
-            write_secret_file(self.secret_path(user), user, password)
-            auth.append({"secret": f"file:secrets/{user}.json", "client_password_auth_type": client_auth})
-        target_group.setdefault("max_connections_percent", 20)
-        target_group.setdefault("connection_borrow_timeout", 10)
-        write_config(self.config_path, top={"name": "subprocess-proxy", "engine_family": "POSTGRESQL",
-                                            **(top or {})},
-                     auth=auth, target_group=target_group,
-                     targets=[{"host": cluster.host, "port": cluster.port}],
-                     endpoints=[{"name": "default", "listen": f"127.0.0.1:{self.port}"}])
+        config = proxy_config(self.directory, server, users=users,
+                              endpoints=[{"name": "default", "listen": f"127.0.0.1:{self.port}"}],
+                              **options)
+        with open(self.config_path, "w") as fh:
+            fh.write(dump_toml(config))
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "rdsproxy", "serve", "--config", self.config_path],
@@ -83,7 +77,7 @@ class ProxyProcess:
             raise
 
     def secret_path(self, user) -> str:
-        return os.path.join(self.directory, "secrets", f"{user}.json")
+        return secret_path(self.directory, user)
 
     def dsn(self, user, password, dbname, **extra) -> str:
         return libpq_dsn(self.host, self.port, user, password, dbname, **extra)

@@ -11,7 +11,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from conftest import APP_DB, APP_PASSWORD, APP_USER
+from harness import APP_DB, APP_PASSWORD, APP_USER
 from utils import run, wait_until
 
 WRONG = "wrong-Pa55word-" + uuid.uuid4().hex[:8]
@@ -100,7 +100,7 @@ def test_proxy_logs_into_server_with_each_method(pg_factory, proxy_factory, serv
     cluster = pg_factory(auth=server_auth, max_connections=20)
     cluster.create_user("app", "app-secret")
     cluster.create_database("appdb", owner="app")
-    proxy = proxy_factory(cluster=cluster)
+    proxy = proxy_factory(cluster)
     with connect(proxy.dsn()) as conn:
         row = conn.execute("SELECT current_user, current_database(), current_setting('port')").fetchone()
         assert row == ("app", "appdb", str(cluster.port))

@@ -12,8 +12,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from conftest import APP_DB, APP_PASSWORD, APP_USER
-from proxyproc import ProxyProcess
+from harness import APP_DB, APP_PASSWORD, APP_USER
 from utils import run, wait_until
 
 CANCEL_REQUEST_CODE = 80877102
@@ -22,22 +21,6 @@ CANCEL_REQUEST_CODE = 80877102
 def connect(proxy, **kw):
     return psycopg.connect(proxy.dsn(user=APP_USER, password=APP_PASSWORD, dbname=APP_DB),
                            connect_timeout=10, autocommit=True, **kw)
-
-
-@pytest.fixture
-def proxy_process(tmp_path, pg):
-    """The proxy as a subprocess. psycopg's (C) `conn.cancel()` holds the GIL while it waits
-    for the server to close the cancel socket, so it would deadlock a proxy running in a
-    thread of this process; those tests use this fixture."""
-    made = []
-
-    def make(**target_group):
-        p = ProxyProcess(tmp_path / f"proxy{len(made)}", pg, [(APP_USER, APP_PASSWORD)], **target_group)
-        made.append(p)
-        return p
-    yield make
-    for p in made:
-        p.stop()
 
 
 def send_cancel(proxy, pid, secret):
@@ -63,18 +46,24 @@ def run_in_thread(fn):
     return out, th
 
 
-def test_cancel_long_query(proxy_process):
-    proxy = proxy_process()
+def cancel_a_long_query(conn, cancel, **kwargs):
+    """cancel(**kwargs) half a second into a 30 s query: it ends with QueryCanceled within
+    5 s."""
+    timer = threading.Timer(0.5, cancel, kwargs=kwargs)
+    timer.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute("SELECT pg_sleep(30)")
+    finally:
+        timer.cancel()
+    assert time.monotonic() - start < 5
+
+
+def test_cancel_long_query(proxy_process_factory):
+    proxy = proxy_process_factory()
     with connect(proxy) as conn:
-        timer = threading.Timer(0.5, conn.cancel)
-        timer.start()
-        start = time.monotonic()
-        try:
-            with pytest.raises(psycopg.errors.QueryCanceled):
-                conn.execute("SELECT pg_sleep(30)")
-        finally:
-            timer.cancel()
-        assert time.monotonic() - start < 5
+        cancel_a_long_query(conn, conn.cancel)
         # The session keeps working, also inside a transaction.
         assert conn.execute("SELECT 'still here'").fetchone() == ("still here",)
         with conn.transaction():
@@ -84,21 +73,13 @@ def test_cancel_long_query(proxy_process):
 def test_cancel_safe_in_process(proxy):
     # psycopg's non-blocking cancel works against the in-process proxy, whose stats we see.
     with connect(proxy) as conn:
-        timer = threading.Timer(0.5, conn.cancel_safe, kwargs={"timeout": 5})
-        timer.start()
-        start = time.monotonic()
-        try:
-            with pytest.raises(psycopg.errors.QueryCanceled):
-                conn.execute("SELECT pg_sleep(30)")
-        finally:
-            timer.cancel()
-        assert time.monotonic() - start < 5
+        cancel_a_long_query(conn, conn.cancel_safe, timeout=5)
         assert conn.execute("SELECT 'still here'").fetchone() == ("still here",)
     assert proxy.stats()["CancelRequests"] == 1
 
 
-def test_cancel_inside_transaction(proxy_process):
-    proxy = proxy_process()
+def test_cancel_inside_transaction(proxy_process_factory):
+    proxy = proxy_process_factory()
     with psycopg.connect(proxy.dsn(APP_USER, APP_PASSWORD, APP_DB), connect_timeout=10) as conn:
         conn.execute("SELECT 1")
         timer = threading.Timer(0.5, conn.cancel)
@@ -129,10 +110,10 @@ def test_cancel_with_wrong_key_does_nothing(proxy):
         assert victim.execute("SELECT 1").fetchone() == (1,)
 
 
-def test_cancel_idle_client_does_not_hit_others(proxy_process):
+def test_cancel_idle_client_does_not_hit_others(proxy_process_factory):
     # One server connection for everybody: the idle client's last connection is the one
     # the sleeper is using now, so a proxy that remembered it would cancel the wrong query.
-    proxy = proxy_process(max_connections_percent=2)
+    proxy = proxy_process_factory(max_connections_percent=2)
     with connect(proxy) as idle, connect(proxy) as sleeper:
         assert idle.execute("SELECT 1").fetchone() == (1,)
         out, th = run_in_thread(lambda: sleeper.execute("SELECT pg_sleep(2), 'slept'").fetchone())

@@ -15,7 +15,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from conftest import APP_DB, APP_PASSWORD, APP_USER
+from harness import APP_DB, APP_PASSWORD, APP_USER
 from utils import run, run_cmd, wait_until
 
 PGENV = {"PGPASSWORD": APP_PASSWORD, "PGCONNECT_TIMEOUT": "10"}

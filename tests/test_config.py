@@ -10,8 +10,8 @@ import sys
 import psycopg
 import pytest
 
-from conftest import APP_DB, APP_PASSWORD, APP_USER, RunningProxy
-from proxyproc import REPO, toml_value
+from harness import APP_PASSWORD, APP_USER, RunningProxy
+from proxyproc import REPO, dump_toml
 from rdsproxy.config import ConfigError, config_from_dict, load_config
 from rdsproxy.secrets import SecretError, read_secret
 from utils import run_cmd
@@ -26,23 +26,6 @@ BASE = {
     "targets": [{"host": "127.0.0.1", "port": 5432}],
     "endpoints": [{"name": "default", "listen": "127.0.0.1:6432"}],
 }
-
-
-def dump_toml(doc: dict) -> str:
-    lines = []
-    for key, value in doc.items():
-        if not isinstance(value, (dict, list)) or (isinstance(value, list) and not
-                                                     any(isinstance(v, dict) for v in value)):
-            lines.append(f"{key} = {toml_value(value)}")
-    for key, value in doc.items():
-        if isinstance(value, dict):
-            lines.append(f"\n[{key}]")
-            lines += [f"{k} = {toml_value(v)}" for k, v in value.items()]
-        elif isinstance(value, list) and any(isinstance(v, dict) for v in value):
-            for entry in value:
-                lines.append(f"\n[[{key}]]")
-                lines += [f"{k} = {toml_value(v)}" for k, v in entry.items()]
-    return "\n".join(lines) + "\n"
 
 
 def write_config(directory, doc, name="proxy.toml", secret=True) -> str:

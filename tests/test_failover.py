@@ -12,14 +12,15 @@ import urllib.request
 
 import psycopg
 import pytest
-from conftest import RunningProxy, write_secret
+import harness
+from harness import FAST_CHECKS, READ_WRITE_AND_READ_ONLY, RunningProxy, describe_targets_cli
+from proxyproc import dump_toml
 from utils import free_port, wait_until
 
 from rdsproxy import config_from_dict
 from rdsproxy.devservers.postgres import PostgresCluster
 
 USER, PASSWORD, DB = "app", "app-secret", "appdb"
-FAST_CHECKS = {"health_check_interval": 0.2, "health_check_timeout": 1.0, "health_check_failures": 2}
 
 
 def _prepare(primary: PostgresCluster) -> None:
@@ -42,35 +43,34 @@ def pair():
         primary.stop("immediate")
 
 
-def proxy_config(tmp_path, targets, *, admin=False, endpoints=None, **target_group) -> dict:
-    secret = write_secret(tmp_path, USER, PASSWORD, dbname=DB)
-    tg = {"max_connections_percent": 20, "connection_borrow_timeout": 10, **FAST_CHECKS,
-          **target_group}
-    config = {
-        "name": "failover-test", "engine_family": "POSTGRESQL",
-        "auth": [{"secret": f"file:{secret}", "client_password_auth_type": "POSTGRES_MD5"}],
-        "target_group": tg,
-        "targets": [{"name": name, "host": c.host, "port": c.port} for name, c in targets],
-        "endpoints": endpoints or [{"name": "rw", "listen": "127.0.0.1:0"},
-                                   {"name": "ro", "listen": "127.0.0.1:0", "target_role": "READ_ONLY"}],
-    }
-    if admin:
-        config["admin"] = {"listen": f"127.0.0.1:{free_port()}"}
-    return config
+def proxy_config(tmp_path, targets, **options) -> dict:
+    """User app (md5, its secret naming appdb) in front of `targets` [(name, cluster)], with
+    rw and ro endpoints and fast health checks."""
+    options.setdefault("endpoints", READ_WRITE_AND_READ_ONLY)
+    return harness.proxy_config(tmp_path, targets=targets, users=[(USER, PASSWORD)],
+                                client_auth="POSTGRES_MD5", secret_fields={"dbname": DB},
+                                **{**FAST_CHECKS, **options})
 
 
 @pytest.fixture
-def start_proxy(tmp_path):
-    running: list[RunningProxy] = []
+def start_proxy(proxy_factory):
+    """start(config) -> RunningProxy, stopped at test end."""
+    return lambda config: proxy_factory(config=config)
 
-    def start(config: dict) -> RunningProxy:
-        proxy = RunningProxy(config_from_dict(config, source="<test>", base_dir=tmp_path))
-        running.append(proxy)
-        return proxy
 
-    yield start
-    for proxy in running:
-        proxy.stop()
+@pytest.fixture
+def only_target(pg_factory, start_proxy, tmp_path):
+    """make(**target_group) -> (cluster, proxy): a cluster of its own with user app, and a
+    proxy with it as its one target "only" (AVAILABLE) behind one rw endpoint."""
+    def make(**target_group):
+        cluster = pg_factory(max_connections=20)
+        _prepare(cluster)
+        proxy = start_proxy(proxy_config(tmp_path, [("only", cluster)], **target_group,
+                                         endpoints=[{"name": "rw", "listen": "127.0.0.1:0"}]))
+        wait_available(proxy, "only")
+        return cluster, proxy
+
+    return make
 
 
 def dsn(proxy: RunningProxy, endpoint: str = "rw", **extra) -> str:
@@ -130,38 +130,19 @@ def test_roles_reader_endpoint_and_describe(pair, start_proxy, tmp_path):
 
 def test_describe_targets_cli_with_and_without_admin(pair, tmp_path):
     primary, replica = pair
-    secret = write_secret(tmp_path, USER, PASSWORD, dbname=DB)
     admin_port, port = free_port(), free_port()
-    base = f"""
-name = "cli-test"
-[[auth]]
-secret = "file:{secret}"
-[target_group]
-health_check_interval = 0.2
-[[targets]]
-name = "primary"
-host = "127.0.0.1"
-port = {primary.port}
-[[targets]]
-name = "replica"
-host = "127.0.0.1"
-port = {replica.port}
-[[endpoints]]
-name = "rw"
-listen = "127.0.0.1:{port}"
-"""
+    config = proxy_config(tmp_path, [("primary", primary), ("replica", replica)],
+                          endpoints=[{"name": "rw", "listen": f"127.0.0.1:{port}"}])
+    admin = {"admin": {"listen": f"127.0.0.1:{admin_port}"}}
     # Without [admin]: one check from the CLI itself, no pool figures.
     plain = tmp_path / "plain.toml"
-    plain.write_text(base)
-    out = subprocess.run([sys.executable, "-m", "rdsproxy", "describe-targets", "--config", str(plain),
-                          "--json"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    roles = {t["RdsResourceId"]: (t["Role"], t["TargetHealth"]["State"]) for t in json.loads(out.stdout)["Targets"]}
-    assert roles == {"primary": ("READ_WRITE", "AVAILABLE"), "replica": ("READ_ONLY", "AVAILABLE")}
+    plain.write_text(dump_toml(config))
+    assert describe_targets_cli(plain) == {"primary": ("READ_WRITE", "AVAILABLE"),
+                                           "replica": ("READ_ONLY", "AVAILABLE")}
 
     # With [admin]: asks the running proxy.
     with_admin = tmp_path / "admin.toml"
-    with_admin.write_text(base + f'\n[admin]\nlisten = "127.0.0.1:{admin_port}"\n')
+    with_admin.write_text(dump_toml({**config, **admin}))
     proc = subprocess.Popen([sys.executable, "-m", "rdsproxy", "serve", "--config", str(with_admin)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -179,9 +160,7 @@ listen = "127.0.0.1:{port}"
                    for r in rows)
 
         # SIGHUP re-reads the file's [[targets]]: the replica removed from it is deregistered.
-        without_replica = base[:base.index('[[targets]]\nname = "replica"')] + \
-            base[base.index('[[endpoints]]'):]
-        with_admin.write_text(without_replica + f'\n[admin]\nlisten = "127.0.0.1:{admin_port}"\n')
+        with_admin.write_text(dump_toml({**config, **admin, "targets": config["targets"][:1]}))
         proc.send_signal(signal.SIGHUP)
 
         def names():
@@ -250,12 +229,8 @@ def test_targets_removed_and_readded_by_reload(pair, start_proxy, tmp_path):
 
 # -- a dead target, a flapping one ---------------------------------------------------------
 
-def test_target_that_never_comes_back(pg_factory, start_proxy, tmp_path):
-    cluster = pg_factory(max_connections=20)
-    _prepare(cluster)
-    proxy = start_proxy(proxy_config(tmp_path, [("only", cluster)], connection_borrow_timeout=2,
-                                     endpoints=[{"name": "rw", "listen": "127.0.0.1:0"}]))
-    wait_available(proxy, "only")
+def test_target_that_never_comes_back(only_target):
+    cluster, proxy = only_target(connection_borrow_timeout=2)
     conn = psycopg.connect(dsn(proxy), autocommit=True)
     assert conn.execute("SELECT 1").fetchone()[0] == 1
     cluster.kill()
@@ -277,12 +252,8 @@ def test_target_that_never_comes_back(pg_factory, start_proxy, tmp_path):
     assert query(proxy, "SELECT 1") == 1
 
 
-def test_flapping_target_clients_wait_instead_of_failing(pg_factory, start_proxy, tmp_path):
-    cluster = pg_factory(max_connections=20)
-    _prepare(cluster)
-    proxy = start_proxy(proxy_config(tmp_path, [("only", cluster)], connection_borrow_timeout=20,
-                                     endpoints=[{"name": "rw", "listen": "127.0.0.1:0"}]))
-    wait_available(proxy, "only")
+def test_flapping_target_clients_wait_instead_of_failing(only_target):
+    cluster, proxy = only_target(connection_borrow_timeout=20)
     stop = threading.Event()
     results = {"ok": 0, "errors": []}
 
@@ -317,12 +288,8 @@ def test_flapping_target_clients_wait_instead_of_failing(pg_factory, start_proxy
     assert targets_by_name(proxy)["only"]["TargetHealth"]["State"] == "AVAILABLE"
 
 
-def test_pinned_session_on_a_dead_target_gets_a_clear_error(pg_factory, start_proxy, tmp_path):
-    cluster = pg_factory(max_connections=20)
-    _prepare(cluster)
-    proxy = start_proxy(proxy_config(tmp_path, [("only", cluster)],
-                                     endpoints=[{"name": "rw", "listen": "127.0.0.1:0"}]))
-    wait_available(proxy, "only")
+def test_pinned_session_on_a_dead_target_gets_a_clear_error(only_target):
+    cluster, proxy = only_target()
     pinned = psycopg.connect(dsn(proxy), autocommit=True)
     pinned.execute("CREATE TEMP TABLE pinned_here (a int)")   # pins: temporary_object
     plain = psycopg.connect(dsn(proxy), autocommit=True, prepare_threshold=None)
@@ -336,16 +303,11 @@ def test_pinned_session_on_a_dead_target_gets_a_clear_error(pg_factory, start_pr
     assert proxy.stats()["RequestsReplayed"] == 0     # nothing was in flight
 
 
-def test_what_a_client_carries_outlives_its_database_connections(pg_factory, start_proxy,
-                                                                  tmp_path):
+def test_what_a_client_carries_outlives_its_database_connections(only_target):
     """Settings, SQL PREPAREd statements and named protocol statements are the client's,
     not its connection's: after the database restarts under an idle client, its next
     statements find them on a new connection, with no error."""
-    cluster = pg_factory(max_connections=20)
-    _prepare(cluster)
-    proxy = start_proxy(proxy_config(tmp_path, [("only", cluster)], connection_borrow_timeout=20,
-                                     endpoints=[{"name": "rw", "listen": "127.0.0.1:0"}]))
-    wait_available(proxy, "only")
+    cluster, proxy = only_target(connection_borrow_timeout=20)
     with psycopg.connect(dsn(proxy), autocommit=True, prepare_threshold=None) as conn:
         conn.execute("set work_mem = '7MB'")
         conn.execute("prepare doubled(int) as select $1 * 2")

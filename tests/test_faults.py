@@ -10,7 +10,7 @@ import time
 
 import psycopg
 import pytest
-from conftest import APP_USER
+from harness import APP_USER
 from utils import wait_until
 
 

@@ -13,9 +13,8 @@ from datetime import datetime, timedelta, timezone
 import psycopg
 import pytest
 
-from conftest import APP_DB, APP_PASSWORD, APP_USER
+from harness import APP_DB, APP_PASSWORD, APP_USER, raw_startup
 from rdsproxy.auth.iam import generate_token
-from test_tls_proxy import raw_startup
 
 AKID = "AKIAIOSFODNN7EXAMPLE"
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
@@ -32,12 +31,12 @@ def boto3_token(port, user=APP_USER, host="127.0.0.1", akid=AKID, secret=SECRET,
 
 
 @pytest.fixture
-def iam_proxy(secure_proxy_factory, test_ca, tmp_path):
+def iam_proxy(proxy_factory, test_ca, tmp_path):
     principal = tmp_path / "principal.json"
     principal.write_text(json.dumps({"AccessKeyId": AKID, "SecretAccessKey": SECRET}))
 
     def make(mode="REQUIRED", **kw):
-        return secure_proxy_factory(
+        return proxy_factory(
             tls={"cert_file": test_ca.server_cert, "key_file": test_ca.server_key},
             iam={"region": REGION, "principals": [{
                 "access_key_id": AKID, "secret_access_key": "file:principal.json",

@@ -14,7 +14,7 @@ LEADING = [b"/*", b"--", b"set", b"reset", b"prepare", b"declare", b"discard", b
 ANYWHERE = [b"temp", b"tval", b"_config", b"y_lock", b"(", b"u&"]
 
 
-@pytest.fixture(scope="module", params=["py", "c"])
+@pytest.fixture(scope="module", params=sorted(KEYWORDS))
 def scanner(request):
     return pick(KEYWORDS, request.param).KeywordScanner(LEADING, ANYWHERE)
 
@@ -66,7 +66,7 @@ TEXT = st.lists(st.one_of(
 def test_twins_agree(sql):
     py = KEYWORDS["py"].KeywordScanner(LEADING, ANYWHERE)
     assert py.may_match(sql) == py._scan(sql, len(sql)), "regex and loop differ"
-    if KEYWORDS["c"] is not None:
+    if "c" in KEYWORDS:
         c = KEYWORDS["c"].KeywordScanner(LEADING, ANYWHERE)
         assert c.may_match(sql) == py.may_match(sql)
 

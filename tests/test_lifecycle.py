@@ -13,7 +13,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from conftest import APP_DB, APP_PASSWORD, APP_USER
+from harness import APP_DB, APP_PASSWORD, APP_USER
 from proxyproc import ProxyProcess
 from utils import port_is_open, run, wait_until
 

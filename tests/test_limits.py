@@ -7,7 +7,7 @@ import time
 
 import psycopg
 import pytest
-from conftest import APP_DB, APP_PASSWORD, APP_USER
+from harness import APP_DB, APP_PASSWORD, APP_USER
 from utils import run_cmd, wait_until
 
 
@@ -80,7 +80,7 @@ def test_budget_is_derived_from_max_connections(proxy_factory, pg):
 def test_500_clients_through_20_connections(proxy_factory, small_pg):
     """The acceptance run: 500 pgbench clients, max_connections=50, 40% budget."""
     # md5 on the client leg keeps pgbench's own SCRAM work (500 logins) out of the run time.
-    proxy = proxy_factory(cluster=small_pg, max_connections_percent=40, connection_borrow_timeout=60,
+    proxy = proxy_factory(small_pg, max_connections_percent=40, connection_borrow_timeout=60,
                           client_auth="POSTGRES_MD5")
     with BackendSampler(small_pg) as sampler:
         rc, failed, tps, out = pgbench(proxy.port, "-S", "-c", "500", "-j", "2", "-T", "20")
@@ -100,7 +100,7 @@ def test_500_clients_directly_fail(small_pg):
 
 def test_connection_per_transaction(proxy_factory, small_pg):
     """pgbench -C: a new client connection for every transaction (the Lambda pattern)."""
-    proxy = proxy_factory(cluster=small_pg, max_connections_percent=40)
+    proxy = proxy_factory(small_pg, max_connections_percent=40)
     rc, failed, tps, out = pgbench(proxy.port, "-C", "-S", "-c", "50", "-j", "2", "-T", "5")
     assert rc == 0 and failed == 0 and tps > 0, out
     assert proxy.stats()["pool"]["open"] <= 20

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import struct
 
-from conftest import APP_PASSWORD, APP_USER
+from harness import APP_PASSWORD, APP_USER
 from utils import message_fields, recv_message
 
 OTHER_USER, OTHER_PASSWORD = "other", "other-secret"

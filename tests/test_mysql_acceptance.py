@@ -1,5 +1,5 @@
-"""Issue 6's acceptance run: 500 concurrent PyMySQL clients through the proxy against a
-MariaDB with max_connections=50, and the same load straight at MariaDB.
+"""The acceptance run: 500 concurrent PyMySQL clients through the proxy against a
+MariaDB with max_connections=50 (the session one), and the same load straight at MariaDB.
 
 Each client thread connects, runs two queries and a short transaction, and disconnects,
 over and over for 15 s. Through the proxy (a subprocess with its own event loop, as in
@@ -21,10 +21,10 @@ import time
 import pymysql
 import pytest
 
+from harness import APP_DB, APP_PASSWORD as APP_PW, APP_USER as APP
 from proxyproc import ProxyProcess
 from rdsproxy.devservers.mariadb import MariaDBServer
 
-APP, APP_PW, APP_DB = "app", "app-secret", "appdb"
 MONITOR, MONITOR_PW = "monitor", "monitor-secret"
 CLIENTS = 500
 DURATION = 15.0
@@ -32,20 +32,15 @@ DIRECT_DURATION = 5.0
 
 
 @pytest.fixture(scope="module")
-def mdb():
-    server = MariaDBServer(max_connections=50, settings={"max_connect_errors": 1000000})
-    server.start()
-    try:
-        server.create_user(APP, APP_PW)
-        server.create_user(MONITOR, MONITOR_PW, grant=None)
-        server.create_database(APP_DB, owner=APP)
-        server.sql("CREATE TABLE t (id INT PRIMARY KEY, v VARCHAR(20)); "
-                   "INSERT INTO t VALUES (1, 'a'), (2, 'b'), (3, 'c'); "
-                   "CREATE TABLE hits (id BIGINT AUTO_INCREMENT PRIMARY KEY, worker INT);",
-                   database=APP_DB)
-        yield server
-    finally:
-        server.stop()
+def mdb(mariadb):
+    """The session MariaDB with the monitor user the health checks log in as and the table
+    the load writes to; both go at the end of the module."""
+    mariadb.create_user(MONITOR, MONITOR_PW, grant=None)
+    mariadb.sql("CREATE TABLE hits (id BIGINT AUTO_INCREMENT PRIMARY KEY, worker INT)",
+                database=APP_DB)
+    yield mariadb
+    mariadb.drop_user(MONITOR)
+    mariadb.sql("DROP TABLE hits", database=APP_DB)
 
 
 def run_load(host: str, port: int, duration: float, io_timeout: float = 120):
@@ -122,12 +117,11 @@ class Sampler(threading.Thread):
 
 
 def test_500_clients_through_the_proxy_with_a_budget_of_20(mdb, tmp_path):
-    proxy = ProxyProcess(tmp_path, mdb, [(MONITOR, MONITOR_PW), (APP, APP_PW)],
+    proxy = ProxyProcess(tmp_path, mdb, [(MONITOR, MONITOR_PW), (APP, APP_PW)], engine="mysql",
                          # 500 clients from one address stand for a fleet behind NAT: on a
                          # loaded machine more than the default 100 are mid-login at once.
-                         top={"engine_family": "MYSQL", "max_client_connections": 2000,
-                              "max_logins_per_address": 1000},
-                         client_auth="MYSQL_NATIVE_PASSWORD", max_connections_percent=40,
+                         top={"max_client_connections": 2000, "max_logins_per_address": 1000},
+                         max_connections_percent=40,
                          connection_borrow_timeout=120, health_check_interval=30)
     sampler = Sampler(mdb)
     sampler.start()

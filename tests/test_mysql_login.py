@@ -1,6 +1,6 @@
 """The sans-IO login machine and response tracker over real sockets.
 
-Part 1 logs in to a throwaway MariaDB 10.11 (one per module, with TLS from the test CA)
+Part 1 logs in to a throwaway MariaDB 10.11 (the session one, with TLS from the test CA)
 and runs commands, checking the tracker's completion and status flags against what the
 server really sends. Part 2 runs a small MySQL-8-like server built from the protocol
 module's builders and the auth module's server side, and points real clients at it
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import shutil
 import socket
-import ssl
 import struct
 import subprocess
 import threading
@@ -20,130 +19,18 @@ import time
 
 import pymysql
 import pytest
+from harness import (APP_DB, APP_PASSWORD as APP_PW, APP_USER as APP,
+                     OTHER_PASSWORD as OTHER_PW, OTHER_USER as OTHER)
+from utils import log_in
 
 from rdsproxy.auth import mysql as auth
 from rdsproxy.engines.mysql import protocol as p
-from rdsproxy.devservers.mariadb import MariaDBServer
-from rdsproxy.engines.mysql.server_login import (DEFAULT_CAPABILITIES, ChangeUserLogin, LoginError,
-                                          ServerLogin)
+from rdsproxy.engines.mysql.server_login import DEFAULT_CAPABILITIES, ChangeUserLogin, LoginError
 from rdsproxy.tls import client_context, server_context
 
-APP, APP_PW, APP_DB = "app", "app-secret", "appdb"
-OTHER, OTHER_PW = "other", "other-secret"
 NO_DEPRECATE_EOF = DEFAULT_CAPABILITIES & ~p.CLIENT_DEPRECATE_EOF
 BOTH_EOF_MODES = pytest.mark.parametrize("caps", [DEFAULT_CAPABILITIES, NO_DEPRECATE_EOF],
                                          ids=["deprecate_eof", "eof_packets"])
-
-
-# --- a blocking client driving the sans-IO pieces ------------------------------------------
-
-def log_in(port: int, user: str, password: str, database: str | None = None, *,
-           tls_context: ssl.SSLContext | None = None, **options) -> "Session":
-    """Open a TCP connection and run ServerLogin over it (TLS when a context is given)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=15)
-    if tls_context is not None:
-        options.setdefault("tls", "require")
-    login = ServerLogin(user, password, database, **options)
-    try:
-        while not login.done:
-            data = sock.recv(65536)
-            if not data:
-                raise ConnectionError("server closed the connection during login")
-            out = login.receive_data(data)
-            if out:
-                sock.sendall(out)
-            if login.need_tls:
-                sock = tls_context.wrap_socket(sock, server_hostname="127.0.0.1")
-                sock.sendall(login.tls_started())
-    except BaseException:
-        sock.close()
-        raise
-    return Session(sock, login)
-
-
-class Session:
-    """A logged-in connection: send commands, track responses with ResponseTracker."""
-
-    def __init__(self, sock, login: ServerLogin):
-        self.sock = sock
-        self.login = login
-        self.result = login.result
-        self.caps = login.result.capabilities
-        self.status = login.result.status_flags
-        self.reader = p.PacketReader(max_payload=256 << 20)
-        self.pending: list[tuple[int, bytes]] = []
-
-    def recv_packet(self) -> tuple[int, bytes]:
-        while not self.pending:
-            data = self.sock.recv(1 << 20)
-            if not data:
-                raise ConnectionError("server closed the connection")
-            self.pending += self.reader.feed(data)
-        return self.pending.pop(0)
-
-    def command(self, payload: bytes, infile: bytes | None = None):
-        """Send one command; return (tracker, server payloads). With `infile`, answer a
-        LOCAL INFILE request with that data."""
-        self.sock.sendall(p.packet(0, payload))
-        tracker = p.ResponseTracker(payload, self.caps, status_flags=self.status)
-        packets = []
-        seq = p.seq_after(0, len(payload))
-        while not tracker.done:
-            if tracker.awaiting_client:
-                assert infile is not None, "server asked for a file"
-                data = p.packet(seq, infile) + p.packet(seq + 1, b"")
-                tracker.feed_client(infile)
-                tracker.feed_client(b"")
-                self.sock.sendall(data)
-                seq += 2
-                continue
-            s, payload_in = self.recv_packet()
-            assert s == seq & 0xFF, (s, seq)
-            seq = p.seq_after(s, len(payload_in))
-            packets.append(payload_in)
-            tracker.feed(payload_in)
-        self.status = tracker.status_flags
-        return tracker, packets
-
-    def query(self, sql: str, **kw):
-        return self.command(p.com_query(sql), **kw)
-
-    def rows(self, sql: str) -> list[list[bytes | None]]:
-        """Text-protocol rows of a single-result query."""
-        tracker, packets = self.query(sql)
-        assert tracker.error is None, tracker.error
-        ncols, _ = p.read_lenenc_int(packets[0])
-        start = 1 + ncols + (0 if self.caps & p.CLIENT_DEPRECATE_EOF else 1)
-        return [p.parse_text_row(row, ncols) for row in packets[start:-1]]
-
-    def scalar(self, sql: str) -> bytes | None:
-        return self.rows(sql)[0][0]
-
-    def close(self) -> None:
-        try:
-            self.sock.sendall(p.packet(0, p.com_quit()))
-        except OSError:
-            pass
-        self.sock.close()
-
-
-@pytest.fixture(scope="module")
-def mariadb(test_ca):
-    """A throwaway MariaDB with TLS (the test CA's server pair), 64 MiB packets and local
-    infile; users app (database appdb) and other, both mysql_native_password."""
-    server = MariaDBServer(max_connections=40, tls=(test_ca.server_cert, test_ca.server_key,
-                                                    test_ca.ca_cert),
-                           settings={"max_allowed_packet": "64M", "local_infile": "ON"})
-    server.start()
-    try:
-        server.create_user(APP, APP_PW, grant=None)
-        server.create_database(APP_DB, owner=APP)
-        server.create_user(OTHER, OTHER_PW, grant=f"ALL ON {APP_DB}.*")
-        server.sql("CREATE TABLE t (id INT PRIMARY KEY, v VARCHAR(20)); "
-                   "INSERT INTO t VALUES (1, 'a'), (2, 'b'), (3, 'c');", database=APP_DB)
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -1,8 +1,8 @@
 """The MySQL engine end to end: a throwaway MariaDB 10.11, the proxy in a thread, real clients
-(PyMySQL, the `mariadb` command-line client, and the sans-IO test client of
-test_mysql_login for the binary protocol and raw packets).
+(PyMySQL, the `mariadb` command-line client, and the sans-IO test client in utils.py for
+the binary protocol and raw packets).
 
-One MariaDB serves the module; proxies are made per test (they are cheap) so that each
+The session MariaDB serves the module; proxies are made per test (they are cheap) so that each
 test chooses its pool budget: `budget=1` puts every client on the same server connection,
 which is what the state-leak and prepared-statement tests need.
 """
@@ -19,64 +19,26 @@ import pymysql
 import pytest
 from pymysql.constants import CLIENT
 
-from conftest import RunningProxy
-from rdsproxy import config_from_dict
+from harness import (APP_DB, APP_PASSWORD as APP_PW, APP_USER as APP,
+                     MARIADB_MAX_CONNECTIONS as MAX_CONNECTIONS, OTHER_PASSWORD as OTHER_PW,
+                     OTHER_USER as OTHER)
 from rdsproxy.engines.mysql import protocol as p
 from rdsproxy.devservers.mariadb import MariaDBServer
 from rdsproxy.engines.mysql.server_login import ChangeUserLogin
-from test_mysql_login import log_in
-
-APP, APP_PW, APP_DB = "app", "app-secret", "appdb"
-OTHER, OTHER_PW = "other", "other-secret"
-MAX_CONNECTIONS = 50
-
-
-@pytest.fixture(scope="module")
-def mdb():
-    server = MariaDBServer(max_connections=MAX_CONNECTIONS, settings={"local_infile": "ON"})
-    server.start()
-    try:
-        server.create_user(APP, APP_PW)
-        server.create_database(APP_DB, owner=APP)
-        server.create_user(OTHER, OTHER_PW, grant=f"ALL ON {APP_DB}.*")
-        server.sql("CREATE TABLE t (id INT AUTO_INCREMENT PRIMARY KEY, v VARCHAR(20)); "
-                   "INSERT INTO t (v) VALUES ('a'), ('b'), ('c');", database=APP_DB)
-        yield server
-    finally:
-        server.stop()
+from utils import log_in
 
 
 @pytest.fixture
-def make_proxy(mdb, tmp_path):
-    """make(budget=N or max_connections_percent=..., client_auth=..., top={...}, tls=...)"""
-    proxies = []
-
-    def make(budget=None, client_auth="MYSQL_NATIVE_PASSWORD", top=None, tls=None, iam=None,
-             iam_auth=None, users=((APP, APP_PW), (OTHER, OTHER_PW)), server=None, target=None,
-             **target_group):
-        server = server or mdb
-        auth = []
-        for user, password in users:
-            path = tmp_path / f"secret-{user}.json"
-            path.write_text(json.dumps({"username": user, "password": password}))
-            auth.append({"secret": f"file:{path}", "client_password_auth_type": client_auth})
-            if iam_auth and user == APP:
-                auth[-1]["iam_auth"] = iam_auth
+def make_proxy(proxy_factory, mariadb):
+    """make(budget=N or max_connections_percent=..., client_auth=..., top={...}, tls=...,
+    iam_auth=... (for APP only), server=..., ...): a MySQL proxy, once its first health
+    check has told it the budget."""
+    def make(budget=None, iam_auth=None, server=None, **options):
+        server = server or mariadb
         if budget is not None:
-            target_group["max_connections_percent"] = budget * 100 // MAX_CONNECTIONS
-        target_group.setdefault("max_connections_percent", 10)
-        target_group.setdefault("connection_borrow_timeout", 10)
-        data = {"name": "mysql-test", "engine_family": "MYSQL", **(top or {}), "auth": auth,
-                "target_group": target_group,
-                "targets": [{"host": server.host, "port": server.port, **(target or {})}],
-                "endpoints": [{"name": "default", "listen": "127.0.0.1:0"}]}
-        if tls is not None:
-            data["tls"] = tls
-        if iam is not None:
-            data["iam"] = iam
-        running = RunningProxy(config_from_dict(data, source="<test>", base_dir=tmp_path))
-        proxies.append(running)
-        # Wait for the first health check so the budget is known.
+            options["max_connections_percent"] = budget * 100 // server.max_connections
+        running = proxy_factory(server, engine="mysql",
+                                iam_auth={APP: iam_auth} if iam_auth else None, **options)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if running.stats()["pool"]["max"] > 1 or budget == 1:
@@ -84,9 +46,7 @@ def make_proxy(mdb, tmp_path):
             time.sleep(0.02)
         return running
 
-    yield make
-    for running in proxies:
-        running.stop()
+    return make
 
 
 def connect(px, user=APP, password=APP_PW, database=APP_DB, **kw):
@@ -102,9 +62,9 @@ def scalar(conn, sql, args=None):
         return row[0] if row is not None else None
 
 
-def proxy_connections(mdb, user=APP) -> int:
+def proxy_connections(mariadb, user=APP) -> int:
     """Server connections from the proxy (the health check's are not pool connections)."""
-    return sum(1 for row in mdb.processlist()
+    return sum(1 for row in mariadb.processlist()
                if row["user"] == user and "rdsproxy-health" not in row["info"])
 
 
@@ -114,7 +74,7 @@ def engine(px):
 
 # --- authentication -----------------------------------------------------------------------
 
-def test_native_password_login_and_proxy_ids(make_proxy, mdb):
+def test_native_password_login_and_proxy_ids(make_proxy, mariadb):
     px = make_proxy()
     with connect(px) as c:
         assert scalar(c, "SELECT 1") == 1
@@ -220,7 +180,7 @@ def test_mariadb_command_line_client(make_proxy, client_auth):
 
 # --- relaying -----------------------------------------------------------------------------
 
-def test_transactions_hold_and_release(make_proxy, mdb):
+def test_transactions_hold_and_release(make_proxy, mariadb):
     px = make_proxy(budget=4)
     with connect(px) as a, connect(px) as b:
         a.begin()
@@ -322,7 +282,7 @@ def binary_longlong(packets):
     return int.from_bytes(packets[-2][2:10], "little", signed=True)
 
 
-def test_prepared_statements_two_clients_one_connection(make_proxy, mdb):
+def test_prepared_statements_two_clients_one_connection(make_proxy, mariadb):
     px = make_proxy(budget=1)
     a = log_in(px.port, APP, APP_PW, APP_DB)
     b = log_in(px.port, APP, APP_PW, APP_DB)
@@ -339,7 +299,7 @@ def test_prepared_statements_two_clients_one_connection(make_proxy, mdb):
             # shared server statement bound other types in between.
             assert binary_string(execute(b, 2, [7])) == b"a:7"
             assert binary_string(execute(a, 1, ["y"], types=False)) == b"a:y"
-        assert proxy_connections(mdb) == 1
+        assert proxy_connections(mariadb) == 1
         assert px.stats()["pinned_sessions"] == 0
         # Close on one client does not close the other's statement.
         a.sock.sendall(p.packet(0, p.com_stmt_close(1)))
@@ -382,7 +342,7 @@ def test_prepared_statement_reprepared_on_another_connection(make_proxy):
 
 # --- session state ------------------------------------------------------------------------
 
-def test_tracked_settings_never_leak(make_proxy, mdb):
+def test_tracked_settings_never_leak(make_proxy, mariadb):
     px = make_proxy(budget=1)
     with connect(px) as a, connect(px) as b:
         default_tz = scalar(b, "SELECT @@time_zone")
@@ -404,7 +364,7 @@ def test_tracked_settings_never_leak(make_proxy, mdb):
         scalar(a, "USE mysql")
         assert scalar(a, "SELECT DATABASE()") == "mysql"
         assert scalar(b, "SELECT DATABASE()") == APP_DB
-        assert proxy_connections(mdb) == 1
+        assert proxy_connections(mariadb) == 1
     stats = px.stats()
     assert stats["SessionPinReasons"] == {} and stats["pinned_sessions"] == 0
 
@@ -446,14 +406,14 @@ PIN_CASES = [
 
 
 @pytest.mark.parametrize("sql,reason", PIN_CASES, ids=[r for _, r in PIN_CASES])
-def test_pinning_rules_and_reset(make_proxy, mdb, sql, reason):
+def test_pinning_rules_and_reset(make_proxy, mariadb, sql, reason):
     px = make_proxy(budget=1)
     with connect(px) as a:
         scalar(a, sql)
         stats = px.stats()
         assert stats["SessionPinReasons"] == {reason: 1}
         assert stats["pinned_sessions"] == 1 and stats["pool"]["borrowed"] == 1
-        thread = int(scalar(a, "SELECT 1") and mdb.processlist()[0]["id"])
+        thread = int(scalar(a, "SELECT 1") and mariadb.processlist()[0]["id"])
         del thread
         if reason == "lock_tables":
             scalar(a, "UNLOCK TABLES")
@@ -470,7 +430,7 @@ def test_pinning_rules_and_reset(make_proxy, mdb, sql, reason):
         with pytest.raises(pymysql.err.ProgrammingError):
             scalar(b, "SELECT * FROM tmp1")         # the temporary table is gone
         assert scalar(b, "SELECT @@max_sp_recursion_depth") == 0
-    assert proxy_connections(mdb) == 1
+    assert proxy_connections(mariadb) == 1
 
 
 def test_exclude_variable_sets_filter(make_proxy):
@@ -631,7 +591,7 @@ MALFORMED_KINDS = ["oversized", "out_of_order", "half_packet", "bad_execute", "r
                    "prepare_then_vanish"]
 
 
-def test_malformed_sessions_give_back_exactly_what_they_borrowed(make_proxy, mdb):
+def test_malformed_sessions_give_back_exactly_what_they_borrowed(make_proxy, mariadb):
     """After any mix of broken sessions the pool's counts are exact: nothing borrowed,
     nothing counted twice, and no row of theirs committed."""
     px = make_proxy(budget=3, top={"max_message_size": 1 << 20}, connection_borrow_timeout=2)
@@ -666,21 +626,21 @@ def test_malformed_sessions_give_back_exactly_what_they_borrowed(make_proxy, mdb
         assert scalar(c, "SELECT COUNT(*) FROM t WHERE v = 'malformed'") == 0
 
 
-def test_server_connection_killed_from_outside(make_proxy, mdb):
+def test_server_connection_killed_from_outside(make_proxy, mariadb):
     px = make_proxy(budget=2)
     with connect(px) as a:
         assert scalar(a, "SELECT 1") == 1
-        for row in mdb.processlist():
+        for row in mariadb.processlist():
             if row["user"] == APP:
-                mdb.sql(f"KILL {row['id']}")
+                mariadb.sql(f"KILL {row['id']}")
         time.sleep(0.2)
         assert scalar(a, "SELECT 2") == 2            # an idle victim: a fresh connection
         a.begin()
         with a.cursor() as cur:
             cur.execute("INSERT INTO t (v) VALUES ('lost')")
-        for row in mdb.processlist():
+        for row in mariadb.processlist():
             if row["user"] == APP:
-                mdb.sql(f"KILL {row['id']}")
+                mariadb.sql(f"KILL {row['id']}")
         time.sleep(0.2)
         with pytest.raises(pymysql.MySQLError):
             scalar(a, "SELECT 3")                    # the transaction is gone: said so
@@ -719,12 +679,12 @@ def test_iam_token_as_cleartext_password_over_tls(make_proxy, test_ca, tmp_path)
     assert info.value.args[0] == 1045
 
 
-def test_health_check_role_follows_read_only(make_proxy, mdb):
+def test_health_check_role_follows_read_only(make_proxy, mariadb):
     px = make_proxy()
     eng = engine(px)
     target = next(iter(eng.target_configs))
     assert px.call(eng.probe, target).role.value == "READ_WRITE"
-    mdb.sql("SET GLOBAL read_only = 1")
+    mariadb.sql("SET GLOBAL read_only = 1")
     try:
         result = px.call(eng.probe, target)
         assert result.role.value == "READ_ONLY" and result.max_connections == MAX_CONNECTIONS
@@ -736,7 +696,7 @@ def test_health_check_role_follows_read_only(make_proxy, mdb):
             time.sleep(0.1)
         assert described["Role"] == "READ_ONLY"
     finally:
-        mdb.sql("SET GLOBAL read_only = 0")
+        mariadb.sql("SET GLOBAL read_only = 0")
 
 
 def test_read_only_statement_replayed_across_a_server_restart(make_proxy):
@@ -783,13 +743,13 @@ def test_read_only_statement_replayed_across_a_server_restart(make_proxy):
         server.stop()
 
 
-def test_sysbench_read_only_through_the_proxy(make_proxy, mdb):
+def test_sysbench_read_only_through_the_proxy(make_proxy, mariadb):
     """sysbench (libmariadb, binary prepared statements, BEGIN/COMMIT) sees no error."""
     px = make_proxy(budget=4)
     common = ["--db-driver=mysql", "--mysql-host=127.0.0.1", f"--mysql-user={APP}",
               f"--mysql-password={APP_PW}", f"--mysql-db={APP_DB}", "--tables=1",
               "--table-size=1000", "--mysql-ssl=off"]
-    prep = subprocess.run(["sysbench", "oltp_read_only", *common, f"--mysql-port={mdb.port}",
+    prep = subprocess.run(["sysbench", "oltp_read_only", *common, f"--mysql-port={mariadb.port}",
                            "prepare"], capture_output=True, text=True, timeout=120)
     assert prep.returncode == 0, prep.stderr
     try:
@@ -802,7 +762,7 @@ def test_sysbench_read_only_through_the_proxy(make_proxy, mdb):
         stats = px.stats()
         assert stats["SessionPinReasons"] == {} and stats["pool"]["open"] <= 4
     finally:
-        subprocess.run(["sysbench", "oltp_read_only", *common, f"--mysql-port={mdb.port}",
+        subprocess.run(["sysbench", "oltp_read_only", *common, f"--mysql-port={mariadb.port}",
                         "cleanup"], capture_output=True, timeout=120)
 
 
@@ -926,7 +886,7 @@ def test_com_set_option_pins_and_idle_clients_are_closed(make_proxy):
     assert stats["pinned_sessions"] == 0 and stats["pool"]["borrowed"] == 0, stats
 
 
-def test_many_clients_share_few_connections_without_crosstalk(make_proxy, mdb):
+def test_many_clients_share_few_connections_without_crosstalk(make_proxy, mariadb):
     """20 clients on 3 server connections, each with its own settings, inserts and
     transactions, checking on every round that what it reads is its own."""
     px = make_proxy(budget=3)
@@ -961,7 +921,7 @@ def test_many_clients_share_few_connections_without_crosstalk(make_proxy, mdb):
     for th in threads:
         th.join(60)
     assert errors == []
-    assert proxy_connections(mdb) <= 3
+    assert proxy_connections(mariadb) <= 3
     assert px.stats()["SessionPinReasons"] == {}
 
 
@@ -1018,13 +978,13 @@ def test_tls_to_the_database(make_proxy, test_ca):
 # --- session state never crosses clients ---------------------------------------------------
 
 @pytest.fixture(scope="module")
-def secret_role(mdb):
+def secret_role(mariadb):
     """Role `secret_reader` (granted to OTHER, not as its default) may read vault.secret;
     OTHER alone may not (its privileges are on appdb only)."""
-    mdb.sql("CREATE DATABASE IF NOT EXISTS vault; "
+    mariadb.sql("CREATE DATABASE IF NOT EXISTS vault; "
             "CREATE TABLE IF NOT EXISTS vault.secret (v VARCHAR(20)); "
             "INSERT INTO vault.secret VALUES ('classified');")
-    mdb.sql(f"CREATE ROLE IF NOT EXISTS secret_reader; "
+    mariadb.sql(f"CREATE ROLE IF NOT EXISTS secret_reader; "
             f"GRANT SELECT ON vault.secret TO secret_reader; "
             f"GRANT secret_reader TO '{OTHER}'@'%';")
     return "secret_reader"
@@ -1041,21 +1001,21 @@ def other_client(px, **kw):
     return connect(px, user=OTHER, password=OTHER_PW, **kw)
 
 
-def next_client_on_the_same_connection(px, mdb):
+def next_client_on_the_same_connection(px, mariadb):
     """A fresh client of OTHER, on the one server connection the proxy holds for it."""
     conn = other_client(px)
-    assert proxy_connections(mdb, user=OTHER) == 1
+    assert proxy_connections(mariadb, user=OTHER) == 1
     return conn
 
 
-def test_a_role_set_by_one_client_never_reaches_the_next(make_proxy, mdb, secret_role):
+def test_a_role_set_by_one_client_never_reaches_the_next(make_proxy, mariadb, secret_role):
     px = make_proxy(budget=1)
     with other_client(px) as first:
         assert read_secret(first) == ("error", 1142)
         with first.cursor() as cur:
             cur.execute(f"SET ROLE {secret_role}")
         assert read_secret(first) == ("ok", "classified")
-    with next_client_on_the_same_connection(px, mdb) as second:
+    with next_client_on_the_same_connection(px, mariadb) as second:
         assert read_secret(second) == ("error", 1142)
         assert scalar(second, "SELECT CURRENT_ROLE()") is None
 
@@ -1069,7 +1029,7 @@ def test_a_role_set_by_one_client_never_reaches_the_next(make_proxy, mdb, secret
     "SELECT 1 # '\\\n; SET ROLE {role}",
 ])
 @pytest.mark.parametrize("filters", [[], ["EXCLUDE_VARIABLE_SETS"]])
-def test_quoting_modes_cannot_hide_a_statement(make_proxy, mdb, secret_role, mode, text, filters):
+def test_quoting_modes_cannot_hide_a_statement(make_proxy, mariadb, secret_role, mode, text, filters):
     """Whatever sql_mode makes of backslashes and double quotes, what the server runs is
     what the proxy judged: a hidden SET ROLE never survives into the next client, even
     with EXCLUDE_VARIABLE_SETS."""
@@ -1088,14 +1048,14 @@ def test_quoting_modes_cannot_hide_a_statement(make_proxy, mdb, secret_role, mod
             first.close()   # pinned: its connection is reset before anyone else gets it
         # Otherwise the first client stays connected and idle, and its server connection
         # serves the next client at once.
-        with next_client_on_the_same_connection(px, mdb) as second:
+        with next_client_on_the_same_connection(px, mariadb) as second:
             assert read_secret(second) == ("error", 1142)
     finally:
         if first.open:
             first.close()
 
 
-def test_one_connection_id_wherever_the_client_sees_it(make_proxy, mdb):
+def test_one_connection_id_wherever_the_client_sees_it(make_proxy, mariadb):
     """The handshake's id, CONNECTION_ID() in any statement, and what KILL takes are one id;
     column names stay what MySQL would call them."""
     px = make_proxy()

@@ -8,21 +8,17 @@ so each server gets the table the clients use.
 """
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import threading
 import time
 
 import pymysql
 import pytest
-from conftest import RunningProxy
+from harness import (APP_DB, APP_PASSWORD as APP_PW, APP_USER as APP, FAST_CHECKS,
+                     READ_WRITE_AND_READ_ONLY, describe_targets_cli, proxy_config)
+from proxyproc import dump_toml
 from utils import wait_until
 
-from rdsproxy import config_from_dict
 from rdsproxy.devservers.mariadb import MariaDBServer
-
-APP, APP_PW, APP_DB = "app", "app-secret", "appdb"
 
 
 def _server(read_only: bool) -> MariaDBServer:
@@ -47,31 +43,17 @@ def writer_and_reader():
 
 
 @pytest.fixture
-def start_proxy(tmp_path):
-    running = []
-
-    def start(writer, reader, **target_group) -> RunningProxy:
-        secret = tmp_path / "secret.json"
-        secret.write_text(json.dumps({"username": APP, "password": APP_PW, "dbname": APP_DB}))
-        tg = {"max_connections_percent": 25, "connection_borrow_timeout": 20,
-              "health_check_interval": 0.2, "health_check_timeout": 1.0, "health_check_failures": 2,
-              **target_group}
-        config = config_from_dict({
-            "name": "mysql-targets", "engine_family": "MYSQL",
-            "auth": [{"secret": f"file:{secret}", "client_password_auth_type": "MYSQL_NATIVE_PASSWORD"}],
-            "target_group": tg,
-            "targets": [{"name": "writer", "host": writer.host, "port": writer.port},
-                        {"name": "reader", "host": reader.host, "port": reader.port}],
-            "endpoints": [{"name": "rw", "listen": "127.0.0.1:0"},
-                          {"name": "ro", "listen": "127.0.0.1:0", "target_role": "READ_ONLY"}],
-        }, source="<test>", base_dir=tmp_path)
-        proxy = RunningProxy(config)
-        running.append(proxy)
-        return proxy
-
-    yield start
-    for proxy in running:
-        proxy.stop()
+def start_proxy(proxy_factory):
+    """start(writer, reader, **target_group): a proxy of app in front of both, with rw and
+    ro endpoints and fast health checks."""
+    def start(writer, reader, **target_group):
+        return proxy_factory(
+            engine="mysql", targets=[("writer", writer), ("reader", reader)],
+            users=[(APP, APP_PW)], secret_fields={"dbname": APP_DB},
+            endpoints=READ_WRITE_AND_READ_ONLY,
+            **{"max_connections_percent": 25, "connection_borrow_timeout": 20, **FAST_CHECKS,
+               **target_group})
+    return start
 
 
 def connect(proxy, endpoint="rw"):
@@ -153,30 +135,9 @@ def test_describe_targets_cli_checks_mysql_targets_as_mysql(writer_and_reader, t
     """Without an admin endpoint the CLI checks each target itself, with the engine the
     config names (it used to speak PostgreSQL to MySQL targets)."""
     writer, reader = writer_and_reader
-    secret = tmp_path / "secret.json"
-    secret.write_text(json.dumps({"username": APP, "password": APP_PW, "dbname": APP_DB}))
     config = tmp_path / "mysql.toml"
-    config.write_text(f"""
-name = "cli-mysql"
-engine_family = "MYSQL"
-[[auth]]
-secret = "file:{secret}"
-client_password_auth_type = "MYSQL_NATIVE_PASSWORD"
-[[targets]]
-name = "writer"
-host = "{writer.host}"
-port = {writer.port}
-[[targets]]
-name = "reader"
-host = "{reader.host}"
-port = {reader.port}
-[[endpoints]]
-name = "rw"
-listen = "127.0.0.1:0"
-""")
-    out = subprocess.run([sys.executable, "-m", "rdsproxy", "describe-targets", "--config", str(config),
-                          "--json"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    roles = {t["RdsResourceId"]: (t["Role"], t["TargetHealth"]["State"])
-             for t in json.loads(out.stdout)["Targets"]}
-    assert roles == {"writer": ("READ_WRITE", "AVAILABLE"), "reader": ("READ_ONLY", "AVAILABLE")}
+    config.write_text(dump_toml(proxy_config(
+        tmp_path, engine="mysql", targets=[("writer", writer), ("reader", reader)],
+        users=[(APP, APP_PW)], secret_fields={"dbname": APP_DB})))
+    assert describe_targets_cli(config) == {"writer": ("READ_WRITE", "AVAILABLE"),
+                                            "reader": ("READ_ONLY", "AVAILABLE")}

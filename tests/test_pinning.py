@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import psycopg
 import pytest
-from conftest import APP_DB, APP_PASSWORD, APP_USER
+from harness import APP_DB, APP_PASSWORD, APP_USER
 from utils import wait_until
 
 SUPERUSER = ("postgres", "postgres")

@@ -18,7 +18,7 @@ import psycopg
 import pytest
 from psycopg import pq
 
-from conftest import APP_DB, APP_PASSWORD, APP_USER
+from harness import APP_DB, APP_PASSWORD, APP_USER
 from differential import flush, next_result, proxied_differential
 from utils import concurrently, md5_session, message_fields, recv_message, run, run_cmd
 

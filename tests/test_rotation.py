@@ -38,9 +38,9 @@ def backends(cluster):
     return int(out.strip())
 
 
-def test_rotation_under_load(pg_factory, secretsmanager, secure_proxy_factory):
+def test_rotation_under_load(pg_factory, secretsmanager, proxy_factory):
     cluster = rotated_setup(pg_factory, secretsmanager, "rdsproxy/rot")
-    proxy = secure_proxy_factory(cluster=cluster, users=[(USER, OLD)],
+    proxy = proxy_factory(cluster, users=[(USER, OLD)],
                                  secrets={USER: "aws-secretsmanager:rdsproxy/rot"},
                                  top={"secrets_refresh_interval": 1})
     errors, queries = [], [0] * 50
@@ -99,12 +99,12 @@ def test_rotation_under_load(pg_factory, secretsmanager, secure_proxy_factory):
     assert backends(cluster) >= 1
 
 
-def test_failed_database_login_rereads_the_secret(pg_factory, secretsmanager, secure_proxy_factory, caplog):
+def test_failed_database_login_rereads_the_secret(pg_factory, secretsmanager, proxy_factory, caplog):
     """No periodic refresh: a database login refused after a rotation makes the proxy re-read
     the secret and retry once, so an open session keeps working."""
     caplog.set_level(logging.INFO, logger="rdsproxy")
     cluster = rotated_setup(pg_factory, secretsmanager, "rdsproxy/rot2")
-    proxy = secure_proxy_factory(cluster=cluster, users=[(USER, OLD)],
+    proxy = proxy_factory(cluster, users=[(USER, OLD)],
                                  secrets={USER: "aws-secretsmanager:rdsproxy/rot2"},
                                  top={"secrets_refresh_interval": 0})
     with psycopg.connect(dsn(proxy, OLD), autocommit=True) as conn:
@@ -127,11 +127,11 @@ def test_failed_database_login_rereads_the_secret(pg_factory, secretsmanager, se
         conn.execute("select 1")
 
 
-def test_health_checks_follow_a_rotated_password(pg_factory, secretsmanager, secure_proxy_factory):
+def test_health_checks_follow_a_rotated_password(pg_factory, secretsmanager, proxy_factory):
     """Health checks log in with the first account's secret: after a rotation a refused check
     re-reads the secret instead of declaring the target UNAVAILABLE for everyone."""
     cluster = rotated_setup(pg_factory, secretsmanager, "rdsproxy/rot3")
-    proxy = secure_proxy_factory(cluster=cluster, users=[(USER, OLD)],
+    proxy = proxy_factory(cluster, users=[(USER, OLD)],
                                  secrets={USER: "aws-secretsmanager:rdsproxy/rot3"},
                                  top={"secrets_refresh_interval": 0},
                                  health_check_interval=0.2, health_check_failures=2)

@@ -8,17 +8,9 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from differential import proxied_differential, take_turns
+from differential import stats_around_turns, take_turns
+from harness import ONE_CONNECTION
 from utils import concurrently, wait_until
-
-ONE_CONNECTION = {"max_connections_percent": 2}   # of the session cluster's 60
-
-
-@pytest.fixture(scope="module")
-def one_connection(tmp_path_factory, pg):
-    with proxied_differential(tmp_path_factory.mktemp("settings"), pg, admin=True,
-                              **ONE_CONNECTION) as diff:
-        yield diff
 
 
 SCENARIOS = {
@@ -73,9 +65,7 @@ def test_settings_follow_their_client(one_connection, name):
 
 
 def test_set_does_not_pin(one_connection):
-    before = one_connection.proxied.stats()
-    take_turns(one_connection.proxy, SCENARIOS["set_then_other_client"])
-    after = one_connection.proxied.stats()
+    before, after = stats_around_turns(one_connection, SCENARIOS["set_then_other_client"])
     assert after["SessionPinReasons"] == before["SessionPinReasons"]
     assert after["SettingsAdopted"] > before["SettingsAdopted"]
 

@@ -13,19 +13,12 @@ import socket
 import psycopg
 import pytest
 
-from differential import proxied_differential, take_turns
+from differential import stats_around_turns, take_turns
+from harness import ONE_CONNECTION
 from utils import wait_until
 
-ONE_CONNECTION = {"max_connections_percent": 2}   # of the session cluster's 60
 CLIENT_STATEMENTS = ("select coalesce(string_agg(name, ',' order by name), '-')"
                      " from pg_prepared_statements where from_sql")
-
-
-@pytest.fixture(scope="module")
-def one_connection(tmp_path_factory, pg):
-    with proxied_differential(tmp_path_factory.mktemp("sql_prepare"), pg, admin=True,
-                              **ONE_CONNECTION) as diff:
-        yield diff
 
 
 SCENARIOS = {
@@ -70,10 +63,8 @@ def test_sql_statements_follow_their_client(one_connection, name):
 
 
 def test_sql_prepare_does_not_pin(one_connection):
-    before = one_connection.proxied.stats()
-    take_turns(one_connection.proxy, SCENARIOS["each_client_its_own"])
-    take_turns(one_connection.proxy, SCENARIOS["several_in_one_text"])
-    after = one_connection.proxied.stats()
+    before, after = stats_around_turns(one_connection, SCENARIOS["each_client_its_own"],
+                                       SCENARIOS["several_in_one_text"])
     assert after["SessionPinReasons"] == before["SessionPinReasons"]
     assert after["SQLStatementsAdopted"] >= before["SQLStatementsAdopted"] + 3
 

@@ -14,7 +14,7 @@ import itertools
 import asyncpg
 import psycopg
 import pytest
-from conftest import APP_DB
+from harness import APP_DB
 from utils import function_call, md5_session, message_fields, recv_message, wait_until
 
 SETUP = r"""

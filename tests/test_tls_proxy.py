@@ -12,10 +12,11 @@ import warnings
 import psycopg
 import pytest
 
-from conftest import APP_DB, APP_PASSWORD, APP_USER, postgres_tls_settings
+from harness import APP_DB, APP_PASSWORD, APP_USER, postgres_tls_settings, raw_startup
+from proxyproc import ProxyProcess
 from rdsproxy.engines.postgres import protocol as pg
 from rdsproxy.tls import make_test_ca
-from utils import recv_message, wait_until
+from utils import wait_until
 
 
 def tls_section(ca) -> dict:
@@ -36,32 +37,8 @@ def psql(proxy, sql, **conn):
     return out.returncode, out.stdout.strip(), out.stderr.strip()
 
 
-def raw_startup(port, user=APP_USER, context=None, password=None):
-    """Speak the protocol by hand: optional SSLRequest + handshake, StartupMessage, then an
-    optional cleartext password. Returns the error fields of the ErrorResponse received (or
-    the first non-error message type)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    try:
-        if context is not None:
-            sock.sendall(struct.pack("!ii", 8, pg.SSL_REQUEST_CODE))
-            assert sock.recv(1) == b"S"
-            sock = context.wrap_socket(sock, server_hostname="localhost")
-        sock.sendall(pg.startup_message({"user": user, "database": APP_DB}))
-        while True:
-            mtype, body = recv_message(sock)
-            if mtype == b"E":
-                return pg.parse_error_fields(body)
-            if mtype == b"R" and struct.unpack("!i", body[:4])[0] == pg.AUTH_CLEARTEXT and password:
-                sock.sendall(pg.password_message(password.encode() + b"\x00"))
-                password = None
-                continue
-            return {"type": mtype.decode()}
-    finally:
-        sock.close()
-
-
-def test_psql_verify_full_through_proxy(secure_proxy_factory, test_ca):
-    proxy = secure_proxy_factory(tls=tls_section(test_ca))
+def test_psql_verify_full_through_proxy(proxy_factory, test_ca):
+    proxy = proxy_factory(tls=tls_section(test_ca))
     for host in ("127.0.0.1", "localhost"):
         code, out, err = psql(proxy, "select ssl, version from pg_stat_ssl where pid = pg_backend_pid()",
                               host=host, sslmode="verify-full", sslrootcert=test_ca.ca_cert)
@@ -83,8 +60,8 @@ def test_psql_verify_full_through_proxy(secure_proxy_factory, test_ca):
     assert stats["ClientConnectionsNoTLS"] == 1
 
 
-def test_verify_full_fails_against_another_ca(secure_proxy_factory, test_ca, tmp_path):
-    proxy = secure_proxy_factory(tls=tls_section(test_ca))
+def test_verify_full_fails_against_another_ca(proxy_factory, test_ca, tmp_path):
+    proxy = proxy_factory(tls=tls_section(test_ca))
     other = make_test_ca(tmp_path / "other")
     code, out, err = psql(proxy, "select 1", sslmode="verify-full", sslrootcert=other.ca_cert)
     assert code != 0 and "certificate verify failed" in err
@@ -94,8 +71,8 @@ def test_verify_full_fails_against_another_ca(secure_proxy_factory, test_ca, tmp
     wait_until(lambda: proxy.stats()["ClientConnections"] == 0, timeout=5)
 
 
-def test_require_tls_refuses_plaintext(secure_proxy_factory, test_ca):
-    proxy = secure_proxy_factory(tls=tls_section(test_ca), top={"require_tls": True})
+def test_require_tls_refuses_plaintext(proxy_factory, test_ca):
+    proxy = proxy_factory(tls=tls_section(test_ca), top={"require_tls": True})
     fields = raw_startup(proxy.port)
     assert fields["S"] == "FATAL" and fields["C"] == "28000"
     assert fields["M"] == "this proxy requires TLS"
@@ -119,16 +96,16 @@ def test_require_tls_needs_certificate():
     assert info.value.key == "require_tls" and "[tls]" in info.value.problem
 
 
-def test_gssenc_request_answered_n(secure_proxy_factory, test_ca):
-    proxy = secure_proxy_factory(tls=tls_section(test_ca))
+def test_gssenc_request_answered_n(proxy_factory, test_ca):
+    proxy = proxy_factory(tls=tls_section(test_ca))
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
         sock.sendall(struct.pack("!ii", 8, pg.GSSENC_REQUEST_CODE))
         assert sock.recv(1) == b"N"
 
 
-def test_plaintext_after_ssl_request_refused(secure_proxy_factory, test_ca):
+def test_plaintext_after_ssl_request_refused(proxy_factory, test_ca):
     """Bytes pipelined behind the SSLRequest (before our 'S') are refused, as PostgreSQL does."""
-    proxy = secure_proxy_factory(tls=tls_section(test_ca))
+    proxy = proxy_factory(tls=tls_section(test_ca))
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
         sock.sendall(struct.pack("!ii", 8, pg.SSL_REQUEST_CODE)
                      + pg.startup_message({"user": APP_USER, "database": APP_DB}))
@@ -153,8 +130,8 @@ def _tls11_client():
     return old
 
 
-def test_tls11_client_refused(secure_proxy_factory, test_ca):
-    proxy = secure_proxy_factory(tls=tls_section(test_ca))
+def test_tls11_client_refused(proxy_factory, test_ca):
+    proxy = proxy_factory(tls=tls_section(test_ca))
     with pytest.raises((ssl.SSLError, ConnectionError)):
         raw_startup(proxy.port, context=_tls11_client())
     # A TLS 1.2 client is fine, and the refused one left nothing behind.
@@ -166,12 +143,12 @@ def test_tls11_client_refused(secure_proxy_factory, test_ca):
     wait_until(lambda: proxy.stats()["ClientConnections"] == 0, timeout=5)
 
 
-def test_database_leg_tls_verified_by_pg_stat_ssl(secure_proxy_factory, pg_factory, test_ca):
+def test_database_leg_tls_verified_by_pg_stat_ssl(proxy_factory, pg_factory, test_ca):
     cluster = pg_factory(settings=postgres_tls_settings(test_ca), max_connections=30)
     cluster.create_user(APP_USER, APP_PASSWORD)
     cluster.create_database(APP_DB, owner=APP_USER)
     for mode in ("verify-full", "verify-ca", "require"):
-        proxy = secure_proxy_factory(cluster=cluster, tls=tls_section(test_ca),
+        proxy = proxy_factory(cluster, tls=tls_section(test_ca),
                                      target={"tls": mode, "tls_ca_file": test_ca.ca_cert})
         with psycopg.connect(proxy.dsn(sslmode="verify-full", sslrootcert=test_ca.ca_cert)) as conn:
             ssl_on, version = conn.execute(
@@ -182,14 +159,14 @@ def test_database_leg_tls_verified_by_pg_stat_ssl(secure_proxy_factory, pg_facto
             assert len(rows) == 500
         proxy.stop()
     # Without TLS to the database the same query says so.
-    proxy = secure_proxy_factory(cluster=cluster)
+    proxy = proxy_factory(cluster)
     with psycopg.connect(proxy.dsn()) as conn:
         assert conn.execute("select ssl from pg_stat_ssl where pid = pg_backend_pid()").fetchone() == (False,)
 
 
-def test_database_leg_tls_errors_are_clear(secure_proxy_factory, pg, pg_factory, test_ca, tmp_path):
+def test_database_leg_tls_errors_are_clear(proxy_factory, pg, pg_factory, test_ca, tmp_path):
     # The session cluster has ssl off: it answers 'N'.
-    proxy = secure_proxy_factory(target={"tls": "require"})
+    proxy = proxy_factory(target={"tls": "require"})
     with pytest.raises(psycopg.OperationalError) as info:
         psycopg.connect(proxy.dsn())
     assert "does not accept TLS" in str(info.value)
@@ -198,27 +175,40 @@ def test_database_leg_tls_errors_are_clear(secure_proxy_factory, pg, pg_factory,
     cluster.create_user(APP_USER, APP_PASSWORD)
     cluster.create_database(APP_DB, owner=APP_USER)
     other = make_test_ca(tmp_path / "other")
-    proxy = secure_proxy_factory(cluster=cluster, target={"tls": "verify-full", "tls_ca_file": other.ca_cert})
+    proxy = proxy_factory(cluster, target={"tls": "verify-full", "tls_ca_file": other.ca_cert})
     with pytest.raises(psycopg.OperationalError) as info:
         psycopg.connect(proxy.dsn())
     assert "certificate verify failed" in str(info.value)
 
 
-def test_certificate_reload(secure_proxy_factory, tmp_path):
-    """What SIGHUP runs (Proxy.reload): new handshakes use the new certificate."""
+# A proxy's certificate files in tmp_path/live, relative to its configuration.
+LIVE_TLS = {"cert_file": "live/server.pem", "key_file": "live/server.key"}
+
+
+def install_certificate(live, ca) -> None:
+    shutil.copyfile(ca.server_cert, live / "server.pem")
+    shutil.copyfile(ca.server_key, live / "server.key")
+
+
+def live_certificate(tmp_path):
+    """Two test CAs, and tmp_path/live holding the first one's server pair."""
     first = make_test_ca(tmp_path / "first")
     second = make_test_ca(tmp_path / "second")
     live = tmp_path / "live"
     live.mkdir()
-    shutil.copyfile(first.server_cert, live / "server.pem")
-    shutil.copyfile(first.server_key, live / "server.key")
-    proxy = secure_proxy_factory(tls={"cert_file": "live/server.pem", "key_file": "live/server.key"})
+    install_certificate(live, first)
+    return first, second, live
+
+
+def test_certificate_reload(proxy_factory, tmp_path):
+    """What SIGHUP runs (Proxy.reload): new handshakes use the new certificate."""
+    first, second, live = live_certificate(tmp_path)
+    proxy = proxy_factory(tls=LIVE_TLS)
     code, _, err = psql(proxy, "select 1", sslmode="verify-full", sslrootcert=first.ca_cert)
     assert code == 0, err
     # A session open across the reload keeps working.
     keep = psycopg.connect(proxy.dsn(sslmode="verify-full", sslrootcert=first.ca_cert))
-    shutil.copyfile(second.server_cert, live / "server.pem")
-    shutil.copyfile(second.server_key, live / "server.key")
+    install_certificate(live, second)
     proxy.call(proxy.proxy.reload)
     code, _, err = psql(proxy, "select 1", sslmode="verify-full", sslrootcert=second.ca_cert)
     assert code == 0, err
@@ -236,63 +226,29 @@ def test_certificate_reload(secure_proxy_factory, tmp_path):
 def test_sighup_reloads_certificate_subprocess(pg, tmp_path):
     """`rdsproxy serve` as a process: SIGHUP makes new handshakes use the new certificate."""
     import signal
-    import sys
-    import time
 
-    from proxyproc import REPO, write_config, write_secret_file
-    from utils import free_port, wait_for_port
-
-    first = make_test_ca(tmp_path / "first")
-    second = make_test_ca(tmp_path / "second")
-    live = tmp_path / "live"
-    live.mkdir()
-    shutil.copyfile(first.server_cert, live / "server.pem")
-    shutil.copyfile(first.server_key, live / "server.key")
-    write_secret_file(str(tmp_path / "secrets" / "app.json"), APP_USER, APP_PASSWORD)
-    port = free_port()
-    config = tmp_path / "proxy.toml"
-    write_config(config, top={"name": "tls-proxy", "require_tls": True},
-                 auth=[{"secret": "file:secrets/app.json"}], target_group={"max_connections_percent": 10},
-                 targets=[{"host": pg.host, "port": pg.port}],
-                 endpoints=[{"name": "default", "listen": f"127.0.0.1:{port}"}])
-    with open(config, "a") as fh:
-        fh.write('\n[tls]\ncert_file = "live/server.pem"\nkey_file = "live/server.key"\n')
-    log_path = tmp_path / "proxy.log"
-
-    class P:
-        pass
-    proxy = P()
-    proxy.port = port
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "rdsproxy", "serve", "--config", str(config)],
-                                stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    first, second, live = live_certificate(tmp_path)
+    # The certificate paths are relative to the config file's directory.
+    proxy = ProxyProcess(tmp_path, pg, None, top={"require_tls": True}, max_connections_percent=10,
+                         tls=LIVE_TLS)
     try:
-        wait_for_port(port, timeout=20, proc=proc)
         code, out, err = psql(proxy, "select 1", sslmode="verify-full", sslrootcert=first.ca_cert)
         assert code == 0 and out == "1", err
-        shutil.copyfile(second.server_cert, live / "server.pem")
-        shutil.copyfile(second.server_key, live / "server.key")
-        mark = len(log_path.read_text())
-        proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while "TLS certificate reloaded" not in log_path.read_text()[mark:]:
-            assert time.monotonic() < deadline, log_path.read_text()[-2000:]
-            time.sleep(0.05)
+        install_certificate(live, second)
+        mark = len(proxy.log_text())
+        proxy.signal(signal.SIGHUP)
+        proxy.wait_for_log("TLS certificate reloaded", timeout=10, start=mark)
         code, out, err = psql(proxy, "select 1", sslmode="verify-full", sslrootcert=second.ca_cert)
         assert code == 0 and out == "1", err
         code, out, err = psql(proxy, "select 1", sslmode="verify-full", sslrootcert=first.ca_cert)
         assert code != 0 and "certificate verify failed" in err
-        assert proc.poll() is None
+        assert proxy.proc.poll() is None
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        proxy.stop()
 
 
-def test_client_certificates_checked_with_ca_file(secure_proxy_factory, test_ca, tmp_path):
-    proxy = secure_proxy_factory(tls={**tls_section(test_ca), "ca_file": test_ca.ca_cert,
+def test_client_certificates_checked_with_ca_file(proxy_factory, test_ca, tmp_path):
+    proxy = proxy_factory(tls={**tls_section(test_ca), "ca_file": test_ca.ca_cert,
                                       "require_client_cert": True})
     code, out, err = psql(proxy, "select 1", sslmode="verify-full", sslrootcert=test_ca.ca_cert,
                           sslcert=test_ca.client_cert, sslkey=test_ca.client_key)

@@ -14,11 +14,10 @@ import ssl
 import struct
 
 import pytest
-from conftest import APP_DB, APP_PASSWORD, APP_USER, RunningProxy, write_secret
+from harness import APP_DB, APP_PASSWORD, APP_USER
 from differential import Differential
 from utils import recv_message
 
-from rdsproxy import config_from_dict
 from rdsproxy.auth.md5 import md5_response
 from rdsproxy.auth.scram import (
     ScramClient,
@@ -137,7 +136,7 @@ def known_and_unknown(side) -> dict:
 def test_an_unknown_user_gets_the_exchange_of_a_known_one(proxy_factory, pg, md5_cluster,
                                                          client_auth):
     cluster = md5_cluster if client_auth == "POSTGRES_MD5" else pg
-    proxy = proxy_factory(cluster=cluster, client_auth=client_auth)
+    proxy = proxy_factory(cluster, client_auth=client_auth)
     seen = Differential(cluster, proxy).assert_same(known_and_unknown)
     assert seen["unknown user answered alike"]
     method = wire.AUTH_SASL if client_auth == "POSTGRES_SCRAM_SHA_256" else wire.AUTH_MD5
@@ -159,33 +158,19 @@ def test_scram_salts_do_not_tell_unknown_users_apart(proxy_factory):
 
 
 @pytest.fixture
-def accounts_proxy(tmp_path, pg):
+def accounts_proxy(proxy_factory, pg):
     """make(accounts=[(user, client_password_auth_type, iam_auth)], tls=..., iam=..., top=...):
     a proxy whose accounts use different methods (each with APP_PASSWORD)."""
-    proxies = []
-
     def make(accounts, *, tls=None, iam=None, top=None):
         for user, _, _ in accounts:   # the health checks log in as the first one
             pg.psql(f"DO $$ BEGIN CREATE ROLE {user} LOGIN PASSWORD '{APP_PASSWORD}'; "
                     "EXCEPTION WHEN duplicate_object THEN NULL; END $$")
-        data = {"name": "test-proxy", "engine_family": "POSTGRESQL", **(top or {}),
-                "auth": [{"secret": f"file:{write_secret(tmp_path, user, APP_PASSWORD)}",
-                          "client_password_auth_type": method, "iam_auth": iam_auth}
-                         for user, method, iam_auth in accounts],
-                "target_group": {"max_connections_percent": 20},
-                "targets": [{"host": pg.host, "port": pg.port}],
-                "endpoints": [{"name": "default", "listen": "127.0.0.1:0"}]}
-        if tls is not None:
-            data["tls"] = tls
-        if iam is not None:
-            data["iam"] = iam
-        running = RunningProxy(config_from_dict(data, source="<test>", base_dir=tmp_path))
-        proxies.append(running)
-        return running
+        return proxy_factory(users=[(user, APP_PASSWORD) for user, _, _ in accounts],
+                             client_auth={user: method for user, method, _ in accounts},
+                             iam_auth={user: iam_auth for user, _, iam_auth in accounts},
+                             tls=tls, iam=iam, top=top, max_connections_percent=20)
 
-    yield make
-    for running in proxies:
-        running.stop()
+    return make
 
 
 SCRAM, MD5 = "POSTGRES_SCRAM_SHA_256", "POSTGRES_MD5"

@@ -8,30 +8,23 @@ import time
 
 import asyncpg
 import pytest
-from conftest import APP_DB, APP_PASSWORD, APP_USER
+from harness import APP_DB, APP_PASSWORD, APP_USER
 from differential import Differential, admin_stats, flush, next_result
-from proxyproc import ProxyProcess
 from psycopg import pq
 from utils import free_port, run, wait_until
 
 
 @pytest.fixture
-def proxied(tmp_path, pg):
+def proxied(proxy_process_factory, pg):
     """make(**target_group) -> Differential over a proxy subprocess with an admin listener
     (libpq's blocking calls would hold the GIL against a proxy in this process)."""
-    made = []
-
     def make(**target_group):
         admin = f"127.0.0.1:{free_port()}"
-        process = ProxyProcess(tmp_path / f"proxy{len(made)}", pg, [(APP_USER, APP_PASSWORD)],
-                               top={"admin": {"listen": admin}}, **target_group)
+        process = proxy_process_factory(top={"admin": {"listen": admin}}, **target_group)
         process.admin_address = admin
-        made.append(process)
         return Differential(pg, process)
 
-    yield make
-    for process in made:
-        process.stop()
+    return make
 
 
 def pool_of(diff) -> dict:

@@ -1,4 +1,5 @@
-"""Small helpers shared by the test suite (no pytest plugins needed).
+"""Small helpers shared by the test suite (no pytest plugins needed): waiting, running
+commands and coroutines, fast-path twins, and raw wire clients of both engines.
 
 The suite does not depend on pytest-asyncio: async code runs through `run(coro)` from
 plain sync tests, one fresh event loop per call.
@@ -9,6 +10,7 @@ import asyncio
 import importlib
 import os
 import socket
+import ssl
 import struct
 import subprocess
 import time
@@ -18,11 +20,14 @@ from typing import Any, TypeVar
 import pytest
 
 from rdsproxy.devservers.base import free_port
+from rdsproxy.engines.mysql import protocol as p
+from rdsproxy.engines.mysql.server_login import ServerLogin
 
 __all__ = [
     "concurrently",
     "free_port",
     "libpq_dsn",
+    "log_in",
     "message_fields",
     "port_is_open",
     "recv_message",
@@ -220,3 +225,95 @@ def concurrently(fn, args, timeout: float = 60) -> dict:
     if errors:
         raise errors[0]
     return results
+
+
+# --- MySQL: a blocking client driving the sans-IO login and response tracker -----------------
+
+def log_in(port: int, user: str, password: str, database: str | None = None, *,
+           tls_context: ssl.SSLContext | None = None, **options) -> "Session":
+    """Open a TCP connection and run ServerLogin over it (TLS when a context is given)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+    if tls_context is not None:
+        options.setdefault("tls", "require")
+    login = ServerLogin(user, password, database, **options)
+    try:
+        while not login.done:
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError("server closed the connection during login")
+            out = login.receive_data(data)
+            if out:
+                sock.sendall(out)
+            if login.need_tls:
+                sock = tls_context.wrap_socket(sock, server_hostname="127.0.0.1")
+                sock.sendall(login.tls_started())
+    except BaseException:
+        sock.close()
+        raise
+    return Session(sock, login)
+
+
+class Session:
+    """A logged-in connection: send commands, track responses with ResponseTracker."""
+
+    def __init__(self, sock, login: ServerLogin):
+        self.sock = sock
+        self.login = login
+        self.result = login.result
+        self.caps = login.result.capabilities
+        self.status = login.result.status_flags
+        self.reader = p.PacketReader(max_payload=256 << 20)
+        self.pending: list[tuple[int, bytes]] = []
+
+    def recv_packet(self) -> tuple[int, bytes]:
+        while not self.pending:
+            data = self.sock.recv(1 << 20)
+            if not data:
+                raise ConnectionError("server closed the connection")
+            self.pending += self.reader.feed(data)
+        return self.pending.pop(0)
+
+    def command(self, payload: bytes, infile: bytes | None = None):
+        """Send one command; return (tracker, server payloads). With `infile`, answer a
+        LOCAL INFILE request with that data."""
+        self.sock.sendall(p.packet(0, payload))
+        tracker = p.ResponseTracker(payload, self.caps, status_flags=self.status)
+        packets = []
+        seq = p.seq_after(0, len(payload))
+        while not tracker.done:
+            if tracker.awaiting_client:
+                assert infile is not None, "server asked for a file"
+                data = p.packet(seq, infile) + p.packet(seq + 1, b"")
+                tracker.feed_client(infile)
+                tracker.feed_client(b"")
+                self.sock.sendall(data)
+                seq += 2
+                continue
+            s, payload_in = self.recv_packet()
+            assert s == seq & 0xFF, (s, seq)
+            seq = p.seq_after(s, len(payload_in))
+            packets.append(payload_in)
+            tracker.feed(payload_in)
+        self.status = tracker.status_flags
+        return tracker, packets
+
+    def query(self, sql: str, **kw):
+        return self.command(p.com_query(sql), **kw)
+
+    def rows(self, sql: str) -> list[list[bytes | None]]:
+        """Text-protocol rows of a single-result query."""
+        tracker, packets = self.query(sql)
+        assert tracker.error is None, tracker.error
+        ncols, _ = p.read_lenenc_int(packets[0])
+        start = 1 + ncols + (0 if self.caps & p.CLIENT_DEPRECATE_EOF else 1)
+        return [p.parse_text_row(row, ncols) for row in packets[start:-1]]
+
+    def scalar(self, sql: str) -> bytes | None:
+        return self.rows(sql)[0][0]
+
+    def close(self) -> None:
+        try:
+            self.sock.sendall(p.packet(0, p.com_quit()))
+        except OSError:
+            pass
+        self.sock.close()
