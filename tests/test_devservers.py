@@ -138,7 +138,7 @@ def test_trust_needs_no_password(pg_factory):
 
 
 def test_max_connections_and_settings(pg_factory):
-    cluster = pg_factory(max_connections=7, settings={"application_name": "devcluster test",
+    cluster = pg_factory(max_connections=7, settings={"application_name": "devservers test",
                                                       "work_mem": "8MB"})
     with _connect(cluster) as conn:
         assert conn.execute("SHOW max_connections").fetchone() == ("7",)
