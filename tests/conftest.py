@@ -5,14 +5,16 @@ so each is installed once; tests that need other server settings start their own
 rdsproxy.devservers (`pg_factory` for PostgreSQL), stopped when the test ends. Proxies:
 `proxy_factory` runs a proxy of either engine in front of them in this process, and
 `proxy_process_factory` the same as a subprocess (tests/harness.py builds both's
-configuration); `one_connection` is a module's proxy of one connection, compared with
-direct sessions (tests/differential.py).
+configuration); `make_proxy` is the MySQL end-to-end tests' proxy with a pool budget;
+`one_connection` is a module's proxy of one connection, compared with direct sessions
+(tests/differential.py).
 """
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
@@ -171,6 +173,28 @@ def secure_proxy_factory(proxy_factory):
 def proxy(proxy_factory):
     """A proxy in front of the session cluster: scram clients, 20% of max_connections=60."""
     return proxy_factory()
+
+
+@pytest.fixture
+def make_proxy(proxy_factory, mariadb):
+    """make(budget=N or max_connections_percent=..., client_auth=..., top={...}, tls=...,
+    iam_auth=... (for APP_USER only), server=..., ...): a MySQL proxy, once its first health
+    check has told it the budget. Proxies are cheap, so each test chooses its budget:
+    `budget=1` puts every client on the same server connection."""
+    def make(budget=None, iam_auth=None, server=None, **options):
+        server = server or mariadb
+        if budget is not None:
+            options["max_connections_percent"] = budget * 100 // server.max_connections
+        running = proxy_factory(server, engine="mysql",
+                                iam_auth={APP_USER: iam_auth} if iam_auth else None, **options)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if running.stats()["pool"]["max"] > 1 or budget == 1:
+                break
+            time.sleep(0.02)
+        return running
+
+    return make
 
 
 # --- TLS -------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The test harness: the suite's accounts, one proxy configuration for both engines, and
 a proxy running in-process for synchronous clients (tests/conftest.py's fixtures use it;
-tests/proxyproc.py runs the same configuration as a subprocess)."""
+tests/proxyproc.py runs the same configuration as a subprocess), with PyMySQL clients of
+such a proxy for the MySQL end-to-end tests."""
 from __future__ import annotations
 
 import asyncio
@@ -13,6 +14,8 @@ import subprocess
 import sys
 import tempfile
 import threading
+
+import pymysql
 
 from rdsproxy import Proxy
 from rdsproxy.engines.postgres import protocol as pg
@@ -249,3 +252,28 @@ def raw_startup(port, user=APP_USER, context=None, password=None):
             return {"type": mtype.decode()}
     finally:
         sock.close()
+
+
+# --- MySQL through a running proxy: PyMySQL clients and the proxy's side of them ------------
+
+def connect(px, user=APP_USER, password=APP_PASSWORD, database=APP_DB, **kw):
+    kw.setdefault("autocommit", True)
+    return pymysql.connect(host=px.host, port=px.port, user=user, password=password,
+                           database=database, connect_timeout=10, read_timeout=30, **kw)
+
+
+def scalar(conn, sql, args=None):
+    with conn.cursor() as cur:
+        cur.execute(sql, args)
+        row = cur.fetchone()
+        return row[0] if row is not None else None
+
+
+def proxy_connections(mariadb, user=APP_USER) -> int:
+    """Server connections from the proxy (the health check's are not pool connections)."""
+    return sum(1 for row in mariadb.processlist()
+               if row["user"] == user and "rdsproxy-health" not in row["info"])
+
+
+def engine(px):
+    return px.proxy.engine
