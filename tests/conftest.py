@@ -24,16 +24,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from differential import proxied_differential  # noqa: E402
 from harness import (APP_DB, APP_PASSWORD, APP_USER, MARIADB_MAX_CONNECTIONS,  # noqa: E402
-                     ONE_CONNECTION, OTHER_PASSWORD, OTHER_USER, RunningProxy, proxy_config,
-                     write_secret)
+                     ONE_CONNECTION, OTHER_PASSWORD, OTHER_USER, RunningProxy, proxy_config)
 from proxyproc import ProxyProcess  # noqa: E402
 from rdsproxy import config_from_dict  # noqa: E402
 from rdsproxy.devservers.mariadb import MariaDBServer  # noqa: E402
 from rdsproxy.devservers.postgres import PostgresCluster  # noqa: E402
-
-# test_quick_login.py still imports the accounts and write_secret from here.
-__all__ = ["APP_DB", "APP_PASSWORD", "APP_USER", "write_secret"]
-
 
 # --- servers ---------------------------------------------------------------------------------
 
@@ -161,12 +156,6 @@ def one_connection(tmp_path_factory, pg):
     with proxied_differential(tmp_path_factory.mktemp("one-connection"), pg, admin=True,
                               **ONE_CONNECTION) as diff:
         yield diff
-
-
-@pytest.fixture
-def secure_proxy_factory(proxy_factory):
-    """proxy_factory under the name test_quick_login.py asks for."""
-    return proxy_factory
 
 
 @pytest.fixture

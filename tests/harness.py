@@ -15,11 +15,12 @@ import sys
 import tempfile
 import threading
 
+import psycopg
 import pymysql
 
 from rdsproxy import Proxy
 from rdsproxy.engines.postgres import protocol as pg
-from utils import free_port, libpq_dsn, recv_message
+from utils import free_port, libpq_dsn, recv_message, wait_until
 
 APP_USER, APP_PASSWORD, APP_DB = "app", "app-secret", "appdb"
 # MySQL tests' second account, with privileges on APP_DB only.
@@ -277,3 +278,73 @@ def proxy_connections(mariadb, user=APP_USER) -> int:
 
 def engine(px):
     return px.proxy.engine
+
+
+# --- raw PostgreSQL clients ------------------------------------------------------------------
+
+def startup_packet(user=APP_USER, database=APP_DB) -> bytes:
+    """A StartupMessage (protocol 3.0) for `user` and `database`."""
+    body = struct.pack("!i", 196608) + b"user\0" + user.encode() + b"\0database\0" + database.encode() + b"\0\0"
+    return struct.pack("!i", len(body) + 4) + body
+
+
+def read_all(sock, timeout=5.0) -> bytes:
+    """Everything the peer sends until it closes or falls silent for `timeout` seconds."""
+    sock.settimeout(timeout)
+    chunks = []
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except (socket.timeout, ConnectionResetError):
+        pass
+    return b"".join(chunks)
+
+
+def error_code(reply: bytes) -> str | None:
+    """SQLSTATE of the first ErrorResponse in a raw reply."""
+    pos = reply.find(b"E")
+    while pos >= 0:
+        if pos + 5 <= len(reply):
+            length = struct.unpack("!i", reply[pos + 1:pos + 5])[0]
+            body = reply[pos + 5:pos + 1 + length]
+            for field in body.split(b"\0"):
+                if field.startswith(b"C"):
+                    return field[1:].decode()
+        pos = reply.find(b"E", pos + 1)
+    return None
+
+
+class Bystander:
+    """A well-behaved client looping over queries in a thread; any error is a failure."""
+
+    def __init__(self, proxy):
+        self.proxy = proxy
+        self.errors = []
+        self.count = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        try:
+            # prepare_threshold=None: unnamed statements only, so the bystander multiplexes.
+            with psycopg.connect(self.proxy.dsn(), autocommit=True, prepare_threshold=None) as conn:
+                while not self._stop.is_set():
+                    with conn.transaction():
+                        assert conn.execute("select %s::int", (self.count,)).fetchone() == (self.count,)
+                    self.count += 1
+        except Exception as exc:  # reported by __exit__
+            self.errors.append(exc)
+
+    def __enter__(self):
+        self._thread.start()
+        wait_until(lambda: self.count > 0 or self.errors, message="bystander running")
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(10)
+        assert not self.errors, self.errors
+        assert self.count > 0

@@ -5,15 +5,10 @@ from __future__ import annotations
 import socket
 import struct
 
-from harness import APP_PASSWORD, APP_USER
+from harness import APP_PASSWORD, APP_USER, startup_packet
 from utils import message_fields, recv_message
 
 OTHER_USER, OTHER_PASSWORD = "other", "other-secret"
-
-
-def startup_packet(user: str) -> bytes:
-    body = struct.pack("!i", 196608) + b"user\x00" + user.encode() + b"\x00database\x00appdb\x00\x00"
-    return struct.pack("!i", len(body) + 4) + body
 
 
 def read_message(sock) -> tuple[int, bytes]:

@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from conftest import APP_DB, APP_PASSWORD, APP_USER
+from harness import APP_DB, APP_PASSWORD, APP_USER
 from rdsproxy.auth.iam import Principal, generate_token, verify_token
 from rdsproxy.auth.md5 import md5_response
 from rdsproxy.auth.scram import make_server_key_material

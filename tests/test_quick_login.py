@@ -14,10 +14,10 @@ import urllib.request
 
 import psycopg
 import pytest
-from conftest import APP_DB, APP_PASSWORD, APP_USER, write_secret
+from harness import (APP_DB, APP_PASSWORD, APP_USER, Bystander, error_code, read_all,
+                     startup_packet, write_secret)
 from proxyproc import ProxyProcess
 from utils import built, free_port, twins
-from test_faults import Bystander, error_code, read_all, startup_packet
 
 from rdsproxy.auth.md5 import md5_response
 
@@ -225,9 +225,9 @@ def test_an_encryption_request_is_declined_once_then_the_login_runs(md5_proxy, r
     sock.close()
 
 
-def test_a_proxy_with_tls_runs_the_handshake_for_an_ssl_request(secure_proxy_factory, test_ca):
-    proxy = secure_proxy_factory(client_auth="POSTGRES_MD5",
-                                 tls={"cert_file": test_ca.server_cert, "key_file": test_ca.server_key})
+def test_a_proxy_with_tls_runs_the_handshake_for_an_ssl_request(proxy_factory, test_ca):
+    proxy = proxy_factory(client_auth="POSTGRES_MD5",
+                          tls={"cert_file": test_ca.server_cert, "key_file": test_ca.server_key})
     for _ in range(3):
         with psycopg.connect(proxy.dsn(sslmode="require"), autocommit=True) as conn:
             assert conn.info.pgconn.ssl_in_use is True
