@@ -2,7 +2,9 @@
 
 GET /targets  describe-db-proxy-targets as JSON ({"Targets": [...]}, with pool figures)
 GET /stats    the proxy's counters and gauges
-GET /health   200 "ok" while the proxy runs (for load balancers and orchestrators)
+GET /health   200 "ok" while the proxy runs (liveness: for load balancers and orchestrators)
+GET /ready    200 when every endpoint has a target to route to, 503 otherwise (readiness),
+              with which target serves each endpoint as JSON
 
 HTTP/1.1 with one request per connection; no dependency beyond orjson. It listens where
 `[admin] listen` says: keep it on a private address, it is not authenticated.
@@ -27,9 +29,18 @@ def _response(status: str, body: bytes, content_type: str = "application/json") 
     return head.encode("ascii") + body
 
 
+def _json(obj) -> bytes:
+    return orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS)
+
+
 class AdminServer:
-    def __init__(self, routes: dict[str, Callable[[], object]]):
+    """`routes`: path -> the object it serves as JSON; `ready`: () -> (ready, object) for
+    /ready."""
+
+    def __init__(self, routes: dict[str, Callable[[], object]],
+                 ready: Callable[[], tuple[bool, object]] | None = None):
         self.routes = routes
+        self.ready = ready
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
@@ -70,9 +81,11 @@ class AdminServer:
             return _response("405 Method Not Allowed", b'{"error": "only GET"}')
         if path == "/health":
             return _response("200 OK", b"ok\n", "text/plain")
+        if path == "/ready" and self.ready is not None:
+            ready, body = self.ready()
+            return _response("200 OK" if ready else "503 Service Unavailable", _json(body))
         route = self.routes.get(path)
         if route is None:
-            known = ", ".join(sorted(self.routes) + ["/health"])
+            known = ", ".join(sorted(self.routes) + ["/health"] + (["/ready"] if self.ready else []))
             return _response("404 Not Found", orjson.dumps({"error": f"unknown path; try {known}"}))
-        return _response("200 OK", orjson.dumps(route(), option=orjson.OPT_INDENT_2
-                                                 | orjson.OPT_NON_STR_KEYS))
+        return _response("200 OK", _json(route()))

@@ -133,7 +133,8 @@ def serve(config_path, listen, self_signed_dir):
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True), required=True)
 @click.option("--json", "as_json", is_flag=True, help="print JSON (as the admin endpoint serves it)")
 def describe_targets(config_path, as_json):
-    """Show each target's role, health and pool figures.
+    """Show each target's role, health and pool figures; exit status 1 when a target is not
+    AVAILABLE.
 
     Asks the running proxy's admin endpoint ([admin] listen). Without one, checks each target
     once from here (role and health only: pool figures live in the running proxy)."""
@@ -157,9 +158,15 @@ def describe_targets(config_path, as_json):
         data = {"Targets": _run(_probe_targets(config))}
     if as_json:
         click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
-        return
+    else:
+        _print_targets(data["Targets"])
+    if any(t["TargetHealth"]["State"] != "AVAILABLE" for t in data["Targets"]):
+        sys.exit(1)
+
+
+def _print_targets(targets) -> None:
     rows = [("TARGET", "ENDPOINT", "ROLE", "STATE", "REASON", "IN USE", "IDLE", "WAITING", "PINNED")]
-    for t in data["Targets"]:
+    for t in targets:
         pool = t.get("Pool") or {}
         health = t["TargetHealth"]
         rows.append((t["RdsResourceId"], f"{t['Endpoint']}:{t['Port']}", t["Role"], health["State"],
@@ -168,7 +175,7 @@ def describe_targets(config_path, as_json):
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-    for t in data["Targets"]:
+    for t in targets:
         if t["TargetHealth"].get("Description"):
             click.echo(f"{t['RdsResourceId']}: {t['TargetHealth']['Description']}")
 

@@ -74,10 +74,11 @@ class Proxy:
                          *self.addresses[endpoint.name], endpoint.target_role.value)
             if self.config.admin is not None and self.config.admin.listen:
                 from .admin import AdminServer
-                self._admin = AdminServer({"/targets": self.describe_targets, "/stats": self.stats})
+                self._admin = AdminServer({"/targets": self.describe_targets, "/stats": self.stats},
+                                          ready=self.ready)
                 host, port = self.config.admin.listen.rsplit(":", 1)
                 self.admin_address = await self._admin.start(host.strip("[]"), int(port))
-                log.info("admin endpoint on http://%s:%d/ (/targets, /stats, /health)",
+                log.info("admin endpoint on http://%s:%d/ (/targets, /stats, /health, /ready)",
                          *self.admin_address)
         except BaseException:
             await self.stop(drain=False)
@@ -129,6 +130,16 @@ class Proxy:
     def describe_targets(self) -> dict:
         """Like `aws rds describe-db-proxy-targets`, plus each target's pool figures."""
         return {"Targets": self.engine.failover.describe_targets() if self.engine is not None else []}
+
+    def ready(self) -> tuple[bool, dict]:
+        """Whether every endpoint has a target it can route to now (its writer, or for a
+        READ_ONLY endpoint a reader), and which one, by endpoint."""
+        routes = {}
+        for endpoint in self.config.endpoints:
+            target = (self.engine.router.target_for(endpoint.target_role)
+                      if self.engine is not None else None)
+            routes[endpoint.name] = target.name if target is not None else None
+        return all(routes.values()), {"Ready": all(routes.values()), "Endpoints": routes}
 
     async def serve_forever(self) -> None:
         await self._stopped.wait()

@@ -8,7 +8,9 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
+from types import SimpleNamespace
 
 import psycopg
 import pytest
@@ -171,6 +173,63 @@ def test_describe_targets_cli_with_and_without_admin(pair, tmp_path):
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def _describe_targets(config_path) -> tuple[int, dict]:
+    """`rdsproxy describe-targets --json`: its exit status, and each target's health."""
+    out = subprocess.run([sys.executable, "-m", "rdsproxy", "describe-targets", "--config",
+                          str(config_path), "--json"], capture_output=True, text=True, timeout=60)
+    return out.returncode, {t["RdsResourceId"]: t["TargetHealth"]
+                            for t in json.loads(out.stdout)["Targets"]}
+
+
+def test_describe_targets_cli_fails_for_a_target_down_or_refusing_the_login(pair, tmp_path):
+    primary, _ = pair
+    nothing = SimpleNamespace(host="127.0.0.1", port=free_port())   # nothing listens there
+    down = tmp_path / "down.toml"
+    down.write_text(dump_toml(proxy_config(tmp_path, [("primary", primary), ("gone", nothing)])))
+    status, health = _describe_targets(down)
+    assert status == 1
+    assert health["primary"]["State"] == "AVAILABLE"
+    assert health["gone"]["State"] == "UNAVAILABLE"
+    assert health["gone"]["Reason"] in ("UNREACHABLE", "CONNECTION_FAILED"), health["gone"]
+
+    refused = tmp_path / "refused.toml"
+    refused.write_text(dump_toml(harness.proxy_config(
+        tmp_path, targets=[("primary", primary)], users=[(USER, "not-the-password")],
+        client_auth="POSTGRES_MD5", secret_fields={"dbname": DB})))
+    status, health = _describe_targets(refused)
+    assert status == 1
+    assert health["primary"]["State"] == "UNAVAILABLE"
+    assert health["primary"]["Reason"] == "AUTH_FAILURE", health["primary"]
+
+
+def test_ready_follows_the_targets_across_an_outage(pg_factory, start_proxy, tmp_path):
+    primary = pg_factory(max_connections=20)
+    _prepare(primary)
+    proxy = start_proxy(proxy_config(tmp_path, [("primary", primary)], admin=True,
+                                     endpoints=[{"name": "rw", "listen": "127.0.0.1:0"}]))
+    host, port = proxy.proxy.admin_address
+
+    def ready():
+        try:
+            with urllib.request.urlopen(f"http://{host}:{port}/ready", timeout=5) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    wait_until(lambda: ready()[0] == 200, timeout=15, message="ready")
+    assert ready()[1] == {"Ready": True, "Endpoints": {"rw": "primary"}}
+    with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=5) as response:
+        assert response.read() == b"ok\n"
+    primary.kill()
+    wait_until(lambda: ready()[0] == 503, timeout=15, message="not ready while the writer is down")
+    assert ready()[1] == {"Ready": False, "Endpoints": {"rw": None}}
+    with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=5) as response:
+        assert response.read() == b"ok\n"                      # alive all the same
+    primary.start()
+    wait_until(lambda: ready()[0] == 200, timeout=30, message="ready again")
+    assert query(proxy, "SELECT 1") == 1
 
 
 def test_read_only_endpoint_waits_or_falls_back_to_writer(pair, start_proxy, tmp_path):

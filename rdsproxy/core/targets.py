@@ -299,8 +299,14 @@ class TargetGroup:
         } for t in self._targets]
 
     async def check_all(self) -> None:
-        """Probe every target once, now (without the checker tasks): a one-shot view."""
-        await asyncio.gather(*(self._probe_once(t) for t in self._targets))
+        """Probe every target once, now (without the checker tasks), each answer taken as
+        final: a one-shot view, in which a failed check makes a target UNAVAILABLE with
+        its reason (AUTH_FAILURE, UNREACHABLE...) rather than leave it REGISTERING."""
+        failures, self.failures = self.failures, 1
+        try:
+            await asyncio.gather(*(self._probe_once(t) for t in self._targets))
+        finally:
+            self.failures = failures
 
     def probe_soon(self, target: Target) -> None:
         """Check `target` now rather than at its next interval (a connection to it failed)."""
