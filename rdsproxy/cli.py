@@ -12,8 +12,8 @@ import click
 import orjson
 
 from . import __version__, _fastpath
-from .config import ConfigError, config_from_dict, load_config
-from .proxy import Proxy, engine_class
+from .config import ConfigError, ConfigErrors, config_from_dict, load_config
+from .proxy import ListenError, Proxy, engine_class
 from .secrets import SecretError
 
 log = logging.getLogger("rdsproxy")
@@ -62,7 +62,7 @@ async def _serve(config) -> None:
 @click.group()
 @click.version_option(__version__, message=f"rdsproxy %(version)s (fast path: {_fastpath.IMPLEMENTATION})")
 def main():
-    """A connection-pooling proxy for PostgreSQL, in the spirit of AWS RDS Proxy."""
+    """A connection-pooling proxy for PostgreSQL and MySQL/MariaDB, in the spirit of AWS RDS Proxy."""
 
 
 def _self_signed(directory: str, config_path: str) -> dict:
@@ -122,7 +122,7 @@ def serve(config_path, listen, self_signed_dir):
         _setup_logging(config.debug_logging)
         try:
             _run(_serve(config))
-        except SecretError as exc:
+        except (SecretError, ListenError) as exc:
             raise click.ClickException(str(exc)) from None
         return
     _setup_logging(False)
@@ -230,18 +230,34 @@ def _quickstart(listen: str) -> None:
 
 
 @main.command("validate-config")
-@click.argument("config_path", type=click.Path(dir_okay=False))
-def validate_config(config_path):
-    """Check a config file (and that its secrets can be read) without starting anything."""
+@click.argument("config_argument", required=False, type=click.Path(dir_okay=False),
+                metavar="[CONFIG]")
+@click.option("--config", "config_option", type=click.Path(dir_okay=False),
+              help="proxy.toml (or give it as the argument)")
+def validate_config(config_argument, config_option):
+    """Check a config file (and that its secrets can be read) without starting anything;
+    every problem is listed, one `file: key: problem` line each."""
+    config_path = config_option or config_argument
+    if not config_path:
+        raise click.UsageError("give the config file: validate-config --config proxy.toml")
     try:
         config = load_config(config_path)
-        from .secrets import read_principal_secret, read_secret
-        for entry in config.auth:
-            read_secret(entry.secret, config.base_dir)
-        for entry in config.iam.principals if config.iam is not None else ():
-            read_principal_secret(entry.secret_access_key, config.base_dir)
-    except (ConfigError, SecretError) as exc:
+    except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
+    from .secrets import read_principal_secret, read_secret
+    readers = [(f"auth[{i}].secret", entry.secret, read_secret)
+               for i, entry in enumerate(config.auth)]
+    readers += [(f"iam.principals[{i}].secret_access_key", entry.secret_access_key,
+                 read_principal_secret)
+                for i, entry in enumerate(config.iam.principals if config.iam is not None else ())]
+    problems = []
+    for key, reference, read in readers:
+        try:
+            read(reference, config.base_dir)
+        except SecretError as exc:
+            problems.append(ConfigError(config.source, key, str(exc)))
+    if problems:
+        raise click.ClickException(str(ConfigErrors(problems) if len(problems) > 1 else problems[0]))
     click.echo(f"{config_path}: OK ({config.engine_family}, {len(config.auth)} auth entries, "
                f"{len(config.targets)} targets, {len(config.endpoints)} endpoints)")
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,8 @@ class ConfigError(ValueError):
 
     def __init__(self, source: str, key: str, problem: str):
         self.source, self.key, self.problem = source, key, problem
-        super().__init__(f"{source}: {key}: {problem}")
+        # A problem of the whole file (missing, not TOML) names no key.
+        super().__init__(f"{source}: {key}: {problem}" if key else f"{source}: {problem}")
 
 
 ENGINE_FAMILIES = ("POSTGRESQL", "MYSQL")
@@ -229,151 +231,267 @@ def _range(value, low, high, source: str, key: str):
         raise ConfigError(source, key, f"must be between {low} and {high}, not {value!r}")
 
 
+class ConfigErrors(ConfigError):
+    """Several config problems, one `file: key: problem` line each; `.problems` lists them
+    (the attributes of the first are this error's own)."""
+
+    def __init__(self, problems: list[ConfigError]):
+        first = problems[0]
+        super().__init__(first.source, first.key, first.problem)
+        self.problems = problems
+        self.args = ("\n".join(str(p) for p in problems),)
+
+
+class _Problems:
+    """Collects the problems of a config so that all are reported at once: each check runs
+    in `with problems:`, and a ConfigError in one is kept and the next check runs."""
+
+    def __init__(self):
+        self.found: list[ConfigError] = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if isinstance(exc, ConfigErrors):
+            self.found += exc.problems
+            return True
+        if isinstance(exc, ConfigError):
+            self.found.append(exc)
+            return True
+        return False
+
+    def raise_any(self) -> None:
+        if len(self.found) == 1:
+            raise self.found[0]
+        if self.found:
+            raise ConfigErrors(self.found)
+
+
 def config_from_dict(data: dict, *, source: str = "<dict>", base_dir: str | os.PathLike = ".") -> ProxyConfig:
-    """Build and validate a ProxyConfig from a parsed TOML document (or an equal dict)."""
+    """Build and validate a ProxyConfig from a parsed TOML document (or an equal dict).
+    Every problem found is reported: one ConfigError, or ConfigErrors listing them all."""
+    problems = _Problems()
     top = {}
     top_fields = {f.name for f in dataclasses.fields(ProxyConfig)}
-    for key, value in data.items():
-        if key in _SECTIONS:
-            continue
-        if key not in top_fields or key in ("source", "base_dir"):
-            raise ConfigError(source, key, "unknown key")
+    for key in data:
+        if key not in _SECTIONS and (key not in top_fields or key in ("source", "base_dir")):
+            with problems:
+                raise ConfigError(source, key, "unknown key")
     for f in dataclasses.fields(ProxyConfig):
-        if f.name in data and f.name not in _SECTIONS:
-            top[f.name] = _coerce(f, data[f.name], source, f.name)
+        if f.name in data and f.name not in _SECTIONS and f.name not in ("source", "base_dir"):
+            with problems:
+                top[f.name] = _coerce(f, data[f.name], source, f.name)
     cfg = ProxyConfig(**top, source=source, base_dir=str(base_dir))
-    _one_of(cfg.engine_family, ENGINE_FAMILIES, source, "engine_family")
-    if cfg.idle_client_timeout < 0:
-        raise ConfigError(source, "idle_client_timeout", "must be 0 (never) or a positive number of seconds")
-    if not 1 <= cfg.login_timeout <= 600:
-        raise ConfigError(source, "login_timeout", "must be between 1 and 600 seconds")
-    if cfg.max_logins_per_address < 0:
-        raise ConfigError(source, "max_logins_per_address", "must be 0 (no cap) or a positive number")
+    with problems:
+        _one_of(cfg.engine_family, ENGINE_FAMILIES, source, "engine_family")
+    with problems:
+        if cfg.idle_client_timeout < 0:
+            raise ConfigError(source, "idle_client_timeout", "must be 0 (never) or a positive number of seconds")
+    with problems:
+        if not 1 <= cfg.login_timeout <= 600:
+            raise ConfigError(source, "login_timeout", "must be between 1 and 600 seconds")
+    with problems:
+        if cfg.max_logins_per_address < 0:
+            raise ConfigError(source, "max_logins_per_address", "must be 0 (no cap) or a positive number")
+    with problems:
+        if cfg.secrets_refresh_interval < 0:
+            raise ConfigError(source, "secrets_refresh_interval", "must be 0 (only on SIGHUP) or a "
+                                                                  "positive number of seconds")
+    with problems:
+        _auth_entries(cfg, data.get("auth", []), source, problems)
+    with problems:
+        if "tls" in data:
+            cfg.tls = _tls_section(cfg, data["tls"], source)
+    with problems:
+        if cfg.require_tls and cfg.tls is None and "tls" not in data:
+            raise ConfigError(source, "require_tls", "needs a [tls] section with cert_file and key_file "
+                                                     "(or `serve --generate-self-signed DIR`)")
+    with problems:
+        if "iam" in data:
+            cfg.iam = _iam_section(data["iam"], source, problems)
+    with problems:
+        iam_users = [a for a in cfg.auth if a.iam_auth != "DISABLED"]
+        if iam_users:
+            key = f"auth[{cfg.auth.index(iam_users[0])}].iam_auth"
+            if cfg.iam is None and "iam" in data:
+                pass   # the [iam] section's own problems are reported
+            elif cfg.iam is None or not cfg.iam.principals:
+                raise ConfigError(source, key, "needs at least one [[iam.principals]] entry to "
+                                               "verify tokens with")
+            elif cfg.tls is None and "tls" not in data:
+                raise ConfigError(source, key, "IAM tokens are only accepted over TLS: add a [tls] "
+                                               "section (or `serve --generate-self-signed DIR`)")
+    with problems:
+        cfg.target_group = _target_group(data.get("target_group", {}), source, problems)
+    with problems:
+        _targets(cfg, data.get("targets", []), source, problems)
+    with problems:
+        if "admin" in data:
+            admin = AdminConfig(**_check_fields(AdminConfig, data["admin"], source, "admin."))
+            try:
+                _range(int(admin.listen.rsplit(":", 1)[1]), 0, 65535, source, "admin.listen")
+            except (ValueError, IndexError):
+                raise ConfigError(source, "admin.listen", f"must be HOST:PORT, not {admin.listen!r}") from None
+            cfg.admin = admin
+    with problems:
+        _endpoints(cfg, data.get("endpoints", [{"name": "default", "listen": "127.0.0.1:6432"}]),
+                   source, problems)
+    _check_listen_addresses(cfg, source, problems)
+    problems.raise_any()
+    return cfg
 
-    auth_list = data.get("auth", [])
+
+_WILDCARDS = ("", "0.0.0.0", "::")
+
+
+def _check_listen_addresses(cfg: ProxyConfig, source: str, problems: _Problems) -> None:
+    """Every listen address resolves, and no two listeners (endpoints, the admin endpoint)
+    would bind the same port on overlapping addresses (a wildcard overlaps every address)."""
+    listeners = [(f"endpoints[{i}].listen", e.host, e.port) for i, e in enumerate(cfg.endpoints)]
+    if cfg.admin is not None and cfg.admin.listen:
+        host, port = cfg.admin.listen.rsplit(":", 1)
+        listeners.append(("admin.listen", host.strip("[]"), int(port)))
+    taken: list[tuple[str, str, int]] = []
+    for key, host, port in listeners:
+        with problems:
+            if host not in _WILDCARDS:
+                try:
+                    socket.getaddrinfo(host, None)
+                except (socket.gaierror, UnicodeError) as exc:
+                    raise ConfigError(source, key, f"cannot resolve host {host!r}: {exc}") from None
+            for other_key, other_host, other_port in taken:
+                if port and port == other_port and (host == other_host or host in _WILDCARDS
+                                                    or other_host in _WILDCARDS):
+                    raise ConfigError(source, key, f"{host}:{port} is also {other_key}'s address")
+            taken.append((key, host, port))
+
+
+def _auth_entries(cfg: ProxyConfig, auth_list, source: str, problems: _Problems) -> None:
     if not isinstance(auth_list, list) or not auth_list:
         raise ConfigError(source, "auth", "at least one [[auth]] entry is required")
+    # With an unknown engine_family (reported already) the auth types cannot be checked.
+    types = CLIENT_AUTH_TYPES.get(cfg.engine_family)
     for i, entry in enumerate(auth_list):
         prefix = f"auth[{i}]."
-        if isinstance(entry, dict) and "client_password_auth_type" not in entry:
-            entry = dict(entry, client_password_auth_type=CLIENT_AUTH_TYPES[cfg.engine_family][0])
-        a = AuthConfig(**_check_fields(AuthConfig, entry, source, prefix))
-        _one_of(a.auth_scheme, ("SECRETS",), source, prefix + "auth_scheme")
-        _one_of(a.iam_auth, ("DISABLED", "REQUIRED", "OPTIONAL"), source, prefix + "iam_auth")
-        _one_of(a.client_password_auth_type, CLIENT_AUTH_TYPES[cfg.engine_family], source,
-                prefix + "client_password_auth_type")
-        _check_reference(a.secret, source, prefix + "secret")
-        cfg.auth.append(a)
-    if cfg.secrets_refresh_interval < 0:
-        raise ConfigError(source, "secrets_refresh_interval", "must be 0 (only on SIGHUP) or a "
-                                                              "positive number of seconds")
+        with problems:
+            if isinstance(entry, dict) and "client_password_auth_type" not in entry and types:
+                entry = dict(entry, client_password_auth_type=types[0])
+            a = AuthConfig(**_check_fields(AuthConfig, entry, source, prefix))
+            _one_of(a.auth_scheme, ("SECRETS",), source, prefix + "auth_scheme")
+            _one_of(a.iam_auth, ("DISABLED", "REQUIRED", "OPTIONAL"), source, prefix + "iam_auth")
+            if types:
+                _one_of(a.client_password_auth_type, types, source, prefix + "client_password_auth_type")
+            _check_reference(a.secret, source, prefix + "secret")
+            cfg.auth.append(a)
 
-    if "tls" in data:
-        t = TlsConfig(**_check_fields(TlsConfig, data["tls"], source, "tls."))
-        for key in ("cert_file", "key_file", "ca_file"):
-            path = getattr(t, key)
-            if path:
-                path = cfg.resolve_path(path)
-                setattr(t, key, path)   # absolute from here on: reloads do not depend on cwd
-                if not os.path.isfile(path):
-                    raise ConfigError(source, f"tls.{key}", f"file not found: {path}")
-        if t.require_client_cert and not t.ca_file:
-            raise ConfigError(source, "tls.require_client_cert", "needs tls.ca_file to verify "
-                                                                 "client certificates against")
-        cfg.tls = t
-    if cfg.require_tls and cfg.tls is None:
-        raise ConfigError(source, "require_tls", "needs a [tls] section with cert_file and key_file "
-                                                 "(or `serve --generate-self-signed DIR`)")
 
-    iam_users = [a for a in cfg.auth if a.iam_auth != "DISABLED"]
-    if "iam" in data:
-        raw = data["iam"]
-        if not isinstance(raw, dict):
-            raise ConfigError(source, "iam", f"must be a table, not {type(raw).__name__}")
-        principals = raw.get("principals", [])
-        iam = IamConfig(**_check_fields(IamConfig, {k: v for k, v in raw.items() if k != "principals"},
-                                        source, "iam."))
-        if not isinstance(principals, list):
-            raise ConfigError(source, "iam.principals", "must be a list of [[iam.principals]] tables")
-        for i, entry in enumerate(principals):
-            prefix = f"iam.principals[{i}]."
+def _tls_section(cfg: ProxyConfig, raw, source: str) -> TlsConfig:
+    t = TlsConfig(**_check_fields(TlsConfig, raw, source, "tls."))
+    for key in ("cert_file", "key_file", "ca_file"):
+        path = getattr(t, key)
+        if path:
+            path = cfg.resolve_path(path)
+            setattr(t, key, path)   # absolute from here on: reloads do not depend on cwd
+            if not os.path.isfile(path):
+                raise ConfigError(source, f"tls.{key}", f"file not found: {path}")
+    if t.require_client_cert and not t.ca_file:
+        raise ConfigError(source, "tls.require_client_cert", "needs tls.ca_file to verify "
+                                                             "client certificates against")
+    return t
+
+
+def _iam_section(raw, source: str, problems: _Problems) -> IamConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(source, "iam", f"must be a table, not {type(raw).__name__}")
+    principals = raw.get("principals", [])
+    iam = IamConfig(**_check_fields(IamConfig, {k: v for k, v in raw.items() if k != "principals"},
+                                    source, "iam."))
+    if not isinstance(principals, list):
+        raise ConfigError(source, "iam.principals", "must be a list of [[iam.principals]] tables")
+    for i, entry in enumerate(principals):
+        prefix = f"iam.principals[{i}]."
+        with problems:
             p = IamPrincipalConfig(**_check_fields(IamPrincipalConfig, entry, source, prefix))
             _check_reference(p.secret_access_key, source, prefix + "secret_access_key")
             if not p.resources:
                 raise ConfigError(source, prefix + "resources", "at least one rds-db:connect resource "
                                   "pattern is required (e.g. \"arn:aws:rds-db:*:*:dbuser:*/app\" or \"*\")")
             iam.principals.append(p)
-        cfg.iam = iam
-    if iam_users:
-        key = f"auth[{cfg.auth.index(iam_users[0])}].iam_auth"
-        if cfg.iam is None or not cfg.iam.principals:
-            raise ConfigError(source, key, "needs at least one [[iam.principals]] entry to verify tokens with")
-        if cfg.tls is None:
-            raise ConfigError(source, key, "IAM tokens are only accepted over TLS: add a [tls] section "
-                                           "(or `serve --generate-self-signed DIR`)")
+    return iam
 
-    tg = TargetGroupConfig(**_check_fields(TargetGroupConfig, data.get("target_group", {}), source, "target_group."))
+
+def _target_group(raw, source: str, problems: _Problems) -> TargetGroupConfig:
+    tg = TargetGroupConfig(**_check_fields(TargetGroupConfig, raw, source, "target_group."))
     if tg.max_idle_connections_percent == -1:
         tg.max_idle_connections_percent = tg.max_connections_percent // 2
-    _range(tg.max_connections_percent, 1, 100, source, "target_group.max_connections_percent")
-    _range(tg.max_idle_connections_percent, 0, tg.max_connections_percent, source,
-           "target_group.max_idle_connections_percent")
-    _range(tg.connection_borrow_timeout, 0, 300, source, "target_group.connection_borrow_timeout")
-    if tg.health_check_interval <= 0 or tg.health_check_timeout <= 0:
-        raise ConfigError(source, "target_group.health_check_interval" if tg.health_check_interval <= 0
-                          else "target_group.health_check_timeout", "must be a positive number of seconds")
-    _range(tg.health_check_failures, 1, 100, source, "target_group.health_check_failures")
-    _range(tg.max_prepared_statements, 0, 100000, source, "target_group.max_prepared_statements")
-    for flt in tg.session_pinning_filters:
-        _one_of(flt, PINNING_FILTERS, source, "target_group.session_pinning_filters")
-    cfg.target_group = tg
+    checks = [
+        lambda: _range(tg.max_connections_percent, 1, 100, source,
+                       "target_group.max_connections_percent"),
+        lambda: _range(tg.max_idle_connections_percent, 0, tg.max_connections_percent, source,
+                       "target_group.max_idle_connections_percent"),
+        lambda: _range(tg.connection_borrow_timeout, 0, 300, source,
+                       "target_group.connection_borrow_timeout"),
+        lambda: _positive(tg.health_check_interval, source, "target_group.health_check_interval"),
+        lambda: _positive(tg.health_check_timeout, source, "target_group.health_check_timeout"),
+        lambda: _range(tg.health_check_failures, 1, 100, source, "target_group.health_check_failures"),
+        lambda: _range(tg.max_prepared_statements, 0, 100000, source,
+                       "target_group.max_prepared_statements"),
+    ] + [lambda flt=flt: _one_of(flt, PINNING_FILTERS, source, "target_group.session_pinning_filters")
+         for flt in tg.session_pinning_filters]
+    for check in checks:
+        with problems:
+            check()
+    return tg
 
-    targets = data.get("targets", [])
+
+def _positive(value, source: str, key: str) -> None:
+    if value <= 0:
+        raise ConfigError(source, key, "must be a positive number of seconds")
+
+
+def _targets(cfg: ProxyConfig, targets, source: str, problems: _Problems) -> None:
     if not isinstance(targets, list) or not targets:
         raise ConfigError(source, "targets", "at least one [[targets]] entry is required")
     seen = set()
     for i, entry in enumerate(targets):
-        t = TargetConfig(**_check_fields(TargetConfig, entry, source, f"targets[{i}]."))
-        if cfg.engine_family == "MYSQL" and "port" not in entry:
-            t.port = 3306
-        _range(t.port, 1, 65535, source, f"targets[{i}].port")
-        _one_of(t.tls, TARGET_TLS_MODES, source, f"targets[{i}].tls")
-        if t.tls_ca_file:
-            t.tls_ca_file = cfg.resolve_path(t.tls_ca_file)
-            if not os.path.isfile(t.tls_ca_file):
-                raise ConfigError(source, f"targets[{i}].tls_ca_file", f"file not found: {t.tls_ca_file}")
-        t.name = t.name or f"{t.host}:{t.port}"
-        if t.name in seen:
-            raise ConfigError(source, f"targets[{i}]", f"duplicate target {t.name!r} (give each a "
-                                                       "distinct host:port or name)")
-        seen.add(t.name)
-        cfg.targets.append(t)
+        with problems:
+            t = TargetConfig(**_check_fields(TargetConfig, entry, source, f"targets[{i}]."))
+            if cfg.engine_family == "MYSQL" and "port" not in entry:
+                t.port = 3306
+            _range(t.port, 1, 65535, source, f"targets[{i}].port")
+            _one_of(t.tls, TARGET_TLS_MODES, source, f"targets[{i}].tls")
+            if t.tls_ca_file:
+                t.tls_ca_file = cfg.resolve_path(t.tls_ca_file)
+                if not os.path.isfile(t.tls_ca_file):
+                    raise ConfigError(source, f"targets[{i}].tls_ca_file",
+                                      f"file not found: {t.tls_ca_file}")
+            t.name = t.name or f"{t.host}:{t.port}"
+            if t.name in seen:
+                raise ConfigError(source, f"targets[{i}]", f"duplicate target {t.name!r} (give each a "
+                                                           "distinct host:port or name)")
+            seen.add(t.name)
+            cfg.targets.append(t)
 
-    if "admin" in data:
-        cfg.admin = AdminConfig(**_check_fields(AdminConfig, data["admin"], source, "admin."))
-        try:
-            _range(int(cfg.admin.listen.rsplit(":", 1)[1]), 0, 65535, source, "admin.listen")
-        except (ValueError, IndexError):
-            raise ConfigError(source, "admin.listen", f"must be HOST:PORT, not {cfg.admin.listen!r}") from None
 
-    endpoints = data.get("endpoints", [{"name": "default", "listen": "127.0.0.1:6432"}])
+def _endpoints(cfg: ProxyConfig, endpoints, source: str, problems: _Problems) -> None:
     if not isinstance(endpoints, list) or not endpoints:
         raise ConfigError(source, "endpoints", "at least one [[endpoints]] entry is required")
     names = set()
     for i, entry in enumerate(endpoints):
         prefix = f"endpoints[{i}]."
-        e = EndpointConfig(**_check_fields(EndpointConfig, entry, source, prefix))
-        _one_of(e.target_role, TARGET_ROLES, source, prefix + "target_role")
-        e.target_role = Role(e.target_role)
-        try:
-            _range(e.port, 0, 65535, source, prefix + "listen")
-        except (ValueError, IndexError):
-            raise ConfigError(source, prefix + "listen", f"must be HOST:PORT, not {e.listen!r}") from None
-        if e.name in names:
-            raise ConfigError(source, prefix + "name", f"duplicate endpoint name {e.name!r}")
-        names.add(e.name)
-        cfg.endpoints.append(e)
-    return cfg
+        with problems:
+            e = EndpointConfig(**_check_fields(EndpointConfig, entry, source, prefix))
+            _one_of(e.target_role, TARGET_ROLES, source, prefix + "target_role")
+            e.target_role = Role(e.target_role)
+            try:
+                _range(e.port, 0, 65535, source, prefix + "listen")
+            except (ValueError, IndexError):
+                raise ConfigError(source, prefix + "listen", f"must be HOST:PORT, not {e.listen!r}") from None
+            if e.name in names:
+                raise ConfigError(source, prefix + "name", f"duplicate endpoint name {e.name!r}")
+            names.add(e.name)
+            cfg.endpoints.append(e)
 
 
 def _check_reference(reference: str, source: str, key: str) -> None:
@@ -389,9 +507,9 @@ def load_config(path: str | os.PathLike, overrides: dict | None = None) -> Proxy
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
     except FileNotFoundError:
-        raise ConfigError(str(path), "-", "file not found") from None
+        raise ConfigError(str(path), "", "file not found") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(str(path), "-", f"not valid TOML: {exc}") from None
+        raise ConfigError(str(path), "", f"not valid TOML: {exc}") from None
     if overrides:
         data.update(overrides)
     return config_from_dict(data, source=str(path), base_dir=path.resolve().parent)

@@ -33,6 +33,17 @@ def engine_class(config: ProxyConfig):
     return PostgresEngine
 
 
+class ListenError(OSError):
+    """A listener could not bind its address: one line naming it, for the operator."""
+
+    def __init__(self, what: str, address: str, cause: OSError):
+        super().__init__(cause.errno, f"{what} cannot listen on {address}: "
+                                      f"{cause.strerror or cause}")
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
 class Proxy:
     """`async with Proxy(config) as proxy:` serves until the block ends.
 
@@ -62,8 +73,11 @@ class Proxy:
             await self.engine.start()
             engine = self.engine
             for endpoint in self.config.endpoints:
-                sockets = reactor_py.listening_sockets(
-                    endpoint.host, endpoint.port, client_speaks_first=engine.client_speaks_first)
+                try:
+                    sockets = reactor_py.listening_sockets(
+                        endpoint.host, endpoint.port, client_speaks_first=engine.client_speaks_first)
+                except OSError as exc:
+                    raise ListenError(f"endpoint {endpoint.name}", endpoint.listen, exc) from None
                 server = await engine.client_reactor.serve(
                     loop, engine.client_factory(endpoint), sockets,
                     client_speaks_first=engine.client_speaks_first)
@@ -77,7 +91,10 @@ class Proxy:
                 self._admin = AdminServer({"/targets": self.describe_targets, "/stats": self.stats},
                                           ready=self.ready)
                 host, port = self.config.admin.listen.rsplit(":", 1)
-                self.admin_address = await self._admin.start(host.strip("[]"), int(port))
+                try:
+                    self.admin_address = await self._admin.start(host.strip("[]"), int(port))
+                except OSError as exc:
+                    raise ListenError("the admin endpoint", self.config.admin.listen, exc) from None
                 log.info("admin endpoint on http://%s:%d/ (/targets, /stats, /health, /ready)",
                          *self.admin_address)
         except BaseException:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import socket
 import sys
 
 import psycopg
@@ -12,7 +13,7 @@ import pytest
 
 from harness import APP_PASSWORD, APP_USER, RunningProxy
 from proxyproc import REPO, dump_toml
-from rdsproxy.config import ConfigError, config_from_dict, load_config
+from rdsproxy.config import ConfigError, ConfigErrors, config_from_dict, load_config
 from rdsproxy.secrets import SecretError, read_secret
 from utils import run_cmd
 
@@ -119,6 +120,8 @@ BAD = [
     ({"endpoints__listen": "127.0.0.1:abc"}, "endpoints[0].listen", "HOST:PORT"),
     ({"endpoints__listen": "127.0.0.1:99999"}, "endpoints[0].listen", ""),
     ({"endpoints__target_role": "ANYTHING"}, "endpoints[0].target_role", "must be one of READ_WRITE, READ_ONLY"),
+    ({"endpoints__listen": "no-such-host.invalid:6432"}, "endpoints[0].listen", "cannot resolve host"),
+    ({"admin": {"listen": "127.0.0.1:6432"}}, "admin.listen", "is also endpoints[0].listen's address"),
 ]
 
 
@@ -137,6 +140,56 @@ def test_bad_config_names_file_key_problem(tmp_path, changes, key, problem):
     assert res.returncode != 0
     assert f"{path}: {key}: " in res.stderr
     assert problem in res.stderr
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    doc = mutated(bogus=1, target_group__max_connections_percent=0, targets__port=70000)
+    doc["endpoints"].append({"name": "other", "listen": "0.0.0.0:6432"})   # overlaps the first
+    path = write_config(tmp_path, doc)
+    with pytest.raises(ConfigErrors) as info:
+        load_config(path)
+    expected = [("bogus", "unknown key"),
+                ("target_group.max_connections_percent", "must be between 1 and 100"),
+                ("targets[0].port", "must be between 1 and 65535"),
+                ("endpoints[1].listen", "0.0.0.0:6432 is also endpoints[0].listen's address")]
+    assert [(p.key, p.problem[:len(text)]) for p, (_, text) in zip(info.value.problems, expected)] \
+        == expected
+    assert len(info.value.problems) == len(expected)
+    for res in (validate(path), validate("--config", path)):
+        assert res.returncode != 0
+        lines = [line.removeprefix("Error: ") for line in res.stderr.strip().splitlines()]
+        assert lines == [str(p) for p in info.value.problems]
+
+
+def test_every_unreadable_secret_is_reported_with_its_key(tmp_path):
+    doc = mutated()
+    doc["auth"] = [{"secret": "file:secrets/missing-1.json"}, {"secret": "file:secrets/app.json"},
+                   {"secret": "file:secrets/missing-2.json"}]
+    path = write_config(tmp_path, doc)
+    res = validate("--config", path)
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"Error: {path}: auth[0].secret: ") and "missing-1.json" in lines[0]
+    assert lines[1].startswith(f"{path}: auth[2].secret: ") and "missing-2.json" in lines[1]
+
+
+def test_serve_names_the_endpoint_whose_address_is_taken(tmp_path, pg):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        doc = mutated(targets__port=pg.port, endpoints__listen=f"127.0.0.1:{port}")
+        path = write_config(tmp_path, doc)
+        res = run_cmd([sys.executable, "-m", "rdsproxy", "serve", "--config", path],
+                      check=False, cwd=REPO, timeout=60)
+    finally:
+        taken.close()
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr
+    assert f"Error: endpoint default cannot listen on 127.0.0.1:{port}: Address already in use" \
+        in res.stderr.splitlines()
 
 
 def test_duplicate_endpoint_names(tmp_path):
@@ -158,7 +211,7 @@ def test_not_toml_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="file not found"):
         load_config(missing)
     res = validate(str(missing))
-    assert res.returncode != 0 and "file not found" in res.stderr
+    assert res.returncode != 0 and f"Error: {missing}: file not found" in res.stderr
 
 
 def test_defaults(tmp_path):
