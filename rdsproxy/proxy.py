@@ -127,8 +127,9 @@ class Proxy:
 
     async def reload(self, config=None) -> None:
         """What SIGHUP does: re-read secrets (and rebuild accounts), reload TLS certificates,
-        and apply the config file's [[targets]] list (added ones register, removed ones
-        deregister). `config` (a ProxyConfig, dict or path) replaces re-reading the file."""
+        apply the config file's [[targets]] list (added ones register, removed ones
+        deregister) and the settings that can change while running (engine.apply_settings).
+        `config` (a ProxyConfig, dict or path) replaces re-reading the file."""
         if self.engine is None:
             return
         await self.engine.reload()
@@ -143,6 +144,7 @@ class Proxy:
         if fresh is not None:
             await self.engine.failover.apply_targets(fresh.targets)
             self.config.targets = fresh.targets
+            self.engine.apply_settings(fresh)
 
     def describe_targets(self) -> dict:
         """Like `aws rds describe-db-proxy-targets`, plus each target's pool figures."""

@@ -46,6 +46,15 @@ from .targets import Target, TargetGroup
 
 log = logging.getLogger("rdsproxy.engine")
 
+# Settings a reload applies to the running proxy; the pools' share of the target group's.
+LIVE_SETTINGS = ("idle_client_timeout", "login_timeout", "max_logins_per_address",
+                 "shutdown_timeout")
+LIVE_POOL_SETTINGS = ("max_connections_percent", "max_idle_connections_percent",
+                      "connection_borrow_timeout", "idle_connection_grace",
+                      "max_connection_lifetime", "init_query")
+# Reloaded by their own steps (targets, secrets and certificates), or no setting at all.
+_RELOADED_ELSEWHERE = ("targets", "target_group", "source", "base_dir")
+
 # Below the default login timeout, so the handshake's own error wins.
 TLS_HANDSHAKE_TIMEOUT = 30.0
 
@@ -219,6 +228,47 @@ class BaseEngine:
                 log.info("TLS certificate reloaded from %s", self.config.tls.cert_file)
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             log.error("TLS certificate not reloaded (keeping the current one): %s", exc)
+
+    def apply_settings(self, fresh) -> None:
+        """SIGHUP with an edited file: take the settings that can change while running
+        (timeouts, the pools' percentages, init_query) and say in the log which changed
+        and which need a restart. [[targets]] are the failover part's (apply_targets)."""
+        config, tg, new_tg = self.config, self.config.target_group, fresh.target_group
+        changed, restart = [], []
+        for name in LIVE_SETTINGS:
+            if getattr(fresh, name) != getattr(config, name):
+                changed.append(f"{name} {getattr(config, name)!r} -> {getattr(fresh, name)!r}")
+                setattr(config, name, getattr(fresh, name))
+        for name in LIVE_POOL_SETTINGS:
+            if getattr(new_tg, name) != getattr(tg, name):
+                changed.append(f"target_group.{name} {getattr(tg, name)!r} -> "
+                               f"{getattr(new_tg, name)!r}")
+        for name, value in vars(new_tg).items():
+            if name not in LIVE_POOL_SETTINGS and getattr(tg, name) != value:
+                restart.append(f"target_group.{name}")
+        for name, value in vars(fresh).items():
+            if (name not in LIVE_SETTINGS and name not in _RELOADED_ELSEWHERE
+                    and getattr(config, name) != value):
+                restart.append(name)
+        new_init_query = new_tg.init_query != tg.init_query
+        for name in LIVE_POOL_SETTINGS:
+            setattr(tg, name, getattr(new_tg, name))
+        for pool in self.router.pools.values():
+            pool.reconfigure(max_connections_percent=tg.max_connections_percent,
+                             max_idle_connections_percent=tg.max_idle_connections_percent,
+                             borrow_timeout=tg.connection_borrow_timeout,
+                             idle_grace=tg.idle_connection_grace,
+                             lifetime=tg.max_connection_lifetime)
+            if new_init_query:
+                # Every connection lent from now on must have run the new init_query.
+                pool.retire_all([c.server for c in self.clients
+                                 if c.server is not None and c.server.pool is pool])
+        self.router.borrow_timeout = tg.connection_borrow_timeout
+        if changed:
+            log.info("reload applied: %s", "; ".join(changed))
+        if restart:
+            log.warning("reload: %s changed in the file but take effect only after a restart",
+                        ", ".join(restart))
 
     async def drain(self, timeout: float) -> None:
         """Wait (bounded) until no client holds a database connection."""

@@ -67,6 +67,26 @@ class Pool:
                  self.name, value, self.core.max_size, self.max_idle)
         self._serve_waiters()
 
+    def reconfigure(self, *, max_connections_percent: int, max_idle_connections_percent: int,
+                    borrow_timeout: float, idle_grace: float, lifetime: float) -> None:
+        """New settings from a reload. The budget follows at once (connections above a
+        smaller one close as they come back idle); the lifetime counts for connections
+        opened from now on."""
+        self.max_connections_percent = max_connections_percent
+        self.max_idle_connections_percent = max_idle_connections_percent
+        self.borrow_timeout = self.core.borrow_timeout = borrow_timeout
+        self.idle_grace = idle_grace
+        self.lifetime = lifetime
+        if self.server_max_connections is not None:
+            self.set_server_max_connections(self.server_max_connections)
+
+    def retire_all(self, borrowed) -> int:
+        """Retire every connection: the idle ones now, `borrowed` (the ones lent out) when
+        they come back. How many idle ones were closed."""
+        for conn in borrowed:
+            conn.retire_at = float("-inf")
+        return self.close_idle()
+
     @property
     def max_size(self) -> int:
         return self.core.max_size
