@@ -25,6 +25,8 @@ def summarize(results: dict) -> None:
             rounds = t["rounds"]
             ok = [r for r in rounds if r.get("tps") is not None and not r.get("error")]
             t["tps_median"] = _median([r["tps"] for r in ok])
+            t["tps_min"] = min((r["tps"] for r in ok), default=None)
+            t["tps_max"] = max((r["tps"] for r in ok), default=None)
             t["latency_avg_ms"] = _median([r["latency_avg_ms"] for r in ok])
             t["p99_ms"] = _median([r["p99_ms"] for r in ok])
             t["connection_time_ms"] = _median([r.get("connection_time_ms") for r in ok])
@@ -160,7 +162,9 @@ def markdown(results: dict) -> str:
 
 
 def chart(results: dict, path: Path) -> str:
-    """Grouped bar chart of median tps (plus KiB/client); returns a status message."""
+    """The run at a glance: median tps with the spread over rounds, tps relative to
+    PgBouncer, pooler CPU per transaction, p99 latency (and KiB per idle client), titled
+    with the commit and the date; returns a status message."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -175,40 +179,59 @@ def chart(results: dict, path: Path) -> str:
            if v.get("status") == "ok"}
     if not workloads and not mem:
         return "nothing to chart"
-    fig = plt.figure(figsize=(max(8.0, 3 + 1.5 * len(workloads)), 8 if workloads else 4))
-    grid = fig.add_gridspec(2 if workloads else 1, 3)
+    fig = plt.figure(figsize=(max(10.0, 3 + 1.8 * len(workloads)), 9 if workloads else 4))
+    grid = fig.add_gridspec(2 if workloads else 1, 4 if mem else 3)
     width = 0.8 / max(1, len(targets))
     centers = [j + width * (len(targets) - 1) / 2 for j in range(len(workloads))]
 
-    def bars(ax, key, ylabel):
+    def value(workload, tname, key):
+        return results["workloads"][workload]["targets"].get(tname, {}).get(key)
+
+    def bars(ax, key, ylabel, spread=False):
         for i, tname in enumerate(targets):
             xs = [j + i * width for j in range(len(workloads))]
-            ys = [results["workloads"][w]["targets"].get(tname, {}).get(key) or 0
-                  for w in workloads]
-            ax.bar(xs, ys, width, label=tname, color=f"C{all_t.index(tname)}")
+            # A figure not measured for a target (direct has no pooler CPU) draws no bar.
+            ys = [value(w, tname, key) for w in workloads]
+            ys = [float("nan") if y is None else y for y in ys]
+            errors = None
+            if spread:   # from the slowest round to the fastest
+                errors = [[y - (value(w, tname, "tps_min") or y) for w, y in zip(workloads, ys)],
+                          [(value(w, tname, "tps_max") or y) - y for w, y in zip(workloads, ys)]]
+            ax.bar(xs, ys, width, label=tname, color=f"C{all_t.index(tname)}", yerr=errors,
+                   capsize=3 if spread else 0, error_kw={"linewidth": 0.8})
         ax.set_xticks(centers)
-        ax.set_xticklabels(workloads, rotation=12, fontsize=8)
-        ax.set_ylabel(ylabel)
+        ax.set_xticklabels(workloads, rotation=15, fontsize=7)
+        ax.set_ylabel(ylabel, fontsize=8)
         ax.grid(axis="y", alpha=0.3)
 
+    meta = results.get("meta", {})
+    heading = (f"rdsproxy {meta.get('git_rev', '?')}, {meta.get('started_at', '?')}: pgbench, "
+               f"{results['config']['duration']} s x {results['config']['rounds']} "
+               f"interleaved rounds")
     if workloads:
         ax = fig.add_subplot(grid[0, :])
-        bars(ax, "tps_median", "tps (median over rounds)")
-        ax.set_title(f"pgbench, {results['config']['duration']} s x "
-                     f"{results['config']['rounds']} interleaved rounds")
+        bars(ax, "tps_median", "tps (median; bars: slowest to fastest round)", spread=True)
+        ax.set_title(heading)
         ax.legend(fontsize=8)
-        ax = fig.add_subplot(grid[1, :2] if mem else grid[1, :])
-        bars(ax, "ratio_to_pgbouncer", "tps / PgBouncer tps")
-        ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
-        ax.set_title("relative to PgBouncer")
+        for column, (key, label, title) in enumerate((
+                ("ratio_to_pgbouncer", "tps / PgBouncer tps", "relative to PgBouncer"),
+                ("cpu_us_per_txn", "pooler CPU µs per transaction", "CPU per transaction"),
+                ("p99_ms", "p99 latency, ms", "99th percentile latency"))):
+            ax = fig.add_subplot(grid[1, column])
+            bars(ax, key, label)
+            if key == "ratio_to_pgbouncer":
+                ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+            ax.set_title(title, fontsize=9)
     if mem:
-        ax = fig.add_subplot(grid[1, 2] if workloads else grid[0, :])
+        ax = fig.add_subplot(grid[1, 3] if workloads else grid[0, :])
         names = list(mem)
         ax.bar(names, [mem[n]["kib_per_client"] or 0 for n in names],
                color=[f"C{all_t.index(n)}" if n in all_t else "C0" for n in names])
-        ax.set_ylabel("KiB per idle client")
-        ax.set_title(f"{results['memory']['clients']} idle clients")
-        ax.tick_params(axis="x", rotation=12, labelsize=8)
+        ax.set_ylabel("KiB per idle client", fontsize=8)
+        ax.set_title(f"{results['memory']['clients']} idle clients", fontsize=9)
+        ax.tick_params(axis="x", rotation=15, labelsize=7)
+        if not workloads:
+            ax.set_title(heading)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

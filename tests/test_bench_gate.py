@@ -1,4 +1,6 @@
 """The CI bench gate's verdicts (bench/gate.py), on result files shaped as `python -m bench` writes them."""
+import pytest
+
 from bench.gate import check
 
 BASELINE = {"candidate": "rdsproxy-cython", "reference": "pgbouncer", "tolerance": 0.15,
@@ -40,3 +42,35 @@ def test_best_of_two_needs_cython_in_both_runs():
 def test_a_run_that_measured_nothing_fails():
     ok, text = check(result(), BASELINE)
     assert not ok
+
+
+def _run_with_rounds() -> dict:
+    targets = ["direct", "pgbouncer", "rdsproxy-cython"]
+    results = {"meta": {"git_rev": "abc1234", "started_at": "2026-12-07T06:30:00+0000"},
+               "config": {"duration": 10, "rounds": 3, "targets": targets}, "workloads": {}}
+    for workload, base in (("select_c10", 10000), ("select_connect_c20", 1200)):
+        results["workloads"][workload] = {"targets": {
+            t: {"rounds": [{"round": r + 1, "tps": base * (1 + 0.1 * i) + 100 * r,
+                            "latency_avg_ms": 1.0, "p99_ms": 9.0 + i,
+                            "cpu_us_per_txn": None if t == "direct" else 20.0 + i, "failed": 0}
+                           for r in range(3)]}
+            for i, t in enumerate(targets)}}
+    return results
+
+
+def test_the_summary_keeps_the_spread_over_rounds():
+    from bench.report import summarize
+    results = _run_with_rounds()
+    summarize(results)
+    t = results["workloads"]["select_c10"]["targets"]["pgbouncer"]
+    assert (t["tps_min"], t["tps_median"], t["tps_max"]) == (11000, 11100, 11200)
+    assert t["p99_ms"] == 10.0 and t["cpu_us_per_txn"] == 21.0
+
+
+def test_the_chart_is_drawn(tmp_path):
+    pytest.importorskip("matplotlib")
+    from bench.report import chart, summarize
+    results = _run_with_rounds()
+    summarize(results)
+    assert chart(results, tmp_path / "latest.png") == f"chart written to {tmp_path / 'latest.png'}"
+    assert (tmp_path / "latest.png").stat().st_size > 10_000
