@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -80,10 +81,8 @@ def prepare(repo: Path, *, build: bool = True) -> dict:
         t0 = time.monotonic()
         log(f"building the Cython fast path in a private copy ({tmp}) ...")
         env = {k: v for k, v in os.environ.items() if k != "RDSPROXY_PURE_PYTHON"}
-        res = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
-                             capture_output=True, text=True, cwd=tmp, env=env, timeout=900)
-        build_log = (res.stdout + res.stderr)[-4000:]
-        status = "ok" if res.returncode == 0 else f"setup.py exit {res.returncode}"
+        returncode, build_log = _build_with_progress(tmp, env, t0)
+        status = "ok" if returncode == 0 else f"setup.py exit {returncode}"
         if not list((tmp / "rdsproxy").rglob("*.so")):
             status = "no extension built"
         log(f"build: {status} ({time.monotonic() - t0:.0f}s)")
@@ -95,6 +94,27 @@ def prepare(repo: Path, *, build: bool = True) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
     _prune()
     return {"tree": dest, "hash": digest, "built": status, "build_log": build_log}
+
+
+_BUILDING = re.compile(r"building '([\w.]+)' extension")
+
+
+def _build_with_progress(tree: Path, env: dict, t0: float, timeout: float = 900) -> tuple[int, str]:
+    """setup.py build_ext in `tree`, saying which extension it compiles as it goes (the
+    build takes about a minute); (exit status, the output's tail)."""
+    proc = subprocess.Popen([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tree,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tail: list[str] = []
+    deadline = time.monotonic() + timeout
+    for line in proc.stdout:
+        tail = (tail + [line])[-60:]
+        m = _BUILDING.search(line)
+        if m:
+            log(f"  compiling {m.group(1)} ({time.monotonic() - t0:.0f}s)")
+        if time.monotonic() > deadline:
+            proc.kill()
+            break
+    return proc.wait(), "".join(tail)[-4000:]
 
 
 def _prune() -> None:
