@@ -153,6 +153,9 @@ class ProxyConfig:
     tls: TlsConfig | None = None
     iam: IamConfig | None = None
     admin: AdminConfig | None = None
+    # Users whose login to the virtual database `rdsproxy` opens the admin console
+    # (engines/postgres/console.py); empty: no console.
+    admin_users: list[str] = field(default_factory=list)
     source: str = "<dict>"
     base_dir: str = "."
 
@@ -301,6 +304,8 @@ def config_from_dict(data: dict, *, source: str = "<dict>", base_dir: str | os.P
     with problems:
         _auth_entries(cfg, data.get("auth", []), source, problems)
     with problems:
+        _admin_users(cfg, source)
+    with problems:
         if "tls" in data:
             cfg.tls = _tls_section(cfg, data["tls"], source)
     with problems:
@@ -384,6 +389,20 @@ def _auth_entries(cfg: ProxyConfig, auth_list, source: str, problems: _Problems)
                 _one_of(a.client_password_auth_type, types, source, prefix + "client_password_auth_type")
             _check_reference(a.secret, source, prefix + "secret")
             cfg.auth.append(a)
+
+
+def _admin_users(cfg: ProxyConfig, source: str) -> None:
+    """admin_users names users, each once; which users exist is known only once their
+    secrets are read (the engine logs the names that have none)."""
+    if not cfg.admin_users:
+        return
+    if cfg.engine_family == "MYSQL":
+        raise ConfigError(source, "admin_users", "the admin console is PostgreSQL only for now")
+    for i, user in enumerate(cfg.admin_users):
+        if not user.strip():
+            raise ConfigError(source, f"admin_users[{i}]", "must be a user name, not empty")
+        if user in cfg.admin_users[:i]:
+            raise ConfigError(source, f"admin_users[{i}]", f"duplicate user {user!r}")
 
 
 def _tls_section(cfg: ProxyConfig, raw, source: str) -> TlsConfig:

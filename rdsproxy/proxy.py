@@ -9,6 +9,7 @@ from pathlib import Path
 from . import _fastpath
 from ._fastpath import reactor_py
 from .config import ProxyConfig, config_from_dict, load_config
+from .core.console import Console
 from .core.metrics import Metrics
 
 log = logging.getLogger("rdsproxy")
@@ -69,9 +70,15 @@ class Proxy:
         loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
         self.engine = engine_class(self.config)(self.config, self.metrics, loop)
+        if self.config.admin_users:
+            self.engine.console = Console(self.engine, self.reload)
         try:
             await self.engine.start()
             engine = self.engine
+            missing = [user for user in self.config.admin_users if user not in engine.accounts]
+            if missing:
+                log.warning("admin_users %s have no [[auth]] secret: they cannot log in to the "
+                            "admin console", ", ".join(missing))
             for endpoint in self.config.endpoints:
                 try:
                     sockets = reactor_py.listening_sockets(

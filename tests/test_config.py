@@ -122,6 +122,12 @@ BAD = [
     ({"endpoints__target_role": "ANYTHING"}, "endpoints[0].target_role", "must be one of READ_WRITE, READ_ONLY"),
     ({"endpoints__listen": "no-such-host.invalid:6432"}, "endpoints[0].listen", "cannot resolve host"),
     ({"admin": {"listen": "127.0.0.1:6432"}}, "admin.listen", "is also endpoints[0].listen's address"),
+    ({"admin_users": "app"}, "admin_users", "must be a list of strings"),
+    ({"admin_users": ["app", 3]}, "admin_users", "must be a list of strings"),
+    ({"admin_users": ["app", " "]}, "admin_users[1]", "must be a user name"),
+    ({"admin_users": ["app", "app"]}, "admin_users[1]", "duplicate user 'app'"),
+    ({"admin_users": ["app"], "engine_family": "MYSQL", "auth__client_password_auth_type": None},
+     "admin_users", "PostgreSQL only"),
 ]
 
 

@@ -81,6 +81,7 @@ class BaseEngine:
     close_codes: dict = {}
     client_reactor = reactor_py
     client_speaks_first = False
+    console = None   # the admin console (core.console.Console) when admin_users is set
 
     def __init__(self, config, metrics, loop):
         self.config = config

@@ -12,6 +12,9 @@ A borrower keeps pointing at the pool it was routed to (its `pool`/`pool_core`),
 relay can take idle connections from it without asking again. On any topology change the
 router points every such borrower at an empty core, which sends its next borrow back here
 to be routed afresh; idle connections of a target that is down or changed role are closed.
+
+The admin console's PAUSE uses the same cut: while a database is paused, its borrowers are
+routed nowhere, so each new transaction waits here (as in a failover) until RESUME.
 """
 from __future__ import annotations
 
@@ -27,6 +30,9 @@ log = logging.getLogger("rdsproxy.router")
 # A core that never has an idle connection: a borrower pointing here asks the router.
 UNROUTED = PoolCore(0)
 
+# Router.paused when every database is paused.
+EVERY_DATABASE = None
+
 
 class Router:
     def __init__(self, group: TargetGroup, pools: dict[Target, Pool], *, borrow_timeout: float,
@@ -41,6 +47,8 @@ class Router:
         self._waiters: deque = deque()  # (role, key, waiter), FIFO
         self._timer = None
         self._routes: dict[Role, Target | None] = {}
+        # Databases whose new transactions wait (PAUSE), EVERY_DATABASE, or () for none.
+        self.paused: set | None = ()
 
     # -- routing -----------------------------------------------------------------------
     def target_for(self, role: Role) -> Target | None:
@@ -59,6 +67,9 @@ class Router:
         just logged in: its first borrow can then take an idle connection in the relay
         without asking here). The pool, or None when no target fits."""
         role = client.route_role if role is None else role
+        if self.paused != () and self.is_paused(client.key):
+            client.pool_core = UNROUTED
+            return None
         # Every login of a READ_WRITE endpoint comes here: take the writer directly.
         target = self.group.current_writer if role is Role.WRITER else self.target_for(role)
         pool = self.pools.get(target)   # None: no target, or one without a pool (yet)
@@ -75,6 +86,34 @@ class Router:
             self._wait(role, key, waiter)
             return None
         return pool.acquire(key, waiter)
+
+    # -- pausing (the admin console's PAUSE and RESUME) --------------------------------
+    def is_paused(self, key) -> bool:
+        """Whether borrows for pool key `key` (user, database, ...) wait for RESUME."""
+        return self.paused is EVERY_DATABASE or key[1] in self.paused
+
+    def pause(self, database: str | None = None) -> None:
+        """New transactions on `database` (None: every one) wait until resume(); those
+        under way keep their connections until they end."""
+        if database is None:
+            self.paused = EVERY_DATABASE
+        elif self.paused is not EVERY_DATABASE:
+            self.paused = {*self.paused, database}
+        # Cut the relay's shortcut to idle connections, and bring the pools' queued
+        # borrowers here, where the paused ones wait and the others are routed again.
+        self.reroute_all()
+        for pool in self.pools.values():
+            for key, waiter in pool.take_waiters():
+                self._wait(waiter.route_role, key, waiter)
+        self.serve_waiters()
+
+    def resume(self, database: str | None = None) -> None:
+        """End pause(`database`) (None: every pause); the waiting borrowers go on."""
+        if database is None or self.paused is EVERY_DATABASE:
+            self.paused = ()
+        else:
+            self.paused = (self.paused - {database}) or ()
+        self.serve_waiters()
 
     def _hopeless(self) -> bool:
         """No target has ever been AVAILABLE and every one has failed its checks: a wrong
@@ -131,13 +170,17 @@ class Router:
         for entry in self._waiters:
             (expired if entry[2].borrow_deadline <= now else keep).append(entry)
         self._waiters = keep
-        for role, _key, waiter in expired:
+        for role, key, waiter in expired:
             waiter.waiting_for_route = False
             if self.metrics:
                 self.metrics.DatabaseConnectionsBorrowTimeouts += 1
-            what = "writer" if role is Role.WRITER else "reader"
+            if self.paused != () and self.is_paused(key):
+                awaited = f"RESUME of database {key[1]!r} (paused by the admin console)"
+            else:
+                what = "writer" if role is Role.WRITER else "reader"
+                awaited = f"an AVAILABLE {what}"
             waiter.on_borrow_error(BorrowTimeout(
-                f"timed out after {self.borrow_timeout:g} s waiting for an AVAILABLE {what} "
+                f"timed out after {self.borrow_timeout:g} s waiting for {awaited} "
                 f"(connection_borrow_timeout; targets: {self.group.summary()})"))
         if keep:
             first = min(entry[2].borrow_deadline for entry in keep)
@@ -150,6 +193,9 @@ class Router:
         queued, self._waiters = self._waiters, deque()
         for role, key, waiter in queued:
             if not waiter.waiting_for_route:
+                continue
+            if self.paused != () and self.is_paused(key):
+                self._waiters.append((role, key, waiter))
                 continue
             if self.target_for(role) is None:
                 if self._hopeless():

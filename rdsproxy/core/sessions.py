@@ -26,6 +26,7 @@ class CloseReason(Enum):
     LOGINS_PER_ADDRESS = ("too many connections logging in from this address "
                           "(max_logins_per_address)")
     SHUTDOWN = "terminating connection because the proxy is shutting down"
+    ADMIN_KILL = "terminating connection due to administrator command"   # the console's KILL
 
 
 def _pause_reading(peer) -> None:

@@ -19,7 +19,8 @@ from . import protocol as p
 from .backend import first_row, open_server_connection
 from .client import ClientConnection
 from .client_login import PROXY_CAPABILITIES
-from .clientstate import CLOSED, ER_CON_COUNT, ER_IDLE, ER_LOST, ER_SERVER_SHUTDOWN, READY
+from .clientstate import (CLOSED, ER_CON_COUNT, ER_CONNECTION_KILLED, ER_IDLE, ER_LOST,
+                          ER_SERVER_SHUTDOWN, READY)
 from .health import probe as health_probe
 from .pinning import Rules
 from .protocol import ServerError
@@ -50,7 +51,8 @@ class MysqlEngine(BaseEngine):
     closed_state = CLOSED
     close_codes = {CloseReason.IDLE_TIMEOUT: ER_IDLE, CloseReason.LOGIN_TIMEOUT: ER_LOST,
                    CloseReason.LOGINS_PER_ADDRESS: ER_CON_COUNT,
-                   CloseReason.SHUTDOWN: ER_SERVER_SHUTDOWN}
+                   CloseReason.SHUTDOWN: ER_SERVER_SHUTDOWN,
+                   CloseReason.ADMIN_KILL: ER_CONNECTION_KILLED}
 
     def __init__(self, config, metrics, loop):
         super().__init__(config, metrics, loop)

@@ -13,6 +13,7 @@ from ..._fastpath import LoginDesk, MessageScanner, SessionFactory, StartupPlan,
 from ...auth.md5 import md5_inner_hash
 from ...auth.scram import make_server_key_material
 from ...core.engine import BaseEngine
+from ...core.console import CONSOLE_DATABASE, ConsoleSession
 from ...core.router import UNROUTED
 from ...core.sessions import CloseReason
 from ...core.targets import AUTH_FAILURE, ProbeError, Target
@@ -20,6 +21,7 @@ from . import protocol as pg
 from .protocol import ServerError
 from .accounts import MD5, SCRAM, Account, decoy_account, default_method, login_method
 from .backend import open_server_connection, send_cancel
+from .console import ConsoleWire, greeting_parameters
 from .statements import ServerStatements
 from .frontend import CLOSED, READY, ClientConnection
 from .health import probe as health_probe
@@ -43,7 +45,7 @@ class PostgresEngine(BaseEngine):
     closed_state = CLOSED
     # PostgreSQL's own codes for the same events (authentication_timeout is 57014).
     close_codes = {CloseReason.IDLE_TIMEOUT: "57P05", CloseReason.LOGIN_TIMEOUT: "57014",
-                   CloseReason.LOGINS_PER_ADDRESS: "53300", CloseReason.SHUTDOWN: "57P01"}
+                   CloseReason.LOGINS_PER_ADDRESS: "53300", CloseReason.SHUTDOWN: "57P01", CloseReason.ADMIN_KILL: "57P01"}
     rules_capture_limit = RULES_CAPTURE_LIMIT
 
     def __init__(self, config, metrics, loop):
@@ -248,6 +250,29 @@ class PostgresEngine(BaseEngine):
         if account is not None and login_method(account, tls) is not None:
             return account
         return decoy_account(self._decoy_key, user, self._default_methods[tls])
+
+    # -- the admin console -------------------------------------------------------------
+    def open_console(self, client, login) -> None:
+        """`client` logged in to the virtual database `rdsproxy` (`login`: its finished
+        ClientLogin). An admin user gets the console, which never borrows a database
+        connection; anyone else is refused as PostgreSQL refuses an unknown database."""
+        if not self.console.is_admin(client.user):
+            log.warning("client %s (user %s): refused the admin console (not in admin_users)",
+                        client.peer, client.user)
+            client.fatal("3D000", f'database "{CONSOLE_DATABASE}" does not exist')
+            return
+        client.pid, client.secret = self.register_cancel_key(client)
+        client.state = READY
+        self.metrics.ClientConnectionsSetupSucceeded += 1
+        log.info("client %s (user %s): admin console session", client.peer, client.user)
+        known = next(iter(self.defaults.values()), {})
+        client.transport.write(login.finish(greeting_parameters(known), client.pid,
+                                            client.secret, pg.AUTH_OK_MESSAGE))
+        session = ConsoleSession(self.console, client, ConsoleWire())
+        client.transport.set_protocol(session)
+        trailing = login.trailing_data()
+        if trailing:
+            session.data_received(trailing)
 
     # -- cancel requests ---------------------------------------------------------------
     def register_cancel_key(self, client) -> tuple[int, int]:

@@ -29,6 +29,7 @@ from ..._fastpath.contract import (   # the session's states
     PG_CLIENT_LOGIN as LOGIN,
     PG_CLIENT_READY as READY,
 )
+from ...core.console import CONSOLE_DATABASE
 from ...core.pool import BorrowTimeout
 from ...core.router import UNROUTED
 from ...core.sessions import ClientSide, describe_peer
@@ -744,6 +745,10 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
     def _authenticated(self):
         """Learn the server's parameters for this user and database once."""
         self.state = LOGIN
+        if self.database == CONSOLE_DATABASE and self.engine.console is not None:
+            login, self._login = self._login, None
+            self.engine.open_console(self, login)
+            return
         if self.engine.greeting_known(self.key, self.desired):
             self._finish_login(pg.AUTH_OK_MESSAGE)  # one write for the whole greeting
         else:
