@@ -154,7 +154,7 @@ class ProxyConfig:
     iam: IamConfig | None = None
     admin: AdminConfig | None = None
     # Users whose login to the virtual database `rdsproxy` opens the admin console
-    # (engines/postgres/console.py); empty: no console.
+    # (core/console.py); empty: no console.
     admin_users: list[str] = field(default_factory=list)
     source: str = "<dict>"
     base_dir: str = "."
@@ -396,8 +396,6 @@ def _admin_users(cfg: ProxyConfig, source: str) -> None:
     secrets are read (the engine logs the names that have none)."""
     if not cfg.admin_users:
         return
-    if cfg.engine_family == "MYSQL":
-        raise ConfigError(source, "admin_users", "the admin console is PostgreSQL only for now")
     for i, user in enumerate(cfg.admin_users):
         if not user.strip():
             raise ConfigError(source, f"admin_users[{i}]", "must be a user name, not empty")

@@ -126,8 +126,6 @@ BAD = [
     ({"admin_users": ["app", 3]}, "admin_users", "must be a list of strings"),
     ({"admin_users": ["app", " "]}, "admin_users[1]", "must be a user name"),
     ({"admin_users": ["app", "app"]}, "admin_users[1]", "duplicate user 'app'"),
-    ({"admin_users": ["app"], "engine_family": "MYSQL", "auth__client_password_auth_type": None},
-     "admin_users", "PostgreSQL only"),
 ]
 
 

@@ -1,5 +1,6 @@
 """The admin console (virtual database `rdsproxy`): the real psql runs each command against
-a live proxy in front of the session PostgreSQL, with psycopg clients as the pooled traffic."""
+a live proxy in front of the session PostgreSQL, with psycopg clients as the pooled traffic;
+PyMySQL does the same through a MySQL endpoint in front of the session MariaDB."""
 from __future__ import annotations
 
 import glob
@@ -9,16 +10,17 @@ import subprocess
 import threading
 
 import psycopg
+import pymysql
 import pytest
 
-from harness import APP_DB, APP_PASSWORD, APP_USER, write_secret
+from harness import APP_DB, APP_PASSWORD, APP_USER, connect, scalar, write_secret
 from utils import run_cmd, wait_until
 
 # The admin has a secret but no role on the server: the console never needs one.
 ADMIN, ADMIN_PASSWORD = "boss", "boss-secret"
 PSQL = shutil.which("psql") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/psql"))), None)
 
-pytestmark = pytest.mark.skipif(PSQL is None, reason="psql not installed")
+needs_psql = pytest.mark.skipif(PSQL is None, reason="psql not installed")
 
 
 @pytest.fixture
@@ -52,6 +54,7 @@ def app_connection(proxy):
     return psycopg.connect(proxy.dsn(), connect_timeout=10, autocommit=True)
 
 
+@needs_psql
 def test_show_commands_describe_the_pool(proxy):
     with app_connection(proxy) as conn:
         conn.execute("SELECT 1")
@@ -85,6 +88,7 @@ def test_show_commands_describe_the_pool(proxy):
     assert [(row["role"], row["state"]) for row in targets] == [("READ_WRITE", "AVAILABLE")]
 
 
+@needs_psql
 def test_pause_waits_for_running_transactions_and_holds_new_ones(proxy):
     inside = app_connection(proxy)
     later = app_connection(proxy)
@@ -122,6 +126,7 @@ def test_pause_waits_for_running_transactions_and_holds_new_ones(proxy):
         later.close()
 
 
+@needs_psql
 def test_pause_of_one_database_leaves_the_others(proxy):
     with app_connection(proxy) as conn:
         assert console(proxy, "PAUSE otherdb").stdout.strip() == "PAUSE"
@@ -131,6 +136,7 @@ def test_pause_of_one_database_leaves_the_others(proxy):
         assert console(proxy, "RESUME otherdb").stdout.strip() == "RESUME"
 
 
+@needs_psql
 def test_kill_closes_a_client(proxy):
     victim = app_connection(proxy)
     bystander = app_connection(proxy)
@@ -149,6 +155,7 @@ def test_kill_closes_a_client(proxy):
         bystander.close()
 
 
+@needs_psql
 def test_console_is_only_for_admin_users(proxy, pg):
     result = run_cmd(psql_argv(proxy, "SHOW POOLS", user=APP_USER), env=psql_env(APP_PASSWORD),
                      check=False, timeout=60)
@@ -167,6 +174,7 @@ def test_console_is_only_for_admin_users(proxy, pg):
     assert f'password authentication failed for user "{ADMIN}"' in result.stderr
 
 
+@needs_psql
 def test_unknown_commands_are_errors(proxy):
     for command, words in (("SHOW NONSENSE", "unknown 'SHOW NONSENSE'"),
                            ("FLY AWAY", "unknown command 'FLY'"),
@@ -180,9 +188,80 @@ def test_unknown_commands_are_errors(proxy):
     assert "AVAILABLE" in result.stdout
 
 
+@needs_psql
 def test_reload_rereads_the_secrets(proxy, tmp_path):
     write_secret(tmp_path, ADMIN, "new-boss-secret")
     assert console(proxy, "RELOAD").stdout.strip() == "RELOAD"
     result = run_cmd(psql_argv(proxy, "SHOW TARGETS"), env=psql_env("new-boss-secret"),
                      check=False, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+# --- MySQL --------------------------------------------------------------------------------
+
+@pytest.fixture
+def mysql_proxy(proxy_factory):
+    return proxy_factory(engine="mysql", top={"admin_users": [ADMIN]},
+                         users=[(APP_USER, APP_PASSWORD), (ADMIN, ADMIN_PASSWORD)])
+
+
+def mysql_console(proxy):
+    return connect(proxy, user=ADMIN, password=ADMIN_PASSWORD, database="rdsproxy")
+
+
+def mysql_table(conn, command) -> list[dict]:
+    with conn.cursor() as cur:
+        cur.execute(command)
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
+
+
+def test_mysql_console_shows_pauses_and_kills(mysql_proxy):
+    app = connect(mysql_proxy)
+    later = connect(mysql_proxy)
+    admin = mysql_console(mysql_proxy)
+    try:
+        assert scalar(app, "SELECT 1") == 1
+        pools = mysql_table(admin, "SHOW POOLS")
+        assert [(r["database"], r["user"], r["cl_active"], r["sv_idle"]) for r in pools] == [
+            (APP_DB, APP_USER, "2", "1")]
+        clients = mysql_table(admin, "SHOW CLIENTS")
+        assert {r["user"] for r in clients} == {APP_USER, ADMIN}
+        servers = mysql_table(admin, "SHOW SERVERS")
+        assert [r["state"] for r in servers] == ["idle"]
+        assert [r["state"] for r in mysql_table(admin, "SHOW TARGETS")] == ["AVAILABLE"]
+        assert mysql_table(admin, "SHOW STATS")
+
+        with admin.cursor() as cur:
+            cur.execute(f"PAUSE {APP_DB}")
+        results = []
+        worker = threading.Thread(target=lambda: results.append(scalar(later, "SELECT 42")))
+        worker.start()
+        wait_until(lambda: mysql_table(admin, "SHOW POOLS")[0]["cl_waiting"] == "1")
+        assert worker.is_alive() and not results
+        with admin.cursor() as cur:
+            cur.execute("RESUME")
+        worker.join(15)
+        assert results == [42]
+
+        victim = next(r["id"] for r in mysql_table(admin, "SHOW CLIENTS")
+                      if r["user"] == APP_USER)
+        with admin.cursor() as cur:
+            cur.execute(f"KILL {victim}")
+        killed = app if app.thread_id() == int(victim) else later
+        with pytest.raises(pymysql.err.OperationalError):
+            scalar(killed, "SELECT 1")
+        with pytest.raises(pymysql.err.ProgrammingError, match="unknown command 'FLY'"):
+            mysql_table(admin, "FLY")
+    finally:
+        for conn in (app, later, admin):
+            try:
+                conn.close()
+            except pymysql.err.Error:
+                pass
+
+
+def test_mysql_console_is_only_for_admin_users(mysql_proxy):
+    with pytest.raises(pymysql.err.OperationalError) as info:
+        connect(mysql_proxy, database="rdsproxy")
+    assert info.value.args == (1049, "Unknown database 'rdsproxy'")

@@ -166,24 +166,25 @@ class Console:
                 state = "waiting" if client.phase == Phase.WAITING else "active"
             host, _, port = client.peer.rpartition(":")
             server = client.server
-            rows.append(("C", client.pid, client.user, client.database, state,
+            rows.append(("C", engine.client_id(client), client.user, client.database, state,
                          Phase.NAMES[client.phase], host, port, self._wall(client.connected_at),
                          round(self._waited(client, now), 3),
-                         server.backend_pid if server is not None else None,
+                         engine.server_id(server) if server is not None else None,
                          client.pin_reason, int(bool(client.tls))))
         return columns, rows
 
     def show_servers(self):
         columns = ("type", "user", "database", "state", "target", "addr", "port",
                    "connect_time", "pid", "link")
-        servers = [(conn, "active", client.pid) for client in self.engine.clients
+        engine = self.engine
+        servers = [(conn, "active", engine.client_id(client)) for client in engine.clients
                    if (conn := client.server) is not None]
         servers += [(conn, "idle", None) for _key, conn in self._idle_connections()]
         rows = []
         for conn, state, link in sorted(servers, key=lambda s: s[0].created_at):
             host, port = conn.address[:2] if isinstance(conn.address, tuple) else (conn.address, "")
             rows.append(("S", conn.key[0], conn.key[1], state, conn.target_name, host, port,
-                         self._wall(conn.created_at), conn.backend_pid, link))
+                         self._wall(conn.created_at), engine.server_id(conn), link))
         return columns, rows
 
     def show_stats(self):
@@ -251,7 +252,7 @@ class Console:
         """Close one client (by its id, SHOW CLIENTS') or every client of a database."""
         engine = self.engine
         if target.isdigit():
-            victims = [c for c in engine.clients if c.pid == int(target)
+            victims = [c for c in engine.clients if engine.client_id(c) == int(target)
                        and c.state != engine.closed_state]
             if not victims:
                 raise ConsoleError(f"no client with id {target}")

@@ -127,6 +127,14 @@ class BaseEngine:
     def forget_client(self, client) -> None:
         pass
 
+    def client_id(self, client) -> int:
+        """The number that names `client` to an admin (the console's SHOW CLIENTS and KILL)."""
+        raise NotImplementedError
+
+    def server_id(self, conn) -> int:
+        """The database's own number for connection `conn` (its process or thread id)."""
+        raise NotImplementedError
+
     def accounts_changed(self) -> None:
         """Hook: the accounts were rebuilt (a start, a secret refresh or rotation)."""
 

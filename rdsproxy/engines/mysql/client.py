@@ -23,6 +23,7 @@ import logging
 from collections import deque
 
 from ..._fastpath import Phase
+from ...core.console import CONSOLE_DATABASE, ConsoleSession
 from ...core.pool import BorrowTimeout
 from ...core.router import UNROUTED
 from ...core.sessions import ClientSide
@@ -32,6 +33,7 @@ from .client_login import MAX_AUTH_PACKET, ClientLogin
 from .clientstate import (AUTH, CLOSED, ER_CON_COUNT, ER_LOST, ER_MALFORMED, HOLD_STATUS, LOGIN,
                           OK_STATUS, READY, STARTUP, err)
 from .commands import CommandDispatch
+from .console import ConsoleWire, unknown_database
 from .protocol import ProtocolViolation, ServerError
 from .statements import ClientStatement, StatementMapping
 from .sync import StateSync
@@ -335,11 +337,29 @@ class ClientConnection(CommandDispatch, StatementMapping, StateSync, ClientSide,
             return
         self._reset_state()
         self.key = (self.user, self.database, self.capabilities & p.SESSION_CAPABILITIES, self.charset)
+        if self.database == CONSOLE_DATABASE and engine.console is not None:
+            self._open_console()
+            return
         self.state = LOGIN
         if self.key in engine.defaults:
             self._finish_login()
         else:
             self.borrow()     # the first login with this key checks the database exists
+
+    def _open_console(self) -> None:
+        """The virtual database `rdsproxy`: an admin user gets the console, which never
+        borrows a database connection; anyone else MySQL's answer for an unknown database."""
+        engine = self.engine
+        if not engine.console.is_admin(self.user):
+            log.warning("client %s (user %s): refused the admin console (not in admin_users)",
+                        self.peer, self.user)
+            self.fatal(*unknown_database(CONSOLE_DATABASE))
+            return
+        engine.metrics.ClientConnectionsSetupSucceeded += 1
+        log.info("client %s (user %s): admin console session", self.peer, self.user)
+        self._send_login_ok()
+        self.transport.set_protocol(ConsoleSession(engine.console, self,
+                                                   ConsoleWire(self.capabilities)))
 
     def _send_login_ok(self) -> None:
         """The OK that ends a login or COM_CHANGE_USER; the session is READY from here."""

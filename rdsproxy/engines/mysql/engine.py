@@ -118,6 +118,12 @@ class MysqlEngine(BaseEngine):
         if client.connection_id:
             self.by_id.pop(client.connection_id, None)
 
+    def client_id(self, client) -> int:
+        return client.connection_id
+
+    def server_id(self, conn) -> int:
+        return conn.thread_id
+
     async def kill_query(self, server) -> None:
         """KILL QUERY <thread> for `server` over a short connection of its own user."""
         target = getattr(server.pool, "target", None)

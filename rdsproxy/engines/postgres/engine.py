@@ -101,6 +101,12 @@ class PostgresEngine(BaseEngine):
     def forget_client(self, client) -> None:
         self.logins.forget(client)   # the relay's connection_lost does it for its sessions
 
+    def client_id(self, client) -> int:
+        return client.pid   # the process id its BackendKeyData named
+
+    def server_id(self, conn) -> int:
+        return conn.backend_pid
+
     async def probe(self, target: Target):
         # A check refused for the password re-reads the secret before calling the target
         # unavailable for everyone (a rotation).
