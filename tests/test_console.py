@@ -117,6 +117,8 @@ def test_pause_waits_for_running_transactions_and_holds_new_ones(proxy):
         assert sorted(row["state"] for row in clients if row["user"] == APP_USER) == [
             "active", "waiting"]
 
+        refused = console(proxy, f"RESUME {APP_DB}", check=False)
+        assert "RESUME without a name" in refused.stderr and worker.is_alive()
         assert console(proxy, "RESUME").stdout.strip() == "RESUME"
         worker.join(15)
         assert results == [(42,)]
@@ -124,6 +126,23 @@ def test_pause_waits_for_running_transactions_and_holds_new_ones(proxy):
     finally:
         inside.close()
         later.close()
+
+
+@needs_psql
+def test_pause_gives_up_waiting_after_shutdown_timeout(proxy_factory):
+    proxy = proxy_factory(top={"admin_users": [ADMIN], "shutdown_timeout": 1},
+                          users=[(APP_USER, APP_PASSWORD), (ADMIN, ADMIN_PASSWORD)])
+    with app_connection(proxy) as conn:
+        conn.execute("BEGIN")
+        conn.execute("SELECT 1")
+        result = console(proxy, "PAUSE")
+        assert result.stdout.strip() == "PAUSE"
+        assert ("WARNING:  every database is paused, but 1 client(s) still hold a connection "
+                "after 1 s") in result.stderr
+        assert conn.execute("SELECT 2").fetchone() == (2,)
+        conn.execute("COMMIT")
+        console(proxy, "RESUME")
+        assert conn.execute("SELECT 3").fetchone() == (3,)
 
 
 @needs_psql

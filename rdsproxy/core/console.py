@@ -119,7 +119,7 @@ class Console:
 
     def _paused(self, database) -> bool:
         router = self.engine.router
-        return router.paused != () and router.is_paused((None, database))
+        return router.pausing and router.is_paused((None, database))
 
     def show_pools(self):
         engine, now = self.engine, self.engine.loop.time()
@@ -240,7 +240,9 @@ class Console:
 
     def resume(self, database: str | None) -> Answer:
         router = self.engine.router
-        if router.paused == () or (database is not None and not self._paused(database)):
+        if database is not None and router.pausing and router.paused_databases is None:
+            raise ConsoleError("every database is paused: RESUME without a name ends that")
+        if not router.pausing or (database is not None and not self._paused(database)):
             raise ConsoleError("not paused" if database is None
                                else f"database {database!r} is not paused")
         router.resume(database)

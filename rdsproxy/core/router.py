@@ -30,9 +30,6 @@ log = logging.getLogger("rdsproxy.router")
 # A core that never has an idle connection: a borrower pointing here asks the router.
 UNROUTED = PoolCore(0)
 
-# Router.paused when every database is paused.
-EVERY_DATABASE = None
-
 
 class Router:
     def __init__(self, group: TargetGroup, pools: dict[Target, Pool], *, borrow_timeout: float,
@@ -47,8 +44,10 @@ class Router:
         self._waiters: deque = deque()  # (role, key, waiter), FIFO
         self._timer = None
         self._routes: dict[Role, Target | None] = {}
-        # Databases whose new transactions wait (PAUSE), EVERY_DATABASE, or () for none.
-        self.paused: set | None = ()
+        # PAUSE: whether one is in force (the only test a borrow pays for), and of which
+        # databases (None: every one).
+        self.pausing = False
+        self.paused_databases: set | None = set()
 
     # -- routing -----------------------------------------------------------------------
     def target_for(self, role: Role) -> Target | None:
@@ -67,7 +66,7 @@ class Router:
         just logged in: its first borrow can then take an idle connection in the relay
         without asking here). The pool, or None when no target fits."""
         role = client.route_role if role is None else role
-        if self.paused != () and self.is_paused(client.key):
+        if self.pausing and self.is_paused(client.key):
             client.pool_core = UNROUTED
             return None
         # Every login of a READ_WRITE endpoint comes here: take the writer directly.
@@ -90,15 +89,16 @@ class Router:
     # -- pausing (the admin console's PAUSE and RESUME) --------------------------------
     def is_paused(self, key) -> bool:
         """Whether borrows for pool key `key` (user, database, ...) wait for RESUME."""
-        return self.paused is EVERY_DATABASE or key[1] in self.paused
+        return self.paused_databases is None or key[1] in self.paused_databases
 
     def pause(self, database: str | None = None) -> None:
         """New transactions on `database` (None: every one) wait until resume(); those
         under way keep their connections until they end."""
         if database is None:
-            self.paused = EVERY_DATABASE
-        elif self.paused is not EVERY_DATABASE:
-            self.paused = {*self.paused, database}
+            self.paused_databases = None
+        elif self.paused_databases is not None:
+            self.paused_databases.add(database)
+        self.pausing = True
         # Cut the relay's shortcut to idle connections, and bring the pools' queued
         # borrowers here, where the paused ones wait and the others are routed again.
         self.reroute_all()
@@ -108,11 +108,13 @@ class Router:
         self.serve_waiters()
 
     def resume(self, database: str | None = None) -> None:
-        """End pause(`database`) (None: every pause); the waiting borrowers go on."""
-        if database is None or self.paused is EVERY_DATABASE:
-            self.paused = ()
+        """End pause(`database`) (None: every pause, including a pause of every database);
+        the waiting borrowers go on."""
+        if database is None or self.paused_databases is None:
+            self.paused_databases = set()
         else:
-            self.paused = (self.paused - {database}) or ()
+            self.paused_databases.discard(database)
+        self.pausing = bool(self.paused_databases)
         self.serve_waiters()
 
     def _hopeless(self) -> bool:
@@ -174,7 +176,7 @@ class Router:
             waiter.waiting_for_route = False
             if self.metrics:
                 self.metrics.DatabaseConnectionsBorrowTimeouts += 1
-            if self.paused != () and self.is_paused(key):
+            if self.pausing and self.is_paused(key):
                 awaited = f"RESUME of database {key[1]!r} (paused by the admin console)"
             else:
                 what = "writer" if role is Role.WRITER else "reader"
@@ -194,7 +196,7 @@ class Router:
         for role, key, waiter in queued:
             if not waiter.waiting_for_route:
                 continue
-            if self.paused != () and self.is_paused(key):
+            if self.pausing and self.is_paused(key):
                 self._waiters.append((role, key, waiter))
                 continue
             if self.target_for(role) is None:
