@@ -18,6 +18,8 @@ parts:
   probe(target) -> ProbeResult                                  (coroutine)
                           the health check: is the target up, and what is its role
   forget_client(client)   drop per-client indexes (cancel keys, connection ids)
+  client_id(client), server_id(conn)
+                          the numbers the admin console (core/console.py) shows and KILL takes
   client_reactor          the module that accepts and serves its client sockets
                           (rdsproxy._fastpath.reactor_py or the C reactor); the default is
                           the event loop's own transports
