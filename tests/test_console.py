@@ -3,6 +3,7 @@ a live proxy in front of the session PostgreSQL, with psycopg clients as the poo
 PyMySQL does the same through a MySQL endpoint in front of the session MariaDB."""
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -54,6 +55,12 @@ def app_connection(proxy):
     return psycopg.connect(proxy.dsn(), connect_timeout=10, autocommit=True)
 
 
+@contextlib.contextmanager
+def two_app_connections(proxy):
+    with app_connection(proxy) as first, app_connection(proxy) as second:
+        yield first, second
+
+
 @needs_psql
 def test_show_commands_describe_the_pool(proxy):
     with app_connection(proxy) as conn:
@@ -90,9 +97,7 @@ def test_show_commands_describe_the_pool(proxy):
 
 @needs_psql
 def test_pause_waits_for_running_transactions_and_holds_new_ones(proxy):
-    inside = app_connection(proxy)
-    later = app_connection(proxy)
-    try:
+    with two_app_connections(proxy) as (inside, later):
         inside.execute("BEGIN")
         inside.execute("SELECT 1")
         pause = subprocess.Popen(psql_argv(proxy, "PAUSE"), env=psql_env(),
@@ -123,9 +128,6 @@ def test_pause_waits_for_running_transactions_and_holds_new_ones(proxy):
         worker.join(15)
         assert results == [(42,)]
         assert inside.execute("SELECT 3").fetchone() == (3,)
-    finally:
-        inside.close()
-        later.close()
 
 
 @needs_psql
@@ -157,9 +159,7 @@ def test_pause_of_one_database_leaves_the_others(proxy):
 
 @needs_psql
 def test_kill_closes_a_client(proxy):
-    victim = app_connection(proxy)
-    bystander = app_connection(proxy)
-    try:
+    with two_app_connections(proxy) as (victim, bystander):
         victim.execute("SELECT 1")
         assert console(proxy, f"KILL {victim.info.backend_pid}").stdout.strip() == "KILL"
         with pytest.raises(psycopg.OperationalError, match="administrator command"):
@@ -169,9 +169,6 @@ def test_kill_closes_a_client(proxy):
         console(proxy, f"KILL {APP_DB}")
         with pytest.raises(psycopg.OperationalError, match="administrator command"):
             bystander.execute("SELECT 1")
-    finally:
-        victim.close()
-        bystander.close()
 
 
 @needs_psql
