@@ -85,6 +85,8 @@ def test_show_commands_describe_the_pool(proxy):
         active = [row for row in servers if row["state"] == "active"]
         assert [(row["pid"], row["link"], row["database"]) for row in active] == [
             (str(backend), str(conn.info.backend_pid), APP_DB)]
+        target = proxy.config.targets[0]
+        assert (active[0]["addr"], active[0]["port"]) == (target.host, str(target.port))
         pools = table(console(proxy, "SHOW POOLS").stdout)
         assert [row["sv_active"] for row in pools if row["database"] == APP_DB] == ["1"]
         conn.execute("COMMIT")

@@ -182,7 +182,7 @@ class Console:
         servers += [(conn, "idle", None) for _key, conn in self._idle_connections()]
         rows = []
         for conn, state, link in sorted(servers, key=lambda s: s[0].created_at):
-            host, port = conn.address[:2] if isinstance(conn.address, tuple) else (conn.address, "")
+            host, port = conn.address[:2]
             rows.append(("S", conn.key[0], conn.key[1], state, conn.target_name, host, port,
                          self._wall(conn.created_at), engine.server_id(conn), link))
         return columns, rows
