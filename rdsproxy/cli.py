@@ -13,15 +13,11 @@ import orjson
 
 from . import __version__, _fastpath
 from .config import ConfigError, ConfigErrors, config_from_dict, load_config
+from .logs import FORMATS, LEVELS, setup_logging
 from .proxy import ListenError, Proxy, engine_class
 from .secrets import SecretError
 
 log = logging.getLogger("rdsproxy")
-
-
-def _setup_logging(debug: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
 def _run(coro):
@@ -54,8 +50,9 @@ async def _serve(config) -> None:
         loop.add_signal_handler(sig, on_term)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     for name, (host, port) in proxy.addresses.items():
-        click.echo(f"rdsproxy {__version__} ({_fastpath.IMPLEMENTATION} fast path): endpoint "
-                   f"{name} on {host}:{port}", err=True)
+        log.info("rdsproxy %s (%s fast path): endpoint %s on %s:%s", __version__,
+                 _fastpath.IMPLEMENTATION, name, host, port,
+                 extra={"event": "listening", "endpoint": name, "listen": f"{host}:{port}"})
     await proxy.serve_forever()
 
 
@@ -107,7 +104,12 @@ def _self_signed(directory: str, config_path: str) -> dict:
 @click.option("--generate-self-signed", "self_signed_dir", type=click.Path(file_okay=False),
               help="write a self-signed certificate into this directory and serve client TLS "
                    "with it (instead of a [tls] section; for testing)")
-def serve(config_path, listen, self_signed_dir):
+@click.option("--log-level", type=click.Choice(LEVELS), default=None,
+              help="the least severe log lines written  [default: debug with debug_logging, "
+                   "else info]")
+@click.option("--log-format", type=click.Choice(FORMATS), default="text", show_default=True,
+              help="log lines on stderr as text, or as one JSON object each")
+def serve(config_path, listen, self_signed_dir, log_level, log_format):
     """Run the proxy."""
     if self_signed_dir and not config_path:
         raise click.ClickException("--generate-self-signed needs --config")
@@ -119,13 +121,13 @@ def serve(config_path, listen, self_signed_dir):
             raise click.ClickException(str(exc)) from None
         except OSError as exc:
             raise click.ClickException(f"cannot read or write: {exc}") from None
-        _setup_logging(config.debug_logging)
+        setup_logging(log_level or ("debug" if config.debug_logging else "info"), log_format)
         try:
             _run(_serve(config))
         except (SecretError, ListenError) as exc:
             raise click.ClickException(str(exc)) from None
         return
-    _setup_logging(False)
+    setup_logging(log_level or "info", log_format)
     _quickstart(listen)
 
 

@@ -141,6 +141,8 @@ class ProxyConfig:
     # fill max_client_connections with half-open logins.
     max_logins_per_address: int = 100
     debug_logging: bool = False
+    # Seconds between the log's stats lines (clients, pool, queries); 0: none.
+    stats_log_interval: float = 60.0
     auth: list[AuthConfig] = field(default_factory=list)
     target_group: TargetGroupConfig = field(default_factory=TargetGroupConfig)
     targets: list[TargetConfig] = field(default_factory=list)
@@ -301,6 +303,10 @@ def config_from_dict(data: dict, *, source: str = "<dict>", base_dir: str | os.P
         if cfg.secrets_refresh_interval < 0:
             raise ConfigError(source, "secrets_refresh_interval", "must be 0 (only on SIGHUP) or a "
                                                                   "positive number of seconds")
+    with problems:
+        if cfg.stats_log_interval < 0:
+            raise ConfigError(source, "stats_log_interval", "must be 0 (no stats lines) or a "
+                                                            "positive number of seconds")
     with problems:
         _auth_entries(cfg, data.get("auth", []), source, problems)
     with problems:

@@ -51,9 +51,10 @@ def dump_toml(doc: dict) -> str:
 
 class ProxyProcess:
     """`rdsproxy serve` in front of `server` with its config (harness.proxy_config's, with
-    the same options) and log in `directory`."""
+    the same options), its command line's `serve_args` after --config, and its log in
+    `directory`."""
 
-    def __init__(self, directory, server, users, *, env=None, **options):
+    def __init__(self, directory, server, users, *, env=None, serve_args=(), **options):
         self.directory = str(directory)
         os.makedirs(self.directory, exist_ok=True)
         self.port = free_port()
@@ -67,7 +68,7 @@ class ProxyProcess:
             fh.write(dump_toml(config))
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rdsproxy", "serve", "--config", self.config_path],
+            [sys.executable, "-m", "rdsproxy", "serve", "--config", self.config_path, *serve_args],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO,
             env={**os.environ, **(env or {})})
         try:

@@ -97,6 +97,8 @@ BAD = [
     ({"idle_client_timeout": -1}, "idle_client_timeout", "positive"),
     ({"login_timeout": 0}, "login_timeout", "between 1 and 600"),
     ({"max_logins_per_address": -1}, "max_logins_per_address", "no cap"),
+    ({"stats_log_interval": -1}, "stats_log_interval", "0 (no stats lines)"),
+    ({"stats_log_interval": "often"}, "stats_log_interval", "must be float"),
     ({"login_timeout": "soon"}, "login_timeout", "must be float"),
     ({"engine_family": "ORACLE"}, "engine_family", "must be one of POSTGRESQL, MYSQL"),
     ({"auth__client_password_auth_type": "MYSQL_NATIVE_PASSWORD"}, "auth[0].client_password_auth_type",

@@ -81,6 +81,7 @@ cdef class LoginDesk:
     cdef public object throttle_entries
     cdef public bint tls_offered
     cdef public unsigned long long quick_logins
+    cdef public bint log_sessions
 
     cpdef forget(self, ClientRelay client)
 

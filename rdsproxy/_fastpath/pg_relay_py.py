@@ -129,6 +129,7 @@ class LoginDesk:
         self.throttle_entries = throttle_entries   # LoginThrottle's table: empty, no work
         self.tls_offered = False   # the engine has a TLS context: SSLRequest is its to answer
         self.quick_logins = 0   # logins the quick lane completed
+        self.log_sessions = False   # sessions write login and close lines (session_opened/_closed)
 
     def forget(self, client):
         """The client is gone: its cancel key with it."""
@@ -264,8 +265,11 @@ class ClientRelay:
             self.release_on_exit()
         self.pending = []
         self.ledger.release(self, self.queries)
-        if self.logins is not None:
-            self.logins.forget(self)
+        logins = self.logins
+        if logins is not None:
+            logins.forget(self)
+            if logins.log_sessions:
+                self.session_closed(exc)
 
     def close(self):
         transport = self.transport
@@ -407,6 +411,8 @@ class ClientRelay:
             logins.router.route(self)
         logins.metrics.ClientConnectionsSetupSucceeded += 1
         logins.quick_logins += 1
+        if logins.log_sessions:
+            self.session_opened("md5")
         return True
 
     def ready_on(self, conn):

@@ -37,6 +37,7 @@ import logging
 import os
 
 from .. import tls as tlsmod
+from ..logs import session_log
 from .._fastpath import ClientLedger, Entropy, Phase, reactor_py
 from ..auth.throttle import LoginThrottle
 from .accounts import AccountRegistry
@@ -50,7 +51,7 @@ log = logging.getLogger("rdsproxy.engine")
 
 # Settings a reload applies to the running proxy; the pools' share of the target group's.
 LIVE_SETTINGS = ("idle_client_timeout", "login_timeout", "max_logins_per_address",
-                 "shutdown_timeout")
+                 "shutdown_timeout", "stats_log_interval")
 LIVE_POOL_SETTINGS = ("max_connections_percent", "max_idle_connections_percent",
                       "connection_borrow_timeout", "idle_connection_grace",
                       "max_connection_lifetime", "init_query")
@@ -77,6 +78,7 @@ def _feed_protocol(transport, data: bytes) -> None:
 
 
 class BaseEngine:
+    name = ""                 # the engine in log lines: "postgres" or "mysql"
     client_class = None
     ready_state = None
     closed_state = None
@@ -113,6 +115,11 @@ class BaseEngine:
         self.throttle = LoginThrottle()
         self.server_ssl = None           # client-leg TLS context (None: refuse TLS)
         self._tasks: list = []
+        # Login and close lines are written at INFO: below that level the sessions skip them.
+        self.log_sessions = session_log.isEnabledFor(logging.INFO)
+        # debug_logging's statement-level lines, checked without a call on the paths that
+        # run per transaction.
+        self.log_debug = log.isEnabledFor(logging.DEBUG)
         metrics.ClientConnectionsTLS = 0
         metrics.ClientConnectionsNoTLS = 0
 
@@ -164,6 +171,7 @@ class BaseEngine:
 
     def close_client(self, client, reason: CloseReason) -> None:
         """End a client's connection for one of the core's reasons, in the engine's words."""
+        client.close_reason = reason.name.lower()
         client.fatal(self.close_codes[reason], reason.value)
 
     def admit_transport(self, client) -> bool:

@@ -1,10 +1,12 @@
-"""Once a second: the coarse clock, idle and login timeouts, logins per address, pool reaping."""
+"""Once a second: the coarse clock, idle and login timeouts, logins per address, pool reaping,
+and every stats_log_interval seconds the log's stats line."""
 from __future__ import annotations
 
 import asyncio
 import logging
 
 from .._fastpath import Phase
+from ..logs import stats_log
 from .sessions import CloseReason
 
 log = logging.getLogger("rdsproxy.engine")
@@ -17,6 +19,10 @@ class Housekeeper:
 
     def __init__(self, engine):
         self.engine = engine
+        # The stats line reports counts since the previous one.
+        self.stats_due = engine.clock + engine.config.stats_log_interval
+        self.last_queries = 0
+        self.last_logins = 0
 
     def logging_in(self, client) -> bool:
         engine = self.engine
@@ -74,6 +80,40 @@ class Housekeeper:
         self.limit_logins_per_address()
         for pool in engine.router.pools.values():
             pool.reap()
+        interval = engine.config.stats_log_interval
+        if interval and now >= self.stats_due:
+            self.stats_due = now + interval
+            self.log_stats()
+
+    def log_stats(self) -> None:
+        """The stats line: clients by phase, the pools' connections, and the logins and
+        queries since the previous line."""
+        engine = self.engine
+        stats = engine.stats()
+        phases = stats["sessions"]
+        pool = stats["pool"]
+        clients = len(engine.clients)
+        ready = idle = 0
+        for client in engine.clients:
+            if client.state == engine.ready_state:
+                ready += 1
+                idle += client.phase == Phase.FREE
+        queries = stats["QueryRequests"]
+        logins = engine.metrics.ClientConnectionsSetupSucceeded
+        new_queries, self.last_queries = queries - self.last_queries, queries
+        new_logins, self.last_logins = logins - self.last_logins, logins
+        fields = {"event": "stats", "engine": engine.name, "clients": clients,
+                  "clients_logging_in": clients - ready, "clients_idle": idle,
+                  **{f"clients_{phase}": n for phase, n in phases.items()},
+                  "pool_open": pool["open"], "pool_idle": pool["idle"],
+                  "pool_borrowed": pool["borrowed"], "pool_waiting": pool["waiting"],
+                  "logins": new_logins, "queries": new_queries}
+        stats_log.info("stats: %d clients (%d logging in, %d idle, %d active, %d pinned, "
+                       "%d waiting, %d syncing); pool %d open, %d idle, %d borrowed, %d waiting; "
+                       "%d logins, %d queries since the last line", clients, clients - ready,
+                       idle, phases["active"], phases["pinned"],
+                       phases["waiting"], phases["syncing"], pool["open"], pool["idle"],
+                       pool["borrowed"], pool["waiting"], new_logins, new_queries, extra=fields)
 
     async def run(self) -> None:
         engine = self.engine

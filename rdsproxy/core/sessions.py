@@ -12,6 +12,7 @@ from enum import Enum
 
 from .._fastpath import Phase
 from ..auth.iam import verify_token
+from ..logs import session_log
 from .pool import PoolClosed
 
 
@@ -50,6 +51,32 @@ def describe_peer(peername, unknown_host: str | None = None) -> tuple[str, str]:
 
 class ClientSide:
     __slots__ = ()
+    # Why the proxy ended the session (a CloseReason's name or the error text the client
+    # was sent); None: the client went away by itself.
+    close_reason = None
+
+    def session_opened(self, auth: str) -> None:
+        """The login line: who logged in, where from, and how."""
+        engine = self.engine
+        session_log.info("client %s logged in: user %s, database %s, %s, auth %s", self.peer,
+                         self.user, self.database, "TLS" if self.tls else "no TLS", auth,
+                         extra={"event": "login", "engine": engine.name, "client": self.peer,
+                                "user": self.user, "database": self.database,
+                                "tls": bool(self.tls), "auth": auth})
+
+    def session_closed(self, exc) -> None:
+        """The close line: how long the client stayed and why it left (from
+        connection_lost)."""
+        engine = self.engine
+        reason = self.close_reason
+        if reason is None:
+            reason = "client quit" if exc is None else f"connection error: {exc}"
+        duration = round(max(0.0, engine.clock - self.connected_at), 3)
+        session_log.info("client %s closed: user %s, %gs connected, %s", self.peer,
+                         self.user or "-", duration, reason,
+                         extra={"event": "close", "engine": engine.name, "client": self.peer,
+                                "user": self.user, "database": self.database,
+                                "duration_s": duration, "reason": reason})
 
     def note_addresses(self, transport, unknown_host: str | None = None) -> None:
         """peer ("host:port") and peer_host of a new connection (local_address() gives the

@@ -27,6 +27,7 @@ from ...core.console import CONSOLE_DATABASE, ConsoleSession
 from ...core.pool import BorrowTimeout
 from ...core.router import UNROUTED
 from ...core.sessions import ClientSide
+from ...logs import redact_statement
 from . import protocol as p
 from .backend import BUSY
 from .client_login import MAX_AUTH_PACKET, ClientLogin
@@ -185,6 +186,8 @@ class ClientConnection(CommandDispatch, StatementMapping, StateSync, ClientSide,
         self.queue.clear()
         if self in self.engine.clients:
             self.engine.client_gone(self)
+        if self.engine.log_sessions:
+            self.session_closed(exc)
 
     # -- replies -------------------------------------------------------------------------
     def _reply_seq(self) -> int:
@@ -208,6 +211,8 @@ class ClientConnection(CommandDispatch, StatementMapping, StateSync, ClientSide,
     def fatal(self, code, text: str) -> None:
         """Tell the client why (an ERR packet: `code` is (errno, sqlstate)), then close its
         connection."""
+        if self.close_reason is None:
+            self.close_reason = text
         if self.transport is not None and not self.transport.is_closing():
             seq = self._login_error_seq() if self.state in (STARTUP, AUTH) else (
                 self._reply_seq() if self.busy else 0)
@@ -369,7 +374,10 @@ class ClientConnection(CommandDispatch, StatementMapping, StateSync, ClientSide,
         self.login = None
 
     def _finish_login(self) -> None:
-        self.engine.metrics.ClientConnectionsSetupSucceeded += 1
+        engine = self.engine
+        engine.metrics.ClientConnectionsSetupSucceeded += 1
+        if engine.log_sessions:
+            self.session_opened(self.login.auth_method)
         self._send_login_ok()
         self._next()
 
@@ -397,11 +405,15 @@ class ClientConnection(CommandDispatch, StatementMapping, StateSync, ClientSide,
         self._command_done()
 
     # -- pinning ---------------------------------------------------------------------
-    def pin(self, reason: str) -> None:
+    def pin(self, reason: str, statement=None) -> None:
         if self.pin_reason is None:
             self.pin_reason = reason
             self.engine.metrics.pinned(reason)
-            log.debug("client %s (user %s) pinned: %s", self.peer, self.user, reason)
+            if self.engine.log_debug:
+                text = redact_statement(statement) if statement is not None else "-"
+                log.debug("client %s (user %s) pinned: %s by %s", self.peer, self.user, reason,
+                          text, extra={"client": self.peer, "user": self.user,
+                                       "pin_reason": reason, "statement": text})
         if self.phase == Phase.ACTIVE:
             self.enter(Phase.PINNED)
 
@@ -441,6 +453,8 @@ class ClientConnection(CommandDispatch, StatementMapping, StateSync, ClientSide,
             conn.pool.discard(conn)
             self.borrow()
             return
+        if self.engine.log_debug:
+            log.debug("client %s (user %s): borrowed %r", self.peer, self.user, conn)
         self.enter(Phase.ACTIVE if self.pin_reason is None else Phase.PINNED)
         self.server = conn
         conn.client = self

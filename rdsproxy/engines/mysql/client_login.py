@@ -117,6 +117,7 @@ class ClientLogin(LoginMachine):
         self.state = _GREETING
         self.nonce = b""
         self.plugin = ""
+        self.used_token = False   # the cleartext password was an IAM token
         self.account = None
         self.changing_user = False
         # What the client asked for; `user` is None until a HandshakeResponse is accepted.
@@ -299,8 +300,14 @@ class ClientLogin(LoginMachine):
                 self._check_token(text, self.user)
             except TokenError as exc:
                 raise TokenError(f"IAM token rejected: {exc}") from None
+            self.used_token = True
             return True
         return hmac.compare_digest(response, account.credentials.password.encode("utf-8"))
+
+    @property
+    def auth_method(self) -> str:
+        """How the client proved itself, for the login line: its plugin, or "iam"."""
+        return "iam" if self.used_token else self.plugin
 
     # -- endings ------------------------------------------------------------------------------
     def _deny(self, reason: str, with_password: bool) -> bytes:

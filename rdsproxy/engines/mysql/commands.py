@@ -126,7 +126,7 @@ class CommandDispatch:
             self.cmd_payload_override = p.com_query(
                 pinning.with_connection_id(payload[1:], self.connection_id))
         if verdict.pin is not None:
-            self.pin(verdict.pin)
+            self.pin(verdict.pin, payload[1:])
         self._send_to_server()
 
     def _com_process_kill(self, payload):

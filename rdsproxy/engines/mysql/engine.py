@@ -46,6 +46,7 @@ class Account:
 
 
 class MysqlEngine(BaseEngine):
+    name = "mysql"
     client_class = ClientConnection
     ready_state = READY
     closed_state = CLOSED

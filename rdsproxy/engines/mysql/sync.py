@@ -72,6 +72,9 @@ class StateSync:
                 steps = []                      # the common case: nothing to bring over
             else:
                 steps = self._sync_steps(conn)
+                if self.engine.log_debug:
+                    log.debug("client %s (user %s): syncing %r to the session (%d variables, "
+                              "schema %s)", self.peer, self.user, conn, len(self.vars), self.schema)
         except Unresettable:
             self.detach(conn)
             conn.pool.discard(conn)
@@ -182,6 +185,9 @@ class StateSync:
             while steps and steps[0][0] is None:
                 steps.pop(0)[1](None, None)
             if not steps:
+                if self.engine.log_debug:
+                    log.debug("client %s (user %s): %r reset and returned", self.peer, self.user,
+                              server)
                 server.pool.release(server)
                 if then:
                     then(True)

@@ -38,6 +38,7 @@ RULES_CAPTURE_LIMIT = 16 * 1024 + 1
 class PostgresEngine(BaseEngine):
     """Everything PostgreSQL-specific the proxy core needs, for one target group."""
 
+    name = "postgres"
     client_class = ClientConnection
     client_reactor = _fastpath.reactor   # the C reactor where built (see reactor_c.pyx)
     client_speaks_first = True
@@ -73,6 +74,7 @@ class PostgresEngine(BaseEngine):
         # that connect again and again send the same one), cancel keys (pid -> client).
         self.logins = LoginDesk(self.entropy, metrics, self.router, UNROUTED,
                                 self.throttle.entries)
+        self.logins.log_sessions = self.log_sessions
         self.startup_plans: dict[bytes, StartupPlan] = self.logins.plans
         self.by_pid: dict[int, ClientConnection] = self.logins.by_pid
 

@@ -33,6 +33,7 @@ from ...core.console import CONSOLE_DATABASE
 from ...core.pool import BorrowTimeout
 from ...core.router import UNROUTED
 from ...core.sessions import ClientSide, describe_peer
+from ...logs import redact_statement
 from . import protocol as pg
 from .login import (
     TLS_ACCEPTED,
@@ -223,7 +224,7 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
                     else:
                         self._settings_named.update(names)
             elif reason is not None:
-                self.pin(reason)
+                self.pin(reason, sql)
         self.scanner.captured.clear()
         return data
 
@@ -269,6 +270,10 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         self._check_all = False
         self._settings_named = None
         rows = []
+        if self.engine.log_debug:
+            log.debug("client %s (user %s): transaction over, reading %s from %r", self.peer,
+                      self.user, "settings " + ", ".join(sorted(names)) if names
+                      else "the whole session state", server)
         if names:
             # Only plain SETs and RESETs: their settings' values are all there is to read.
             names = sorted(names)
@@ -328,6 +333,9 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
             self.pin(reason)
             self.attach(server)
             return
+        if self.engine.log_debug:
+            log.debug("client %s (user %s): session state checked, %r returned", self.peer,
+                      self.user, server)
         self.enter(Phase.FREE)
         server.pool.release(server)
         if self.pending:
@@ -364,12 +372,16 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
             self.sql_prepared = server.sql_prepared = carried
         return reason
 
-    def pin(self, reason: str) -> None:
+    def pin(self, reason: str, statement=None) -> None:
         self.pin_reason = reason
         self.engine.metrics.pinned(reason)
         if self.phase == Phase.ACTIVE:
             self.enter(Phase.PINNED)
-        log.debug("client %s (user %s) pinned: %s", self.peer, self.user, reason)
+        if self.engine.log_debug:
+            text = redact_statement(statement) if statement is not None else "-"
+            log.debug("client %s (user %s) pinned: %s by %s", self.peer, self.user, reason, text,
+                      extra={"client": self.peer, "user": self.user, "pin_reason": reason,
+                             "statement": text})
 
     # borrow() is ClientSide's. While it waits, the client's bytes gather in `pending`; the
     # relay pauses reading only if they pile up (two syscalls saved per wait).
@@ -395,6 +407,8 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
             conn.pool.discard(conn)
             self.borrow()
             return
+        if self.engine.log_debug:
+            log.debug("client %s (user %s): borrowed %r", self.peer, self.user, conn)
         if conn.applied != self.desired or conn.sql_prepared != self.sql_prepared:
             # Bring the connection's session parameters and SQL prepared statements to this
             # client's first; its bytes keep waiting in `pending` until that is done.
@@ -407,6 +421,10 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         statements) to this client's (sessionstate.SessionSync), then `done(error)`."""
         sync = SessionSync(self.desired, conn.applied, self.sql_prepared, conn.sql_prepared,
                            with_statements)
+        if self.engine.log_debug:
+            log.debug("client %s (user %s): syncing %r to the session's %d parameters and %d "
+                      "SQL prepared statements", self.peer, self.user, conn, len(self.desired),
+                      len(self.sql_prepared) if with_statements else 0)
         rows = []
         errors = []
 
@@ -613,6 +631,9 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
             steps.append("DISCARD ALL")
             if init_query:  # DISCARD ALL undid it
                 steps += [init_query, SETTINGS_SQL]
+        if self.engine.log_debug:
+            log.debug("client %s (user %s) left holding %r: %s", self.peer, self.user, server,
+                      ", ".join(redact_statement(step) for step in steps) or "returned as it is")
         if not steps:
             pool.release(server)
             return
@@ -768,6 +789,8 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
             plan.learn_greeting(statuses)   # the relay can now greet this packet's clients itself
         login, self._login = self._login, None
         self.transport.write(login.finish(statuses, self.pid, self.secret, prefix))
+        if engine.log_sessions:
+            self.session_opened(login.method)
         data = login.trailing_data()
         if data:  # pipelined right after the password (libpq does not, others may)
             self.data_received(data)
@@ -775,6 +798,8 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
     # -- closing -----------------------------------------------------------------------
     def fatal(self, code: str, text: str, detail: str = "") -> None:
         """Tell the client why, then close its connection."""
+        if self.close_reason is None:
+            self.close_reason = text
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(pg.error_response(code, text, severity="FATAL", detail=detail))
         self.close()

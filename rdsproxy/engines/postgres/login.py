@@ -181,6 +181,7 @@ class ClientLogin:
         self.state = STARTUP
         self.user = ""
         self.account = None
+        self.method = ""          # how the client proved itself, for the login line
         self._salt = b""
         self._scram: ScramServer | None = None
         self._buf = bytearray()
@@ -260,6 +261,7 @@ class ClientLogin:
             self.state = AUTH_CLEARTEXT
             return pg.authentication(pg.AUTH_CLEARTEXT)
         if method == SCRAM:
+            self.method = "scram-sha-256"
             self._scram = ScramServer(account.scram_secret)
             self.state = AUTH_SASL_FIRST
             return pg.auth_sasl()
@@ -271,6 +273,7 @@ class ClientLogin:
         self.user = user
         self.account = account
         self._salt = salt
+        self.method = "md5"
         self.state = AUTH_MD5
         return pg.authentication(pg.AUTH_MD5, salt)
 
@@ -315,8 +318,11 @@ class ClientLogin:
                 self.check_token(text, self.user)
             except TokenError as exc:
                 raise TokenError(f"IAM token rejected: {exc}") from None
+            self.method = "iam"
         elif not hmac.compare_digest(response, account.credentials.password.encode("utf-8")):
             raise ScramError("wrong password")
+        else:
+            self.method = "password"
 
     def finish(self, statuses: bytes, pid: int, secret: int, prefix: bytes = b"") -> bytes:
         """The rest of the greeting: `prefix` (AuthenticationOk when not sent yet), the
