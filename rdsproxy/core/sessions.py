@@ -12,7 +12,7 @@ from enum import Enum
 
 from .._fastpath import Phase
 from ..auth.iam import verify_token
-from ..logs import session_log
+from ..logs import session_lines
 from .pool import PoolClosed
 
 
@@ -57,12 +57,12 @@ class ClientSide:
 
     def session_opened(self, auth: str) -> None:
         """The login line: who logged in, where from, and how."""
-        engine = self.engine
-        session_log.info("client %s logged in: user %s, database %s, %s, auth %s", self.peer,
-                         self.user, self.database, "TLS" if self.tls else "no TLS", auth,
-                         extra={"event": "login", "engine": engine.name, "client": self.peer,
-                                "user": self.user, "database": self.database,
-                                "tls": bool(self.tls), "auth": auth})
+        peer, user, database, tls = self.peer, self.user, self.database, bool(self.tls)
+        session_lines.info(
+            f"client {peer} logged in: user {user}, database {database}, "
+            f"{'TLS' if tls else 'no TLS'}, auth {auth}",
+            {"event": "login", "engine": self.engine.name, "client": peer, "user": user,
+             "database": database, "tls": tls, "auth": auth})
 
     def session_closed(self, exc) -> None:
         """The close line: how long the client stayed and why it left (from
@@ -71,12 +71,13 @@ class ClientSide:
         reason = self.close_reason
         if reason is None:
             reason = "client quit" if exc is None else f"connection error: {exc}"
-        duration = round(max(0.0, engine.clock - self.connected_at), 3)
-        session_log.info("client %s closed: user %s, %gs connected, %s", self.peer,
-                         self.user or "-", duration, reason,
-                         extra={"event": "close", "engine": engine.name, "client": self.peer,
-                                "user": self.user, "database": self.database,
-                                "duration_s": duration, "reason": reason})
+        # To the second: both ends are the housekeeper's clock.
+        duration = max(0.0, engine.clock - self.connected_at)
+        peer, user = self.peer, self.user
+        session_lines.info(
+            f"client {peer} closed: user {user or '-'}, {duration:.0f}s connected, {reason}",
+            {"event": "close", "engine": engine.name, "client": peer, "user": user,
+             "database": self.database, "duration_s": round(duration), "reason": reason})
 
     def note_addresses(self, transport, unknown_host: str | None = None) -> None:
         """peer ("host:port") and peer_host of a new connection (local_address() gives the
