@@ -113,7 +113,7 @@ def test_text_format_by_default(proxy_process_factory):
     pg_session(proxy).close()
     proxy.wait_for_log("closed: user app")
     text = proxy.log_text()
-    assert f"INFO rdsproxy.sessions: client 127.0.0.1:" in text
+    assert "INFO rdsproxy.sessions: client 127.0.0.1:" in text
     assert "logged in: user app, database appdb, no TLS, auth scram-sha-256" in text
     with pytest.raises(json.JSONDecodeError):
         json_lines(proxy)

@@ -689,6 +689,7 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
                 # Closed once the cancel has reached the database: clients take the close to
                 # mean "done" and send their next statement.
                 self.state = CLOSED
+                self.close_reason = "cancel request"
                 self.engine.cancel(event.pid, event.secret, self.peer, self.close)
 
     def _start_tls(self):
