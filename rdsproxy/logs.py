@@ -77,9 +77,11 @@ class TextFormatter(logging.Formatter):
 
 class SessionLines:
     """The login and close lines, written on every client connection: straight to the
-    handler setup_logging installed, in its format, when nothing else would see the record
+    stream setup_logging installed, in its format, when nothing else would see the record
     (the logging module's own path costs several times more per line); through
-    session_log otherwise."""
+    session_log otherwise. The stream is flushed by every other record and once a second
+    (the housekeeper calls flush), not after each of these lines: a write to the file per
+    connection would cost more than the line."""
 
     def __init__(self):
         self.stream = None       # the direct path's stream and format, when it is open
@@ -105,7 +107,10 @@ class SessionLines:
         else:
             line = f"{self.text.stamp(now)} INFO rdsproxy.sessions: {message}"
         stream.write(line + "\n")
-        stream.flush()
+
+    def flush(self) -> None:
+        if self.stream is not None:
+            self.stream.flush()
 
 
 session_lines = SessionLines()
@@ -113,7 +118,14 @@ session_lines = SessionLines()
 
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
     """Send every logger's records at `level` or above to stderr, as text or JSON lines."""
-    handler = logging.StreamHandler(sys.stderr)
+    try:
+        # stderr is line-buffered, which would flush each session line: the same file,
+        # buffered (the handler flushes after each record it writes itself).
+        stream = open(sys.stderr.fileno(), "w", encoding="utf-8", errors="backslashreplace",
+                      closefd=False)
+    except (AttributeError, OSError, ValueError):   # no file behind stderr (a test runner's)
+        stream = sys.stderr
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):

@@ -6,7 +6,7 @@ import asyncio
 import logging
 
 from .._fastpath import Phase
-from ..logs import stats_log
+from ..logs import session_lines, stats_log
 from .sessions import CloseReason
 
 log = logging.getLogger("rdsproxy.engine")
@@ -84,6 +84,7 @@ class Housekeeper:
         if interval and now >= self.stats_due:
             self.stats_due = now + interval
             self.log_stats()
+        session_lines.flush()   # the second's login and close lines
 
     def log_stats(self) -> None:
         """The stats line: clients by phase, the pools' connections, and the logins and
