@@ -77,36 +77,50 @@ class TextFormatter(logging.Formatter):
 
 class SessionLines:
     """The login and close lines, written on every client connection: straight to the
-    stream setup_logging installed, in its format, when nothing else would see the record
-    (the logging module's own path costs several times more per line); through
-    session_log otherwise. The stream is flushed by every other record and once a second
-    (the housekeeper calls flush), not after each of these lines: a write to the file per
-    connection would cost more than the line."""
+    stream setup_logging installed, in its format (the logging module's own path costs
+    several times more per line), or through session_log when setup_logging did not run.
+    The stream is flushed by every other record and once a second (the housekeeper calls
+    flush), not after each of these lines. Text lines are made without a dict of fields."""
 
     def __init__(self):
-        self.stream = None       # the direct path's stream and format, when it is open
-        self.json = False
-        self.text = None
+        self.stream = None       # the stream of the direct path, when it is open
+        self.text = None         # its TextFormatter; None: JSON lines (or no direct path)
 
-    def open(self, handler: logging.Handler, json_format: bool) -> None:
+    def open(self, handler: logging.Handler) -> None:
         self.stream = handler.stream
-        self.json = json_format
-        self.text = handler.formatter if not json_format else None
+        formatter = handler.formatter
+        self.text = formatter if isinstance(formatter, TextFormatter) else None
 
-    def close(self) -> None:
-        self.stream = None
-
-    def info(self, message: str, fields: dict) -> None:
-        stream = self.stream
-        if stream is None or session_log.handlers or session_log.filters:
-            session_log.info("%s", message, extra=fields)
-            return
-        now = time.time()
-        if self.json:
-            line = _json_line(now, "info", "rdsproxy.sessions", message, fields.items())
+    def login(self, engine: str, peer: str, user: str, database: str, tls: bool,
+              auth: str) -> None:
+        message = (f"client {peer} logged in: user {user}, database {database}, "
+                   f"{'TLS' if tls else 'no TLS'}, auth {auth}")
+        if self.text is not None:
+            self._write_text(message)
         else:
-            line = f"{self.text.stamp(now)} INFO rdsproxy.sessions: {message}"
-        stream.write(line + "\n")
+            self._write(message, {"event": "login", "engine": engine, "client": peer,
+                                  "user": user, "database": database, "tls": tls,
+                                  "auth": auth})
+
+    def close(self, engine: str, peer: str, user: str, database: str, duration: int,
+              reason: str) -> None:
+        message = f"client {peer} closed: user {user or '-'}, {duration}s connected, {reason}"
+        if self.text is not None:
+            self._write_text(message)
+        else:
+            self._write(message, {"event": "close", "engine": engine, "client": peer,
+                                  "user": user, "database": database, "duration_s": duration,
+                                  "reason": reason})
+
+    def _write_text(self, message: str) -> None:
+        self.stream.write(f"{self.text.stamp(time.time())} INFO rdsproxy.sessions: {message}\n")
+
+    def _write(self, message: str, fields: dict) -> None:
+        if self.stream is None:
+            session_log.info("%s", message, extra=fields)
+        else:
+            self.stream.write(_json_line(time.time(), "info", "rdsproxy.sessions", message,
+                                         fields.items()) + "\n")
 
     def flush(self) -> None:
         if self.stream is not None:
@@ -132,7 +146,7 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    session_lines.open(handler, fmt == "json")
+    session_lines.open(handler)
     # The logging module's documented savings: no caller lookup, thread or process names.
     logging._srcfile = None
     logging.logThreads = False

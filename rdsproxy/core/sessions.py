@@ -57,12 +57,8 @@ class ClientSide:
 
     def session_opened(self, auth: str) -> None:
         """The login line: who logged in, where from, and how."""
-        peer, user, database, tls = self.peer, self.user, self.database, bool(self.tls)
-        session_lines.info(
-            f"client {peer} logged in: user {user}, database {database}, "
-            f"{'TLS' if tls else 'no TLS'}, auth {auth}",
-            {"event": "login", "engine": self.engine.name, "client": peer, "user": user,
-             "database": database, "tls": tls, "auth": auth})
+        session_lines.login(self.engine.name, self.peer, self.user, self.database,
+                            bool(self.tls), auth)
 
     def session_closed(self, exc) -> None:
         """The close line: how long the client stayed and why it left (from
@@ -72,12 +68,8 @@ class ClientSide:
         if reason is None:
             reason = "client quit" if exc is None else f"connection error: {exc}"
         # To the second: both ends are the housekeeper's clock.
-        duration = max(0.0, engine.clock - self.connected_at)
-        peer, user = self.peer, self.user
-        session_lines.info(
-            f"client {peer} closed: user {user or '-'}, {duration:.0f}s connected, {reason}",
-            {"event": "close", "engine": engine.name, "client": peer, "user": user,
-             "database": self.database, "duration_s": round(duration), "reason": reason})
+        duration = round(max(0.0, engine.clock - self.connected_at))
+        session_lines.close(engine.name, self.peer, self.user, self.database, duration, reason)
 
     def note_addresses(self, transport, unknown_host: str | None = None) -> None:
         """peer ("host:port") and peer_host of a new connection (local_address() gives the
