@@ -143,6 +143,10 @@ class ProxyConfig:
     debug_logging: bool = False
     # Seconds between the log's stats lines (clients, pool, queries); 0: none.
     stats_log_interval: float = 60.0
+    # A log line per client login and per close (PgBouncer's log_connections and
+    # log_disconnections). Off by default: for a client per transaction they cost about as
+    # much CPU as the rest of the connection (bench.instructions --workload C).
+    log_connections: bool = False
     auth: list[AuthConfig] = field(default_factory=list)
     target_group: TargetGroupConfig = field(default_factory=TargetGroupConfig)
     targets: list[TargetConfig] = field(default_factory=list)

@@ -48,12 +48,14 @@ def mysql_session(proxy):
 
 
 SESSIONS = {"postgres": pg_session, "mysql": mysql_session}
+LOG_CONNECTIONS = {"log_connections": True}
 AUTH = {"postgres": "scram-sha-256", "mysql": "mysql_native_password"}
 
 
 @pytest.mark.parametrize("engine", ["postgres", "mysql"])
 def test_json_lines_carry_login_and_close(proxy_process_factory, engine):
-    proxy = proxy_process_factory(engine=engine, serve_args=["--log-format", "json"])
+    proxy = proxy_process_factory(engine=engine, serve_args=["--log-format", "json"],
+                                  top=LOG_CONNECTIONS)
     conn = SESSIONS[engine](proxy)
     login = wait_for_line(proxy, event="login", engine=engine)
     client = login["client"]
@@ -72,7 +74,7 @@ def test_json_lines_carry_login_and_close(proxy_process_factory, engine):
 def test_quick_lane_md5_login_is_logged(proxy_process_factory):
     """Most md5 logins finish in the relay's compiled lane: they get their line too."""
     proxy = proxy_process_factory(engine="postgres", client_auth="POSTGRES_MD5",
-                                  serve_args=["--log-format", "json"])
+                                  serve_args=["--log-format", "json"], top=LOG_CONNECTIONS)
     for _ in range(3):   # the first teaches the lane the greeting; the rest are the lane's
         pg_session(proxy, sslmode="disable").close()
     deadline = time.monotonic() + 10
@@ -92,7 +94,7 @@ def test_quick_lane_md5_login_is_logged(proxy_process_factory):
 @pytest.mark.parametrize("engine", ["postgres", "mysql"])
 def test_idle_timeout_is_the_close_reason(proxy_process_factory, engine):
     proxy = proxy_process_factory(engine=engine, serve_args=["--log-format", "json"],
-                                  top={"idle_client_timeout": 1})
+                                  top={"idle_client_timeout": 1, **LOG_CONNECTIONS})
     conn = SESSIONS[engine](proxy)
     close = wait_for_line(proxy, timeout=15, event="close", engine=engine, user=APP_USER)
     assert close["reason"] == "idle_timeout" and close["duration_s"] >= 1
@@ -110,7 +112,7 @@ def test_warning_level_hides_info_lines(proxy_process_factory):
 
 
 def test_text_format_by_default(proxy_process_factory):
-    proxy = proxy_process_factory(engine="postgres")
+    proxy = proxy_process_factory(engine="postgres", top=LOG_CONNECTIONS)
     pg_session(proxy).close()
     proxy.wait_for_log("closed: user app")
     text = proxy.log_text()
@@ -144,6 +146,14 @@ def test_stats_line_each_interval(proxy_process_factory, engine):
     conn.close()
 
 
+def test_no_session_lines_without_log_connections(proxy_process_factory):
+    proxy = proxy_process_factory(engine="postgres", serve_args=["--log-format", "json"],
+                                  top={"stats_log_interval": 1})
+    pg_session(proxy).close()
+    wait_for_line(proxy, event="stats")   # a second has passed, and buffered lines are out
+    assert not [line for line in json_lines(proxy) if line.get("event") in ("login", "close")]
+
+
 def test_stats_line_off_with_zero(proxy_process_factory):
     proxy = proxy_process_factory(engine="postgres", serve_args=["--log-format", "json"],
                                   top={"stats_log_interval": 0})
@@ -156,7 +166,8 @@ def test_debug_logging_shows_statements_but_no_secret(proxy_process_factory, tes
     principal = tmp_path / "principal.json"
     principal.write_text(json.dumps({"AccessKeyId": AKID, "SecretAccessKey": SECRET}))
     proxy = proxy_process_factory(
-        engine="postgres", serve_args=["--log-format", "json"], top={"debug_logging": True},
+        engine="postgres", serve_args=["--log-format", "json"],
+        top={"debug_logging": True, **LOG_CONNECTIONS},
         tls={"cert_file": test_ca.server_cert, "key_file": test_ca.server_key},
         iam={"region": REGION, "principals": [{
             "access_key_id": AKID, "secret_access_key": f"file:{principal}",

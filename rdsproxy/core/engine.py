@@ -115,8 +115,8 @@ class BaseEngine:
         self.throttle = LoginThrottle()
         self.server_ssl = None           # client-leg TLS context (None: refuse TLS)
         self._tasks: list = []
-        # Login and close lines are written at INFO: below that level the sessions skip them.
-        self.log_sessions = session_log.isEnabledFor(logging.INFO)
+        # Login and close lines: with log_connections, written at INFO.
+        self.log_sessions = config.log_connections and session_log.isEnabledFor(logging.INFO)
         # debug_logging's statement-level lines, checked without a call on the paths that
         # run per transaction.
         self.log_debug = log.isEnabledFor(logging.DEBUG)
