@@ -2,6 +2,7 @@
 
 GET /targets  describe-db-proxy-targets as JSON ({"Targets": [...]}, with pool figures)
 GET /stats    the proxy's counters and gauges
+GET /metrics  RDS Proxy's CloudWatch metrics in Prometheus's text format (for scrapers)
 GET /health   200 "ok" while the proxy runs (liveness: for load balancers and orchestrators)
 GET /ready    200 when every endpoint has a target to route to, 503 otherwise (readiness),
               with which target serves each endpoint as JSON
@@ -35,12 +36,14 @@ def _json(obj) -> bytes:
 
 class AdminServer:
     """`routes`: path -> the object it serves as JSON; `ready`: () -> (ready, object) for
-    /ready."""
+    /ready; `texts`: path -> (content type, () -> the text it serves)."""
 
     def __init__(self, routes: dict[str, Callable[[], object]],
-                 ready: Callable[[], tuple[bool, object]] | None = None):
+                 ready: Callable[[], tuple[bool, object]] | None = None,
+                 texts: dict[str, tuple[str, Callable[[], str]]] | None = None):
         self.routes = routes
         self.ready = ready
+        self.texts = texts or {}
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
@@ -84,8 +87,12 @@ class AdminServer:
         if path == "/ready" and self.ready is not None:
             ready, body = self.ready()
             return _response("200 OK" if ready else "503 Service Unavailable", _json(body))
+        if path in self.texts:
+            content_type, text = self.texts[path]
+            return _response("200 OK", text().encode("utf-8"), content_type)
         route = self.routes.get(path)
         if route is None:
-            known = ", ".join(sorted(self.routes) + ["/health"] + (["/ready"] if self.ready else []))
+            known = ", ".join(sorted([*self.routes, *self.texts, "/health"])
+                              + (["/ready"] if self.ready else []))
             return _response("404 Not Found", orjson.dumps({"error": f"unknown path; try {known}"}))
         return _response("200 OK", _json(route()))

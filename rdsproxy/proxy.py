@@ -9,6 +9,7 @@ from pathlib import Path
 from . import _fastpath
 from ._fastpath import reactor_py
 from .config import ProxyConfig, config_from_dict, load_config
+from .core import cloudwatch
 from .core.console import Console
 from .core.metrics import Metrics
 
@@ -95,14 +96,16 @@ class Proxy:
                          *self.addresses[endpoint.name], endpoint.target_role.value)
             if self.config.admin is not None and self.config.admin.listen:
                 from .admin import AdminServer
-                self._admin = AdminServer({"/targets": self.describe_targets, "/stats": self.stats},
-                                          ready=self.ready)
+                self._admin = AdminServer(
+                    {"/targets": self.describe_targets, "/stats": self.stats}, ready=self.ready,
+                    texts={"/metrics": (cloudwatch.PROMETHEUS_TEXT, self.prometheus_metrics)})
                 host, port = self.config.admin.listen.rsplit(":", 1)
                 try:
                     self.admin_address = await self._admin.start(host.strip("[]"), int(port))
                 except OSError as exc:
                     raise ListenError("the admin endpoint", self.config.admin.listen, exc) from None
-                log.info("admin endpoint on http://%s:%d/ (/targets, /stats, /health, /ready)",
+                log.info("admin endpoint on http://%s:%d/ "
+                         "(/targets, /stats, /metrics, /health, /ready)",
                          *self.admin_address)
         except BaseException:
             await self.stop(drain=False)
@@ -170,10 +173,21 @@ class Proxy:
     async def serve_forever(self) -> None:
         await self._stopped.wait()
 
+    def cloudwatch_figures(self) -> list[cloudwatch.Figure]:
+        """RDS Proxy's CloudWatch metrics, as /metrics and /stats show them."""
+        return cloudwatch.figures(self.metrics, self.engine, self.ready()[1]["Endpoints"])
+
+    def prometheus_metrics(self) -> str:
+        """/metrics: the CloudWatch figures in Prometheus's text format."""
+        return cloudwatch.prometheus_text(
+            self.cloudwatch_figures(),
+            {"proxy": self.config.name, "engine": self.config.engine_family.lower()})
+
     def stats(self) -> dict:
         out = self.metrics.snapshot()
         if self.engine is not None:
             out.update(self.engine.stats())
+        out.update(cloudwatch.as_json(self.cloudwatch_figures()))
         out["fastpath"] = _fastpath.IMPLEMENTATION
         return out
 

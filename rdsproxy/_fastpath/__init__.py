@@ -53,6 +53,8 @@ split_messages = pg_framing.split_messages
 type_mask = pg_framing.type_mask
 ResponseScanner = mysql_framing.ResponseScanner
 PoolCore = pool.PoolCore
+LatencyHistogram = pool.LatencyHistogram
+LATENCY_BOUNDS = contract.LATENCY_BOUNDS
 KeywordScanner = pg_keywords.KeywordScanner
 ClientRelay = pg_relay.ClientRelay
 ServerRelay = pg_relay.ServerRelay
@@ -69,6 +71,6 @@ BookCore = pg_statements.BookCore
 
 __all__ = ["IMPLEMENTATION", "reactor", "MessageScanner", "FramingError", "split_messages",
            "type_mask", "ResponseScanner",
-           "PoolCore", "KeywordScanner", "ClientRelay", "ServerRelay", "Entropy", "StartupPlan",
+           "PoolCore", "LatencyHistogram", "LATENCY_BOUNDS", "KeywordScanner", "ClientRelay", "ServerRelay", "Entropy", "StartupPlan",
            "LoginDesk", "SessionFactory", "ClientLedger", "MetricCounters", "Phase",
            "drops_statements", "AnswerQueue", "BookCore"]

@@ -1,6 +1,6 @@
 """Values the compiled fast path and the engines' Python code agree on, other than the
-wire's own (pgwire): a client's borrow phases, the states and modes the relay reads, and
-the statement book's one action. Plain Python and never compiled; the twins copy what they read per chunk into C
+wire's own (pgwire): a client's borrow phases, the states and modes the relay reads, the
+statement book's one action and the latency histograms' buckets. Plain Python and never compiled; the twins copy what they read per chunk into C
 ints at import (their `.pxd` declares those names).
 """
 
@@ -17,6 +17,11 @@ ints at import (their `.pxd` declares those names).
 # What the statement book does with an answer it is owed: FORWARD passes it on as the
 # server sent it (the quick lane's only action; engines/postgres/statements.py has the rest).
 FORWARD = 0
+
+# Upper bounds (seconds) of the latency histograms' buckets (pool_py.LatencyHistogram),
+# with one more bucket past the last for +Inf.
+LATENCY_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                  0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class Phase:

@@ -8,7 +8,19 @@ cimport cython
 from rdsproxy._fastpath.pg_framing_c cimport MessageScanner
 from rdsproxy._fastpath.pg_keywords_c cimport KeywordScanner
 from rdsproxy._fastpath.ledger_c cimport ClientLedger, Entropy, MetricCounters
-from rdsproxy._fastpath.pool_c cimport PoolCore
+from rdsproxy._fastpath.pool_c cimport LatencyHistogram, PoolCore
+
+
+cdef extern from *:
+    """
+    #include <time.h>
+    static inline double rdsproxy_monotonic(void) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+    }
+    """
+    double c_monotonic "rdsproxy_monotonic"() nogil
 from rdsproxy._fastpath.pg_statements_c cimport AnswerQueue, BookCore
 
 cdef int STATE_STARTUP
@@ -45,6 +57,7 @@ cdef int PHASE_WAITING
 cdef int PHASE_ACTIVE
 cdef int PHASE_PINNED
 
+cdef inline double now() noexcept
 
 cdef class ClientRelay
 
@@ -99,6 +112,7 @@ cdef class SessionFactory:
     cdef public KeywordScanner prefilter
     cdef public LoginDesk logins
     cdef public MessageScanner scanner
+    cdef public LatencyHistogram response_latency
 
     @cython.locals(client=ClientRelay)
     cpdef ClientRelay make(self)
@@ -148,6 +162,9 @@ cdef class ClientRelay:
     cdef public object route_role
     cdef public double connected_at
     cdef public double last_active
+    cdef public double request_at
+    cdef public double forwarded_at
+    cdef public LatencyHistogram response_latency
     cdef dict __dict__
 
     @cython.locals(engine=object)
@@ -179,7 +196,7 @@ cdef class ClientRelay:
     cpdef enter(self, int phase)
     cdef inline void _enter(self, int phase) noexcept
     cpdef attach(self, ServerRelay conn)
-    @cython.locals(statements=BookCore)
+    @cython.locals(statements=BookCore, clock=double, core=PoolCore)
     cdef _attach(self, ServerRelay conn)
 
     @cython.locals(outstanding=Py_ssize_t, server=ServerRelay, entry=tuple, client=ClientRelay,
@@ -209,5 +226,5 @@ cdef class ServerRelay:
 
     cpdef data_received(self, data)
     @cython.locals(n=Py_ssize_t, client=ClientRelay, scanner=MessageScanner, last=int,
-                   held=list)
+                   held=list, last_answer=bint, core=PoolCore)
     cdef received(self, data)

@@ -31,6 +31,14 @@ from rdsproxy.auth.md5 import md5 as _md5
 from hmac import compare_digest as _compare_digest
 from rdsproxy._fastpath import contract, pgwire
 from rdsproxy._fastpath.contract import Phase
+from time import monotonic as _monotonic
+
+try:
+    import cython
+except ImportError:
+    # Uncompiled and Cython not installed: a stand-in for the one attribute used. Bound
+    # through globals() because Cython reserves the name `cython` (no rebinding allowed).
+    globals()["cython"] = type("cython", (), {"compiled": False})
 
 STATE_STARTUP = contract.PG_CLIENT_STARTUP   # C ints once compiled (pg_relay_c.pxd)
 STATE_AUTH_MD5 = contract.PG_CLIENT_AUTH_MD5
@@ -70,6 +78,15 @@ GSSENC_REQUEST = pgwire.GSSENC_REQUEST
 BACKEND_KEY_DATA_HEAD = pgwire.BACKEND_KEY_DATA_HEAD
 
 UNSYNCED_MASK = pgwire.UNSYNCED_MASK
+
+
+def now():
+    """The monotonic clock the latencies are measured on, in seconds: compiled, a
+    clock_gettime call (pg_relay_c.pxd) instead of a Python call per reading."""
+    if cython.compiled:
+        return c_monotonic()  # noqa: F821 (declared in pg_relay_c.pxd)
+    return _monotonic()
+
 class Wire:
     """A transport the compiled relay writes to with a C call: the C reactor's FdTransport
     derives from this class (pg_relay_c.pxd), so a chunk's write skips the method lookup
@@ -158,7 +175,8 @@ class SessionFactory:
     """Makes one endpoint's client sessions, one per accepted connection: the class's
     __new__ and the relay's own setup (below), no Python __init__ to run."""
 
-    def __init__(self, cls, engine, endpoint, unrouted, prefilter, logins, scanner):
+    def __init__(self, cls, engine, endpoint, unrouted, prefilter, logins, scanner,
+                 response_latency):
         self.cls = cls
         self.engine = engine
         self.ledger = engine.ledger
@@ -168,6 +186,7 @@ class SessionFactory:
         self.prefilter = prefilter    # the keyword scan that picks statements to inspect
         self.logins = logins          # the engine's LoginDesk
         self.scanner = scanner        # every session's scanner is a fresh() copy of this
+        self.response_latency = response_latency   # the endpoint's LatencyHistogram
 
     def __call__(self):
         return self.make()
@@ -235,6 +254,11 @@ class ClientRelay:
         self.route_role = None
         self.connected_at = 0.0
         self.last_active = 0.0    # advanced by the housekeeper from `activity`
+        # When the request being answered came in and when it went to the database (now()),
+        # and the histogram of the whole round trip as the client sees it.
+        self.request_at = 0.0
+        self.forwarded_at = 0.0
+        self.response_latency = None
         if factory is not None:
             engine = factory.engine
             self.engine = engine
@@ -245,6 +269,7 @@ class ClientRelay:
             self.prefilter = factory.prefilter
             self.logins = factory.logins
             self.scanner = factory.scanner.fresh()
+            self.response_latency = factory.response_latency
             self.connected_at = self.last_active = engine.clock
 
     # -- asyncio.Protocol ------------------------------------------------------------------
@@ -301,6 +326,9 @@ class ClientRelay:
             return
         if scanner.captured:
             data = self.screen(data)
+        if self.outstanding == 0 and self.chunk_at_boundary:
+            # A request begins with nothing owed before it: its latencies count from here.
+            self.request_at = self.forwarded_at = now()
         self.outstanding += n
         server = self.server
         if server is not None:
@@ -498,6 +526,12 @@ class ClientRelay:
         pending = self.pending
         statements = self.statements
         if pending:
+            # A request waited for this connection: it is borrowed, and forwarded, now.
+            clock = now()
+            self.forwarded_at = clock
+            core = conn.pool_core
+            if core is not None:
+                core.borrow_latency.record(clock - self.request_at)
             self.pending = []
             self.pending_size = 0
             # Requests starting on a clean connection can be replayed until answered.
@@ -618,7 +652,13 @@ class ServerRelay:
             data = self.server_messages(data)
         if self.tracking:
             data = self.answers.answer(data)
+        last_answer = n > 0 and client.outstanding <= n   # the client is owed no more
+        core = self.pool_core
+        if last_answer and core is not None:
+            core.database_latency.record(now() - client.forwarded_at)
         if data:
             wire_write(client.transport, data)
+        if last_answer and client.response_latency is not None:
+            client.response_latency.record(now() - client.request_at)
         if n or not client.outstanding:  # the latter: finish a release held back mid-message
             client.on_server_ready(n, scanner.status)

@@ -5,6 +5,20 @@
 # methods cpdef with typed locals; their Python signatures are unchanged.
 cimport cython
 
+cdef double LATENCY_BOUNDS[16]
+cdef Py_ssize_t LATENCY_BUCKETS
+
+
+cdef class LatencyHistogram:
+    cdef unsigned long long counts[17]
+    cdef public double sum
+
+    @cython.locals(i=Py_ssize_t)
+    cdef inline void record(self, double seconds) noexcept
+    cpdef observe(self, double seconds)
+    @cython.locals(i=Py_ssize_t)
+    cpdef list buckets(self)
+
 
 cdef class PoolCore:
     cdef public Py_ssize_t max_size
@@ -18,6 +32,8 @@ cdef class PoolCore:
     cdef public object clock
     cdef public double borrow_timeout
     cdef public bint deadline_armed
+    cdef public LatencyHistogram borrow_latency
+    cdef public LatencyHistogram database_latency
 
     @cython.locals(stack=list)
     cdef list _stack(self, object key)

@@ -1,11 +1,50 @@
-"""Borrow/return bookkeeping of a connection budget: idle stacks per key and a FIFO of waiters.
+"""Borrow/return bookkeeping of a connection budget: idle stacks per key and a FIFO of
+waiters; and the latency histograms of its borrows and of its connections' answers.
 
 Pure-Python twin of `pool_c`, which setup.py compiles from this very file with the C types
 of `pool_c.pxd` beside it (a cdef class with C-integer counters). It holds no I/O and no
 timers: `rdsproxy.core.pool` opens and closes connections and runs the clocks; this class
 only decides who gets which connection, in O(1) on the common paths.
 """
-from collections import deque
+try:
+    import cython
+except ImportError:
+    # Uncompiled and Cython not installed: a stand-in for the one attribute used. Bound
+    # through globals() because Cython reserves the name `cython` (no rebinding allowed).
+    globals()["cython"] = type("cython", (), {"compiled": False})
+
+from collections import deque  # noqa: E402
+
+from rdsproxy._fastpath import contract  # noqa: E402
+
+# The buckets' upper bounds, a C array once compiled (pool_c.pxd): recording is then a few
+# compares and adds. The last bucket, past them, is +Inf's.
+LATENCY_BOUNDS = contract.LATENCY_BOUNDS
+LATENCY_BUCKETS = len(LATENCY_BOUNDS) + 1
+
+
+class LatencyHistogram:
+    """Counts of durations by bucket (LATENCY_BOUNDS), with their sum: what a Prometheus
+    histogram shows. The relay records from C (record); Python code calls observe."""
+
+    def __init__(self):
+        if not cython.compiled:   # compiled: a C array, zeroed with the object
+            self.counts = [0] * LATENCY_BUCKETS
+        self.sum = 0.0
+
+    def record(self, seconds):
+        i = 0
+        while i < LATENCY_BUCKETS - 1 and seconds > LATENCY_BOUNDS[i]:
+            i += 1
+        self.counts[i] += 1
+        self.sum += seconds
+
+    def observe(self, seconds):
+        self.record(seconds)
+
+    def buckets(self):
+        """The count of each bucket (not cumulative), the +Inf one last."""
+        return [self.counts[i] for i in range(LATENCY_BUCKETS)]
 
 
 class PoolCore:
@@ -34,6 +73,10 @@ class PoolCore:
         self.clock = None
         self.borrow_timeout = 0.0
         self.deadline_armed = False
+        # From asking for a connection to getting one, and from a request forwarded on one
+        # of this budget's connections to its answer (recorded by the engines and the relay).
+        self.borrow_latency = LatencyHistogram()
+        self.database_latency = LatencyHistogram()
 
     # -- borrowing ---------------------------------------------------------------------
     def _stack(self, key):

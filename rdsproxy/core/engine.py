@@ -306,8 +306,11 @@ class BaseEngine:
         for pool in self.router.pools.values():
             await pool.close()
 
+    def query_requests(self) -> int:
+        """QueryRequests: those of the clients gone and of those connected."""
+        return self.metrics.QueryRequests + sum(client.queries for client in self.clients)
+
     def stats(self) -> dict:
-        live_queries = sum(client.queries for client in self.clients)
         pools = [pool.stats() for pool in self.router.pools.values()]
         total = {name: sum(p[name] for p in pools) for name in ("max", "open", "borrowed", "idle",
                                                                  "waiting", "max_idle")}
@@ -316,6 +319,6 @@ class BaseEngine:
                 "pinned_sessions": self.ledger.pinned,
                 "sessions": self.ledger.phases(),
                 "StrayPhaseMoves": self.ledger.stray_moves,
-                "QueryRequests": self.metrics.QueryRequests + live_queries,
+                "QueryRequests": self.query_requests(),
                 "ClientConnectionsTLS": self.metrics.ClientConnectionsTLS,
                 "ClientConnectionsNoTLS": self.metrics.ClientConnectionsNoTLS}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from rdsproxy._fastpath import MetricCounters
+from rdsproxy._fastpath import LatencyHistogram, MetricCounters
 
 
 class Metrics(MetricCounters):
@@ -50,6 +50,15 @@ class Metrics(MetricCounters):
         for name in self.COUNTERS:
             setattr(self, name, 0)
         self.pin_reasons = Counter()
+        # QueryResponseLatency by endpoint name: request in to the answer's last byte out.
+        self.response_latencies: dict[str, LatencyHistogram] = {}
+
+    def response_latency(self, endpoint: str) -> LatencyHistogram:
+        """The QueryResponseLatency histogram of the endpoint named `endpoint`."""
+        latency = self.response_latencies.get(endpoint)
+        if latency is None:
+            latency = self.response_latencies[endpoint] = LatencyHistogram()
+        return latency
 
     def pinned(self, reason: str) -> None:
         self.pin_reasons[reason] += 1

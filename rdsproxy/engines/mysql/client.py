@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from time import monotonic
 
 from ..._fastpath import Phase
 from ...core.console import CONSOLE_DATABASE, ConsoleSession
@@ -73,6 +74,11 @@ class ClientConnection(CommandDispatch, StatementMapping, StateSync, ClientSide,
         self.activity = 0
         self.queries = 0
         self.outstanding = 0
+        # When the command being answered came in and went to the database (monotonic()),
+        # and the endpoint's histogram of the whole round trip as the client sees it.
+        self.request_at = 0.0
+        self.forwarded_at = 0.0
+        self.response_latency = engine.metrics.response_latency(endpoint.name)
         self.ledger = engine.ledger
         self.phase = Phase.FREE   # moved by enter() only
         self.server = None
@@ -455,6 +461,8 @@ class ClientConnection(CommandDispatch, StatementMapping, StateSync, ClientSide,
             return
         if self.engine.log_debug:
             log.debug("client %s (user %s): borrowed %r", self.peer, self.user, conn)
+        self.forwarded_at = monotonic()
+        conn.pool_core.borrow_latency.observe(self.forwarded_at - self.request_at)
         self.enter(Phase.ACTIVE if self.pin_reason is None else Phase.PINNED)
         self.server = conn
         conn.client = self

@@ -3,6 +3,7 @@ proxy answers or adapts, KILL, and what an answer relayed from the server change
 from __future__ import annotations
 
 import logging
+from time import monotonic
 
 from . import pinning
 from . import protocol as p
@@ -48,6 +49,7 @@ class CommandDispatch:
         self.busy = True
         self.outstanding = 1
         self.queries += 1
+        self.request_at = self.forwarded_at = monotonic()
         self.cmd = payload
         self.cmd_seq = seq
         self.verdict = None
@@ -210,6 +212,9 @@ class CommandDispatch:
         """The server finished answering the command the client sent (relayed raw)."""
         if self.state != READY:
             return
+        answered = monotonic()   # the answer is relayed as it comes: its last byte is out
+        conn.pool_core.database_latency.observe(answered - self.forwarded_at)
+        self.response_latency.observe(answered - self.request_at)
         cmd = self.cmd[0] if self.cmd else None
         ok = tracker.last_ok
         if cmd in (p.COM_QUERY, p.COM_STMT_EXECUTE):

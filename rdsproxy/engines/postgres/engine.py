@@ -86,7 +86,8 @@ class PostgresEngine(BaseEngine):
     def client_factory(self, endpoint):
         # Made in C, without a Python __init__ (see pg_relay_py.SessionFactory).
         return SessionFactory(self.client_class, self, endpoint, UNROUTED, PREFILTER,
-                              self.logins, self.client_scanner)
+                              self.logins, self.client_scanner,
+                              self.metrics.response_latency(endpoint.name))
 
     def make_account(self, creds, entry, previous) -> Account:
         if previous is not None and previous.credentials.password == creds.password:
