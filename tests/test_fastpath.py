@@ -390,6 +390,39 @@ def test_twins_agree_on_streams(both_framing, messages, args, cuts):
     assert py.split_messages(stream) == c.split_messages(stream)
 
 
+# -- LatencyHistogram --------------------------------------------------------------------
+
+def test_latency_histogram_buckets(pool):
+    from rdsproxy._fastpath.contract import LATENCY_BOUNDS
+    h = pool.LatencyHistogram()
+    assert h.buckets() == [0] * (len(LATENCY_BOUNDS) + 1) and h.sum == 0.0
+    # A bound belongs to its own bucket (Prometheus's `le`); past the last, +Inf's.
+    for seconds in (0.0, LATENCY_BOUNDS[0], 0.0003, 1.0, 1.0001, 10.0, 11.0, 1e9):
+        h.observe(seconds)
+    counts = h.buckets()
+    assert counts[0] == 2 and counts[2] == 1
+    assert counts[LATENCY_BOUNDS.index(1.0)] == 1 and counts[LATENCY_BOUNDS.index(2.5)] == 1
+    assert counts[-2] == 1 and counts[-1] == 2 and sum(counts) == 8
+    assert h.sum == pytest.approx(0.0 + 0.0001 + 0.0003 + 1.0 + 1.0001 + 10.0 + 11.0 + 1e9)
+
+
+def test_pool_core_has_its_latency_histograms(pool):
+    p = pool.PoolCore(1)
+    p.borrow_latency.observe(0.002)
+    assert sum(p.borrow_latency.buckets()) == 1 and sum(p.database_latency.buckets()) == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(min_value=0, max_value=100, allow_nan=False)))
+def test_latency_histogram_twins_agree(both_pool, samples):
+    histograms = [twin.LatencyHistogram() for twin in both_pool]
+    for h in histograms:
+        for seconds in samples:
+            h.observe(seconds)
+    assert histograms[0].buckets() == histograms[1].buckets()
+    assert histograms[0].sum == histograms[1].sum
+
+
 # -- PoolCore ----------------------------------------------------------------------------
 
 def test_pool_borrow_and_return(pool):
