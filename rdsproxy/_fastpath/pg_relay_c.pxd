@@ -57,7 +57,7 @@ cdef int PHASE_WAITING
 cdef int PHASE_ACTIVE
 cdef int PHASE_PINNED
 
-cdef inline double now() noexcept
+cdef double now() noexcept
 
 cdef class ClientRelay
 
@@ -196,7 +196,8 @@ cdef class ClientRelay:
     cpdef enter(self, int phase)
     cdef inline void _enter(self, int phase) noexcept
     cpdef attach(self, ServerRelay conn)
-    @cython.locals(statements=BookCore, clock=double, core=PoolCore)
+    @cython.locals(statements=BookCore, waited=bint, clock=double, borrowed=double,
+                   core=PoolCore)
     cdef _attach(self, ServerRelay conn)
 
     @cython.locals(outstanding=Py_ssize_t, server=ServerRelay, entry=tuple, client=ClientRelay,
@@ -226,5 +227,5 @@ cdef class ServerRelay:
 
     cpdef data_received(self, data)
     @cython.locals(n=Py_ssize_t, client=ClientRelay, scanner=MessageScanner, last=int,
-                   held=list, last_answer=bint, core=PoolCore)
+                   held=list, clock=double, core=PoolCore)
     cdef received(self, data)

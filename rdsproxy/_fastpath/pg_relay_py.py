@@ -519,6 +519,7 @@ class ClientRelay:
         self._attach(conn)
 
     def _attach(self, conn):  # the relay's own calls, straight from C
+        waited = self.phase != PHASE_FREE   # FREE: the quick lane took it on the spot
         self._enter(PHASE_ACTIVE if self.pin_reason is None else PHASE_PINNED)
         self.server = conn
         conn.client = self
@@ -526,12 +527,16 @@ class ClientRelay:
         pending = self.pending
         statements = self.statements
         if pending:
-            # A request waited for this connection: it is borrowed, and forwarded, now.
-            clock = now()
-            self.forwarded_at = clock
+            # A request asked for this connection: it is borrowed, and forwarded, now. One
+            # taken on the spot waited for nothing worth a clock reading.
+            borrowed = 0.0
+            if waited:
+                clock = now()
+                self.forwarded_at = clock
+                borrowed = clock - self.request_at
             core = conn.pool_core
             if core is not None:
-                core.borrow_latency.record(clock - self.request_at)
+                core.borrow_latency.record(borrowed)
             self.pending = []
             self.pending_size = 0
             # Requests starting on a clean connection can be replayed until answered.
@@ -652,13 +657,15 @@ class ServerRelay:
             data = self.server_messages(data)
         if self.tracking:
             data = self.answers.answer(data)
-        last_answer = n > 0 and client.outstanding <= n   # the client is owed no more
-        core = self.pool_core
-        if last_answer and core is not None:
-            core.database_latency.record(now() - client.forwarded_at)
         if data:
             wire_write(client.transport, data)
-        if last_answer and client.response_latency is not None:
-            client.response_latency.record(now() - client.request_at)
+        if n > 0 and client.outstanding <= n and client.response_latency is not None:
+            # The answer that leaves the client owed nothing is out. One clock reading ends
+            # both round trips: the database's includes handing on this last chunk.
+            clock = now()
+            client.response_latency.record(clock - client.request_at)
+            core = self.pool_core
+            if core is not None:
+                core.database_latency.record(clock - client.forwarded_at)
         if n or not client.outstanding:  # the latter: finish a release held back mid-message
             client.on_server_ready(n, scanner.status)
