@@ -93,22 +93,111 @@ if [ "$CAN_APT" -eq 1 ]; then
     disable_pgbouncer_service
 fi
 
-# Python side: the package in editable mode with its test extras. This also (re)builds
-# the Cython fast path in place, so a stale extension never shadows edited sources.
-PIP_ARGS=(install --disable-pip-version-check -e '.[test]')
-if [ "$(id -u)" -eq 0 ]; then
-    PIP_ARGS+=(--root-user-action=ignore)
-fi
-if python3 - <<'PY'
+# Python side: the package in editable mode with its test extras, then the Cython fast path
+# built in place. Each step is skipped when nothing it depends on changed.
+STAMP_DIR=build
+PIP_STAMP=$STAMP_DIR/install-pip.stamp
+PIP_LOG=$STAMP_DIR/install-pip.log
+mkdir -p "$STAMP_DIR"
+
+# What the pip step depends on: the declared dependencies, the build, the interpreter and
+# the tree the editable install points at.
+pip_inputs() {
+    { cat pyproject.toml setup.py; python3 -c 'import sys; print(sys.executable, sys.version)'; pwd; } \
+        | sha256sum | cut -d' ' -f1
+}
+
+# True when rdsproxy is installed editable from this tree and every requirement of
+# rdsproxy[test] is installed at a version its specifier accepts.
+installed_matches() {
+    # -I: not this directory's rdsproxy.egg-info, which a build leaves behind.
+    python3 -I - <<'PY'
+import json, os, sys
+from importlib import metadata
+try:
+    from packaging.requirements import Requirement
+    dist = metadata.distribution("rdsproxy")
+    origin = json.loads(dist.read_text("direct_url.json") or "{}")
+except Exception:  # not installed, or no packaging to read specifiers with: run pip
+    sys.exit(1)
+if origin.get("url") != "file://" + os.getcwd():
+    sys.exit(1)
+for line in dist.requires or []:
+    req = Requirement(line)
+    if req.marker and not req.marker.evaluate({"extra": "test"}):
+        continue
+    try:
+        version = metadata.version(req.name)
+    except metadata.PackageNotFoundError:
+        sys.exit(1)
+    if not req.specifier.contains(version, prereleases=True):
+        sys.exit(1)
+PY
+}
+
+pip_install() {
+    local args=(install --disable-pip-version-check -v -e '.[test]')
+    if [ "$(id -u)" -eq 0 ]; then
+        args+=(--root-user-action=ignore)
+    fi
+    if python3 - <<'PY'
 import os, sys, sysconfig
 sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")) else 1)
 PY
-then
-    # A distribution-managed interpreter (PEP 668): this is a throwaway CI/dev machine.
-    PIP_ARGS+=(--break-system-packages)
+    then
+        # A distribution-managed interpreter (PEP 668): this is a throwaway CI/dev machine.
+        args+=(--break-system-packages)
+    fi
+    log "python3 -m pip ${args[*]} (compiles the fast path: a minute or two; output in $PIP_LOG)"
+    if ! python3 -m pip "${args[@]}" >"$PIP_LOG" 2>&1; then
+        log "pip install failed; the end of $PIP_LOG:"
+        tail -n 40 "$PIP_LOG" >&2
+        return 1
+    fi
+}
+
+# The compiled modules that are missing or older than their source or any .pxd (the C
+# layouts every module cimports). By setup.py's convention a module compiled from
+# <name>_py.py has <name>_c.pxd beside it, and a native one is <name>_c.pyx.
+stale_extensions() {
+    local suffix pxd name source
+    suffix=$(python3 -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+    for pxd in rdsproxy/_fastpath/*_c.pxd rdsproxy/_fastpath/*_c.pyx; do
+        name=${pxd%_c.*}
+        source=${name}_py.py
+        [ "${pxd##*.}" = pyx ] && source=$pxd
+        [ -f "$source" ] || continue
+        local ext=${name}_c$suffix newest
+        newest=$(ls -t "$source" rdsproxy/_fastpath/*.pxd | head -n 1)
+        if [ ! -f "$ext" ] || [ "$newest" -nt "$ext" ]; then
+            echo "${name##*/}"
+        fi
+    done
+}
+
+build_fastpath() {
+    local stale
+    stale=$(stale_extensions | tr '\n' ' ')
+    if [ -z "$stale" ]; then
+        log "Cython fast path up to date"
+        return 0
+    fi
+    log "building the Cython fast path in place (stale: $stale)"
+    # Progress: one line per module compiled; the compiler's errors pass through.
+    python3 setup.py build_ext --inplace 2>&1 \
+        | { grep --line-buffered -vE "^(\S*/)?(gcc|cc|x86_64-linux-gnu-gcc|strip) |^(copying|creating|running) " || true; } \
+        | sed -u -E "s/^building '([^']+)' extension/ci\/install.sh:   compiling \1/" >&2
+}
+
+inputs=$(pip_inputs)
+if [ "$(cat "$PIP_STAMP" 2>/dev/null)" = "$inputs" ] && installed_matches; then
+    log "rdsproxy[test] already installed from this tree"
+else
+    rm -f "$PIP_STAMP"
+    pip_install
+    echo "$inputs" >"$PIP_STAMP"
 fi
-log "python3 -m pip ${PIP_ARGS[*]}"
-python3 -m pip "${PIP_ARGS[@]}"
+build_fastpath
 
 if python3 -c "import rdsproxy._fastpath.pg_framing_c" >/dev/null 2>&1; then
     log "Cython fast path built"
