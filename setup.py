@@ -5,6 +5,7 @@ a `*_c.pxd` beside each adding C types (the aiohttp reader approach), so both tw
 one implementation. RDSPROXY_PURE_PYTHON=1 skips the build entirely.
 """
 import os
+import shutil
 import sys
 
 from setuptools import setup
@@ -31,6 +32,23 @@ class OptionalBuildExt(build_ext):
             super().build_extension(ext)
         except Exception as exc:
             self._warn(exc)
+            return
+        self._strip(self.get_ext_fullpath(ext.name))
+
+    def _strip(self, path):
+        """Drop the debug symbols `-g` put in: they are most of the file and no use to a user.
+
+        Done after the build rather than with a link flag so that an up-to-date extension
+        build_ext skips relinking is stripped too. `build_ext --debug` or
+        RDSPROXY_DEBUG_BUILD=1 keeps them (for gdb or perf).
+        """
+        strip = shutil.which("strip")
+        if (self.debug or os.environ.get("RDSPROXY_DEBUG_BUILD", "") not in ("", "0")
+                or strip is None or not os.path.exists(path)):
+            return
+        # -x (local symbols) is what macOS's strip accepts for a loadable module.
+        flag = "-x" if sys.platform == "darwin" else "--strip-unneeded"
+        self.spawn([strip, flag, path])
 
     @staticmethod
     def _warn(exc):
