@@ -98,6 +98,7 @@ fi
 STAMP_DIR=build
 PIP_STAMP=$STAMP_DIR/install-pip.stamp
 PIP_LOG=$STAMP_DIR/install-pip.log
+BUILD_LOG=$STAMP_DIR/install-build.log
 mkdir -p "$STAMP_DIR"
 
 # What the pip step depends on: the declared dependencies, the build, the interpreter and
@@ -135,6 +136,13 @@ for line in dist.requires or []:
 PY
 }
 
+# A build's output on stdin; on stderr one line per module compiled and setup.py's
+# warnings (a module that did not compile falls back to its pure-Python twin).
+build_progress() {
+    { grep --line-buffered -oE "building '[^']+' extension|rdsproxy: ([Cc]ython|cythonize|RDSPROXY).*" || true; } \
+        | sed -u -E "s/^building '([^']+)' extension/compiling \1/; s/^/ci\/install.sh:   /" >&2
+}
+
 pip_install() {
     local args=(install --disable-pip-version-check -v -e '.[test]')
     if [ "$(id -u)" -eq 0 ]; then
@@ -149,7 +157,8 @@ PY
         args+=(--break-system-packages)
     fi
     log "python3 -m pip ${args[*]} (compiles the fast path: a minute or two; output in $PIP_LOG)"
-    if ! python3 -m pip "${args[@]}" >"$PIP_LOG" 2>&1; then
+    # pip -v streams the build's output (to the log) for build_progress.
+    if ! python3 -m pip "${args[@]}" 2>&1 | tee "$PIP_LOG" | build_progress; then
         log "pip install failed; the end of $PIP_LOG:"
         tail -n 40 "$PIP_LOG" >&2
         return 1
@@ -177,16 +186,13 @@ stale_extensions() {
 
 build_fastpath() {
     local stale
-    stale=$(stale_extensions | tr '\n' ' ')
+    stale=$(stale_extensions | paste -sd ' ')
     if [ -z "$stale" ]; then
         log "Cython fast path up to date"
         return 0
     fi
-    log "building the Cython fast path in place (stale: $stale)"
-    # Progress: one line per module compiled; the compiler's errors pass through.
-    python3 setup.py build_ext --inplace 2>&1 \
-        | { grep --line-buffered -vE "^(\S*/)?(gcc|cc|x86_64-linux-gnu-gcc|strip) |^(copying|creating|running) " || true; } \
-        | sed -u -E "s/^building '([^']+)' extension/ci\/install.sh:   compiling \1/" >&2
+    log "building the Cython fast path in place (stale: $stale; output in $BUILD_LOG)"
+    python3 setup.py build_ext --inplace 2>&1 | tee "$BUILD_LOG" | build_progress
 }
 
 inputs=$(pip_inputs)

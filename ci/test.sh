@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run the whole test suite twice (Cython fast path, then pure Python), then the bench gate.
+# Build and install the wheel as an operator would, run the whole test suite twice (Cython
+# fast path, then pure Python), then the bench gate.
 #
 # Extra arguments are passed to both pytest runs. Exits non-zero if either run fails,
 # including pytest's exit 5 ("no tests collected"), which must not pass as green.
@@ -25,8 +26,24 @@ run_suite() {
     return "$rc"
 }
 
+# The wheel is built once and installed into a venv that sees nothing else; the install
+# script checks `rdsproxy --help`, the compiled fast path and that every module imports with
+# the declared dependencies. tests/test_packaging.py then reuses both in each suite run.
+check_wheel() {
+    log "=== packaging: build the wheel, install it into a clean venv ==="
+    PACKAGING_DIR=$(mktemp -d)
+    trap 'rm -rf "$PACKAGING_DIR"' EXIT
+    local wheel
+    wheel=$(env -u RDSPROXY_PURE_PYTHON bash deploy/build-wheel.sh "$PACKAGING_DIR/wheels") \
+        && env -u RDSPROXY_PURE_PYTHON bash deploy/install-wheel.sh "$wheel" "$PACKAGING_DIR/venv" \
+        || { log "packaging: FAILED"; return 1; }
+    export RDSPROXY_PACKAGING_WHEEL=$wheel RDSPROXY_PACKAGING_VENV=$PACKAGING_DIR/venv
+    log "packaging: passed"
+}
+
 PYTEST_ARGS=("$@")
 status=0
+check_wheel || status=1
 # REQUIRE_CYTHON makes fast-path tests fail, not skip, when the extension is missing.
 run_suite "cython" -u RDSPROXY_PURE_PYTHON RDSPROXY_REQUIRE_CYTHON=1 || status=1
 run_suite "pure-python" -u RDSPROXY_REQUIRE_CYTHON RDSPROXY_PURE_PYTHON=1 || status=1
