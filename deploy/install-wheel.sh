@@ -12,6 +12,9 @@ venv="${2:?usage: deploy/install-wheel.sh WHEEL VENV}"
 
 log() { echo "deploy/install-wheel.sh: $*" >&2; }
 
+# A source tree on PYTHONPATH would count as rdsproxy installed: pip would skip the wheel.
+unset PYTHONPATH PYTHONHOME
+
 log "installing $wheel into $venv"
 python3 -m venv "$venv"
 "$venv/bin/python" -m pip install --disable-pip-version-check --no-cache-dir -q "$wheel"
