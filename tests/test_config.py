@@ -198,6 +198,19 @@ def test_serve_names_the_endpoint_whose_address_is_taken(tmp_path, pg):
         in res.stderr.splitlines()
 
 
+def test_serve_names_the_file_and_key_of_an_unreadable_secret(tmp_path, pg):
+    doc = mutated(targets__port=pg.port, auth__secret="file:secrets/missing.json",
+                  endpoints__listen="127.0.0.1:0")
+    path = write_config(tmp_path, doc)
+    res = run_cmd([sys.executable, "-m", "rdsproxy", "serve", "--config", path],
+                  check=False, cwd=REPO, timeout=60)
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, res.stderr
+    assert errors[0].startswith(f"Error: {path}: auth[0].secret: ") and "missing.json" in errors[0]
+
+
 def test_duplicate_endpoint_names(tmp_path):
     doc = copy.deepcopy(BASE)
     doc["endpoints"].append({"name": "default", "listen": "127.0.0.1:6433"})

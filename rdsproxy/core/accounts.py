@@ -3,11 +3,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import contextmanager
 
 from ..auth.iam import Principal
 from ..secrets import SecretCache, SecretError, read_principal_secret, read_secret
 
 log = logging.getLogger("rdsproxy.engine")
+
+
+@contextmanager
+def _naming(source: str, key: str):
+    """A SecretError raised inside, prefixed with the config file and key that named it."""
+    try:
+        yield
+    except SecretError as exc:
+        raise SecretError(f"{source}: {key}: {exc}") from None
 
 
 class AccountRegistry:
@@ -74,11 +84,14 @@ class AccountRegistry:
 
     async def load(self) -> None:
         """First read of every secret, in worker threads (AWS calls must not block the loop)."""
-        for entry in self.config.auth:
-            await self.secrets.aget(entry.secret)
-        if self.config.iam is not None:
-            for entry in self.config.iam.principals:
-                await asyncio.to_thread(self.principal_secrets.get, entry.secret_access_key)
+        config = self.config
+        for i, entry in enumerate(config.auth):
+            with _naming(config.source, f"auth[{i}].secret"):
+                await self.secrets.aget(entry.secret)
+        if config.iam is not None:
+            for i, entry in enumerate(config.iam.principals):
+                with _naming(config.source, f"iam.principals[{i}].secret_access_key"):
+                    await asyncio.to_thread(self.principal_secrets.get, entry.secret_access_key)
         self._build()
 
     async def refresh(self) -> list[str]:
