@@ -37,7 +37,7 @@ from rdsproxy.engines.postgres.login import (
 )
 from rdsproxy.engines.postgres.protocol import ProtocolViolation, ServerError
 from rdsproxy.secrets import Credentials
-from utils import recv_message
+from utils import drive_login, recv_message
 
 DECOY_KEY = os.urandom(32)
 STATUSES = wire.parameter_status("server_version", "16.0") + wire.parameter_status("TimeZone", "UTC")
@@ -303,19 +303,7 @@ def test_sasl_initial_response_is_not_a_check():
 
 def server_login(cluster, login: ServerLogin) -> socket.socket:
     sock = socket.create_connection((cluster.host, cluster.port), timeout=10)
-    try:
-        sock.sendall(login.start())
-        while not login.done:
-            data = sock.recv(65536)
-            if not data:
-                raise ConnectionError("closed during login")
-            out = login.receive_data(data)
-            if out:
-                sock.sendall(out)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    return drive_login(sock, login, first=login.start())
 
 
 def test_server_login_scram(pg):

@@ -25,6 +25,7 @@ from rdsproxy.engines.mysql.server_login import ServerLogin
 
 __all__ = [
     "concurrently",
+    "drive_login",
     "free_port",
     "libpq_dsn",
     "log_in",
@@ -229,14 +230,12 @@ def concurrently(fn, args, timeout: float = 60) -> dict:
 
 # --- MySQL: a blocking client driving the sans-IO login and response tracker -----------------
 
-def log_in(port: int, user: str, password: str, database: str | None = None, *,
-           tls_context: ssl.SSLContext | None = None, **options) -> "Session":
-    """Open a TCP connection and run ServerLogin over it (TLS when a context is given)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=15)
-    if tls_context is not None:
-        options.setdefault("tls", "require")
-    login = ServerLogin(user, password, database, **options)
+def drive_login(sock, login, first: bytes = b"", tls_context: ssl.SSLContext | None = None):
+    """Run a sans-IO login machine (rdsproxy.core.login.LoginMachine) over `sock` until it
+    is done, starting TLS when it asks; the socket to go on with (the TLS one, then)."""
     try:
+        if first:
+            sock.sendall(first)
         while not login.done:
             data = sock.recv(65536)
             if not data:
@@ -250,7 +249,18 @@ def log_in(port: int, user: str, password: str, database: str | None = None, *,
     except BaseException:
         sock.close()
         raise
-    return Session(sock, login)
+    return sock
+
+
+def log_in(port: int, user: str, password: str, database: str | None = None, *,
+           tls_context: ssl.SSLContext | None = None, **options) -> "Session":
+    """Open a TCP connection and run MySQL's ServerLogin over it (TLS when a context is
+    given)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+    if tls_context is not None:
+        options.setdefault("tls", "require")
+    login = ServerLogin(user, password, database, **options)
+    return Session(drive_login(sock, login, tls_context=tls_context), login)
 
 
 class Session:
