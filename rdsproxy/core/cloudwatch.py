@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from rdsproxy._fastpath import LATENCY_BOUNDS, Phase
+from rdsproxy._fastpath import LATENCY_BOUNDS
+from rdsproxy.core.failover import held_by_pool
 
 COUNTER = "counter"
 GAUGE = "gauge"
@@ -74,16 +75,7 @@ def figures(metrics, engine=None, endpoints_ready: dict | None = None) -> list[F
 
 def _pool_figures(engine) -> list[Figure]:
     pools = sorted(engine.router.pools.items(), key=lambda item: item[0].name)
-    in_transaction = dict.fromkeys((pool for _, pool in pools), 0)
-    pinned = dict(in_transaction)
-    for client in engine.clients:
-        server = client.server
-        if server is None or server.pool not in pinned:
-            continue
-        if client.phase == Phase.ACTIVE:
-            in_transaction[server.pool] += 1
-        elif client.phase == Phase.PINNED:
-            pinned[server.pool] += 1
+    in_transaction, pinned = held_by_pool(engine.clients, [pool for _, pool in pools])
 
     def per_target(name, kind, text, value):
         return Figure(name, kind, text,

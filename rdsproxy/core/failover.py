@@ -14,6 +14,22 @@ from .targets import Role, Target, TargetState
 log = logging.getLogger("rdsproxy.engine")
 
 
+def held_by_pool(clients, pools) -> tuple[dict, dict]:
+    """Per pool of `pools`, how many of `clients` hold one of its connections in an
+    unpinned transaction (ACTIVE), and how many pinned."""
+    in_transaction = dict.fromkeys(pools, 0)
+    pinned = dict(in_transaction)
+    for client in clients:
+        server = client.server
+        if server is None or server.pool not in pinned:
+            continue
+        if client.phase == Phase.ACTIVE:
+            in_transaction[server.pool] += 1
+        elif client.phase == Phase.PINNED:
+            pinned[server.pool] += 1
+    return in_transaction, pinned
+
+
 class Failover:
     """The engine's targets and pools (through its router and target group) and the
     decisions taken when one of them fails."""
@@ -76,16 +92,15 @@ class Failover:
         """describe-db-proxy-targets, plus each target's pool figures."""
         out = self.group.describe()
         by_name = {t.name: t for t in self.router.pools}
+        _, pinned = held_by_pool(self.engine.clients, self.router.pools.values())
         for entry in out:
             target = by_name.get(entry["RdsResourceId"])
             pool = self.router.pools.get(target)
             if pool is not None:
                 stats = pool.stats()
-                pinned = sum(1 for c in self.engine.clients if c.phase == Phase.PINNED
-                             and c.server.pool is pool)
                 entry["Pool"] = {"InUse": stats["borrowed"], "Idle": stats["idle"],
                                  "Open": stats["open"], "Max": stats["max"],
-                                 "Waiting": stats["waiting"], "Pinned": pinned}
+                                 "Waiting": stats["waiting"], "Pinned": pinned[pool]}
         return out
 
     # -- failures ----------------------------------------------------------------------
