@@ -210,17 +210,13 @@ class ClientConnection(CommandDispatch, StatementMapping, StateSync, ClientSide,
         self.transport.write(p.packet(self._reply_seq(), err(code_state, message, self.capabilities
                                                               or p.CLIENT_PROTOCOL_41)))
 
-    def _login_error_seq(self) -> int:
-        """The sequence id of an ERR sent during the login (see ClientLogin.error_seq)."""
-        return self.login.error_seq
-
     def fatal(self, code, text: str) -> None:
         """Tell the client why (an ERR packet: `code` is (errno, sqlstate)), then close its
         connection."""
         if self.close_reason is None:
             self.close_reason = text
         if self.transport is not None and not self.transport.is_closing():
-            seq = self._login_error_seq() if self.state in (STARTUP, AUTH) else (
+            seq = self.login.error_seq if self.state in (STARTUP, AUTH) else (
                 self._reply_seq() if self.busy else 0)
             try:
                 self.transport.write(p.packet(seq, err(code, text)))
@@ -237,7 +233,7 @@ class ClientConnection(CommandDispatch, StatementMapping, StateSync, ClientSide,
             self.fatal(code, text)
             return
         seq = self._reply_seq() if self.busy else (
-            self.reader.next_seq if self.state == READY else self._login_error_seq())
+            self.reader.next_seq if self.state == READY else self.login.error_seq)
         transport.write(p.packet(seq, err(code, text)))
         self.state = CLOSED
         transport.write_eof()
