@@ -143,6 +143,8 @@ class ProxyConfig:
     debug_logging: bool = False
     # Seconds between the log's stats lines (clients, pool, queries); 0: none.
     stats_log_interval: float = 60.0
+    # Seconds of the trailing window AvailabilityPercentage is the share of.
+    availability_window: float = 60.0
     # A log line per client login and per close (PgBouncer's log_connections and
     # log_disconnections). Off by default: for a client per transaction they cost about as
     # much CPU as the rest of the connection (bench.instructions --workload C).
@@ -311,6 +313,9 @@ def config_from_dict(data: dict, *, source: str = "<dict>", base_dir: str | os.P
         if cfg.stats_log_interval < 0:
             raise ConfigError(source, "stats_log_interval", "must be 0 (no stats lines) or a "
                                                             "positive number of seconds")
+    with problems:
+        if cfg.availability_window <= 0:
+            raise ConfigError(source, "availability_window", "must be a positive number of seconds")
     with problems:
         _auth_entries(cfg, data.get("auth", []), source, problems)
     with problems:

@@ -175,7 +175,7 @@ class Proxy:
 
     def cloudwatch_figures(self) -> list[cloudwatch.Figure]:
         """RDS Proxy's CloudWatch metrics, as /metrics and /stats show them."""
-        return cloudwatch.figures(self.metrics, self.engine, self.ready()[1]["Endpoints"])
+        return cloudwatch.figures(self.metrics, self.engine)
 
     def prometheus_metrics(self) -> str:
         """/metrics: the CloudWatch figures in Prometheus's text format."""

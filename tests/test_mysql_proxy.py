@@ -112,7 +112,7 @@ def test_tls_require_tls_and_caching_sha2_over_tls(make_proxy, test_ca):
     with connect(px, ssl={"ca": test_ca.ca_cert}) as c:
         assert scalar(c, "SELECT 5") == 5
         assert scalar(c, "SELECT 6") == 6
-    assert px.stats()["ClientConnectionsTLS"] == 1
+        assert px.stats()["ClientConnectionsTLS"] == 1
 
 
 @pytest.mark.parametrize("client_auth", ["MYSQL_NATIVE_PASSWORD", "MYSQL_CACHING_SHA2_PASSWORD"])
@@ -182,9 +182,9 @@ def test_client_hello_in_the_same_read_as_the_ssl_request(make_proxy, test_ca, m
                 incoming.write(sock.recv(65536))
         assert packets[0][1][:1] == b"\x00", packets          # OK: logged in over TLS
         assert fed and fed[0] > 100                            # the ClientHello came early
+        assert px.stats()["ClientConnectionsTLS"] == 1
     finally:
         sock.close()
-    assert px.stats()["ClientConnectionsTLS"] == 1
 
 
 def test_tls_to_the_database(make_proxy, test_ca):

@@ -26,10 +26,9 @@ cdef class MetricCounters:
     cdef public long long ClientConnectionsSetupSucceeded
     cdef public long long ClientConnectionsClosed
     cdef public long long ClientConnectionsRefused
-    cdef public long long ClientConnectionsTLS
-    cdef public long long ClientConnectionsNoTLS
     cdef public long long ClientConnections
     cdef public long long QueryRequests
+    cdef public long long QueryRequestsTLS
 
 
 cdef class ClientLedger:

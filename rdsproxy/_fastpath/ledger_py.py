@@ -53,10 +53,9 @@ class MetricCounters:
         self.ClientConnectionsSetupSucceeded = 0
         self.ClientConnectionsClosed = 0
         self.ClientConnectionsRefused = 0
-        self.ClientConnectionsTLS = 0
-        self.ClientConnectionsNoTLS = 0
         self.ClientConnections = 0      # a gauge: connected now
-        self.QueryRequests = 0
+        self.QueryRequests = 0          # of the clients gone (BaseEngine adds those here)
+        self.QueryRequestsTLS = 0       # ... of those that came over TLS
 
 
 class ClientLedger:
@@ -126,4 +125,6 @@ class ClientLedger:
         metrics = self.metrics
         metrics.ClientConnectionsClosed += 1
         metrics.QueryRequests += queries
+        if client.tls:   # split once per client, not per query
+            metrics.QueryRequestsTLS += queries
         metrics.ClientConnections = len(clients)

@@ -406,7 +406,6 @@ class ClientRelay:
             self.key = plan.key
             self.desired = plan.desired
             self._account = plan.account
-            logins.metrics.ClientConnectionsNoTLS += 1  # the first chunk of a TLS session is its request
             return True
         if step != 1 or self.state != STATE_AUTH_MD5:
             return False

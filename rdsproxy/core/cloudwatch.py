@@ -25,9 +25,8 @@ COUNTED = {
     "ClientConnectionsSetupSucceeded": "Client connections that logged in.",
     "ClientConnectionsSetupFailedAuth": "Client logins refused for their credentials.",
     "ClientConnectionsClosed": "Client connections closed.",
-    "ClientConnectionsTLS": "Client connections that set up TLS.",
-    "ClientConnectionsNoTLS": "Client connections without TLS.",
     "DatabaseConnectionRequests": "Requests to open a database connection.",
+    "DatabaseConnectionRequestsWithTLS": "Requests to open a database connection with TLS.",
     "DatabaseConnectionsSetupSucceeded": "Database connections opened.",
     "DatabaseConnectionsSetupFailed": "Database connections that failed to open.",
 }
@@ -43,17 +42,29 @@ class Figure:
     samples: list = field(default_factory=list)
 
 
-def figures(metrics, engine=None, endpoints_ready: dict | None = None) -> list[Figure]:
+def figures(metrics, engine=None) -> list[Figure]:
     """The figures of `metrics` (core.metrics.Metrics), and with the engine running, of its
-    targets' pools and its clients; `endpoints_ready`: endpoint name -> its target or None
-    (Proxy.ready)."""
+    targets and their pools and of its clients."""
     out = [Figure(name, COUNTER, text, [({}, getattr(metrics, name))])
            for name, text in COUNTED.items()]
-    queries = engine.query_requests() if engine is not None else metrics.QueryRequests
-    out.append(Figure("QueryRequests", COUNTER, "Queries received from clients.",
-                      [({}, queries)]))
-    out.append(Figure("ClientConnections", GAUGE, "Client connections open now.",
-                      [({}, metrics.ClientConnections)]))
+    if engine is not None:
+        tls_clients, queries, tls_queries = engine.tls_figures()
+    else:
+        tls_clients, queries, tls_queries = 0, metrics.QueryRequests, metrics.QueryRequestsTLS
+    clients = metrics.ClientConnections
+
+    def single(name, kind, text, value):
+        out.append(Figure(name, kind, text, [({}, value)]))
+
+    single("QueryRequests", COUNTER, "Queries received from clients.", queries)
+    single("QueryRequestsTLS", COUNTER, "Queries received from clients over TLS.", tls_queries)
+    single("QueryRequestsNoTLS", COUNTER, "Queries received from clients without TLS.",
+           queries - tls_queries)
+    single("ClientConnections", GAUGE, "Client connections open now.", clients)
+    single("ClientConnectionsTLS", GAUGE, "Client connections open now over TLS.", tls_clients)
+    single("ClientConnectionsNoTLS", GAUGE,
+           "Client connections open now without TLS (or not yet past their TLS handshake).",
+           clients - tls_clients)
     out.append(Figure("SessionPinReasons", COUNTER, "Client sessions pinned, by reason.",
                       [({"reason": reason}, count)
                        for reason, count in sorted(metrics.pin_reasons.items())]))
@@ -63,11 +74,6 @@ def figures(metrics, engine=None, endpoints_ready: dict | None = None) -> list[F
                       [({"endpoint": name}, latency)
                        for name, latency in sorted(metrics.response_latencies.items())])
     out.append(response)
-    if endpoints_ready is not None:
-        out.append(Figure("AvailabilityPercentage", GAUGE,
-                          "100 while the endpoint has a target to route to, 0 otherwise.",
-                          [({"endpoint": name}, 100 if target is not None else 0)
-                           for name, target in endpoints_ready.items()]))
     if engine is not None:
         out.extend(_pool_figures(engine))
     return out
@@ -76,14 +82,28 @@ def figures(metrics, engine=None, endpoints_ready: dict | None = None) -> list[F
 def _pool_figures(engine) -> list[Figure]:
     pools = sorted(engine.router.pools.items(), key=lambda item: item[0].name)
     in_transaction, pinned = held_by_pool(engine.clients, [pool for _, pool in pools])
+    window = engine.config.availability_window
 
     def per_target(name, kind, text, value):
         return Figure(name, kind, text,
                       [({"target": target.name}, value(pool)) for target, pool in pools])
 
+    # A target gets its sample once its first health check has given a verdict.
+    availability = [(target.name, target.availability.percentage(window))
+                    for target, _ in pools]
     return [
+        Figure("AvailabilityPercentage", GAUGE,
+               f"Share of the last {window:g} s (availability_window) in which the target "
+               "was AVAILABLE in its role, by its health checks.",
+               [({"target": name}, share) for name, share in availability
+                if share is not None]),
         per_target("DatabaseConnections", GAUGE, "Database connections open or opening.",
                    lambda pool: pool.core.total),
+        # A target's tls is one of require / verify-ca / verify-full or disable: either
+        # all its connections use TLS or none does.
+        per_target("DatabaseConnectionsWithTLS", GAUGE,
+                   "Database connections open or opening with TLS.",
+                   lambda pool: pool.core.total if pool.tls else 0),
         per_target("DatabaseConnectionsCurrentlyBorrowed", GAUGE,
                    "Database connections lent to clients (or being opened for them).",
                    lambda pool: pool.core.borrowed),

@@ -51,7 +51,7 @@ log = logging.getLogger("rdsproxy.engine")
 
 # Settings a reload applies to the running proxy; the pools' share of the target group's.
 LIVE_SETTINGS = ("idle_client_timeout", "login_timeout", "max_logins_per_address",
-                 "shutdown_timeout", "stats_log_interval")
+                 "shutdown_timeout", "stats_log_interval", "availability_window")
 LIVE_POOL_SETTINGS = ("max_connections_percent", "max_idle_connections_percent",
                       "connection_borrow_timeout", "idle_connection_grace",
                       "max_connection_lifetime", "init_query")
@@ -120,8 +120,6 @@ class BaseEngine:
         # debug_logging's statement-level lines, checked without a call on the paths that
         # run per transaction.
         self.log_debug = log.isEnabledFor(logging.DEBUG)
-        metrics.ClientConnectionsTLS = 0
-        metrics.ClientConnectionsNoTLS = 0
 
     # -- what an engine supplies ---------------------------------------------------------
     def make_account(self, creds, entry, previous):
@@ -175,12 +173,10 @@ class BaseEngine:
         client.fatal(self.close_codes[reason], reason.value)
 
     def admit_transport(self, client) -> bool:
-        """Count the client as TLS or not; False when it is plaintext and require_tls is on
-        (the frontend then refuses it in its protocol's words)."""
+        """False when the client is plaintext and require_tls is on (the frontend then
+        refuses it in its protocol's words)."""
         if client.tls:
-            self.metrics.ClientConnectionsTLS += 1
             return True
-        self.metrics.ClientConnectionsNoTLS += 1
         if self.config.require_tls:
             log.info("client %s: plaintext connection refused (require_tls)", client.peer)
             return False
@@ -310,6 +306,20 @@ class BaseEngine:
         """QueryRequests: those of the clients gone and of those connected."""
         return self.metrics.QueryRequests + sum(client.queries for client in self.clients)
 
+    def tls_figures(self) -> tuple[int, int, int]:
+        """(ClientConnectionsTLS, QueryRequests, QueryRequestsTLS) now: the clients connected
+        over TLS, and the queries of all clients and of those over TLS, gone or connected.
+        Read from the clients when asked, so that the hot path counts nothing for them."""
+        metrics = self.metrics
+        clients = queries = 0
+        tls_queries = metrics.QueryRequestsTLS
+        for client in self.clients:
+            queries += client.queries
+            if client.tls:
+                clients += 1
+                tls_queries += client.queries
+        return clients, metrics.QueryRequests + queries, tls_queries
+
     def stats(self) -> dict:
         pools = [pool.stats() for pool in self.router.pools.values()]
         total = {name: sum(p[name] for p in pools) for name in ("max", "open", "borrowed", "idle",
@@ -319,6 +329,4 @@ class BaseEngine:
                 "pinned_sessions": self.ledger.pinned,
                 "sessions": self.ledger.phases(),
                 "StrayPhaseMoves": self.ledger.stray_moves,
-                "QueryRequests": self.query_requests(),
-                "ClientConnectionsTLS": self.metrics.ClientConnectionsTLS,
-                "ClientConnectionsNoTLS": self.metrics.ClientConnectionsNoTLS}
+                "QueryRequests": self.query_requests()}

@@ -62,6 +62,7 @@ class Failover:
             defaults=engine.defaults,
             on_open_failure=lambda key, waiter, exc: self._open_failed(target, key, waiter, exc))
         pool.target = target
+        pool.tls = tcfg.tls != "disable"
         pool.on_connection_died = self.server_connection_died
         if target.name not in (t.name for t in self.group.targets):
             self.group.add_target(target)

@@ -17,6 +17,7 @@ class Metrics(MetricCounters):
         "ClientConnectionsClosed",
         "ClientConnectionsRefused",      # over max_client_connections
         "DatabaseConnectionRequests",
+        "DatabaseConnectionRequestsWithTLS",
         "DatabaseConnectionsSetupSucceeded",
         "DatabaseConnectionsSetupFailed",
         "DatabaseConnectionsBorrowTimeouts",

@@ -53,6 +53,8 @@ class Pool:
         self.on_open_failure = on_open_failure
         # Called as on_connection_died(pool) when one of its connections ends unexpectedly.
         self.on_connection_died = None
+        # Its connections ask for TLS (the target's tls is not "disable").
+        self.tls = False
         self._opening: set[asyncio.Task] = set()
         self._closed = False
         self._deadline_timer = None
@@ -187,6 +189,7 @@ class Pool:
     async def _open(self, key, waiter) -> None:
         if self.metrics:
             self.metrics.DatabaseConnectionRequests += 1
+            self.metrics.DatabaseConnectionRequestsWithTLS += self.tls
         try:
             conn = await self._connector(key, self.server_max_connections is None)
         except Exception as exc:

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Awaitable, Callable
 
+from .availability import AvailabilityRecord
+
 log = logging.getLogger("rdsproxy.targets")
 
 __all__ = ["TargetState", "Role", "ProbeResult", "ProbeError", "Target", "TargetGroup", "probe_failure",
@@ -146,6 +148,8 @@ class Target:
     probes: int = field(default=0, repr=False)
     probe_started: float | None = field(default=None, repr=False)   # loop time
     ever_available: bool = False   # since it was registered
+    # Its health verdicts over time: AvailabilityPercentage.
+    availability: AvailabilityRecord = field(default_factory=AvailabilityRecord, repr=False)
 
     @property
     def endpoint(self) -> str:
@@ -243,6 +247,7 @@ class TargetGroup:
             raise ValueError(f"target {target.name!r} is already registered")
         target.state = TargetState.REGISTERING
         target.ever_available = False
+        target.availability = AvailabilityRecord()
         target.reason = None
         target.description = "waiting for the first health check"
         target.consecutive_failures = 0
@@ -411,6 +416,8 @@ class TargetGroup:
         target.state = state
         if state is TargetState.AVAILABLE:
             target.ever_available = True
+        if state is not TargetState.REGISTERING:
+            target.availability.record(state is TargetState.AVAILABLE)
         target.reason = reason
         target.description = description
         if changed:
