@@ -48,6 +48,9 @@ def mysql_session(proxy):
 
 
 SESSIONS = {"postgres": pg_session, "mysql": mysql_session}
+# One more statement on a session's connection.
+STATEMENTS = {"postgres": lambda conn: conn.execute("select 2").fetchone(),
+              "mysql": lambda conn: scalar(conn, "select 2")}
 LOG_CONNECTIONS = {"log_connections": True}
 AUTH = {"postgres": "scram-sha-256", "mysql": "mysql_native_password"}
 
@@ -127,11 +130,14 @@ def test_stats_line_each_interval(proxy_process_factory, engine):
     proxy = proxy_process_factory(engine=engine, serve_args=["--log-format", "json"],
                                   top={"stats_log_interval": 1})
     conn = SESSIONS[engine](proxy)
-    # The session's select 1 (and, for MySQL, the driver's own) lands in some stats line.
+    for _ in range(4):   # five autocommit statements: a transaction each
+        STATEMENTS[engine](conn)
+    # They (and, for MySQL, the driver's own) land in some stats lines.
     deadline = time.monotonic() + 15
     while True:
         stats = [line for line in json_lines(proxy) if line.get("event") == "stats"]
-        if sum(line["queries"] for line in stats) >= 1 and len(stats) >= 2:
+        if (sum(line["queries"] for line in stats) >= 5
+                and sum(line["transactions"] for line in stats) >= 5 and len(stats) >= 2):
             break
         assert time.monotonic() < deadline, proxy.log_text()[-3000:]
         time.sleep(0.2)
@@ -140,6 +146,9 @@ def test_stats_line_each_interval(proxy_process_factory, engine):
     assert last["clients"] == 1 and last["clients_idle"] == 1 and last["clients_logging_in"] == 0
     assert last["pool_open"] >= 1 and last["pool_borrowed"] == 0
     assert sum(line["logins"] for line in stats) == 1
+    busy = next(line for line in stats if line["transactions"])
+    assert f"{busy['transactions']} transactions, " in busy["message"]
+    assert sum(line["transactions"] for line in stats) <= 7   # the driver's own, at most
     for name in ("clients_active", "clients_pinned", "clients_waiting", "pool_idle",
                  "pool_waiting"):
         assert name in last
