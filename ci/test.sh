@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build and install the wheel as an operator would, run the whole test suite twice (Cython
-# fast path, then pure Python), then the bench gate.
+# fast path, then pure Python), then the micro-benchmarks' report and the bench gate.
 #
 # Extra arguments are passed to both pytest runs. Exits non-zero if either run fails,
 # including pytest's exit 5 ("no tests collected"), which must not pass as green.
@@ -56,6 +56,13 @@ run_suite "pure-python" -u RDSPROXY_REQUIRE_CYTHON RDSPROXY_PURE_PYTHON=1 || sta
 if [ "$status" -ne 0 ]; then
     log "test suite failed; skipping the bench gate"
     exit "$status"
+fi
+
+# A report, not a gate: the Cython/pure ratio of each fast-path component (~20 s). It
+# fails only if a benchmark body breaks, and skips, saying so, where the C twins are missing.
+if [ -z "${RDSPROXY_SKIP_BENCH:-}" ]; then
+    log "=== micro-benchmarks (report) ==="
+    env -u RDSPROXY_PURE_PYTHON python3 -m bench.micro || { log "micro-benchmarks FAILED"; exit 1; }
 fi
 
 if [ -f ci/bench_gate.sh ] && [ -z "${RDSPROXY_SKIP_BENCH:-}" ]; then

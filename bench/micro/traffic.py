@@ -69,7 +69,8 @@ def command_complete(tag: bytes) -> bytes:
 
 
 ABALANCE = row_description((b"abalance", ACCOUNTS_OID, 3, INT4_OID, 4))
-SELECT_ONE = ABALANCE + data_row(b"-2471") + command_complete(b"SELECT 1") + pg.ready_for_query(b"I")
+SELECT_ONE = (ABALANCE + data_row(b"-2471") + command_complete(b"SELECT 1")
+              + pg.ready_for_query(b"I"))
 
 # What the client sends and the server answers per -S transaction, by query mode.
 SIMPLE_REQUEST = pg.query(PGBENCH_SELECT.replace(b"$1", AID).decode())
