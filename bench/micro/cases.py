@@ -212,11 +212,15 @@ def ledger_moves(fp):
     return checked(body, (free, 0))
 
 
+class _PlainClient:
+    tls = False   # release() splits a client's queries by TLS
+
+
 @case("ledger", "a connection: admit + 4-byte salt + release")
 def ledger_connection(fp):
     ledger = _ledger(fp)
     entropy = fp.ledger.Entropy(os.urandom)
-    client = object()
+    client = _PlainClient()
 
     def body():
         admitted = ledger.admit(client)
