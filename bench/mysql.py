@@ -1,38 +1,47 @@
 """sysbench through rdsproxy's MySQL engine vs straight at MariaDB.
 
-    python3 -m bench.mysql                         # 3 rounds x 10 s, 8 threads, both workloads
-    python3 -m bench.mysql --quick                 # 2 rounds x 5 s
+    python3 -m bench.mysql                         # 3 rounds x 10 s, 8 threads, all workloads
+    python3 -m bench.mysql --quick                 # 2 rounds x 5 s (what ci/bench_gate.sh runs)
     python3 -m bench.mysql --targets direct,rdsproxy-cython --threads 16 --duration 20
 
 Starts a throwaway MariaDB (rdsproxy.devservers.mariadb, max_connections=200), loads
 sysbench's tables, then starts rdsproxy twice from a frozen, Cython-built copy of the source
 (bench.build.prepare, as the PostgreSQL bench does): `rdsproxy-cython` and `rdsproxy-pure`
 (RDSPROXY_PURE_PYTHON=1), both with max_connections_percent=10 -> a pool of 20. The
-workloads (oltp_point_select, oltp_read_only; sysbench uses binary prepared statements,
-so this also measures the statement-id mapping) run on every target in interleaved rounds,
-the target order rotated each round. Reported per workload and target: median tps, median
-p95 latency, ratio to direct, and the proxy's CPU per transaction (user + system, from
-/proc; on a shared machine it moves less between runs than tps does). Output: bench/results/mysql-latest.{json,md} (--output-dir).
+workloads (oltp_point_select, oltp_read_only, oltp_read_write; sysbench uses binary
+prepared statements, so this also measures the statement-id mapping) run on every target in
+interleaved rounds, the target order rotated each round. Reported per workload and target:
+median tps, median p95 latency, ratio to direct, the proxy's CPU per transaction and per
+query (user + system, from /proc; on a shared machine it moves less between runs than tps
+does), sysbench's errors (ignored errors, reconnects, fatal ones: any of them fails the
+run), and the server connections held during the run (sampled with `ss`: the proxy's for a
+proxy, sysbench's own when direct; max and median), so multiplexing is visible. The fast
+path each proxy really runs is read from its own /stats. Output:
+bench/results/mysql-latest.{json,md} (--output-dir), shaped as bench.gate reads it.
+Exit status 1 when a round had errors or a proxy did not start.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from bench import build
-from bench.procs import Reaper, cpu_seconds, free_port, log, process_tree, tail
+from bench.procs import (Reaper, Sampler, cpu_seconds, free_port, log, process_tree,
+                         server_conns_by_pid, tail)
+from bench.report import _median
 from bench.targets import REPO_ROOT, rdsproxy_env
 
-WORKLOADS = ("oltp_point_select", "oltp_read_only")
+WORKLOADS = ("oltp_point_select", "oltp_read_only", "oltp_read_write")
 TARGETS = ("direct", "rdsproxy-cython", "rdsproxy-pure")
 USER, PASSWORD, DB = "sbtest", "sb-secret", "sbtest"
+POOL_PERCENT, SERVER_MAX_CONNECTIONS = 10, 200
 
 
 def parse_args(argv=None):
@@ -53,31 +62,49 @@ def parse_args(argv=None):
     return args
 
 
-def sysbench(workload: str, port: int, args, action: str = "run", threads: int | None = None,
-             duration: float | None = None) -> subprocess.CompletedProcess:
+def sysbench_argv(workload: str, port: int, *, tables: int, table_size: int,
+                  action: str = "run", threads: int = 1, duration: float | None = None,
+                  events: int | None = None) -> list[str]:
+    """sysbench's command line: a timed run (`duration`) or a fixed count (`events`)."""
     argv = ["sysbench", workload, "--db-driver=mysql", "--mysql-host=127.0.0.1",
             f"--mysql-port={port}", f"--mysql-user={USER}", f"--mysql-password={PASSWORD}",
-            f"--mysql-db={DB}", f"--tables={args.tables}", f"--table-size={args.table_size}",
+            f"--mysql-db={DB}", f"--tables={tables}", f"--table-size={table_size}",
             "--mysql-ssl=off"]
     if action == "run":
-        argv += [f"--threads={threads or args.threads}", f"--time={int(duration or args.duration)}",
-                 "--percentile=95"]
-    argv.append(action)
-    return subprocess.run(argv, capture_output=True, text=True,
-                          timeout=(duration or args.duration) + 120)
+        argv += [f"--threads={threads}", "--percentile=95"]
+        argv += [f"--events={events}", "--time=0"] if events else [f"--time={int(duration)}"]
+    return argv + [action]
+
+
+_FATAL_CODE = re.compile(r"^FATAL: .*?(?:MySQL error: |returned error )(\d+)", re.M)
 
 
 def parse_sysbench(out: str) -> dict:
+    """The figures of a sysbench run's report. `errors` adds up everything that went wrong:
+    errors sysbench ignored and retried (deadlocks and the like), reconnects, and the MySQL
+    errors of FATAL lines (which stop a thread; sysbench then exits non-zero)."""
+    def number(pattern, cast=int):
+        m = re.search(pattern, out)
+        return cast(m.group(1)) if m else None
+
     tps = re.search(r"transactions:\s+(\d+)\s+\(([\d.]+) per sec", out)
-    p95 = re.search(r"95th percentile:\s+([\d.]+)", out)
-    errors = re.search(r"ignored errors:\s+(\d+)", out)
+    fatal = [line for line in out.splitlines() if line.startswith("FATAL:")]
+    ignored = number(r"ignored errors:\s+(\d+)") or 0
+    reconnects = number(r"reconnects:\s+(\d+)") or 0
+    fatal_codes = _FATAL_CODE.findall(out)
     return {"transactions": int(tps.group(1)) if tps else 0,
-            "tps": float(tps.group(2)) if tps else 0.0,
-            "p95_ms": float(p95.group(1)) if p95 else None,
-            "errors": int(errors.group(1)) if errors else None}
+            "tps": float(tps.group(2)) if tps else None,
+            "queries": number(r"\n\s+queries:\s+(\d+)") or 0,
+            "p95_ms": number(r"95th percentile:\s+([\d.]+)", float),
+            "latency_avg_ms": number(r"\bavg:\s+([\d.]+)", float),
+            "ignored_errors": ignored, "reconnects": reconnects,
+            "fatal_errors": [int(c) for c in fatal_codes],
+            "fatal": fatal[:3],
+            "errors": ignored + reconnects + len(fatal_codes)}
 
 
-def write_config(confdir: Path, server_port: int) -> tuple[Path, int]:
+def write_config(confdir: Path, server_port: int, *, health_check_interval: float = 1.0,
+                 admin_port: int = 0) -> tuple[Path, int]:
     confdir.mkdir(parents=True, exist_ok=True)
     (confdir / "secret.json").write_text(json.dumps({"username": USER, "password": PASSWORD}))
     port = free_port()
@@ -92,9 +119,10 @@ secret = "file:secret.json"
 client_password_auth_type = "MYSQL_NATIVE_PASSWORD"
 
 [target_group]
-max_connections_percent = 10
-max_idle_connections_percent = 10
+max_connections_percent = {POOL_PERCENT}
+max_idle_connections_percent = {POOL_PERCENT}
 connection_borrow_timeout = 120
+health_check_interval = {health_check_interval}
 
 [[targets]]
 host = "127.0.0.1"
@@ -103,47 +131,141 @@ port = {server_port}
 [[endpoints]]
 name = "default"
 listen = "127.0.0.1:{port}"
-""")
+""" + (f"""
+[admin]
+listen = "127.0.0.1:{admin_port}"
+""" if admin_port else ""))
     return path, port
+
+
+def wait_ready(proc: subprocess.Popen, port: int, log_path: Path, timeout: float = 30) -> None:
+    """Until a real login and SELECT 1 through the proxy works (the mariadb client)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with code {proc.returncode}: {tail(log_path)}")
+        check = subprocess.run(["mariadb", "--no-defaults", "-h", "127.0.0.1", "-P", str(port),
+                                "-u", USER, f"-p{PASSWORD}", DB, "-e", "SELECT 1"],
+                               capture_output=True, text=True, timeout=30)
+        if check.returncode == 0:
+            return
+        time.sleep(0.3)
+    raise RuntimeError(f"not ready after {timeout:.0f}s: {tail(log_path)}")
+
+
+def proxy_stats(admin_port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/stats", timeout=10) as reply:
+        return json.loads(reply.read())
 
 
 def start_proxy(reaper: Reaper, workdir: Path, name: str, tree: Path, server_port: int) -> dict:
     pure = name.endswith("pure")
     confdir = workdir / name
-    config, port = write_config(confdir, server_port)
-    impl, where = build.implementation(tree, pure)
+    admin_port = free_port()
+    config, port = write_config(confdir, server_port, admin_port=admin_port)
     log_path = confdir / "rdsproxy.log"
     proc = reaper.spawn(name, [sys.executable, "-m", "rdsproxy", "serve", "--config", str(config)],
                         log_path=log_path, env=rdsproxy_env(pure, tree), cwd=tree)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited: {tail(log_path)}")
-        check = subprocess.run(["mariadb", "--no-defaults", "-h", "127.0.0.1", "-P", str(port),
-                                "-u", USER, f"-p{PASSWORD}", DB, "-e", "SELECT 1"],
-                               capture_output=True, text=True, timeout=10)
-        if check.returncode == 0:
-            return {"name": name, "port": port, "proc": proc, "implementation": impl}
-        time.sleep(0.3)
-    raise RuntimeError(f"{name} not ready: {tail(log_path)}")
+    wait_ready(proc, port, log_path)
+    # What the serving process itself imported, not what a sibling process would.
+    return {"name": name, "port": port, "proc": proc, "admin_port": admin_port,
+            "implementation": proxy_stats(admin_port).get("fastpath")}
+
+
+def pins(target: dict) -> int | None:
+    if not target.get("admin_port"):
+        return None
+    return sum(proxy_stats(target["admin_port"]).get("SessionPinReasons", {}).values())
+
+
+def run_once(workload: str, target: dict, server_port: int, args) -> dict:
+    """One timed sysbench run at one target, with the proxy's CPU and the server
+    connections held (sampled every 0.2 s) over it."""
+    pids = process_tree(target["proc"].pid) if target["proc"] else []
+    pins0 = pins(target)
+    cpu0 = cpu_seconds(pids)
+    sb = subprocess.Popen(sysbench_argv(workload, target["port"], tables=args.tables,
+                                        table_size=args.table_size, threads=args.threads,
+                                        duration=args.duration),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    holders = pids or [sb.pid]
+    with Sampler(lambda: sum(n for pid, n in server_conns_by_pid(server_port).items()
+                             if pid in holders), interval=0.2) as held:
+        try:
+            out, _ = sb.communicate(timeout=args.duration + 120)
+        except subprocess.TimeoutExpired:
+            sb.kill()
+            out, _ = sb.communicate()
+    cpu = cpu_seconds(pids) - cpu0 if pids else None
+    run = {"workload": workload, "target": target["name"], **parse_sysbench(out),
+           "exit": sb.returncode, "proxy_cpu_s": cpu,
+           "server_conns_max": max(held.samples, default=None),
+           "server_conns_median": _median(held.samples)}
+    if pins0 is not None:
+        run["pins"] = pins(target) - pins0
+    if cpu is not None and run["transactions"]:
+        run["cpu_us_per_txn"] = 1e6 * cpu / run["transactions"]
+        run["cpu_us_per_query"] = 1e6 * cpu / run["queries"] if run["queries"] else None
+    if sb.returncode != 0:
+        run["output_tail"] = out[-1500:]
+        run["errors"] = max(run["errors"], 1)  # a failed run is never error-free
+    return run
+
+
+def summarize(results: dict) -> None:
+    """Per workload and target: medians over rounds, errors summed, ratio to direct."""
+    for wl in results["workloads"].values():
+        for t in wl["targets"].values():
+            rounds = t["rounds"]
+            ok = [r for r in rounds if r.get("tps") is not None and r.get("exit") == 0]
+            t["tps_median"] = _median([r["tps"] for r in ok])
+            for key in ("p95_ms", "latency_avg_ms", "cpu_us_per_txn", "cpu_us_per_query",
+                        "server_conns_median"):
+                t[key] = _median([r.get(key) for r in ok])
+            t["server_conns_max"] = max((r["server_conns_max"] for r in rounds
+                                         if r.get("server_conns_max") is not None), default=None)
+            t["errors"] = sum(r["errors"] for r in rounds)
+            t["pins"] = sum(r.get("pins") or 0 for r in rounds)
+            t["errored_rounds"] = len(rounds) - len(ok)
+        direct = wl["targets"].get("direct", {}).get("tps_median")
+        for t in wl["targets"].values():
+            t["ratio_to_direct"] = round(t["tps_median"] / direct, 3) \
+                if t.get("tps_median") and direct else None
+
+
+def _fmt(v, spec="{:.2f}"):
+    return "-" if v is None else spec.format(v)
 
 
 def markdown(results: dict) -> str:
-    lines = [f"# rdsproxy MySQL bench ({results['started']})", "",
-             f"MariaDB {results['server_version']}, {results['sysbench']}, "
-             f"{results['threads']} threads, {results['rounds']} rounds x {results['duration']:g} s "
-             f"(interleaved), pool of 20 (max_connections_percent=10 of 200). Median of rounds.", "",
-             "| workload | target | tps | p95 ms | tps vs direct | proxy CPU µs/txn |",
-             "|---|---|---:|---:|---:|---:|"]
-    for workload, per_target in results["summary"].items():
-        direct = per_target.get("direct", {}).get("tps")
-        for target, s in per_target.items():
-            ratio = f"{s['tps'] / direct:.2f}" if direct else "-"
-            cpu = f"{1000 * s['cpu_per_1000_tx']:.0f}" if s.get("cpu_per_1000_tx") is not None else "-"
-            p95 = f"{s['p95_ms']:.2f}" if s.get("p95_ms") is not None else "-"
-            lines.append(f"| {workload} | {target} | {s['tps']:.0f} | {p95} | {ratio} | {cpu} |")
-    lines += ["", f"Implementations: {results['implementations']}", ""]
-    return "\n".join(lines)
+    cfg = results["config"]
+    lines = [f"# rdsproxy MySQL bench ({results['meta']['started_at']})", "",
+             f"MariaDB {results['meta']['server_version']}, {results['meta']['sysbench']}, "
+             f"{cfg['threads']} threads, {cfg['rounds']} rounds x {cfg['duration']:g} s "
+             f"(interleaved), pool of {cfg['pool_size']} (max_connections_percent="
+             f"{POOL_PERCENT} of {SERVER_MAX_CONNECTIONS}). Median of rounds; errors summed; "
+             "server connections: the most and the median held, sampled every 0.2 s.", "",
+             "| workload | target | tps | p95 ms | tps vs direct | proxy CPU µs/txn "
+             "| µs/query | errors | server conns max / median | pins |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for workload, wl in results["workloads"].items():
+        for target, s in wl["targets"].items():
+            lines.append(
+                f"| {workload} | {target} | {_fmt(s['tps_median'], '{:.0f}')} | "
+                f"{_fmt(s['p95_ms'])} | {_fmt(s['ratio_to_direct'])} | "
+                f"{_fmt(s['cpu_us_per_txn'], '{:.0f}')} | {_fmt(s['cpu_us_per_query'], '{:.1f}')} | "
+                f"{s['errors']} | {_fmt(s['server_conns_max'], '{}')} / "
+                f"{_fmt(s['server_conns_median'], '{:g}')} | "
+                f"{s['pins'] if target != 'direct' else '-'} |")
+    lines += ["", "Fast path in each proxy process: " + ", ".join(
+        f"{n} {t.get('implementation') or t.get('reason', '?')[:200]}"
+        for n, t in results["targets"].items() if n != "direct"), ""]
+    for r in (r for wl in results["workloads"].values() for t in wl["targets"].values()
+              for r in t["rounds"] if r["errors"]):
+        lines.append(f"> errors in round {r['round']} {r['workload']} {r['target']}: "
+                     f"ignored {r['ignored_errors']}, reconnects {r['reconnects']}, "
+                     f"fatal {r['fatal_errors']}, exit {r['exit']}; {' / '.join(r['fatal'])[:300]}")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
@@ -154,71 +276,70 @@ def main(argv=None) -> int:
     targets = [t for t in args.targets.split(",") if t]
     reaper = Reaper()
     workdir = Path(tempfile.mkdtemp(prefix="rdsproxy-bench-mysql-"))
-    server = MariaDBServer(max_connections=200, settings={"innodb_buffer_pool_size": "128M"})
-    results = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "threads": args.threads,
-               "rounds": args.rounds, "duration": args.duration, "runs": [],
-               "implementations": {}}
+    server = MariaDBServer(max_connections=SERVER_MAX_CONNECTIONS,
+                           settings={"innodb_buffer_pool_size": "128M"})
+    results = {"engine": "mysql",
+               "meta": {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+               "config": {"threads": args.threads, "rounds": args.rounds,
+                          "duration": args.duration, "tables": args.tables,
+                          "table_size": args.table_size, "targets": targets,
+                          "pool_size": SERVER_MAX_CONNECTIONS * POOL_PERCENT // 100},
+               "targets": {}, "workloads": {}}
+    failed = False
     try:
         server.start()
         reaper.register("mariadb", server.stop)
         server.create_user(USER, PASSWORD)
         server.create_database(DB, owner=USER)
-        results["server_version"] = server.variable("version")
-        results["sysbench"] = subprocess.run(["sysbench", "--version"], capture_output=True,
-                                             text=True).stdout.strip()
+        results["meta"]["server_version"] = server.variable("version")
+        results["meta"]["sysbench"] = subprocess.run(["sysbench", "--version"],
+                                                     capture_output=True, text=True).stdout.strip()
         log("loading sysbench tables ...")
-        prep = sysbench("oltp_read_only", server.port, args, action="prepare")
+        prep = subprocess.run(sysbench_argv("oltp_read_write", server.port, tables=args.tables,
+                                            table_size=args.table_size, action="prepare"),
+                              capture_output=True, text=True, timeout=600)
         if prep.returncode != 0:
-            raise RuntimeError(f"sysbench prepare failed: {prep.stderr[-2000:]}")
-        tree = REPO_ROOT if args.no_build else build.prepare(REPO_ROOT)["tree"]
+            raise RuntimeError(f"sysbench prepare failed: {(prep.stdout + prep.stderr)[-2000:]}")
+        if args.no_build:
+            tree, source = REPO_ROOT, {"hash": build.source_hash(REPO_ROOT), "build": "--no-build"}
+        else:
+            snap = build.prepare(REPO_ROOT)
+            tree, source = snap["tree"], {"hash": snap["hash"], "build": snap["built"]}
+        results["meta"]["rdsproxy_source"] = source
         live = {}
         for name in targets:
             if name == "direct":
-                live[name] = {"name": name, "port": server.port, "proc": None,
-                              "implementation": "-"}
-            else:
+                live[name] = {"name": name, "port": server.port, "proc": None}
+                results["targets"][name] = {"status": "ok"}
+                continue
+            try:
                 live[name] = start_proxy(reaper, workdir, name, Path(tree), server.port)
-            results["implementations"][name] = live[name]["implementation"]
+                results["targets"][name] = {"status": "ok",
+                                            "implementation": live[name]["implementation"]}
+            except (RuntimeError, OSError, ValueError) as exc:
+                log(f"{name} skipped: {exc}")
+                results["targets"][name] = {"status": "skipped", "reason": str(exc)}
+                failed = True
+        for workload in workloads:
+            results["workloads"][workload] = {"targets": {n: {"rounds": []} for n in live}}
         for rnd in range(args.rounds):
-            order = targets[rnd % len(targets):] + targets[:rnd % len(targets)]
+            order = [n for n in targets[rnd % len(targets):] + targets[:rnd % len(targets)]
+                     if n in live]
             for workload in workloads:
                 for name in order:
-                    t = live[name]
-                    pids = process_tree(t["proc"].pid) if t["proc"] else []
-                    cpu0 = cpu_seconds(pids)
-                    res = sysbench(workload, t["port"], args)
-                    cpu = cpu_seconds(pids) - cpu0 if pids else None
-                    run = {"round": rnd, "workload": workload, "target": name,
-                           **parse_sysbench(res.stdout), "proxy_cpu_s": cpu,
-                           "exit": res.returncode}
-                    if res.returncode != 0:
-                        run["stderr"] = res.stderr[-1000:]
-                    results["runs"].append(run)
-                    log(f"round {rnd} {workload:18} {name:16} {run['tps']:9.0f} tps "
-                        f"p95 {run['p95_ms']} ms")
-        summary: dict = {}
-        for workload in workloads:
-            summary[workload] = {}
-            for name in targets:
-                runs = [r for r in results["runs"] if r["workload"] == workload and r["target"] == name]
-                if not runs:
-                    continue
-                tx = sum(r["transactions"] for r in runs)
-                cpu = [r["proxy_cpu_s"] for r in runs if r["proxy_cpu_s"] is not None]
-                summary[workload][name] = {
-                    "tps": statistics.median(r["tps"] for r in runs),
-                    "p95_ms": statistics.median(r["p95_ms"] for r in runs if r["p95_ms"] is not None)
-                    if any(r["p95_ms"] is not None for r in runs) else None,
-                    "errors": sum(r["errors"] or 0 for r in runs),
-                    "cpu_per_1000_tx": (1000 * sum(cpu) / tx) if cpu and tx else None,
-                }
-        results["summary"] = summary
+                    run = {"round": rnd, **run_once(workload, live[name], server.port, args)}
+                    results["workloads"][workload]["targets"][name]["rounds"].append(run)
+                    failed |= bool(run["errors"])
+                    log(f"round {rnd} {workload:18} {name:16} {_fmt(run['tps'], '{:9.0f}')} tps "
+                        f"p95 {run['p95_ms']} ms, errors {run['errors']}, server conns "
+                        f"max {run['server_conns_max']}")
+        summarize(results)
         args.output_dir.mkdir(parents=True, exist_ok=True)
-        (args.output_dir / "mysql-latest.json").write_text(json.dumps(results, indent=2))
+        (args.output_dir / "mysql-latest.json").write_text(json.dumps(results, indent=2) + "\n")
         md = markdown(results)
         (args.output_dir / "mysql-latest.md").write_text(md)
         print(md)
-        return 0
+        return 1 if failed else 0
     finally:
         reaper.close()
 

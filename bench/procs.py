@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Iterable
@@ -203,3 +204,28 @@ def server_conns_by_pid(server_port: int) -> dict[int, int]:
             pid = int(line[idx + 4:].split(",")[0])
             counts[pid] = counts.get(pid, 0) + 1
     return counts
+
+
+class Sampler:
+    """Calls `probe` every `interval` seconds in a thread while the `with` block runs and
+    keeps what it returns in `samples` (a failing probe is skipped, not fatal)."""
+
+    def __init__(self, probe, interval: float = 0.2) -> None:
+        self.probe, self.interval, self.samples = probe, interval, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.samples.append(self.probe())
+            except Exception:
+                continue
+
+    def __enter__(self) -> "Sampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
