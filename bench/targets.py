@@ -243,6 +243,9 @@ def start_rdsproxy(reaper: Reaper, workdir: Path, creds: Credentials, *, pure: b
     target.info = {"implementation": impl, "pure_python_env": pure, "source": where,
                    "max_connections_percent": max_connections_percent,
                    "nofile": proc_nofile(target.proc.pid), "admin": f"127.0.0.1:{admin_port}"}
+    # The gate trusts what the serving process imported, not a sibling's import.
+    served = (rdsproxy_stats(target) or {}).get("fastpath")
+    target.info["implementation"] = served or f"unknown (no /stats; a sibling import saw {impl})"
     return target
 
 
