@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -346,6 +347,7 @@ def main(argv=None) -> int:
         return 1 if failed else 0
     finally:
         reaper.close()
+        shutil.rmtree(workdir, ignore_errors=True)  # failures carry their log tails
 
 
 if __name__ == "__main__":
