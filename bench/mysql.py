@@ -178,9 +178,13 @@ def start_proxy(reaper: Reaper, workdir: Path, name: str, tree: Path, server_por
 
 
 def pins(target: dict) -> int | None:
+    """Sessions pinned so far, by the proxy's /stats (None: direct, or no answer)."""
     if not target.get("admin_port"):
         return None
-    return sum(proxy_stats(target["admin_port"]).get("SessionPinReasons", {}).values())
+    try:
+        return sum(proxy_stats(target["admin_port"]).get("SessionPinReasons", {}).values())
+    except (OSError, ValueError):
+        return None
 
 
 def run_once(workload: str, target: dict, server_port: int, args) -> dict:
@@ -206,8 +210,9 @@ def run_once(workload: str, target: dict, server_port: int, args) -> dict:
            "exit": sb.returncode, "proxy_cpu_s": cpu,
            "server_conns_max": max(held.samples, default=None),
            "server_conns_median": _median(held.samples)}
-    if pins0 is not None:
-        run["pins"] = pins(target) - pins0
+    pins1 = pins(target)
+    if pins0 is not None and pins1 is not None:
+        run["pins"] = pins1 - pins0
     if cpu is not None and run["transactions"]:
         run["cpu_us_per_txn"] = 1e6 * cpu / run["transactions"]
         run["cpu_us_per_query"] = 1e6 * cpu / run["queries"] if run["queries"] else None
