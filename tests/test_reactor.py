@@ -548,8 +548,8 @@ def test_a_relay_half_closed_outside_a_batch_is_lost_from_the_loop():
 
 
 def test_the_relay_writes_to_the_c_transport_in_c():
-    # FdTransport derives from pg_relay_c.Wire: without it every chunk's write would fall
+    # FdTransport derives from relay_c.Wire: without it every chunk's write would fall
     # back to a Python method call, correct but slower, and no other test would notice.
     _relay_half_class()
-    pg_relay_c = importlib.import_module("rdsproxy._fastpath.pg_relay_c")
-    assert issubclass(TWINS["c"].FdTransport, pg_relay_c.Wire)
+    relay_c = importlib.import_module("rdsproxy._fastpath.relay_c")
+    assert issubclass(TWINS["c"].FdTransport, relay_c.Wire)

@@ -9,9 +9,10 @@ from . import contract
 
 PURE_PYTHON_FORCED = os.environ.get("RDSPROXY_PURE_PYTHON", "") not in ("", "0")
 # Every module built twice from one source (setup.py's FASTPATH_MODULES): `<name>_py` is the
-# source, `<name>_c` its compiled twin. pg_* serve the PostgreSQL engine, mysql_* MySQL's.
-TWINNED = ("pg_framing", "pg_keywords", "pg_relay", "pg_statements", "mysql_framing", "pool",
-           "ledger")
+# source, `<name>_c` its compiled twin. pg_* serve the PostgreSQL engine, mysql_* MySQL's;
+# relay is the base of both engines' relay halves.
+TWINNED = ("relay", "pg_framing", "pg_keywords", "pg_relay", "pg_statements", "mysql_framing",
+           "pool", "ledger")
 
 
 def _twins(suffix: str) -> dict:
@@ -35,6 +36,7 @@ pg_statements = _chosen["pg_statements"]
 mysql_framing = _chosen["mysql_framing"]
 pool = _chosen["pool"]
 ledger = _chosen["ledger"]
+relay = _chosen["relay"]
 
 # The client-socket reactor compiles only where epoll exists: elsewhere (and in pure mode)
 # the loop's own transports serve clients, whatever the other modules are.
@@ -56,6 +58,7 @@ PoolCore = pool.PoolCore
 LatencyHistogram = pool.LatencyHistogram
 LATENCY_BOUNDS = contract.LATENCY_BOUNDS
 KeywordScanner = pg_keywords.KeywordScanner
+RelayHalf = relay.RelayHalf
 ClientRelay = pg_relay.ClientRelay
 ServerRelay = pg_relay.ServerRelay
 Entropy = ledger.Entropy
@@ -71,6 +74,6 @@ BookCore = pg_statements.BookCore
 
 __all__ = ["IMPLEMENTATION", "reactor", "MessageScanner", "FramingError", "split_messages",
            "type_mask", "ResponseScanner",
-           "PoolCore", "LatencyHistogram", "LATENCY_BOUNDS", "KeywordScanner", "ClientRelay", "ServerRelay", "Entropy", "StartupPlan",
+           "PoolCore", "LatencyHistogram", "LATENCY_BOUNDS", "KeywordScanner", "RelayHalf", "ClientRelay", "ServerRelay", "Entropy", "StartupPlan",
            "LoginDesk", "SessionFactory", "ClientLedger", "MetricCounters", "Phase",
            "drops_statements", "AnswerQueue", "BookCore"]

@@ -9,18 +9,9 @@ from rdsproxy._fastpath.pg_framing_c cimport MessageScanner
 from rdsproxy._fastpath.pg_keywords_c cimport KeywordScanner
 from rdsproxy._fastpath.ledger_c cimport ClientLedger, Entropy, MetricCounters
 from rdsproxy._fastpath.pool_c cimport LatencyHistogram, PoolCore
+from rdsproxy._fastpath.relay_c cimport RelayHalf, Wire, now, wire_write
 
 
-cdef extern from *:
-    """
-    #include <time.h>
-    static inline double rdsproxy_monotonic(void) {
-        struct timespec ts;
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-    }
-    """
-    double c_monotonic "rdsproxy_monotonic"() nogil
 from rdsproxy._fastpath.pg_statements_c cimport AnswerQueue, BookCore
 
 cdef int STATE_STARTUP
@@ -57,17 +48,7 @@ cdef int PHASE_WAITING
 cdef int PHASE_ACTIVE
 cdef int PHASE_PINNED
 
-cdef double now() noexcept
-
 cdef class ClientRelay
-
-
-cdef class Wire:
-    cpdef write(self, data)
-
-
-@cython.locals(wire=Wire)
-cdef wire_write(object transport, object data)
 
 
 cdef class StartupPlan:
@@ -121,7 +102,7 @@ cdef class SessionFactory:
 cdef class ServerRelay
 
 
-cdef class ClientRelay:
+cdef class ClientRelay(RelayHalf):
     cdef public int state
     cdef public ServerRelay server
     cdef public MessageScanner scanner
@@ -173,7 +154,6 @@ cdef class ClientRelay:
     cpdef connection_lost(self, exc)
     cpdef close(self)
 
-    cpdef data_received(self, data)
     @cython.locals(n=Py_ssize_t, server=ServerRelay, scanner=MessageScanner, conn=ServerRelay,
                    replay=list, statements=BookCore, out=object)
     cdef received(self, data)
@@ -205,7 +185,7 @@ cdef class ClientRelay:
     cdef on_server_ready(self, Py_ssize_t n, int status)
 
 
-cdef class ServerRelay:
+cdef class ServerRelay(RelayHalf):
     cdef public int mode
     cdef public ClientRelay client
     cdef public MessageScanner scanner
@@ -225,7 +205,6 @@ cdef class ServerRelay:
     cdef public bint tracking
     cdef dict __dict__
 
-    cpdef data_received(self, data)
     @cython.locals(n=Py_ssize_t, client=ClientRelay, scanner=MessageScanner, last=int,
                    held=list, clock=double, core=PoolCore)
     cdef received(self, data)

@@ -29,9 +29,8 @@ users who cannot log in (decoys) are answered here alike, up to their failure.
 """
 from rdsproxy.auth.md5 import md5 as _md5
 from hmac import compare_digest as _compare_digest
-from rdsproxy._fastpath import contract, pgwire
+from rdsproxy._fastpath import contract, pgwire, relay_py
 from rdsproxy._fastpath.contract import Phase
-from time import monotonic as _monotonic
 
 try:
     import cython
@@ -39,6 +38,12 @@ except ImportError:
     # Uncompiled and Cython not installed: a stand-in for the one attribute used. Bound
     # through globals() because Cython reserves the name `cython` (no rebinding allowed).
     globals()["cython"] = type("cython", (), {"compiled": False})
+
+if not cython.compiled:
+    # Compiled, these are relay_c's, cimported by pg_relay_c.pxd (C calls, a C base class);
+    # Cython allows no Python assignment to such names, hence globals().
+    globals().update(RelayHalf=relay_py.RelayHalf, now=relay_py.now,
+                     wire_write=relay_py.wire_write)
 
 STATE_STARTUP = contract.PG_CLIENT_STARTUP   # C ints once compiled (pg_relay_c.pxd)
 STATE_AUTH_MD5 = contract.PG_CLIENT_AUTH_MD5
@@ -78,31 +83,6 @@ GSSENC_REQUEST = pgwire.GSSENC_REQUEST
 BACKEND_KEY_DATA_HEAD = pgwire.BACKEND_KEY_DATA_HEAD
 
 UNSYNCED_MASK = pgwire.UNSYNCED_MASK
-
-
-def now():
-    """The monotonic clock the latencies are measured on, in seconds: compiled, a
-    clock_gettime call (pg_relay_c.pxd) instead of a Python call per reading."""
-    if cython.compiled:
-        return c_monotonic()  # noqa: F821 (declared in pg_relay_c.pxd)
-    return _monotonic()
-
-class Wire:
-    """A transport the compiled relay writes to with a C call: the C reactor's FdTransport
-    derives from this class (pg_relay_c.pxd), so a chunk's write skips the method lookup
-    and argument parsing of `transport.write`. Nothing derives from it in pure Python."""
-
-    def write(self, data):
-        raise NotImplementedError
-
-
-def wire_write(transport, data):
-    """transport.write(data), as a C call when the transport is a Wire."""
-    if isinstance(transport, Wire):
-        wire = transport   # compiled: a typed Wire local (pg_relay_c.pxd)
-        wire.write(data)
-    else:
-        transport.write(data)
 
 
 class StartupPlan:
@@ -197,7 +177,7 @@ class SessionFactory:
         return client
 
 
-class ClientRelay:
+class ClientRelay(RelayHalf):  # noqa: F821 (see the imports)
     """The client half: its bytes go to the attached server, or wait for one."""
 
     def __init__(self, factory=None):
@@ -302,9 +282,6 @@ class ClientRelay:
             self.state = STATE_CLOSED
         elif not transport.is_closing():
             transport.close()
-
-    def data_received(self, data):
-        self.received(data)
 
     def received(self, data):
         """data_received's work, which the C reactor calls directly (no method lookup)."""
@@ -591,7 +568,7 @@ class ClientRelay:
             server.pool.hand_over(server, entry)
 
 
-class ServerRelay:
+class ServerRelay(RelayHalf):  # noqa: F821
     """The server half: while a client is attached its bytes go straight to that client."""
 
     def __init__(self):
@@ -614,9 +591,6 @@ class ServerRelay:
         # owed to the client need its hand before they reach it.
         self.answers = None
         self.tracking = False
-
-    def data_received(self, data):
-        self.received(data)
 
     def received(self, data):
         """data_received's work, which the C reactor calls directly (no method lookup)."""

@@ -36,7 +36,8 @@ from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memset, strerror
 
 from rdsproxy._fastpath.reactor_py import BACKLOG, Listening
-from rdsproxy._fastpath.pg_relay_c cimport ClientRelay, ServerRelay, SessionFactory, Wire
+from rdsproxy._fastpath.pg_relay_c cimport SessionFactory
+from rdsproxy._fastpath.relay_c cimport RelayHalf, Wire
 
 from rdsproxy._fastpath.linux cimport *
 
@@ -400,15 +401,15 @@ cdef FdTransport _new_transport(Reactor reactor, int fd, const char *addr, sockl
     return transport
 
 
-# The Python-level methods, to tell a relay half from a subclass that overrides them.
-_CLIENT_DATA_RECEIVED = getattr(ClientRelay, "data_received")
-_SERVER_DATA_RECEIVED = getattr(ServerRelay, "data_received")
+# The Python-level method, to tell a relay half from a subclass that overrides it.
+_HALF_DATA_RECEIVED = getattr(RelayHalf, "data_received")
 
 
-cdef bint _relay_half(protocol, type half, method):
-    """Whether `protocol` is a `half` of the relay whose data_received the reactor may skip
+cdef bint _relay_half(protocol):
+    """Whether `protocol` is a half of the relay whose data_received the reactor may skip
     to call its C body: not another protocol, nor a subclass overriding data_received."""
-    return isinstance(protocol, half) and getattr(type(protocol), "data_received") is method
+    return (isinstance(protocol, RelayHalf)
+            and getattr(type(protocol), "data_received") is _HALF_DATA_RECEIVED)
 
 
 cdef class FdTransport(Wire):
@@ -417,8 +418,8 @@ cdef class FdTransport(Wire):
     cdef int fd
     cdef Reactor reactor
     cdef object protocol
-    cdef ClientRelay relay          # the protocol, when it is one of the relay's halves:
-    cdef ServerRelay server_relay   # its chunks go to it in C
+    cdef RelayHalf half             # the protocol, when it is one of the relay's halves:
+                                    # its chunks go to it in C
     cdef Tally tally                # the accepting endpoint's count (None: adopted)
     cdef unsigned int interest      # the epoll events asked for
     cdef bint closing
@@ -465,10 +466,8 @@ cdef class FdTransport(Wire):
         if n > 0:
             data = PyBytes_FromStringAndSize(self.reactor.rbuf, n)
             try:
-                if self.relay is not None:
-                    self.relay.received(data)
-                elif self.server_relay is not None:
-                    self.server_relay.received(data)
+                if self.half is not None:
+                    self.half.received(data)
                 else:
                     self.protocol.data_received(data)
             except BaseException as exc:
@@ -650,7 +649,7 @@ cdef class FdTransport(Wire):
         c_close(fd)
         if not self.lost:
             self.lost = True
-            if self.relay is not None or self.server_relay is not None:
+            if self.half is not None:
                 self.reactor._lose(self, exc)
             else:   # another protocol: asyncio's order against the callbacks scheduled before
                 self.reactor.call_soon(self._connection_lost, exc)
@@ -659,13 +658,12 @@ cdef class FdTransport(Wire):
         self._lost_now(exc)
 
     cdef void _lost_now(self, exc):
-        cdef ClientRelay relay = self.relay
+        cdef RelayHalf half = self.half
         protocol, self.protocol = self.protocol, None
-        self.relay = None
-        self.server_relay = None
+        self.half = None
         try:
-            if relay is not None:
-                relay.connection_lost(exc)   # a C call (its Python override, if any, runs)
+            if half is not None:
+                half.connection_lost(exc)   # a C call (its Python override, if any, runs)
             else:
                 protocol.connection_lost(exc)
         except BaseException as err:
@@ -726,11 +724,7 @@ cdef class FdTransport(Wire):
 
     cdef void _bind(self, protocol):
         self.protocol = protocol
-        self.relay = (<ClientRelay>protocol
-                      if _relay_half(protocol, ClientRelay, _CLIENT_DATA_RECEIVED) else None)
-        self.server_relay = (<ServerRelay>protocol
-                             if _relay_half(protocol, ServerRelay, _SERVER_DATA_RECEIVED)
-                             else None)
+        self.half = <RelayHalf>protocol if _relay_half(protocol) else None
 
 
 async def serve(loop, protocol_factory, sockets, *, bint client_speaks_first=False):
