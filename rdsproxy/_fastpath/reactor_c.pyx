@@ -35,7 +35,7 @@ from libc.errno cimport EAGAIN, ECONNABORTED, EINTR, EMFILE, ENFILE, ENOBUFS, EN
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memset, strerror
 
-from rdsproxy._fastpath.reactor_py import BACKLOG, Listening
+from rdsproxy._fastpath.reactor_py import BACKLOG, Listening, start_tls as _loop_start_tls
 from rdsproxy._fastpath.pg_relay_c cimport SessionFactory
 from rdsproxy._fastpath.relay_c cimport RelayHalf, Wire
 
@@ -778,19 +778,27 @@ class _ReactorServer:
         await self._tally.wait_idle()
 
 
-async def start_tls(loop, transport, protocol, sslcontext, handshake_timeout):
+async def start_tls(loop, transport, protocol, sslcontext, handshake_timeout, *,
+                    early=b"", feed=None):
     """Server-side TLS: the socket leaves the reactor and the loop runs the handshake on it
     (uvloop's start_tls only accepts its own transports). The protocol then sees
-    connection_made(tls_transport), data_received, connection_lost from the loop."""
+    connection_made(tls_transport), data_received, connection_lost from the loop. `early`
+    and `feed`: as reactor_py.start_tls."""
     if type(transport) is not FdTransport:
-        return await loop.start_tls(transport, protocol, sslcontext, server_side=True,
-                                    ssl_handshake_timeout=handshake_timeout)
+        return await _loop_start_tls(loop, transport, protocol, sslcontext, handshake_timeout,
+                                     early=early, feed=feed)
     peer = transport.get_extra_info("peername")
     fd = (<FdTransport>transport)._detach()
     if fd < 0:
         raise ConnectionError("connection closed (or still writing) before the TLS handshake")
     family = _socket.AF_INET6 if peer is not None and len(peer) == 4 else _socket.AF_INET
     sock = _socket.socket(family, _socket.SOCK_STREAM, 0, fileno=fd)
+    if early:
+        # The ClientHello was read already: the TLS layer must get it before the socket's
+        # next bytes, which only the loop's own start_tls lets us do (on a loop transport).
+        plain, _ = await loop.connect_accepted_socket(lambda: protocol, sock)
+        return await _loop_start_tls(loop, plain, protocol, sslcontext, handshake_timeout,
+                                     early=early, feed=feed)
     tls_transport, _ = await loop.connect_accepted_socket(
         lambda: protocol, sock, ssl=sslcontext, ssl_handshake_timeout=handshake_timeout)
     return tls_transport

@@ -8,7 +8,8 @@ own, registered with the loop as a single reader, and transports that read, writ
 close the file descriptors directly (see reactor_c.pyx for why).
 
     server = await serve(loop, protocol_factory, sockets, client_speaks_first=True)
-    transport, protocol = await adopt(loop, protocol_factory, connected_socket)
+    sock, _ = await connect_socket(loop, host, port)
+    transport, protocol = await adopt(loop, protocol_factory, sock)
     ...
     tls_transport = await start_tls(loop, transport, protocol, sslcontext, handshake_timeout)
     server.close(); await server.wait_closed()
@@ -59,6 +60,29 @@ def listening_sockets(host: str | None, port: int, *, client_speaks_first: bool 
     return sockets
 
 
+async def connect_socket(loop, host: str, port: int, first=None):
+    """A connected non-blocking socket (for adopt) to the first of `host`'s addresses that
+    answers; with `first` (an async step on the socket), also the first on which that step
+    works. Returns (socket, what `first` returned)."""
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    last_error: Exception | None = None
+    for family, type_, proto, _, address in infos:
+        sock = socket.socket(family, type_, proto)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, address)
+            result = await first(sock) if first is not None else None
+        except OSError as exc:
+            sock.close()
+            last_error = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock, result
+    raise last_error or OSError(f"cannot resolve {host}")
+
+
 class Listening:
     """The servers of one endpoint: `sockets`, `close()`, `await wait_closed()`."""
 
@@ -89,9 +113,16 @@ async def adopt(loop, protocol_factory, sock):
     return await loop.create_connection(protocol_factory, sock=sock)
 
 
-async def start_tls(loop, transport, protocol, sslcontext, handshake_timeout: float):
+async def start_tls(loop, transport, protocol, sslcontext, handshake_timeout: float, *,
+                    early: bytes = b"", feed=None):
     """Server-side TLS on an accepted connection whose protocol stays `protocol`; returns
     the TLS transport. The protocol may see connection_made(tls_transport) first (the C
-    twin hands the socket to the loop), which it must take as the same connection."""
+    twin hands the socket to the loop), which it must take as the same connection.
+    `early`: bytes of the ClientHello read already, which `feed(transport, early)` hands to
+    the TLS layer once start_tls has installed it."""
+    if early:
+        # start_tls installs its protocol in its first step and schedules that protocol's
+        # connection_made: the early bytes go right after.
+        loop.call_soon(loop.call_soon, feed, transport, early)
     return await loop.start_tls(transport, protocol, sslcontext, server_side=True,
                                 ssl_handshake_timeout=handshake_timeout)

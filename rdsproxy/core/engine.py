@@ -189,13 +189,11 @@ class BaseEngine:
         reason logged and the session told it is lost."""
         loop = self.loop
         try:
-            handshake = loop.create_task(self.client_reactor.start_tls(
-                loop, raw, client, self.server_ssl, TLS_HANDSHAKE_TIMEOUT))
-            if early:
-                # start_tls installs its protocol in its first step and schedules that
-                # protocol's connection_made: feed it the early bytes right after.
-                loop.call_soon(loop.call_soon, _feed_protocol, raw, early)
-            transport = await handshake
+            # The reactor feeds the early bytes to the TLS layer (through _feed_protocol) on
+            # whichever loop transport the handshake runs on.
+            transport = await self.client_reactor.start_tls(
+                loop, raw, client, self.server_ssl, TLS_HANDSHAKE_TIMEOUT, early=early,
+                feed=_feed_protocol)
         except Exception as exc:  # noqa: BLE001 - SSLError, reset, timeout: all end the client
             log.info("client %s: TLS handshake failed: %s", client.peer, exc or type(exc).__name__)
             client._tls_pending = False

@@ -13,7 +13,8 @@ import asyncio
 import math
 import logging
 
-from ..._fastpath import ResponseScanner
+from ..._fastpath import ResponseScanner, reactor
+from ..._fastpath.reactor_py import connect_socket
 from ...core.sessions import ServerSide
 from . import protocol as p
 from .server_login import DEFAULT_CAPABILITIES, LoginError, ServerLogin
@@ -270,7 +271,18 @@ async def open_server_connection(loop, target_name: str, host: str, port: int, *
     conn = ServerConnection(loop, target_name, (host, port), max_payload=max_payload)
 
     async def connect():
-        await loop.create_connection(lambda: conn, host, port)
+        if ssl_context is None:
+            # Plain connections join the relay's reactor, beside the clients (the C one
+            # serves both halves of a session from one epoll set).
+            sock, _ = await connect_socket(loop, host, port)
+            try:
+                await reactor.adopt(loop, lambda: conn, sock)
+            except BaseException:
+                sock.close()
+                raise
+        else:
+            # The login asks for TLS in the clear, then the loop's start_tls takes over.
+            await loop.create_connection(lambda: conn, host, port)
         login = ServerLogin(user, password, database or None,
                             capabilities=capabilities | BASE_CAPABILITIES,
                             tls="require" if ssl_context is not None else "disable",

@@ -114,6 +114,10 @@ class ClientConnection(CommandDispatch, StatementMapping, StateSync, ClientSide,
 
     # -- asyncio.Protocol --------------------------------------------------------------
     def connection_made(self, transport):
+        if self.transport is not None:
+            # The C reactor handed the socket to the loop for TLS: the same connection, now
+            # on the TLS transport (the engine's upgrade_client_tls takes it from here).
+            return
         self.transport = transport
         self.note_addresses(transport, unknown_host="localhost")
         engine = self.engine

@@ -10,6 +10,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from ... import _fastpath
 from ...auth import mysql as auth
 from ...core.engine import BaseEngine
 from ...core.sessions import CloseReason
@@ -48,6 +49,9 @@ class Account:
 class MysqlEngine(BaseEngine):
     name = "mysql"
     client_class = ClientConnection
+    # The C reactor where built (see reactor_c.pyx). MySQL's server speaks first, so the
+    # listeners take no TCP_DEFER_ACCEPT (client_speaks_first stays False).
+    client_reactor = _fastpath.reactor
     ready_state = READY
     closed_state = CLOSED
     close_codes = {CloseReason.IDLE_TIMEOUT: ER_IDLE, CloseReason.LOGIN_TIMEOUT: ER_LOST,

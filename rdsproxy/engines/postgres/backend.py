@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 
 from ..._fastpath import (
     FramingError,
@@ -13,6 +12,7 @@ from ..._fastpath import (
     split_messages,
 )
 from ..._fastpath.pgwire import MSG_NOTIFICATION, MSG_PARAMETER_STATUS
+from ..._fastpath.reactor_py import connect_socket
 from ..._fastpath.contract import (   # the connection's modes
     PG_SERVER_CLOSED as CLOSED,
     PG_SERVER_INTERNAL as INTERNAL,
@@ -311,34 +311,12 @@ async def send_cancel(server: ServerConnection, still_wanted=None) -> bool:
             writer.close()
 
 
-async def _connect_socket(loop, host: str, port: int, first=None):
-    """A connected non-blocking socket to the first of `host`'s addresses that answers;
-    with `first` (an async step on the socket), also the first on which that step works."""
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    last_error: Exception | None = None
-    for family, type_, proto, _, address in infos:
-        sock = socket.socket(family, type_, proto)
-        try:
-            sock.setblocking(False)
-            await loop.sock_connect(sock, address)
-            result = await first(sock) if first is not None else None
-        except OSError as exc:
-            sock.close()
-            last_error = exc
-            continue
-        except BaseException:
-            sock.close()
-            raise
-        return sock, result
-    raise last_error or OSError(f"cannot resolve {host}")
-
-
 async def _negotiate_tls(loop, host: str, port: int, login: ServerLogin):
     """Connect a plain socket and ask for TLS; return it once the server said 'S'."""
     async def ask(sock):
         await loop.sock_sendall(sock, login.start())
         return await loop.sock_recv(sock, 1)   # only the answer: nothing may follow an 'S'
-    sock, answer = await _connect_socket(loop, host, port, ask)
+    sock, answer = await connect_socket(loop, host, port, ask)
     try:
         login.tls_answer(answer)
     except ServerError:
@@ -367,7 +345,7 @@ async def open_server_connection(loop, target_name: str, host: str, port: int, *
         if ssl_context is None:
             # Plain connections join the relay's reactor, beside the clients (the C one
             # serves both halves of a session from one epoll set).
-            sock, _ = await _connect_socket(loop, host, port)
+            sock, _ = await connect_socket(loop, host, port)
             try:
                 _, conn = await reactor.adopt(loop, factory, sock)
             except BaseException:
