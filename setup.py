@@ -12,7 +12,7 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 FASTPATH_MODULES = ["relay", "pg_framing", "pool", "pg_keywords", "ledger", "pg_relay",
-                    "mysql_framing", "pg_statements"]
+                    "mysql_framing", "mysql_relay", "pg_statements"]
 # Written in Cython itself (system calls the pure twin makes through the event loop), and
 # built only where they compile: the client-socket reactor needs Linux's epoll.
 NATIVE_MODULES = ["reactor"] if sys.platform.startswith("linux") else []

@@ -12,7 +12,7 @@ PURE_PYTHON_FORCED = os.environ.get("RDSPROXY_PURE_PYTHON", "") not in ("", "0")
 # source, `<name>_c` its compiled twin. pg_* serve the PostgreSQL engine, mysql_* MySQL's;
 # relay is the base of both engines' relay halves.
 TWINNED = ("relay", "pg_framing", "pg_keywords", "pg_relay", "pg_statements", "mysql_framing",
-           "pool", "ledger")
+           "mysql_relay", "pool", "ledger")
 
 
 def _twins(suffix: str) -> dict:
@@ -37,6 +37,7 @@ mysql_framing = _chosen["mysql_framing"]
 pool = _chosen["pool"]
 ledger = _chosen["ledger"]
 relay = _chosen["relay"]
+mysql_relay = _chosen["mysql_relay"]
 
 # The client-socket reactor compiles only where epoll exists: elsewhere (and in pure mode)
 # the loop's own transports serve clients, whatever the other modules are.
@@ -61,6 +62,8 @@ KeywordScanner = pg_keywords.KeywordScanner
 RelayHalf = relay.RelayHalf
 ClientRelay = pg_relay.ClientRelay
 ServerRelay = pg_relay.ServerRelay
+MysqlClientRelay = mysql_relay.ClientRelay
+MysqlServerRelay = mysql_relay.ServerRelay
 Entropy = ledger.Entropy
 StartupPlan = pg_relay.StartupPlan
 LoginDesk = pg_relay.LoginDesk
@@ -74,6 +77,8 @@ BookCore = pg_statements.BookCore
 
 __all__ = ["IMPLEMENTATION", "reactor", "MessageScanner", "FramingError", "split_messages",
            "type_mask", "ResponseScanner",
-           "PoolCore", "LatencyHistogram", "LATENCY_BOUNDS", "KeywordScanner", "RelayHalf", "ClientRelay", "ServerRelay", "Entropy", "StartupPlan",
+           "PoolCore", "LatencyHistogram", "LATENCY_BOUNDS", "KeywordScanner", "RelayHalf",
+           "ClientRelay", "ServerRelay", "MysqlClientRelay", "MysqlServerRelay", "Entropy",
+           "StartupPlan",
            "LoginDesk", "SessionFactory", "ClientLedger", "MetricCounters", "Phase",
            "drops_statements", "AnswerQueue", "BookCore"]

@@ -14,6 +14,15 @@ ints at import (their `.pxd` declares those names).
 (PG_SERVER_STARTING, PG_SERVER_RELAY, PG_SERVER_INTERNAL, PG_SERVER_CLOSED,
  PG_SERVER_RETIRING) = range(5)
 
+# A MySQL client connection's states (engines/mysql/clientstate.py): greeting sent,
+# authenticating (the login or COM_CHANGE_USER), authenticated but waiting for the first
+# connection with its key, relaying commands, gone. The relay reads READY.
+MYSQL_CLIENT_STARTUP, MYSQL_CLIENT_AUTH, MYSQL_CLIENT_LOGIN, MYSQL_CLIENT_READY, \
+    MYSQL_CLIENT_CLOSED = range(5)
+
+# A MySQL server connection's modes (engines/mysql/backend.py).
+MYSQL_SERVER_STARTING, MYSQL_SERVER_IDLE, MYSQL_SERVER_BUSY, MYSQL_SERVER_CLOSED = range(4)
+
 # What the statement book does with an answer it is owed: FORWARD passes it on as the
 # server sent it (the quick lane's only action; engines/postgres/statements.py has the rest).
 FORWARD = 0

@@ -13,7 +13,7 @@ import asyncio
 import math
 import logging
 
-from ..._fastpath import ResponseScanner, reactor
+from ..._fastpath import MysqlServerRelay as ServerRelay, ResponseScanner, contract, reactor
 from ..._fastpath.reactor_py import connect_socket
 from ...core.sessions import ServerSide
 from . import protocol as p
@@ -22,7 +22,8 @@ from .protocol import ProtocolViolation, ServerError
 
 log = logging.getLogger("rdsproxy.mysql.backend")
 
-STARTING, IDLE, BUSY, CLOSED = range(4)
+STARTING, IDLE, BUSY, CLOSED = (contract.MYSQL_SERVER_STARTING, contract.MYSQL_SERVER_IDLE,
+                                contract.MYSQL_SERVER_BUSY, contract.MYSQL_SERVER_CLOSED)
 RAW = None   # sink: forward bytes to the client as they come
 
 # Capabilities every proxy connection asks for; the session ones (protocol.SESSION_CAPABILITIES)
@@ -41,10 +42,12 @@ COLLATIONS = {
 }
 
 
-class ServerConnection(ServerSide, asyncio.Protocol):
-    """One database connection; see the module docstring."""
+class ServerConnection(ServerRelay, ServerSide, asyncio.Protocol):
+    """One database connection; see the module docstring. The answers to the commands the
+    relay's quick lane sends are followed there (_fastpath/mysql_relay_py.py)."""
 
     def __init__(self, loop, target_name: str, address: tuple[str, int], *, max_payload: int):
+        ServerRelay.__init__(self)
         self.loop = loop
         self.target_name = target_name
         self.address = address
@@ -80,7 +83,8 @@ class ServerConnection(ServerSide, asyncio.Protocol):
     def connection_made(self, transport):
         self.transport = transport
 
-    def data_received(self, data):
+    def slow_data(self, data):
+        """What the server sends outside the quick lane's answers."""
         if self.mode == STARTING:
             self._login_buf += data
             fut = self._login_data
@@ -111,8 +115,7 @@ class ServerConnection(ServerSide, asyncio.Protocol):
             if end < 0:
                 return
             if end != len(data):
-                log.warning("server %s sent %d byte(s) after a complete answer",
-                            self.target_name, len(data) - end)
+                self.excess(len(data) - end)
         else:
             try:
                 packets = self.reader.feed(data)
@@ -139,6 +142,18 @@ class ServerConnection(ServerSide, asyncio.Protocol):
             callback(tracker)
 
     _on_done = None
+
+    def excess(self, count: int) -> None:
+        """Bytes after a complete answer: dropped."""
+        log.warning("server %s sent %d byte(s) after a complete answer", self.target_name, count)
+
+    def lane_handoff(self, data) -> None:
+        """The quick lane sent the client's command, but the answer's first packet is one
+        it does not follow: the slow path takes the answer whole, as if send() had sent it."""
+        self.tracker = p.ResponseTracker(self.client.cmd[:6], self.capabilities,
+                                         status_flags=self.status)
+        self.sink = RAW
+        self.slow_data(data)
 
     def connection_lost(self, exc):
         was_closed = self.closed

@@ -23,7 +23,7 @@ import logging
 from collections import deque
 from time import monotonic
 
-from ..._fastpath import Phase
+from ..._fastpath import MysqlClientRelay as ClientRelay, Phase
 from ...core.console import CONSOLE_DATABASE, ConsoleSession
 from ...core.pool import BorrowTimeout
 from ...core.router import UNROUTED
@@ -45,13 +45,16 @@ log = logging.getLogger("rdsproxy.mysql.client")
 _SSL_HEAD = b"\x20\x00\x00\x01"   # a 32-byte packet with sequence id 1: an SSLRequest
 
 
-class ClientConnection(CommandDispatch, StatementMapping, StateSync, ClientSide, asyncio.Protocol):
-    """One MySQL client of the proxy, from its greeting to its last byte."""
+class ClientConnection(CommandDispatch, StatementMapping, StateSync, ClientRelay, ClientSide,
+                       asyncio.Protocol):
+    """One MySQL client of the proxy, from its greeting to its last byte. Its chunks reach
+    the relay's quick lane first (_fastpath/mysql_relay_py.py); slow_data has the rest."""
 
     borrow_entry = None
-    transport = None
 
     def __init__(self, engine, endpoint):
+        ClientRelay.__init__(self)
+        self.transport = None
         self.engine = engine
         self.endpoint = endpoint
         self.pool = None
@@ -88,6 +91,7 @@ class ClientConnection(CommandDispatch, StatementMapping, StateSync, ClientSide,
         self.busy = False
         self.reading_paused = False
         self.login = None       # a ClientLogin until the session is READY
+        self.verdicts = engine.rules.plain_packets   # the quick lane's COM_QUERY verdicts
         self._tls_pending = False
         self._reset_state()
 
@@ -132,7 +136,8 @@ class ClientConnection(CommandDispatch, StatementMapping, StateSync, ClientSide,
         self.login = self._new_login()
         transport.write(self.login.greeting(self.connection_id))
 
-    def data_received(self, data):
+    def slow_data(self, data):
+        """What a client sends that the relay's quick lane does not take."""
         if self.state == CLOSED:
             return
         self.activity += 1
@@ -448,7 +453,9 @@ class ClientConnection(CommandDispatch, StatementMapping, StateSync, ClientSide,
     def on_connection(self, conn) -> None:
         if self.state == LOGIN:
             self.enter(Phase.FREE)
-            conn.pool.release(conn)
+            # From the loop, not from here: the next waiter is often another login that
+            # gives it back too, and hundreds of them in one call chain overflow the stack.
+            self.engine.loop.call_soon(conn.pool.release, conn)
             self._finish_login()
             return
         if self.state != READY or not self.busy:

@@ -2,12 +2,13 @@
 and the errors the proxy sends clients itself."""
 from __future__ import annotations
 
+from ..._fastpath import contract
 from . import protocol as p
 
-# A client connection's states: greeting sent, authenticating (the login or
-# COM_CHANGE_USER), authenticated but waiting for the first connection with its key,
-# relaying commands, gone.
-STARTUP, AUTH, LOGIN, READY, CLOSED = range(5)
+# A client connection's states (the relay reads them too: contract.py).
+STARTUP, AUTH, LOGIN, READY, CLOSED = (
+    contract.MYSQL_CLIENT_STARTUP, contract.MYSQL_CLIENT_AUTH, contract.MYSQL_CLIENT_LOGIN,
+    contract.MYSQL_CLIENT_READY, contract.MYSQL_CLIENT_CLOSED)
 
 OK_STATUS = p.SERVER_STATUS_AUTOCOMMIT
 # A connection in either state must stay with its client.

@@ -108,6 +108,13 @@ class CommandDispatch:
     def _com_query(self, payload):
         verdict = self.engine.rules.classify(payload[1:])
         self.verdict = verdict
+        if verdict.plain:
+            # None of the checks below applies. The exact packet of one such statement is
+            # the relay's quick lane's from now on (classify is a function of the text).
+            if verdict.statements == 1 and type(self.cmd_raw) is bytes:
+                self.engine.rules.remember_plain(self.cmd_raw, verdict)
+            self._send_to_server()
+            return
         if verdict.kill is not None:
             if verdict.kill[1] is None or verdict.statements > 1:
                 self._refuse((1064, "42000"), "KILL through the proxy takes one connection id, "

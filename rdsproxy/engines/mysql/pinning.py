@@ -40,6 +40,8 @@ SET_ROLE = "set_role"
 
 EXCLUDE_VARIABLE_SETS = "EXCLUDE_VARIABLE_SETS"
 LONG_STATEMENT_BYTES = 16384
+PLAIN_PACKETS = 4096          # texts Rules.plain_packets keeps, ...
+PLAIN_PACKET_BYTES = 2048     # ... each at most this long (bounds it to 8 MB)
 
 # Session variables replayed rather than pinned (RDS Proxy's tracked list, plus the common
 # ones ProxySQL tracks). Charset and transaction settings have their own keys below.
@@ -125,6 +127,15 @@ class Verdict:
     read_only: bool = False                        # only SELECT/SHOW-like statements
     statements: int = 0
 
+    @property
+    def plain(self) -> bool:
+        """Nothing to do but send it and relay the answer: no pin, no state the proxy
+        tracks or rewrites, nothing it answers itself (the relay's quick lane takes only
+        such statements)."""
+        return (self.pin is None and not self.sets and self.use_db is None and self.kill is None
+                and not self.last_insert_id and not self.row_count and not self.connection_id
+                and not self.simple_row_count and not self.simple_connection_id)
+
 
 PLAIN = Verdict(read_only=False, statements=1)
 
@@ -196,6 +207,18 @@ class Rules:
         if unknown:
             raise ValueError(f"unknown pinning filter(s): {', '.join(map(str, unknown))}")
         self.exclude_sets = EXCLUDE_VARIABLE_SETS in filters
+        # Raw COM_QUERY packets (header and text) whose one statement is plain -> its
+        # Verdict: the relay's quick lane sends them again without a word of Python.
+        self.plain_packets: dict[bytes, Verdict] = {}
+
+    def remember_plain(self, packet: bytes, verdict: Verdict) -> None:
+        """Keep `verdict` (plain, one statement) for the exact `packet`; the table is
+        bounded in entries and in the size of each (a flood of distinct texts empties it)."""
+        if len(packet) > PLAIN_PACKET_BYTES:
+            return
+        if len(self.plain_packets) >= PLAIN_PACKETS:
+            self.plain_packets.clear()
+        self.plain_packets[packet] = verdict
 
     def classify(self, sql: bytes) -> Verdict:
         if len(sql) > LONG_STATEMENT_BYTES:

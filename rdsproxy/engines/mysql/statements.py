@@ -19,6 +19,7 @@ class ClientStatement:
     num_columns: int
     verdict: object
     param_types: bytes = b""
+    plain: bool = False           # verdict.plain (read per execute by the relay's quick lane)
 
 
 class StatementMapping:
@@ -144,8 +145,9 @@ class StatementMapping:
         stmt_id = self.next_stmt_id
         self.next_stmt_id += 1
         self.last_stmt_id = stmt_id
+        verdict = self.verdict or pinning.PLAIN
         self.stmts[stmt_id] = ClientStatement(self.cmd[1:], ok.num_params, ok.num_columns,
-                                              self.verdict or pinning.PLAIN)
+                                              verdict, plain=verdict.plain)
         out = []
         seq = 1
         for i, payload in enumerate(payloads):
