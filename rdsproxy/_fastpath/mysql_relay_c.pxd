@@ -4,6 +4,8 @@
 # classes read and assign them as before, through their descriptors); the rest of what the
 # engine keeps stays in each instance's __dict__.
 cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from libc.string cimport memcpy
 
 from rdsproxy._fastpath.ledger_c cimport ClientLedger
 from rdsproxy._fastpath.pool_c cimport LatencyHistogram, PoolCore
@@ -43,7 +45,8 @@ cdef Py_ssize_t SCAN_BROKEN
 cdef class ServerRelay
 
 
-@cython.locals(sid=bytes, length=Py_ssize_t)
+@cython.locals(sid=bytes, length=Py_ssize_t, out=bytes, dst="char *", src="const char *",
+               bound=bytes, tsrc="const char *")
 cdef bytes execute_packet(bytes chunk, unsigned long long statement_id, Py_ssize_t at,
                           object types)
 
@@ -135,7 +138,7 @@ cdef class ServerRelay(RelayHalf):
     cdef answer_done(self, ClientRelay client)
     @cython.locals(n=Py_ssize_t, pos=Py_ssize_t, base=Py_ssize_t, length=Py_ssize_t,
                    body=Py_ssize_t, end=Py_ssize_t, first=int, state=int, deprecate=bint,
-                   count="unsigned long long", buf="const unsigned char *")
+                   count="unsigned long long", buf="const unsigned char *", passed=bint)
     cdef Py_ssize_t scan(self, bytes data) except -9
     @cython.locals(affected="unsigned long long", insert_id="unsigned long long",
                    at=Py_ssize_t)

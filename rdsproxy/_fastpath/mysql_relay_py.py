@@ -211,11 +211,39 @@ class ClientRelay(RelayHalf):  # noqa: F821 (see the imports)
 def execute_packet(chunk, statement_id, at, types):
     """The COM_STMT_EXECUTE packet `chunk` with the connection's `statement_id`, and with
     the parameter types bound when `types` is given (at `at`, its new-params-bound byte)."""
+    if types is None or chunk[at] == 1:
+        types = None
+        length = len(chunk) - 4
+    else:
+        length = len(chunk) - 4 + len(types)
+    if cython.compiled:
+        # One allocation and three copies (the names are pxd cimports).
+        out = PyBytes_FromStringAndSize(cython.NULL, length + 4)  # noqa: F821
+        dst = PyBytes_AS_STRING(out)  # noqa: F821
+        src = chunk
+        dst[0] = length & 0xFF
+        dst[1] = (length >> 8) & 0xFF
+        dst[2] = length >> 16
+        dst[3] = 0
+        dst[4] = COM_STMT_EXECUTE
+        dst[5] = statement_id & 0xFF
+        dst[6] = (statement_id >> 8) & 0xFF
+        dst[7] = (statement_id >> 16) & 0xFF
+        dst[8] = (statement_id >> 24) & 0xFF
+        if types is None:
+            memcpy(dst + 9, src + 9, len(chunk) - 9)  # noqa: F821
+        else:
+            bound = types
+            tsrc = bound
+            memcpy(dst + 9, src + 9, at - 9)  # noqa: F821
+            dst[at] = 1
+            memcpy(dst + at + 1, tsrc, len(bound))  # noqa: F821
+            memcpy(dst + at + 1 + len(bound), src + at + 1, len(chunk) - at - 1)  # noqa: F821
+        return out
     sid = bytes((statement_id & 0xFF, (statement_id >> 8) & 0xFF, (statement_id >> 16) & 0xFF,
                  (statement_id >> 24) & 0xFF))
-    if types is None or chunk[at] == 1:
+    if types is None:
         return chunk[:5] + sid + chunk[9:]
-    length = len(chunk) - 4 + len(types)
     return (bytes((length & 0xFF, (length >> 8) & 0xFF, length >> 16, 0, COM_STMT_EXECUTE))
             + sid + chunk[9:at] + b"\x01" + types + chunk[at + 1:])
 
@@ -352,27 +380,24 @@ class ServerRelay(RelayHalf):  # noqa: F821
             length = buf[pos] | (buf[pos + 1] << 8) | (buf[pos + 2] << 16)
             body = pos + 4
             end = body + length
-            if self.lane_continued:
-                # The rest of a packet of 16 MiB or more: never one the lane reads.
-                self.lane_continued = length == MAX_PACKET
-                if end > n:
-                    self.lane_skip = end - n
-                    return SCAN_MORE
-                pos = end
-                continue
-            if length == 0:
-                return SCAN_HANDOFF if self.lane_fresh else SCAN_BROKEN
-            first = buf[body]
-            state = self.lane
-            if first != ERR_HEADER and (
-                    state == LANE_COLUMNS
-                    or (state == LANE_ROWS and not (first == EOF_HEADER and length < (
-                        MAX_PACKET if deprecate else 9)))):
-                # A column definition or a row: its body is stepped over, unread.
-                if state == LANE_COLUMNS:
-                    self.lane_columns -= 1
-                    if self.lane_columns <= 0:
-                        self.lane = LANE_ROWS if deprecate else LANE_COLUMNS_EOF
+            # The rest of a packet of 16 MiB or more is never one the lane reads.
+            passed = self.lane_continued
+            if not passed:
+                if length == 0:
+                    return SCAN_HANDOFF if self.lane_fresh else SCAN_BROKEN
+                first = buf[body]
+                state = self.lane
+                if first != ERR_HEADER and (
+                        state == LANE_COLUMNS
+                        or (state == LANE_ROWS and not (first == EOF_HEADER and length < (
+                            MAX_PACKET if deprecate else 9)))):
+                    # A column definition or a row: its body is stepped over, unread.
+                    if state == LANE_COLUMNS:
+                        self.lane_columns -= 1
+                        if self.lane_columns <= 0:
+                            self.lane = LANE_ROWS if deprecate else LANE_COLUMNS_EOF
+                    passed = True
+            if passed:
                 self.lane_continued = length == MAX_PACKET
                 if end > n:
                     self.lane_skip = end - n

@@ -57,6 +57,8 @@ class Pool:
         self.tls = False
         self._opening: set[asyncio.Task] = set()
         self._closed = False
+        # Connections given back while release() hands one over (see release).
+        self._returning: list | None = None
         self._deadline_timer = None
 
     # -- budget ------------------------------------------------------------------------
@@ -221,16 +223,30 @@ class Pool:
 
     # -- returning ---------------------------------------------------------------------
     def release(self, conn) -> None:
-        """Give back a clean connection: to the first waiter, or onto the idle stack."""
-        now = self.loop.time()
-        if self._closed or not self.usable(conn, now):
-            self.discard(conn)
+        """Give back a clean connection: to the first waiter, or onto the idle stack.
+
+        A waiter that gives the connection straight back (a MySQL login waiting for its
+        key's first connection) does so from inside hand_over: that return is finished
+        here once hand_over is done, so hundreds of such waiters make a loop, not a call
+        chain that overflows the stack."""
+        if self._returning is not None:
+            self._returning.append(conn)
             return
-        entry = self.core.give_back(conn.key, conn)
-        if entry is None:
-            conn.idle_since = now
-        else:
-            self.hand_over(conn, entry)
+        self._returning = returning = [conn]
+        try:
+            while returning:
+                conn = returning.pop(0)
+                now = self.loop.time()
+                if self._closed or not self.usable(conn, now):
+                    self.discard(conn)
+                    continue
+                entry = self.core.give_back(conn.key, conn)
+                if entry is None:
+                    conn.idle_since = now
+                else:
+                    self.hand_over(conn, entry)
+        finally:
+            self._returning = None
 
     def hand_over(self, conn, entry) -> None:
         """`conn` came back while `entry` (key, waiter) was first in the queue."""

@@ -453,9 +453,7 @@ class ClientConnection(CommandDispatch, StatementMapping, StateSync, ClientRelay
     def on_connection(self, conn) -> None:
         if self.state == LOGIN:
             self.enter(Phase.FREE)
-            # From the loop, not from here: the next waiter is often another login that
-            # gives it back too, and hundreds of them in one call chain overflow the stack.
-            self.engine.loop.call_soon(conn.pool.release, conn)
+            conn.pool.release(conn)
             self._finish_login()
             return
         if self.state != READY or not self.busy:
