@@ -36,10 +36,7 @@ except ImportError:
     globals()["cython"] = type("cython", (), {"compiled": False})
 
 if not cython.compiled:
-    # Compiled, these are relay_c's, cimported by mysql_relay_c.pxd (C calls, a C base
-    # class); Cython allows no Python assignment to such names, hence globals().
-    globals().update(RelayHalf=relay_py.RelayHalf, now=relay_py.now,
-                     wire_write=relay_py.wire_write)
+    relay_py.bind_base(globals())   # compiled: cimported by mysql_relay_c.pxd
 
 CLIENT_READY = contract.MYSQL_CLIENT_READY   # C ints once compiled (mysql_relay_c.pxd)
 SERVER_IDLE = contract.MYSQL_SERVER_IDLE

@@ -40,10 +40,7 @@ except ImportError:
     globals()["cython"] = type("cython", (), {"compiled": False})
 
 if not cython.compiled:
-    # Compiled, these are relay_c's, cimported by pg_relay_c.pxd (C calls, a C base class);
-    # Cython allows no Python assignment to such names, hence globals().
-    globals().update(RelayHalf=relay_py.RelayHalf, now=relay_py.now,
-                     wire_write=relay_py.wire_write)
+    relay_py.bind_base(globals())   # compiled: cimported by pg_relay_c.pxd
 
 STATE_STARTUP = contract.PG_CLIENT_STARTUP   # C ints once compiled (pg_relay_c.pxd)
 STATE_AUTH_MD5 = contract.PG_CLIENT_AUTH_MD5

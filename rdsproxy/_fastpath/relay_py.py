@@ -56,3 +56,10 @@ class RelayHalf:
 
     def connection_lost(self, exc):
         pass
+
+
+def bind_base(namespace):
+    """Give an uncompiled relay module (pg_relay_py, mysql_relay_py) the base's names.
+    Compiled, that module cimports them (its .pxd: C calls, a C base class), and Cython
+    allows no Python assignment to such names, hence a namespace filled from here."""
+    namespace.update(RelayHalf=RelayHalf, now=now, wire_write=wire_write)
