@@ -93,9 +93,10 @@ cdef class ClientRelay(RelayHalf):
 
     @cython.locals(chunk=bytes, n=Py_ssize_t, length=Py_ssize_t, cmd=int, at=Py_ssize_t,
                    sid="unsigned long long", nparams=Py_ssize_t, conn=ServerRelay,
-                   borrowed=bint, clock=double, payload=bytes, out=bytes, types=object)
+                   borrowed=bint, clock=double, payload=bytes, out=bytes, types=object,
+                   prepared=object)
     cdef bint quick_command(self, data) except -1
-    cdef bint ready_on(self, ServerRelay conn, object stmt) except -1
+    cdef bint ready_on(self, ServerRelay conn) except -1
     cdef inline void _enter(self, int phase) noexcept
 
 

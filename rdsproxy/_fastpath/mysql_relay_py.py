@@ -146,8 +146,13 @@ class ClientRelay(RelayHalf):  # noqa: F821 (see the imports)
                 conn.close()
                 return False
             borrowed = True
-        elif not self.ready_on(conn, stmt):
+        elif not self.ready_on(conn):
             return False
+        prepared = None      # the connection's (PrepareOk, packets) for the statement
+        if stmt is not None:
+            prepared = conn.prepared.get((conn.schema, stmt.sql))
+            if prepared is None and not borrowed:
+                return False
         # The command is this lane's from here: what CommandDispatch._dispatch and the
         # COM_* handler set, so that the slow path finds it all if anything goes wrong.
         self.activity += 1
@@ -171,7 +176,7 @@ class ClientRelay(RelayHalf):  # noqa: F821 (see the imports)
                 # The server statement may be shared (or new): always bind the types.
                 types = stmt.param_types
         if borrowed:
-            if not self.ready_on(conn, stmt):
+            if (stmt is not None and prepared is None) or not self.ready_on(conn):
                 if at and chunk[at] != 1:
                     self.cmd_payload_override = (payload[:at - 4] + b"\x01" + types
                                                  + payload[at - 3:])
@@ -183,23 +188,22 @@ class ClientRelay(RelayHalf):  # noqa: F821 (see the imports)
             conn.client = self
         out = chunk
         if stmt is not None:
-            out = execute_packet(chunk, conn.prepared[(conn.schema, stmt.sql)][0].statement_id,
-                                 at, types)
+            out = execute_packet(chunk, prepared[0].statement_id, at, types)
             self.long_data = False
         conn.start_answer()
         wire_write(conn.transport, out)  # noqa: F821
         self.quick_commands += 1
         return True
 
-    def ready_on(self, conn, stmt):
+    def ready_on(self, conn):
         """Whether `conn` carries this client's session as the slow path would leave it
-        before sending (StateSync._sync_and_send), for an answer the lane can follow."""
+        before sending (StateSync._sync_and_send), for an answer the lane can follow (a
+        statement's being prepared there is checked apart)."""
         return ((conn.schema is self.schema or conn.schema == self.schema)
                 and (conn.vars is self.vars or conn.vars == self.vars)
                 and not conn.closed
                 and conn.capabilities & CLIENT_PROTOCOL_41
-                and not conn.capabilities & UNFOLLOWED_CAPABILITIES
-                and (stmt is None or (conn.schema, stmt.sql) in conn.prepared))
+                and not conn.capabilities & UNFOLLOWED_CAPABILITIES)
 
     def _enter(self, phase):  # the relay's own calls, straight from C
         self.phase = self.ledger._move(self.phase, phase)

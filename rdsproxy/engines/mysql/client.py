@@ -307,8 +307,7 @@ class ClientConnection(CommandDispatch, StatementMapping, StateSync, ClientRelay
         if self.reader.buffered and not early:
             # The ClientHello was read with the SSLRequest (split differently): the TLS
             # layer takes it.
-            early = self.reader._buf[:]
-            self.reader._buf.clear()
+            early = self.reader.take_buffered()
         raw = self.transport
         raw.pause_reading()
         self._tls_pending = True

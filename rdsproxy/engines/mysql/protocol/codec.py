@@ -180,25 +180,31 @@ class PacketReader:
     (the one a reply must carry). A payload over `max_payload` raises ProtocolViolation
     (ER_NET_PACKET_TOO_LARGE) as soon as its header shows it, before buffering it; so do
     fragments whose sequence ids are not consecutive. After an exception the stream is
-    out of sync: close the connection.
+    out of sync: close the connection. `buffered` counts the bytes received but not yet
+    part of a returned packet (a plain attribute: the relay's quick lane reads it per
+    command).
     """
 
-    __slots__ = ("max_payload", "next_seq", "_buf", "_parts", "_part_len", "_part_seq",
-                 "_last_frag_seq")
+    __slots__ = ("max_payload", "next_seq", "buffered", "_buf", "_parts", "_part_len",
+                 "_part_seq", "_last_frag_seq")
 
     def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD):
         self.max_payload = int(max_payload)
         self.next_seq = 0
+        self.buffered = 0
         self._buf = bytearray()
         self._parts: list[bytes] = []      # fragments of a payload still being joined
         self._part_len = 0
         self._part_seq = 0
         self._last_frag_seq = 0
 
-    @property
-    def buffered(self) -> int:
-        """Bytes received but not yet part of a returned packet."""
-        return len(self._buf) + self._part_len
+    def take_buffered(self) -> bytes:
+        """The bytes received but not yet part of a packet, which leave the reader (what
+        came after a client's SSLRequest belongs to the TLS layer)."""
+        data = bytes(self._buf)
+        self._buf.clear()
+        self.buffered = self._part_len
+        return data
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[tuple[int, bytes]]:
         buf = self._buf
@@ -242,4 +248,5 @@ class PacketReader:
             out.append((first, body))
         if pos:
             del buf[:pos]
+        self.buffered = len(buf) + self._part_len
         return out
