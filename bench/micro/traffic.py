@@ -121,8 +121,8 @@ MANY_ROWS = 10000
 
 
 def _sbtest_c(i: int) -> str:
-    """sysbench's c column: eleven dash-separated groups of 11 digits (119 characters)."""
-    return "-".join(str(10 ** 10 + i * 7919 + g * 104729)[-11:] for g in range(11))
+    """sysbench's c column: ten dash-separated groups of 11 digits (119 characters)."""
+    return "-".join(str(10 ** 10 + i * 7919 + g * 104729)[-11:] for g in range(10))
 
 
 def _sbtest_pad(i: int) -> str:
