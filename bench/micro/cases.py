@@ -2,17 +2,20 @@
 fast path, checks its body's result and returns the body (see bench/micro/__init__.py).
 
 The objects are built as the engines build them (scanner settings, the pinning prefilter's
-keywords, a pool core with idle connections, the relay halves of a SessionFactory), so a
-body runs the code a proxy runs per chunk, with in-memory transports instead of sockets.
+keywords, a pool core with idle connections, the relay halves of a SessionFactory, the MySQL
+lane's halves with the fields the engine's connections give them), so a body runs the code
+a proxy runs per chunk, with in-memory transports instead of sockets.
 """
 from __future__ import annotations
 
+import math
 import os
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from types import SimpleNamespace
 
 from rdsproxy._fastpath import contract
-from rdsproxy.engines.mysql import protocol as my
+from rdsproxy.engines.mysql import pinning, protocol as my
+from rdsproxy.engines.mysql.statements import ClientStatement
 from rdsproxy.engines.postgres.engine import RULES_CAPTURE_LIMIT
 from rdsproxy.engines.postgres.pinning import PREFILTER
 from rdsproxy.engines.postgres.statements import SERVER_NAME_PREFIX
@@ -233,15 +236,17 @@ def ledger_connection(fp):
 # -- pg_relay: ClientRelay / ServerRelay per chunk ---------------------------------------------
 
 class Sink:
-    """An in-memory transport: counts what the relay writes."""
+    """An in-memory transport: counts what the relay writes and keeps the last write."""
 
     def __init__(self):
         self.writes = 0
         self.written = 0
+        self.last = None
 
     def write(self, data):
         self.writes += 1
         self.written += len(data)
+        self.last = data
 
 
 def relay_pair(fp):
@@ -271,8 +276,11 @@ def relay_pair(fp):
     return client, server, core
 
 
-def _transaction(fp, request, answer):
-    client, server, core = relay_pair(fp)
+def round_trip(client, server, core, request, answer, sent=None):
+    """The body of one command and its answer through a relay pair (either engine's): the
+    client's chunk borrows the idle connection and goes to the server as `sent` (the
+    request unchanged by default), the server's answer goes back and returns the
+    connection."""
     # data_received: what the loop's transports call; from C it calls the same received()
     # the C reactor calls directly.
     client_chunk, server_chunk = client.data_received, server.data_received
@@ -282,9 +290,15 @@ def _transaction(fp, request, answer):
         server_chunk(answer)       # forwards the answer, gives the connection back
         return core.idle_count, client.phase, client.server is None
     body = checked(body, (1, contract.Phase.FREE, True))
-    assert (server.transport.written, client.transport.written) == (3 * len(request),
-                                                                    3 * len(answer))
+    sent = request if sent is None else sent
+    got = (server.transport.written, client.transport.written,
+           server.transport.last, client.transport.last)
+    assert got == (3 * len(sent), 3 * len(answer), sent, answer), got
     return body
+
+
+def _transaction(fp, request, answer):
+    return round_trip(*relay_pair(fp), request, answer)
 
 
 @case("pg_relay", "-S transaction, simple protocol")
@@ -295,3 +309,151 @@ def relay_simple(fp):
 @case("pg_relay", "-S transaction, -M extended")
 def relay_extended(fp):
     return _transaction(fp, t.EXTENDED_REQUEST, t.EXTENDED_ANSWER)
+
+
+# -- mysql_relay: the quick lane's ClientRelay / ServerRelay per command -----------------------
+
+CLIENT_STATEMENT_ID = 1    # the id the proxy gives a client's first prepared statement
+# The connection's own id for that statement: another, as on a connection that served
+# other clients before, so that the body shows the lane renumbering it.
+SERVER_STATEMENT_ID = 12
+
+
+def _off_the_lane(name):
+    """A stand-in for the engine method `name`, which the lane calls when a command or an
+    answer is not its own: a case that reaches it measures the slow path, so it fails."""
+    def unreachable(self, *args):
+        raise AssertionError(f"the quick lane called {name}(): the command left it")
+    return unreachable
+
+
+class _NoPool:
+    """A server half's `pool` (core.pool.Pool): the lane reaches it only for a connection
+    to close or a waiting client to hand over to, neither of which a case has."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the quick lane reached the pool's {name}")
+
+
+def mysql_lane_pair(fp, verdicts=None, statements=()):
+    """A client half and a server half of the MySQL relay on Sinks, with the fields the
+    engine's ClientConnection and ServerConnection give them: the client logged in to
+    LANE_DATABASE, READY and free, with the plain COM_QUERY packets `verdicts` filed in
+    its Rules.plain_packets and the `statements` (SQL text, the parameter types its first
+    execute bound) prepared from CLIENT_STATEMENT_ID on; the server idle in a real
+    PoolCore, those statements prepared on it from SERVER_STATEMENT_ID on. The engine
+    methods the lane calls by name raise (_off_the_lane)."""
+    relay = fp.mysql_relay
+
+    class Client(relay.ClientRelay):
+        slow_data = _off_the_lane("slow_data")
+        on_connection = _off_the_lane("on_connection")
+        _next = _off_the_lane("_next")
+
+    class Server(relay.ServerRelay):
+        slow_data = _off_the_lane("slow_data")
+        lane_handoff = _off_the_lane("lane_handoff")
+        _broken = _off_the_lane("_broken")
+        excess = _off_the_lane("excess")
+        close = _off_the_lane("close")
+
+    rules = pinning.Rules()
+    core = fp.pool.PoolCore(POOL_SIZE)
+    server = Server()
+    server.transport = Sink()
+    server.key = POOL_KEY
+    server.pool = _NoPool()
+    server.pool_core = core
+    server.client = None
+    server.closed = False
+    server.retire_at = math.inf
+    server.idle_since = 0.0
+    server.mode = contract.MYSQL_SERVER_IDLE
+    server.capabilities = t.LANE_CAPABILITIES
+    server.status = my.SERVER_STATUS_AUTOCOMMIT
+    server.schema = t.LANE_DATABASE
+    server.vars = {}
+    server.prepared = {}
+    server.lid_owner = None
+    server.tracker = None
+    server.forwarded = False
+    assert core.reserve_new() and core.give_back(POOL_KEY, server) is None
+
+    client = Client()
+    client.transport = Sink()
+    client.engine = SimpleNamespace(clock=0.0)
+    client.ledger = _ledger(fp)
+    client.response_latency = fp.pool.LatencyHistogram()
+    client.pool_core = core
+    client.key = POOL_KEY
+    client.state = contract.MYSQL_CLIENT_READY
+    client.phase = contract.Phase.FREE
+    client.connection_id = 1
+    client.server = None
+    client.pin_reason = None
+    client.busy = False
+    client.queue = deque()
+    client.reader = my.PacketReader()
+    client.activity = client.queries = client.outstanding = 0
+    client.request_at = client.forwarded_at = 0.0
+    # ClientConnection._reset_state, after a login to LANE_DATABASE.
+    client.schema = t.LANE_DATABASE
+    client.vars = {}
+    client.stmts = {}
+    client.last_stmt_id = 0
+    client.long_data = False
+    client.cursor_stmt = None
+    client.last_insert_id = client.lid_version = 0
+    client.row_count = -1
+    client.last_server = None
+    client.cmd = client.verdict = client.stmt = None
+    client.cmd_seq = 0
+    client.cmd_payload_override = client.cmd_raw = None
+    client.verdicts = rules.plain_packets
+    for packet in verdicts or ():
+        # What CommandDispatch._com_query files for a plain statement the slow path sent.
+        verdict = rules.classify(packet[5:])
+        assert verdict.plain and verdict.statements == 1
+        rules.remember_plain(packet, verdict)
+    for n, (sql, types) in enumerate(statements):
+        # What StatementMapping._answer_prepare and _remember_prepared keep, and
+        # _com_stmt_execute once the client has bound its types.
+        verdict = rules.classify(sql)
+        assert verdict.plain
+        client.stmts[CLIENT_STATEMENT_ID + n] = ClientStatement(
+            sql, len(types) // 2, 1, verdict, param_types=types, plain=True)
+        client.last_stmt_id = CLIENT_STATEMENT_ID + n
+        server.prepared[(server.schema, sql)] = (
+            my.PrepareOk(SERVER_STATEMENT_ID + n, 1, len(types) // 2), [])
+    return client, server, core
+
+
+def _lane_command(pair, request, answer, sent=None):
+    client, server, core = pair
+    body = round_trip(client, server, core, request, answer, sent)
+    assert client.quick_commands == 3   # every round in the lane (its stand-ins say so too)
+    return body
+
+
+@case("mysql_relay", "point select: COM_STMT_EXECUTE + binary row")
+def mysql_lane_execute(fp):
+    # The client executes again without binding types; the lane binds those of its first
+    # execute (the connection's statement may be shared) under the connection's own id.
+    pair = mysql_lane_pair(fp, statements=[(t.POINT_SELECT_SQL, t.POINT_SELECT_TYPES)])
+    return _lane_command(pair, t.point_execute(CLIENT_STATEMENT_ID, types_bound=False),
+                         t.POINT_EXECUTE_ANSWER,
+                         sent=t.point_execute(SERVER_STATEMENT_ID, types_bound=True))
+
+
+@case("mysql_relay", "point select: COM_QUERY + text row")
+def mysql_lane_query(fp):
+    pair = mysql_lane_pair(fp, verdicts=[t.POINT_QUERY])
+    return _lane_command(pair, t.POINT_QUERY, t.POINT_QUERY_ANSWER)
+
+
+@case("mysql_relay", "COM_QUERY text, OK answer (index update)")
+def mysql_lane_update(fp):
+    pair = mysql_lane_pair(fp, verdicts=[t.UPDATE_QUERY])
+    body = _lane_command(pair, t.UPDATE_QUERY, t.UPDATE_ANSWER)
+    assert pair[0].row_count == 1    # the OK's affected rows, for a later ROW_COUNT()
+    return body

@@ -4,7 +4,9 @@ PostgreSQL: what pgbench sends and gets back for its select-only transaction (`-
 query mode (simple, `-M extended`, `-M prepared` as libpq words them), and a large result
 (`SELECT * FROM pgbench_accounts`, 10,000 rows) cut into the reads a socket gives.
 MySQL: sysbench's point select (`SELECT c FROM sbtest1 WHERE id=?`) and a many-row result of
-the sbtest1 table, as MariaDB answers a proxy connection (its capabilities).
+the sbtest1 table, as MariaDB answers a proxy connection (its capabilities); and, for the
+relay's quick lane, the point select prepared and as text and sysbench's index update, with
+the answers a real MariaDB gave them.
 """
 from __future__ import annotations
 
@@ -139,3 +141,47 @@ def many_rows(rows: int = MANY_ROWS) -> bytes:
                          ([i, 5000 + i % 4999, _sbtest_c(i), _sbtest_pad(i)]
                           for i in range(1, rows + 1)),
                          MYSQL_CAPABILITIES)
+
+
+# -- MySQL, through the relay's quick lane -----------------------------------------------------
+# Captured once from MariaDB 10.11.19 (127.0.0.1:3306, database `test`, an sbtest1 created
+# as sysbench creates it and row 5021 filled as _sbtest_c and _sbtest_pad fill it), over a
+# connection negotiated with the proxy's capabilities less CLIENT_DEPRECATE_EOF, so that a
+# result set ends in EOF packets: MariaDB's answers, byte for byte.
+LANE_CAPABILITIES = (MYSQL_CAPABILITIES & ~my.CLIENT_DEPRECATE_EOF) | my.CLIENT_CONNECT_WITH_DB
+LANE_DATABASE = "test"
+SBTEST_ID = 5021
+
+POINT_SELECT_SQL = b"SELECT c FROM sbtest1 WHERE id=?"   # sysbench's point_selects
+# Its one parameter as sysbench binds it (an INT: MYSQL_TYPE_LONG).
+POINT_SELECT_TYPES = struct.pack("<H", my.MYSQL_TYPE_LONG)
+
+
+def point_execute(statement_id: int, types_bound: bool) -> bytes:
+    """The COM_STMT_EXECUTE packet of the point select for SBTEST_ID. A client binds the
+    types on its first execute of a statement and not again (types_bound=False)."""
+    return my.packet(0, my.StmtExecute(
+        statement_id, null_bitmap=b"\x00", new_params_bound=types_bound,
+        param_types=POINT_SELECT_TYPES if types_bound else b"",
+        values=struct.pack("<i", SBTEST_ID)).build())
+
+
+# The c value of row 5021, as the server sent it.
+_C_5021 = (b"10039761299-10039866028-10039970757-10040075486-10040180215-10040284944-"
+           b"10040389673-10040494402-10040599131-10040703860")
+_C_COLUMN = (
+    b"\x01\x00\x00\x01\x01"                                         # column count: 1
+    b"*\x00\x00\x02\x03def\x04test\x07sbtest1\x07sbtest1\x01c\x01c"  # c CHAR(120) NOT NULL,
+    b"\x0c-\x00\xe0\x01\x00\x00\xfe\x01\x00\x00\x00\x00"             # utf8mb4_general_ci
+    b"\x05\x00\x00\x03\xfe\x00\x00\x02\x00"                          # EOF: autocommit
+)
+_LAST_EOF = b"\x05\x00\x00\x05\xfe\x00\x00\x02\x00"                 # EOF: autocommit
+# The answer to the point select's execute: its one row in the binary protocol.
+POINT_EXECUTE_ANSWER = _C_COLUMN + b"z\x00\x00\x04\x00\x00w" + _C_5021 + _LAST_EOF
+# The same statement as text (COM_QUERY), and its answer: the row in the text protocol.
+POINT_QUERY = my.packet(0, my.com_query(b"SELECT c FROM sbtest1 WHERE id=5021"))
+POINT_QUERY_ANSWER = _C_COLUMN + b"x\x00\x00\x04w" + _C_5021 + _LAST_EOF
+# sysbench's index update, and MariaDB's OK: one row affected, autocommit.
+UPDATE_QUERY = my.packet(0, my.com_query(b"UPDATE sbtest1 SET k=k+1 WHERE id=5021"))
+UPDATE_ANSWER = (b"0\x00\x00\x01\x00\x01\x00\x02\x00\x00\x00"
+                 b"(Rows matched: 1  Changed: 1  Warnings: 0")
