@@ -3,22 +3,27 @@
     python3 -m bench.mysql                         # 3 rounds x 10 s, 8 threads, all workloads
     python3 -m bench.mysql --quick                 # 3 rounds x 3 s (what ci/bench_gate.sh runs)
     python3 -m bench.mysql --targets direct,rdsproxy-cython --threads 16 --duration 20
+    python3 -m bench.mysql --workloads oltp_point_select --targets direct,haproxy,rdsproxy-cython
 
 Starts a throwaway MariaDB (rdsproxy.devservers.mariadb, max_connections=200), loads
 sysbench's tables, then starts rdsproxy twice from a frozen, Cython-built copy of the source
 (bench.build.prepare, as the PostgreSQL bench does): `rdsproxy-cython` and `rdsproxy-pure`
-(RDSPROXY_PURE_PYTHON=1), both with max_connections_percent=10 -> a pool of 20. The
+(RDSPROXY_PURE_PYTHON=1), both with max_connections_percent=10 -> a pool of 20, and HAProxy
+in TCP mode with one thread (`haproxy`): a C relay that passes the bytes on and pools
+nothing, each client on its own server connection, so its CPU per query is what putting any
+single-threaded relay in the path costs on this machine (the kernel's share above all). The
 workloads (oltp_point_select, oltp_read_only, oltp_read_write; sysbench uses binary
 prepared statements, so this also measures the statement-id mapping) run on every target in
 interleaved rounds, the target order rotated each round. Reported per workload and target:
 median tps, median p95 latency, ratio to direct, the proxy's CPU per transaction and per
 query (user + system, from /proc; on a shared machine it moves less between runs than tps
-does), sysbench's errors (ignored errors, reconnects, fatal ones: any of them fails the
+does) and that CPU as a multiple of HAProxy's, sysbench's errors (ignored errors, reconnects, fatal ones: any of them fails the
 run), and the server connections held during the run (sampled with `ss`: the proxy's for a
 proxy, sysbench's own when direct; max and median), so multiplexing is visible. The fast
 path each proxy really runs is read from its own /stats. Output:
 bench/results/mysql-latest.{json,md} (--output-dir), shaped as bench.gate reads it.
-Exit status 1 when a round had errors or a proxy did not start.
+Exit status 1 when a round had errors or a proxy did not start (HAProxy missing is
+reported and skipped: it is a yardstick, not the thing measured).
 """
 from __future__ import annotations
 
@@ -40,7 +45,7 @@ from bench.report import _median
 from bench.targets import REPO_ROOT, rdsproxy_env
 
 WORKLOADS = ("oltp_point_select", "oltp_read_only", "oltp_read_write")
-TARGETS = ("direct", "rdsproxy-cython", "rdsproxy-pure")
+TARGETS = ("direct", "haproxy", "rdsproxy-cython", "rdsproxy-pure")
 USER, PASSWORD, DB = "sbtest", "sb-secret", "sbtest"
 POOL_PERCENT, SERVER_MAX_CONNECTIONS = 10, 200
 
@@ -177,6 +182,43 @@ def start_proxy(reaper: Reaper, workdir: Path, name: str, tree: Path, server_por
             "implementation": proxy_stats(admin_port).get("fastpath")}
 
 
+class ReferenceUnavailable(RuntimeError):
+    """The reference relay is not installed; the run goes on without it."""
+
+
+def start_haproxy(reaper: Reaper, workdir: Path, server_port: int) -> dict:
+    """HAProxy as a plain TCP relay to the server: one thread, no pooling."""
+    binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    if not Path(binary).exists():
+        raise ReferenceUnavailable("haproxy not found (apt-get install -y haproxy)")
+    confdir = workdir / "haproxy"
+    confdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    config = confdir / "haproxy.cfg"
+    config.write_text(f"""\
+global
+    nbthread 1
+    maxconn 4096
+
+defaults
+    mode tcp
+    timeout connect 10s
+    timeout client 300s
+    timeout server 300s
+
+listen mariadb
+    bind 127.0.0.1:{port}
+    server target 127.0.0.1:{server_port}
+""")
+    log_path = confdir / "haproxy.log"
+    # -db: stay in the foreground, so the reaper's process is the one doing the work.
+    proc = reaper.spawn("haproxy", [binary, "-db", "-f", str(config)], log_path=log_path)
+    wait_ready(proc, port, log_path)
+    version = subprocess.run([binary, "-v"], capture_output=True, text=True).stdout.split("\n")[0]
+    return {"name": "haproxy", "port": port, "proc": proc,
+            "implementation": " ".join(version.split()[:3])}
+
+
 def pins(target: dict) -> int | None:
     """Sessions pinned so far, by the proxy's /stats (None: direct, or no answer)."""
     if not target.get("admin_port"):
@@ -238,9 +280,12 @@ def summarize(results: dict) -> None:
             t["pins"] = sum(r.get("pins") or 0 for r in rounds)
             t["errored_rounds"] = len(rounds) - len(ok)
         direct = wl["targets"].get("direct", {}).get("tps_median")
+        relay_cpu = wl["targets"].get("haproxy", {}).get("cpu_us_per_query")
         for t in wl["targets"].values():
             t["ratio_to_direct"] = round(t["tps_median"] / direct, 3) \
                 if t.get("tps_median") and direct else None
+            t["cpu_vs_haproxy"] = round(t["cpu_us_per_query"] / relay_cpu, 2) \
+                if t.get("cpu_us_per_query") and relay_cpu else None
 
 
 def _fmt(v, spec="{:.2f}"):
@@ -254,19 +299,22 @@ def markdown(results: dict) -> str:
              f"{cfg['threads']} threads, {cfg['rounds']} rounds x {cfg['duration']:g} s "
              f"(interleaved), pool of {cfg['pool_size']} (max_connections_percent="
              f"{POOL_PERCENT} of {SERVER_MAX_CONNECTIONS}). Median of rounds; errors summed; "
-             "server connections: the most and the median held, sampled every 0.2 s.", "",
+             "server connections: the most and the median held, sampled every 0.2 s. "
+             "CPU vs haproxy: proxy CPU per query as a multiple of HAProxy's (a C relay "
+             "that pools nothing).", "",
              "| workload | target | tps | p95 ms | tps vs direct | proxy CPU µs/txn "
-             "| µs/query | errors | server conns max / median | pins |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| µs/query | CPU vs haproxy | errors | server conns max / median | pins |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for workload, wl in results["workloads"].items():
         for target, s in wl["targets"].items():
             lines.append(
                 f"| {workload} | {target} | {_fmt(s['tps_median'], '{:.0f}')} | "
                 f"{_fmt(s['p95_ms'])} | {_fmt(s['ratio_to_direct'])} | "
                 f"{_fmt(s['cpu_us_per_txn'], '{:.0f}')} | {_fmt(s['cpu_us_per_query'], '{:.1f}')} | "
+                f"{_fmt(s.get('cpu_vs_haproxy'))} | "
                 f"{s['errors']} | {_fmt(s['server_conns_max'], '{}')} / "
                 f"{_fmt(s['server_conns_median'], '{:g}')} | "
-                f"{s['pins'] if target != 'direct' else '-'} |")
+                f"{s['pins'] if target.startswith('rdsproxy') else '-'} |")
     lines += ["", "Fast path in each proxy process: " + ", ".join(
         f"{n} {t.get('implementation') or t.get('reason', '?')[:200]}"
         for n, t in results["targets"].items() if n != "direct"), ""]
@@ -321,6 +369,16 @@ def main(argv=None) -> int:
             if name == "direct":
                 live[name] = {"name": name, "port": server.port, "proc": None}
                 results["targets"][name] = {"status": "ok"}
+                continue
+            if name == "haproxy":
+                try:
+                    live[name] = start_haproxy(reaper, workdir, server.port)
+                    results["targets"][name] = {"status": "ok",
+                                                "implementation": live[name]["implementation"]}
+                except (RuntimeError, OSError) as exc:
+                    log(f"{name} skipped: {exc}")
+                    results["targets"][name] = {"status": "skipped", "reason": str(exc)}
+                    failed |= not isinstance(exc, ReferenceUnavailable)  # installed, broken
                 continue
             try:
                 live[name] = start_proxy(reaper, workdir, name, Path(tree), server.port)

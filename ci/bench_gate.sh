@@ -2,7 +2,8 @@
 # Performance gate, one quick run per engine, each compared with its section of
 # ci/bench_baseline.json (fails when a ratio drops >15% below baseline):
 #   postgresql: pgbench, rdsproxy-cython / PgBouncer (bench/run --quick)
-#   mysql:      sysbench, rdsproxy-cython / direct MariaDB (python3 -m bench.mysql --quick)
+#   mysql:      sysbench, rdsproxy-cython / HAProxy relaying to MariaDB (python3 -m bench.mysql
+#               --quick; direct MariaDB runs beside them for the report)
 # Either also fails when the candidate did not run the Cython fast path, when its proxy CPU
 # figure is missing, and (MySQL) when sysbench counted any error.
 #
@@ -56,7 +57,7 @@ for engine in ${BENCH_GATE_ENGINES:-postgresql mysql}; do
         postgresql) gate_engine postgresql latest.json \
             bench/run --quick --targets pgbouncer,rdsproxy-cython --no-chart || status=1 ;;
         mysql) gate_engine mysql mysql-latest.json \
-            python3 -m bench.mysql --quick --targets direct,rdsproxy-cython || status=1 ;;
+            python3 -m bench.mysql --quick --targets direct,haproxy,rdsproxy-cython || status=1 ;;
         *) echo "bench_gate: unknown engine $engine" >&2; status=1 ;;
     esac
 done

@@ -8,8 +8,10 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+# haproxy: the MySQL bench's reference relay (bench/mysql.py); its packaged configuration
+# listens on no port.
 PACKAGES=(postgresql postgresql-contrib pgbouncer mariadb-server mariadb-client sysbench
-          build-essential)
+          haproxy build-essential)
 
 log() { echo "ci/install.sh: $*" >&2; }
 

@@ -90,7 +90,8 @@ def test_fatal_mysql_errors_are_counted_once_each():
 
 
 def mysql_result(ratio=0.5, errors=0, impl="cython", cpu=35.0) -> dict:
-    """A bench.mysql result file, summarized, where direct ran at 2000 tps."""
+    """A bench.mysql result file, summarized, where the reference relay (HAProxy) ran at
+    2000 tps."""
     def rnd(tps, out, cpu_us):
         return {"round": 0, "exit": 0 if not parse_sysbench(out)["errors"] else 1,
                 **parse_sysbench(out), "tps": tps, "cpu_us_per_txn": cpu_us,
@@ -98,10 +99,10 @@ def mysql_result(ratio=0.5, errors=0, impl="cython", cpu=35.0) -> dict:
                 "server_conns_median": 8}
     clean, bad = REPORT.format(ignored=0, reconnects=0), REPORT.format(ignored=errors,
                                                                         reconnects=0)
-    results = {"engine": "mysql", "targets": {"direct": {"status": "ok"},
+    results = {"engine": "mysql", "targets": {"haproxy": {"status": "ok"},
                                               "rdsproxy-cython": {"implementation": impl}},
                "workloads": {"oltp_read_write": {"targets": {
-                   "direct": {"rounds": [rnd(2000.0, clean, None)]},
+                   "haproxy": {"rounds": [rnd(2000.0, clean, 30.0)]},
                    "rdsproxy-cython": {"rounds": [rnd(2000.0 * ratio, bad, cpu)]}}}}}
     summarize(results)
     return results
@@ -109,7 +110,7 @@ def mysql_result(ratio=0.5, errors=0, impl="cython", cpu=35.0) -> dict:
 
 BASELINE = {"engines": {
     "postgresql": {"reference": "pgbouncer", "ratios": {"select_c10": 0.9}},
-    "mysql": {"candidate": "rdsproxy-cython", "reference": "direct", "tolerance": 0.15,
+    "mysql": {"candidate": "rdsproxy-cython", "reference": "haproxy", "tolerance": 0.15,
               "cpu_figure": "cpu_us_per_query", "ratios": {"oltp_read_write": 0.5}}}}
 
 
@@ -150,6 +151,17 @@ def test_rebaseline_writes_the_engine_section_and_keeps_the_other(tmp_path):
     doc = json.loads(path.read_text())
     assert doc["engines"]["postgresql"] == BASELINE["engines"]["postgresql"]
     mysql = doc["engines"]["mysql"]
-    assert (mysql["reference"], mysql["cpu_figure"]) == ("direct", "cpu_us_per_query")
+    assert (mysql["reference"], mysql["cpu_figure"]) == ("haproxy", "cpu_us_per_query")
     assert mysql["ratios"] == {"oltp_read_write": 0.44}
     assert check(mysql_result(ratio=0.44), doc)[0]
+
+
+def test_the_proxy_cpu_is_reported_against_haproxys():
+    targets = mysql_result(cpu=36.0)["workloads"]["oltp_read_write"]["targets"]
+    assert targets["haproxy"]["cpu_vs_haproxy"] == 1.0
+    assert targets["rdsproxy-cython"]["cpu_vs_haproxy"] == 1.2
+    # Without HAProxy in the run there is no such figure.
+    lone = mysql_result()
+    del lone["workloads"]["oltp_read_write"]["targets"]["haproxy"]
+    summarize(lone)
+    assert lone["workloads"]["oltp_read_write"]["targets"]["rdsproxy-cython"]["cpu_vs_haproxy"] is None

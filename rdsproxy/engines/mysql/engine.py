@@ -71,6 +71,7 @@ class MysqlEngine(BaseEngine):
         if config.auth and config.auth[0].client_password_auth_type == "MYSQL_CACHING_SHA2_PASSWORD":
             self.default_plugin = auth.CACHING_SHA2_PASSWORD
         self.max_payload = min(config.max_message_size, 1 << 30)
+        self.quick_commands_gone = 0   # commands the relay's quick lane took, clients gone
 
     @property
     def rsa(self):
@@ -122,6 +123,14 @@ class MysqlEngine(BaseEngine):
     def forget_client(self, client) -> None:
         if client.connection_id:
             self.by_id.pop(client.connection_id, None)
+        self.quick_commands_gone += client.quick_commands
+
+    def stats(self) -> dict:
+        out = super().stats()
+        # Read from the clients when asked, as QueryRequests is: the lane counts per client.
+        out["QuickCommands"] = self.quick_commands_gone + sum(
+            client.quick_commands for client in self.clients)
+        return out
 
     def client_id(self, client) -> int:
         return client.connection_id
