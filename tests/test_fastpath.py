@@ -146,6 +146,26 @@ def test_counted_and_captured_types(framing):
     assert s.status == ord("E")
 
 
+@pytest.mark.parametrize("step", [None, 1, 3, 9])
+def test_tallied_types_count_over_the_stream(framing, step):
+    """A client's Query and Execute messages, whole or split anywhere, counted across
+    chunks and resets, whatever is counted or captured beside them."""
+    s = framing.MessageScanner(counted=b"QS", captured=b"Q", tallied=b"QE")
+    extended = (msg("P", b"\x00SELECT $1\x00\x00\x00") + msg("B", b"\x00\x00" + bytes(6))
+                + msg("E", b"\x00" + bytes(4)) + msg("S"))
+    stream = msg("Q", b"SELECT 1; SELECT 2\x00") + extended + msg("E", b"\x00" + bytes(4)) \
+        + msg("S") + msg("X")
+    for chunk in ([stream] if step is None
+                  else [stream[i:i + step] for i in range(0, len(stream), step)]):
+        s.feed(chunk)
+        s.captured.clear()
+    assert s.tally == 3
+    s.reset()
+    s.feed(msg("Q", b"SELECT 3\x00"))
+    assert s.tally == 4
+    assert s.fresh().tally == 0 and framing.MessageScanner().tally == 0
+
+
 def test_owner_drains_captured(framing):
     s = framing.MessageScanner(captured=b"C")
     s.feed(COMMAND_COMPLETE)

@@ -135,6 +135,22 @@ def test_postgres_metrics(proxy_factory):
     assert stats["SessionPinReasons"] == {"temporary_object": 1}
 
 
+def test_postgres_query_requests_count_both_protocols(proxy_factory):
+    """A simple-protocol Query is one request however many statements its text holds; in
+    the extended protocol each Execute is one, pipelined or not."""
+    proxy = proxy_factory(engine="postgres", admin=True)
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        conn.execute("SELECT 1")
+        before = proxy.stats()["QueryRequests"]
+        conn.execute("SELECT 1; SELECT 2")
+        for i in range(5):
+            assert conn.execute("SELECT %s::int", (i,)).fetchone()[0] == i
+        with conn.pipeline():
+            cursors = [conn.execute("SELECT %s::int", (i,)) for i in range(3)]
+        assert [c.fetchone()[0] for c in cursors] == [0, 1, 2]
+        assert proxy.stats()["QueryRequests"] - before == 1 + 5 + 3
+
+
 def test_mysql_metrics(proxy_factory):
     proxy = proxy_factory(engine="mysql", admin=True, target={"name": "primary"})
     conn = connect(proxy)

@@ -38,7 +38,7 @@ def checked(body, expected):
 def client_scanner(fp):
     """A client's scanner as the PostgreSQL engine configures it (engine.client_scanner)."""
     return fp.pg_framing.MessageScanner(counted=b"QSF", captured=b"QPXFBDC",
-                                        capture_limit=RULES_CAPTURE_LIMIT)
+                                        capture_limit=RULES_CAPTURE_LIMIT, tallied=b"QE")
 
 
 def server_scanner(fp):

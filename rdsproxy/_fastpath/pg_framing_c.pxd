@@ -14,6 +14,8 @@ cdef int STATUS_IDLE
 cdef class MessageScanner:
     cdef public bytearray counted_mask
     cdef public bytearray captured_mask
+    cdef public bytearray tallied_mask
+    cdef public unsigned long long tally
     cdef public Py_ssize_t capture_limit
     cdef public long long max_message_size
     cdef public list captured

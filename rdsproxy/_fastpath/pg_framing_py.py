@@ -50,13 +50,16 @@ class MessageScanner:
     Messages of a *captured* type are collected in `captured` as
     (type, payload_prefix, payload_length) tuples; the owner drains that list.
     `status` holds the status byte of the last complete ReadyForQuery ('I', 'T', 'E').
-    `last_type` is the type of the last message whose header was read.
+    `last_type` is the type of the last message whose header was read. `tally` counts the
+    completed messages of a *tallied* type over the whole stream (a client's Query and
+    Execute messages: the QueryRequests metric), without the owner's looking at them.
     """
 
     def __init__(self, counted=b"", captured=b"", capture_limit=65536,
-                 max_message_size=1 << 30):
+                 max_message_size=1 << 30, tallied=b""):
         self.counted_mask = type_mask(counted)
         self.captured_mask = type_mask(captured)
+        self.tallied_mask = type_mask(tallied)
         self.capture_limit = capture_limit
         self.max_message_size = max_message_size
         self._start()
@@ -67,6 +70,7 @@ class MessageScanner:
         twin = MessageScanner.__new__(MessageScanner)
         twin.counted_mask = self.counted_mask
         twin.captured_mask = self.captured_mask
+        twin.tallied_mask = self.tallied_mask
         twin.capture_limit = self.capture_limit
         twin.max_message_size = self.max_message_size
         twin._start()
@@ -76,6 +80,7 @@ class MessageScanner:
         self.captured = []
         self.status = STATUS_IDLE
         self.last_type = 0
+        self.tally = 0
         # A header split across chunks is gathered as ints, not in a buffer:
         # how many of its 5 bytes arrived, its type byte, its length bytes so far.
         self._hdr_len = 0
@@ -166,6 +171,7 @@ class MessageScanner:
                         self.status = buf[pos]
                     pos += length
                     count += self.counted_mask[mtype]
+                    self.tally += self.tallied_mask[mtype]
                     continue
                 self._remaining = length
                 self._capturing = self.captured_mask[mtype] != 0
@@ -203,6 +209,7 @@ class MessageScanner:
             payload = bytes(self._capture_buf)
             del self._capture_buf[:]
             self.captured.append((mtype, payload, self._length))
+        self.tally += self.tallied_mask[mtype]
         return self.counted_mask[mtype]
 
 

@@ -206,7 +206,7 @@ class ClientRelay(RelayHalf):  # noqa: F821 (see the imports)
         self.pending = []
         self.pending_size = 0
         self.activity = 0         # chunks received; the housekeeper turns it into idle time
-        self.queries = 0          # Query messages (the QueryRequests metric)
+        self.queries = 0          # Query and Execute messages (QueryRequests): the scanner's tally
         self.prefilter = None
         # The request bytes sent on a connection taken idle, until its answer starts: if the
         # connection dies first, the engine may send them again elsewhere (failover).
@@ -298,6 +298,7 @@ class ClientRelay(RelayHalf):  # noqa: F821 (see the imports)
         except Exception as exc:  # FramingError: a length that cannot be right
             self.framing_error(exc)
             return
+        self.queries = scanner.tally
         if scanner.captured:
             data = self.screen(data)
         if self.outstanding == 0 and self.chunk_at_boundary:
@@ -433,7 +434,6 @@ class ClientRelay(RelayHalf):  # noqa: F821 (see the imports)
             mtype = entry[0]
             payload = entry[1]
             if mtype == MSG_QUERY:
-                self.queries += 1
                 if unpinned and (entry[2] > len(payload) or prefilter.may_match(payload)):
                     return self.inspect(data)
             elif mtype == MSG_PARSE:

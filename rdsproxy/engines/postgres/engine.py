@@ -66,9 +66,11 @@ class PostgresEngine(BaseEngine):
         # The template of every client's scanner (ClientConnection: .fresh() of it).
         # Bind, Describe and Close are copied only to see that a client which sends them
         # as they are names none of the proxy's statements (statements.reserved_statement_name).
+        # Query and Execute messages are tallied: each is one of QueryRequests.
         self.client_scanner = MessageScanner(counted=b"QSF", captured=b"QPXFBDC",
                                              capture_limit=self.rules_capture_limit,
-                                             max_message_size=config.max_message_size)
+                                             max_message_size=config.max_message_size,
+                                             tallied=b"QE")
         self.statement_client_mask = type_mask(b"QPXF")
         # What the relay's login lane shares: StartupPlans by raw startup packet (clients
         # that connect again and again send the same one), cancel keys (pid -> client).
