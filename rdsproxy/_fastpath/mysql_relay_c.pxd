@@ -149,5 +149,6 @@ cdef class ServerRelay(RelayHalf):
                                         Py_ssize_t end) noexcept
 
 
+cdef bint state_held(ClientRelay client, ServerRelay conn) except -1
 cpdef begin_answer(ServerRelay relay)
 cpdef Py_ssize_t scan_chunk(ServerRelay relay, bytes data) except -9

@@ -205,8 +205,21 @@ class ClientRelay(RelayHalf):  # noqa: F821 (see the imports)
                 and conn.capabilities & CLIENT_PROTOCOL_41
                 and not conn.capabilities & UNFOLLOWED_CAPABILITIES)
 
+    def holds_state(self, conn):
+        """state_held(self, conn), for the engine's Python."""
+        return state_held(self, conn)
+
     def _enter(self, phase):  # the relay's own calls, straight from C
         self.phase = self.ledger._move(self.phase, phase)
+
+
+def state_held(client, conn):
+    """Whether `conn` carries the session state of `client`, which no other client may get:
+    a pin, an open transaction or cursor, statement data sent ahead. The one rule for
+    keeping a connection after a command, resetting it when the client leaves, and whether
+    losing it loses the session."""
+    return (client.pin_reason is not None or (conn.status & HOLD_STATUS) != 0
+            or client.long_data)
 
 
 def execute_packet(chunk, statement_id, at, types):
@@ -336,7 +349,7 @@ class ServerRelay(RelayHalf):  # noqa: F821
         if client.queue:
             client._next()   # the slow path's: the connection stays for what is queued
             return
-        if client.pin_reason is not None or status & HOLD_STATUS or client.long_data:
+        if state_held(client, self):
             return
         client.server = None
         self.client = None

@@ -32,7 +32,7 @@ from ...logs import redact_statement
 from . import protocol as p
 from .backend import BUSY
 from .client_login import MAX_AUTH_PACKET, ClientLogin
-from .clientstate import (AUTH, CLOSED, ER_CON_COUNT, ER_LOST, ER_MALFORMED, HOLD_STATUS, LOGIN,
+from .clientstate import (AUTH, CLOSED, ER_CON_COUNT, ER_LOST, ER_MALFORMED, LOGIN,
                           OK_STATUS, READY, STARTUP, err)
 from .commands import CommandDispatch
 from .console import ConsoleWire, unknown_database
@@ -501,8 +501,7 @@ class ClientConnection(CommandDispatch, StatementMapping, StateSync, ClientRelay
         server.pool.discard(server)
         if self.state != READY:
             return
-        stateful = (self.pin_reason is not None or server.status & HOLD_STATUS
-                    or self.long_data)
+        stateful = self.holds_state(server)
         if (self.busy and not server.forwarded and not stateful and self.verdict is not None
                 and self.verdict.read_only and self.cmd is not None):
             # Nothing reached the client and the statement only reads: if the target is going
@@ -526,8 +525,7 @@ class ClientConnection(CommandDispatch, StatementMapping, StateSync, ClientRelay
             return
         self.enter(Phase.FREE)
         text = "the database connection serving this session was lost"
-        stateful = (self.pin_reason is not None or server.status & HOLD_STATUS
-                    or self.long_data)
+        stateful = self.holds_state(server)
         log.warning("client %s (user %s): %s (thread %d)", self.peer, self.user, text,
                     server.thread_id)
         if stateful or server.forwarded:
@@ -542,9 +540,7 @@ class ClientConnection(CommandDispatch, StatementMapping, StateSync, ClientRelay
         if server.closed or server.mode == BUSY:
             server.pool.discard(server)
             return
-        dirty = (self.pin_reason is not None or server.status & HOLD_STATUS
-                 or self.long_data)
-        if not dirty:
+        if not self.holds_state(server):
             server.pool.release(server)
             return
         self._reset_and_release(server)

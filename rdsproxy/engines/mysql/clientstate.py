@@ -11,8 +11,6 @@ STARTUP, AUTH, LOGIN, READY, CLOSED = (
     contract.MYSQL_CLIENT_READY, contract.MYSQL_CLIENT_CLOSED)
 
 OK_STATUS = p.SERVER_STATUS_AUTOCOMMIT
-# A connection in either state must stay with its client.
-HOLD_STATUS = p.SERVER_STATUS_IN_TRANS | p.SERVER_STATUS_CURSOR_EXISTS
 
 # Errors the proxy sends itself: (code, sqlstate).
 ER_ACCESS_DENIED = (1045, "28000")

@@ -9,7 +9,7 @@ from . import pinning
 from . import protocol as p
 from .backend import BUSY
 from .clientstate import (ER_CONNECTION_KILLED, ER_MALFORMED, ER_NOT_OWNER, ER_UNKNOWN_COM,
-                          ER_UNKNOWN_THREAD, HOLD_STATUS, READY)
+                          ER_UNKNOWN_THREAD, READY)
 from .protocol import ProtocolViolation
 from .statements import StatementMapping
 
@@ -91,8 +91,7 @@ class CommandDispatch:
         self._next()
 
     def _must_keep(self, server) -> bool:
-        return bool(self.pin_reason is not None or server.status & HOLD_STATUS or self.long_data
-                    or self.queue)
+        return bool(self.queue) or self.holds_state(server)
 
     def _com_quit(self, payload):
         self.busy = False
