@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import signal
 import socket
 import struct
 import threading
@@ -13,7 +15,7 @@ import psycopg
 import pytest
 
 from harness import APP_DB, APP_PASSWORD, APP_USER
-from utils import run, wait_until
+from utils import md5_session, run, wait_until
 
 CANCEL_REQUEST_CODE = 80877102
 
@@ -149,3 +151,35 @@ def test_asyncpg_cancellation(proxy):
     assert value == "usable"
     assert elapsed < 5
     wait_until(lambda: proxy.stats()["pool"]["borrowed"] == 0, timeout=5, message="nothing borrowed")
+
+
+def test_a_cancel_in_flight_gets_no_message_when_the_proxy_stops(proxy_factory, pg_factory):
+    """A CancelRequest's connection carries no protocol message back, only its close
+    (libpq 17+'s non-blocking cancel reports any byte as a failure), also when the proxy
+    shuts down before PostgreSQL has taken the cancel: its postmaster is stopped here, so
+    the cancel stays in flight."""
+    cluster = pg_factory(max_connections=20)
+    cluster.create_user(APP_USER, APP_PASSWORD)
+    cluster.create_database(APP_DB, owner=APP_USER)
+    proxy = proxy_factory(cluster, client_auth="POSTGRES_MD5")
+    key = []
+    session = md5_session(proxy.host, proxy.port, APP_USER, APP_PASSWORD, APP_DB, backend_key=key)
+    (pid, secret), = key
+    query = b"SELECT pg_sleep(30)\0"
+    session.sendall(b"Q" + struct.pack("!i", len(query) + 4) + query)
+    wait_until(lambda: proxy.stats()["pool"]["borrowed"] == 1)
+    with open(os.path.join(cluster.data_dir, "postmaster.pid")) as f:
+        postmaster = int(f.readline())
+    os.kill(postmaster, signal.SIGSTOP)
+    try:
+        with socket.create_connection((proxy.host, proxy.port), timeout=10) as cancel:
+            cancel.sendall(struct.pack("!IIiI", 16, CANCEL_REQUEST_CODE, pid, secret))
+            wait_until(lambda: proxy.stats()["CancelRequests"] == 1)
+            proxy.stop()
+            received = b""
+            while chunk := cancel.recv(4096):
+                received += chunk
+        assert received == b""
+    finally:
+        os.kill(postmaster, signal.SIGCONT)
+        session.close()

@@ -171,9 +171,10 @@ def libpq_dsn(host, port, user, password, dbname, **extra) -> str:
     return " ".join(parts)
 
 
-def md5_session(host, port, user, password, database):
+def md5_session(host, port, user, password, database, backend_key: list | None = None):
     """A raw socket logged in through an md5 exchange, past its first ReadyForQuery: for
-    protocol messages no driver sends (FunctionCall, say)."""
+    protocol messages no driver sends (FunctionCall, say). `backend_key`, if given, gets
+    the (pid, secret) of BackendKeyData appended."""
     from rdsproxy.auth.md5 import md5_response
     sock = socket.create_connection((host, port), timeout=10)
     body = (struct.pack("!i", 196608) + b"user\0" + user.encode() + b"\0database\0"
@@ -186,6 +187,8 @@ def md5_session(host, port, user, password, database):
     while mtype != b"Z":
         mtype, payload = recv_message(sock)
         assert mtype != b"E", message_fields(payload)
+        if mtype == b"K" and backend_key is not None:
+            backend_key.append(struct.unpack("!iI", payload[:8]))
     return sock
 
 

@@ -91,6 +91,7 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
     tls = False               # the session runs over TLS
     _tls_pending = False      # 'S' sent, handshake under way
     refused = False           # over max_client_connections: answered after its startup packet
+    cancel_only = False       # a CancelRequest's connection: nothing is ever written back
     # Defaults of what a session sets later (class attributes: a new client costs less).
     # Never one of ClientRelay's C fields: a class attribute would hide the field.
     waiting_for_route = False
@@ -690,6 +691,7 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
                 # mean "done" and send their next statement.
                 self.state = CLOSED
                 self.close_reason = "cancel request"
+                self.cancel_only = True
                 self.engine.cancel(event.pid, event.secret, self.peer, self.close)
 
     def _start_tls(self):
@@ -801,7 +803,8 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
         """Tell the client why, then close its connection."""
         if self.close_reason is None:
             self.close_reason = text
-        if self.transport is not None and not self.transport.is_closing():
+        if (self.transport is not None and not self.transport.is_closing()
+                and not self.cancel_only):
             self.transport.write(pg.error_response(code, text, severity="FATAL", detail=detail))
         self.close()
 
