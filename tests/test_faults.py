@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import socket
 import struct
 import threading
@@ -11,6 +12,8 @@ import time
 import psycopg
 import pytest
 from harness import APP_USER, Bystander, error_code, read_all, startup_packet
+from rdsproxy.engines.postgres import protocol as pgproto
+from rdsproxy.engines.postgres.held import request_did_not_run
 from utils import wait_until
 
 
@@ -174,6 +177,83 @@ def test_idle_pooled_connection_killed_is_replaced(proxy, pg):
         pg.psql(f"select pg_terminate_backend({pid})")  # idle in the pool now
         wait_until(lambda: proxy.stats()["pool"]["idle"] == 0, message="dead idle connection dropped")
         assert conn.execute("select pg_backend_pid()").fetchone()[0] != pid
+
+
+_BIND_EXECUTE_SYNC = [pgproto.message(b"B", b"\x00s1\x00" + bytes(6)),
+                      pgproto.message(b"E", bytes(5)) + pgproto.message(b"S")]
+_TERMINATED = pgproto.error_response("57P01", "terminating connection due to administrator "
+                                     "command", severity="FATAL")
+
+
+@pytest.mark.parametrize("request_chunks,answer,did_not_run", [
+    (_BIND_EXECUTE_SYNC, [_TERMINATED], True),
+    ([_BIND_EXECUTE_SYNC[0][:9]], [_TERMINATED], True),   # the rest still to come
+    (_BIND_EXECUTE_SYNC, [pgproto.message(b"2"), _TERMINATED], False),   # bound: it ran
+    (_BIND_EXECUTE_SYNC, [], False),                      # gone without a word: a crash
+    (_BIND_EXECUTE_SYNC, [pgproto.error_response("08P01", "invalid message", severity="FATAL")],
+     False),                                              # what it read was refused
+    ([pgproto.query("insert into t values (1)")], [_TERMINATED], False),
+], ids=["fatal_only", "partial_request", "answer_began", "no_fatal", "refused", "simple_query"])
+def test_what_proves_a_request_did_not_run(request_chunks, answer, did_not_run):
+    assert request_did_not_run(request_chunks, answer or None) is did_not_run
+
+
+def send_to_a_backend_dying_unread(proxy, pg, conn, request):
+    """`request(conn)`'s outcome (its result, or the error it raised) when the idle pooled
+    connection it is sent on belongs to a backend already told to terminate: the backend is
+    stopped while pg_terminate_backend signals it and continued once the proxy has written
+    the request, so it ends with its FATAL before reading a byte of it, and the proxy learns
+    of the death only from that answer. Returns (outcome, the terminated backend's pid)."""
+    pid = conn.execute("select pg_backend_pid()").fetchone()[0]
+    wait_until(lambda: proxy.stats()["pool"]["borrowed"] == 0, message="connection idle")
+    outcome = []
+
+    def send():
+        try:
+            outcome.append(request(conn))
+        except psycopg.Error as exc:
+            outcome.append(exc)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        pg.psql(f"select pg_terminate_backend({pid})")
+        sender = threading.Thread(target=send)
+        sender.start()
+        wait_until(lambda: proxy.stats()["pool"]["borrowed"] == 1, message="request written")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    sender.join(30)
+    assert outcome, "no answer"
+    return outcome[0], pid
+
+
+@pytest.mark.parametrize("prepare", [True, False], ids=["named", "unnamed"])
+def test_extended_request_on_a_connection_found_dead_is_sent_again(proxy_factory, pg, prepare):
+    """The only answer to the request is the FATAL of a backend that had not read it (an
+    extended-protocol request is answered message by message, and what is answered comes
+    before a FATAL): nothing of it ran, so it goes to a fresh connection, unnoticed."""
+    proxy = proxy_factory(max_connections_percent=2)   # budget 1
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        assert conn.execute("select %s::int + 1", (1,), prepare=prepare).fetchone() == (2,)
+        outcome, pid = send_to_a_backend_dying_unread(
+            proxy, pg, conn,
+            lambda c: c.execute("select %s::int + 1", (2,), prepare=prepare).fetchone())
+        assert outcome == (3,)
+        assert proxy.stats()["RequestsReplayed"] == 1
+        assert conn.execute("select pg_backend_pid()").fetchone()[0] != pid
+        assert conn.execute("select %s::int + 1", (3,), prepare=prepare).fetchone() == (4,)
+    assert proxy.stats()["SessionPinReasons"] == {}
+
+
+def test_simple_query_on_a_connection_found_dead_is_not_sent_again(proxy_factory, pg):
+    """A simple Query gets no answer before it runs, so a FATAL alone does not prove that it
+    did not: the client hears the server's error, as it would directly, and carries on."""
+    proxy = proxy_factory(max_connections_percent=2)   # budget 1
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        outcome, _ = send_to_a_backend_dying_unread(
+            proxy, pg, conn, lambda c: c.execute("select 2 + 1").fetchone())
+        assert isinstance(outcome, psycopg.errors.AdminShutdown), outcome
+        assert proxy.stats()["RequestsReplayed"] == 0
+        assert conn.execute("select 1").fetchone() == (1,)
 
 
 def test_pinned_client_whose_backend_dies_leaves_no_pinned_count(proxy, pg):

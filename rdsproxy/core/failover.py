@@ -123,15 +123,17 @@ class Failover:
                      target.name, closed)
         self.group.probe_soon(target)
 
-    def hold_for_health_check(self, client, server) -> None:
+    def hold_for_health_check(self, client, server, resend: bool = False) -> None:
         """`client`'s request went to a connection that died without answering. Decide at
         the next health check of its target that starts from now: target down (or no longer
-        in the role the client needs) -> send the request again; target fine -> report."""
+        in the role the client needs) -> send the request again; target fine -> report,
+        or with `resend` (the engine knows that nothing of the request ran) send it again
+        there."""
         target = getattr(server.pool, "target", None)
         if target is None or target not in self.router.pools:
             self.loop.call_soon(client.replay_request)   # the target was removed
             return
-        self._held.setdefault(target, []).append((client, server, self.loop.time()))
+        self._held.setdefault(target, []).append((client, server, self.loop.time(), resend))
         self.group.probe_soon(target)
 
     def _on_probe(self, target: Target) -> None:
@@ -140,12 +142,14 @@ class Failover:
         if not held:
             return
         keep = []
-        for client, server, since in held:
+        for entry in held:
+            client, server, since, resend = entry
             if client.state != self.engine.ready_state:
                 continue
             if target.probe_started is None or target.probe_started < since:
-                keep.append((client, server, since))   # this check began before the loss
-            elif (target.consecutive_failures or target.state is not TargetState.AVAILABLE
+                keep.append(entry)   # this check began before the loss
+            elif (resend or target.consecutive_failures
+                  or target.state is not TargetState.AVAILABLE
                   or self.router.target_for(client.route_role) is not target):
                 client.replay_request()
             else:

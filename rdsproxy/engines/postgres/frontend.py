@@ -44,7 +44,12 @@ from .login import (
     StartupReceived,
     TlsRequested,
 )
-from .held import answer_completed_a_statement, server_fatal_error, server_last_words
+from .held import (
+    answer_completed_a_statement,
+    request_did_not_run,
+    server_fatal_error,
+    server_last_words,
+)
 from .protocol import ServerError
 from .statements import SERVER_NAME_PREFIX, StatementBook, reserved_statement_name
 from .pinning import (
@@ -88,6 +93,7 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
     """One client of the proxy, from its first byte to its last."""
 
     _syncing = None
+    _resent = None            # a request sent again as one that did not run (on_server_lost)
     tls = False               # the session runs over TLS
     _tls_pending = False      # 'S' sent, handshake under way
     refused = False           # over max_client_connections: answered after its startup packet
@@ -536,14 +542,21 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
             # statement's CommandComplete, and a dying backend flushes what it buffered).
             # If the target is going away (failover) the request is sent again through the
             # router; if the target is fine (one backend was terminated), the client gets
-            # the error. The next health check, started from now, tells which.
+            # the error, unless nothing of the request ran: then it was the connection that
+            # died idle, found so only now, and the request is sent again. The next health
+            # check, started from now, tells where to.
+            resend = (self.replay is not self._resent
+                      and request_did_not_run(self.replay, server.held))
             self.pending = self.replay + self.pending
             self.pending_size = sum(len(chunk) for chunk in self.pending)
             self.replay = None
+            # The list goes on as the next connection's `replay`: a request sent again this
+            # way once is not sent a third time.
+            self._resent = self.pending if resend else None
             if self.statements is not None:
                 self.statements.rewind()
             self.enter(Phase.WAITING)
-            self.engine.failover.hold_for_health_check(self, server)
+            self.engine.failover.hold_for_health_check(self, server, resend)
             return
         log.debug("client %s: connection lost with no replayable request (outstanding %d, "
                   "server at boundary %s, status %r)", self.peer, self.outstanding,

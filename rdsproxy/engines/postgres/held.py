@@ -2,7 +2,13 @@
 from __future__ import annotations
 
 from ..._fastpath import split_messages
-from ..._fastpath.pgwire import MSG_COMMAND_COMPLETE, MSG_ERROR, MSG_NOTICE
+from ..._fastpath.pgwire import (
+    MSG_COMMAND_COMPLETE,
+    MSG_ERROR,
+    MSG_NOTICE,
+    MSG_SYNC,
+    UNSYNCED_MASK,
+)
 from . import protocol as pg
 
 
@@ -35,3 +41,33 @@ def server_last_words(held) -> str:
         if mtype in (MSG_ERROR, MSG_NOTICE):
             return pg.parse_error_fields(payload).get("M", "")
     return ""
+
+
+def request_did_not_run(request, held) -> bool:
+    """Whether the server went away, its answer `held`, before it had run anything of
+    `request` (the chunks sent on a connection taken idle).
+
+    Proven only for the extended protocol, whose messages the server answers one by one
+    (ParseComplete, BindComplete, ... or an error), the answers it has buffered going out
+    ahead of a FATAL. Execute, the message that runs a statement, runs a portal, and a
+    connection taken idle holds none but those a Bind of the request makes. So an answer
+    that is the server's FATAL and nothing else means that no message of the request was
+    done, and no Execute began; the FATAL must be the server's own doing (class 57,
+    operator intervention: an administrator's terminate, a shutdown, an idle timeout), not
+    a refusal of what it read. A simple Query (or FunctionCall) is answered only as it
+    runs: never proven."""
+    answer = _held_messages(held)
+    if len(answer) != 1 or answer[0][0] != MSG_ERROR:
+        return False
+    fields = pg.parse_error_fields(answer[0][1])
+    if fields.get("S") != "FATAL" or not fields.get("C", "").startswith("57"):
+        return False
+    data = bytearray(b"".join(request))
+    try:
+        messages, used = split_messages(data)
+    except Exception:  # noqa: BLE001 - FramingError: not a request we can reason about
+        return False
+    types = [mtype for mtype, _ in messages]
+    if used < len(data):
+        types.append(data[used])   # a message the request ends in the middle of
+    return bool(types) and all(UNSYNCED_MASK[mtype] or mtype == MSG_SYNC for mtype in types)
