@@ -15,7 +15,7 @@ from harness import (APP_DB, APP_PASSWORD as APP_PW, APP_USER as APP,
                      MARIADB_MAX_CONNECTIONS as MAX_CONNECTIONS, connect, scalar)
 from rdsproxy.devservers.mariadb import MariaDBServer
 from rdsproxy.engines.mysql import protocol as p
-from utils import log_in
+from utils import log_in, wait_until
 
 
 # --- robustness ---------------------------------------------------------------------------
@@ -137,24 +137,32 @@ def test_malformed_sessions_give_back_exactly_what_they_borrowed(make_proxy, mar
         assert scalar(c, "SELECT COUNT(*) FROM t WHERE v = 'malformed'") == 0
 
 
+def kill_server_connection_of(mariadb, client) -> int:
+    """KILL the server connection that answers `client`'s next statement; its thread id
+    (@@pseudo_thread_id is the server's; CONNECTION_ID() answers the proxy's id for the
+    client). Only that one: the process list also shows the proxy's health checks, which
+    come and go (a KILL of one just gone fails)."""
+    victim = scalar(client, "SELECT @@pseudo_thread_id")
+    mariadb.sql(f"KILL {victim}")
+    return victim
+
+
 def test_server_connection_killed_from_outside(make_proxy, mariadb):
     px = make_proxy(budget=2)
     with connect(px) as a:
-        assert scalar(a, "SELECT 1") == 1
-        for row in mariadb.processlist():
-            if row["user"] == APP:
-                mariadb.sql(f"KILL {row['id']}")
-        time.sleep(0.2)
-        assert scalar(a, "SELECT 2") == 2            # an idle victim: a fresh connection
+        victim = kill_server_connection_of(mariadb, a)   # idle in the pool
+        # Sent once the proxy has dropped it: a statement that reached the dead connection
+        # first could not be told from one killed while running (MariaDB closes without a
+        # word either way), and its client would rightly get the error.
+        wait_until(lambda: px.stats()["pool"]["open"] == 0, message="dead connection dropped")
+        assert scalar(a, "SELECT 2") == 2                # a fresh connection
+        assert scalar(a, "SELECT @@pseudo_thread_id") != victim
         a.begin()
         with a.cursor() as cur:
             cur.execute("INSERT INTO t (v) VALUES ('lost')")
-        for row in mariadb.processlist():
-            if row["user"] == APP:
-                mariadb.sql(f"KILL {row['id']}")
-        time.sleep(0.2)
+        kill_server_connection_of(mariadb, a)            # the transaction's
         with pytest.raises(pymysql.MySQLError):
-            scalar(a, "SELECT 3")                    # the transaction is gone: said so
+            scalar(a, "SELECT 3")                        # the transaction is gone: said so
     with connect(px) as b:
         assert scalar(b, "SELECT COUNT(*) FROM t WHERE v = 'lost'") == 0
     assert px.stats()["pool"]["borrowed"] == 0
