@@ -500,6 +500,8 @@ def test_split_brain_with_two_real_primaries(primary_and_replica, pg_factory, ca
         await group.start()
         try:
             assert await group.wait_for_writer(10) is tp
+            # The writer is found first; the replica's first check may still be running.
+            await wait_until(lambda: tr.state is A, 10, "replica AVAILABLE")
             to = group.add_target(target_of("other", other))
             await wait_until(lambda: to.state is A, 10, "other AVAILABLE")
             assert to.role is Role.WRITER
