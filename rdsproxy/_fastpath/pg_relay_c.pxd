@@ -122,7 +122,6 @@ cdef class ClientRelay(RelayHalf):
     cdef public list pending
     cdef public Py_ssize_t pending_size
     cdef public unsigned long long activity
-    cdef public unsigned long long queries
     cdef public KeywordScanner prefilter
     cdef public object engine
     cdef public ClientLedger ledger

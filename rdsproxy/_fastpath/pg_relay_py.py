@@ -206,7 +206,6 @@ class ClientRelay(RelayHalf):  # noqa: F821 (see the imports)
         self.pending = []
         self.pending_size = 0
         self.activity = 0         # chunks received; the housekeeper turns it into idle time
-        self.queries = 0          # Query and Execute messages (QueryRequests): the scanner's tally
         self.prefilter = None
         # The request bytes sent on a connection taken idle, until its answer starts: if the
         # connection dies first, the engine may send them again elsewhere (failover).
@@ -248,6 +247,11 @@ class ClientRelay(RelayHalf):  # noqa: F821 (see the imports)
             self.scanner = factory.scanner.fresh()
             self.response_latency = factory.response_latency
             self.connected_at = self.last_active = engine.clock
+
+    @property
+    def queries(self):
+        """Its Query and Execute messages so far (QueryRequests): its scanner's tally."""
+        return self.scanner.tally if self.scanner is not None else 0
 
     # -- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport):
@@ -298,7 +302,6 @@ class ClientRelay(RelayHalf):  # noqa: F821 (see the imports)
         except Exception as exc:  # FramingError: a length that cannot be right
             self.framing_error(exc)
             return
-        self.queries = scanner.tally
         if scanner.captured:
             data = self.screen(data)
         if self.outstanding == 0 and self.chunk_at_boundary:
