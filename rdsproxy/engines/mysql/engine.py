@@ -120,10 +120,13 @@ class MysqlEngine(BaseEngine):
         self.by_id[self._next_id] = client
         return self._next_id
 
+    def client_gone(self, client) -> None:
+        self.quick_commands_gone += client.quick_commands
+        super().client_gone(client)
+
     def forget_client(self, client) -> None:
         if client.connection_id:
             self.by_id.pop(client.connection_id, None)
-        self.quick_commands_gone += client.quick_commands
 
     def stats(self) -> dict:
         out = super().stats()
