@@ -17,8 +17,8 @@ prepared statements, so this also measures the statement-id mapping) run on ever
 interleaved rounds, the target order rotated each round. Reported per workload and target:
 median tps, median p95 latency, ratio to direct, the proxy's CPU per transaction and per
 query (user + system, from /proc; on a shared machine it moves less between runs than tps
-does) and that CPU as a multiple of HAProxy's, sysbench's errors (ignored errors, reconnects, fatal ones: any of them fails the
-run), and the server connections held during the run (sampled with `ss`: the proxy's for a
+does) and that CPU as a multiple of HAProxy's, sysbench's errors (ignored errors,
+reconnects, fatal ones: any of them fails the run), and the server connections held during the run (sampled with `ss`: the proxy's for a
 proxy, sysbench's own when direct; max and median), so multiplexing is visible. The fast
 path each proxy really runs is read from its own /stats. Output:
 bench/results/mysql-latest.{json,md} (--output-dir), shaped as bench.gate reads it.

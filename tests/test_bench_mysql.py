@@ -164,4 +164,5 @@ def test_the_proxy_cpu_is_reported_against_haproxys():
     lone = mysql_result()
     del lone["workloads"]["oltp_read_write"]["targets"]["haproxy"]
     summarize(lone)
-    assert lone["workloads"]["oltp_read_write"]["targets"]["rdsproxy-cython"]["cpu_vs_haproxy"] is None
+    assert lone["workloads"]["oltp_read_write"]["targets"]["rdsproxy-cython"][
+        "cpu_vs_haproxy"] is None

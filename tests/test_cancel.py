@@ -163,7 +163,8 @@ def test_a_cancel_in_flight_gets_no_message_when_the_proxy_stops(proxy_factory, 
     cluster.create_database(APP_DB, owner=APP_USER)
     proxy = proxy_factory(cluster, client_auth="POSTGRES_MD5")
     key = []
-    session = md5_session(proxy.host, proxy.port, APP_USER, APP_PASSWORD, APP_DB, backend_key=key)
+    session = md5_session(proxy.host, proxy.port, APP_USER, APP_PASSWORD, APP_DB,
+                          backend_key=key)
     (pid, secret), = key
     query = b"SELECT pg_sleep(30)\0"
     session.sendall(b"Q" + struct.pack("!i", len(query) + 4) + query)

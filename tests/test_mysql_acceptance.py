@@ -3,10 +3,11 @@ MariaDB with max_connections=50 (the session one), and the same load straight at
 
 Each client thread connects, runs two queries and a short transaction, and disconnects,
 over and over for 15 s (through the proxy, a client that has not finished a session by then
-goes on until it has: the test asks that every client is served, not how fast). Through the proxy (a subprocess with its own event loop, as in
-production; max_connections_percent=40, so a budget of 20) no client may see an error, and
-SHOW PROCESSLIST, sampled every 20 ms, may never show more than 20 server connections of
-the application user. The health checks are outside the budget, like RDS Proxy's
+goes on until it has: the test asks that every client is served, not how fast). Through
+the proxy (a subprocess with its own event loop, as in production;
+max_connections_percent=40, so a budget of 20) no client may see an error, and SHOW
+PROCESSLIST, sampled every 20 ms, may never show more than 20 server connections of the
+application user. The health checks are outside the budget, like RDS Proxy's
 monitoring connections, and are excluded explicitly: they log in as their own user
 (`monitor`, the first [[auth]] entry, which the proxy uses for probes), and since a
 connection still logging in shows as "unauthenticated user" whoever it is, the checks run
