@@ -25,10 +25,22 @@ sys.path.insert(0, os.path.dirname(__file__))
 from differential import proxied_differential  # noqa: E402
 from harness import (APP_DB, APP_PASSWORD, APP_USER, MARIADB_MAX_CONNECTIONS,  # noqa: E402
                      ONE_CONNECTION, OTHER_PASSWORD, OTHER_USER, RunningProxy, proxy_config)
-from proxyproc import ProxyProcess  # noqa: E402
+from proxyproc import RUNNING, ProxyProcess  # noqa: E402
 from rdsproxy import config_from_dict  # noqa: E402
 from rdsproxy.devservers.mariadb import MariaDBServer  # noqa: E402
 from rdsproxy.devservers.postgres import PostgresCluster  # noqa: E402
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's report ends with the logs of the proxy subprocesses running then:
+    what the proxy saw is otherwise lost with its temporary directory."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for proxy in sorted(RUNNING, key=lambda p: p.log_path):
+            report.sections.append((f"proxy log {proxy.log_path} (last 6000 characters)",
+                                    proxy.log_text()[-6000:]))
+
 
 # --- servers ---------------------------------------------------------------------------------
 

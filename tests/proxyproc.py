@@ -49,6 +49,10 @@ def dump_toml(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The proxies running now: a failing test's report shows their logs (see conftest).
+RUNNING: set["ProxyProcess"] = set()
+
+
 class ProxyProcess:
     """`rdsproxy serve` in front of `server` with its config (harness.proxy_config's, with
     the same options), its command line's `serve_args` after --config, and its log in
@@ -71,6 +75,7 @@ class ProxyProcess:
             [sys.executable, "-m", "rdsproxy", "serve", "--config", self.config_path, *serve_args],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO,
             env={**os.environ, **(env or {})})
+        RUNNING.add(self)
         try:
             wait_for_port(self.port, timeout=20, proc=self.proc)
         except BaseException:
@@ -99,6 +104,7 @@ class ProxyProcess:
         raise TimeoutError(f"{text!r} not logged within {timeout}s:\n{self.log_text()[-3000:]}")
 
     def stop(self) -> None:
+        RUNNING.discard(self)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
