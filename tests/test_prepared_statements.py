@@ -231,6 +231,16 @@ PIPELINES = {
         query(b"DEALLOCATE ALL"), sync, execute(b"a1"), sync,
         prepare(b"a1", b"select 11"), execute(b"a1"), sync,
         query(b"discard all"), sync, execute(b"a1"), sync],
+    # Two names, one text (one statement on the connection): deallocating both by SQL
+    # leaves the session's SQL PREPAREd statements alone, in and out of a transaction.
+    "deallocate_names_of_one_text": [
+        prepare(b"n1", b"select 1"), prepare(b"n2", b"select 1"), query(b"deallocate n1"),
+        query(b"prepare q0 as select 2"), query(b"deallocate n2"),
+        query(b"prepare q0 as select 3"), sync, query(b"execute q0"), sync,
+        prepare(b"n3", b"select 1"), prepare(b"n4", b"select 1"), query(b"begin"),
+        query(b"deallocate n3"), query(b"deallocate n4"), query(b"execute q0"), sync,
+        query(b"select 1/0"), sync, query(b"deallocate n3"), sync, query(b"rollback"), sync,
+        query(b"deallocate n3"), sync, execute(b"n3"), query(b"execute q0"), sync],
 }
 
 
@@ -310,6 +320,34 @@ def test_randomized_statement_traffic_matches_direct(differential):
         proxied = concurrently(lambda seed: pipeline(differential.proxy, random_steps(seed)), seeds)
         for seed in seeds:
             assert proxied[seed] == direct[seed], f"seed {seed}: {random_steps(seed)}"
+
+
+def test_simple_query_deallocate_keeps_sql_statements(differential):
+    """The same over the simple query protocol."""
+    def scenario(side):
+        conn = pgconn(side)
+        conn.nonblocking = 0
+        try:
+            seen = []
+
+            def run(sql):
+                res = conn.exec_(sql)
+                seen.append((pq.ExecStatus(res.status).name,
+                             res.error_field(pq.DiagnosticField.SQLSTATE),
+                             res.error_field(pq.DiagnosticField.MESSAGE_PRIMARY),
+                             pq.TransactionStatus(conn.transaction_status).name))
+
+            for name in (b"n1", b"n2", b"n3"):
+                assert conn.prepare(name, b"select 1").status == pq.ExecStatus.COMMAND_OK
+            for sql in (b"deallocate n1", b"prepare q0 as select 2", b"deallocate n2",
+                        b"execute q0", b"begin", b"select 1/0", b"deallocate n3",
+                        b"rollback", b"deallocate n3", b"deallocate n3", b"execute q0"):
+                run(sql)
+            held = conn.exec_(b"select count(*) from pg_prepared_statements where from_sql")
+            return seen, held.get_value(0, 0)
+        finally:
+            conn.finish()
+    differential.assert_same(scenario)
 
 
 def test_another_clients_statement_is_unknown_by_its_name(differential):

@@ -50,6 +50,9 @@ SERVER_NAME_PREFIX = b"rdsproxy_"
 MISSING = SERVER_NAME_PREFIX + b"missing"
 # The name a Parse is checked under when its answer must be the server's (then closed).
 CHECK = SERVER_NAME_PREFIX + b"check"
+# A Parse's key (text, NUL, parameter types) for the empty query: the statement the server
+# drops when a client DEALLOCATEs one of its own (see StatementBook._deallocating).
+EMPTY_KEY = b"\x00\x00\x00"
 
 
 def reserved_statement_name(mtype: int, payload: bytes) -> bool:
@@ -493,16 +496,22 @@ class StatementBook(BookCore):
             name = payload[:name_end]
             if not name:
                 text_end = payload.find(b"\x00", 1)
-                text = self._deallocating(payload[1:text_end], state, entries, MSG_PARSE) \
+                change = self._deallocating(payload[1:text_end], state, entries, MSG_PARSE) \
                     if text_end > 0 else None
                 if not entries:
                     entries.append((MSG_PARSE, FORWARD, None, None))
-                return None if text is None else pg.message(b"P", b"\x00" + text + payload[text_end:])
+                if change is None:
+                    return None
+                before, text = change
+                return before + pg.message(b"P", b"\x00" + text + payload[text_end:])
             return self._parse(name, payload[name_end + 1:], state, entries)
-        text = self._deallocating(payload[:-1], state, entries, MSG_QUERY)
+        change = self._deallocating(payload[:-1], state, entries, MSG_QUERY)
         if not entries:
             entries.append((MSG_QUERY, FORWARD, None, None))
-        return None if text is None else pg.message(b"Q", text + b"\x00")
+        if change is None:
+            return None
+        before, text = change
+        return before + pg.message(b"Q", text + b"\x00")
 
     def _parse(self, name: bytes, key: bytes, state: ServerStatements, entries: list) -> bytes:
         # Where the answer must be the server's, the text is parsed as CHECK (and closed
@@ -577,9 +586,9 @@ class StatementBook(BookCore):
         return b"".join(sent), server_name
 
     def _deallocating(self, sql: bytes, state: ServerStatements, entries: list, mtype: int):
-        """SQL (a Query's, an unnamed Parse's) that drops statements changes the views;
-        DEALLOCATE of one of the client's protocol-level statements is sent as the
-        connection's name for it (the new text, or None to send it as it is)."""
+        """SQL (a Query's, an unnamed Parse's) that drops statements changes the views.
+        DEALLOCATE of one of the client's protocol-level statements becomes (bytes to send
+        first, the new text); anything else is sent as it is (None)."""
         if not drops_statements(sql):
             return None
         names = self.names
@@ -599,13 +608,27 @@ class StatementBook(BookCore):
         key = names.pop(name, None)
         if key is None:
             return None   # not one of the client's: the server answers as it would
-        entries.append((mtype, FORWARD, None, Effect(self, lambda: names.setdefault(name, key))))
-        server_name = state.cache.pop(key, None)
+        # The answer must be the server's (DEALLOCATE, or the error of a failed transaction)
+        # but what it drops must not be: the statement of the client's text stays for the
+        # others, and DEALLOCATE ALL would take the session's SQL PREPAREd ones. The server
+        # drops a statement of the empty query, prepared first where the connection has none.
+        cache = state.cache
+        server_name = cache.pop(EMPTY_KEY, None)
+        before = b""
         if server_name is None:
-            # Nothing of it on this connection, and the answer must still be DEALLOCATE's.
-            state.clear()
-            return b"DEALLOCATE ALL"
-        return b"DEALLOCATE " + server_name
+            state.counter += 1
+            server_name = SERVER_NAME_PREFIX + str(state.counter).encode()
+            before = pg.message(b"P", server_name + b"\x00" + EMPTY_KEY)
+            # Should it fail or be skipped, _settle takes it out of the cache again (after
+            # the undo below put it back: failed entries are settled last first).
+            entries.append((MSG_PARSE, SWALLOW, (cache, EMPTY_KEY, server_name),
+                            Effect(self, _nothing)))
+
+        def undo():   # not dropped: the client keeps its name, the connection the statement
+            names.setdefault(name, key)
+            cache.setdefault(EMPTY_KEY, server_name)
+        entries.append((mtype, FORWARD, None, Effect(self, undo)))
+        return before, b"DEALLOCATE " + server_name
 
 
 def _reads_book(mtype: int, payload: bytes) -> bool:
