@@ -4,14 +4,20 @@ numbers, the same text. Raw sockets, so the last packet before the close is what
 from __future__ import annotations
 
 import socket
+import struct
+import threading
 import time
 
+import psycopg
+import pymysql
 import pytest
 
-from harness import APP_DB, APP_PASSWORD, APP_USER
+from harness import APP_DB, APP_PASSWORD, APP_USER, ONE_CONNECTION
 from rdsproxy.engines.mysql import protocol as p
+from rdsproxy.engines.mysql.server_login import ServerLogin
 from rdsproxy.engines.postgres import protocol as pg
-from utils import log_in, md5_session, recv_message
+from rdsproxy.auth.md5 import md5_response
+from utils import Session, drive_login, log_in, md5_session, recv_message
 
 TEXTS = {
     "idle": "terminating connection due to idle_client_timeout",
@@ -36,7 +42,25 @@ class PostgresClient:
         else:
             self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
             self.sock.sendall(pg.startup_message({"user": APP_USER, "database": APP_DB}))
-            assert recv_message(self.sock)[0] == b"R"   # asked for a password: none comes
+            mtype, body = recv_message(self.sock)
+            assert mtype == b"R"   # asked for a password: none comes (until finish_login)
+            self.salt = body[4:8]
+
+    def finish_login(self):
+        answer = md5_response(APP_PASSWORD, APP_USER, self.salt) + b"\0"
+        self.sock.sendall(b"p" + struct.pack("!i", len(answer) + 4) + answer)
+        self._until_ready()
+
+    def select_one(self):
+        self.sock.sendall(pg.query("select 1"))
+        return int(self._until_ready()[-1][1][6:].decode())
+
+    def _until_ready(self) -> list:
+        messages = []
+        while not messages or messages[-1][0] != b"Z":
+            messages.append(recv_message(self.sock))
+            assert messages[-1][0] != b"E", pg.parse_error_fields(messages[-1][1])
+        return [m for m in messages if m[0] == b"D"] or messages
 
     def last_words(self):
         """(code, text) of the error the proxy sent before closing."""
@@ -62,13 +86,23 @@ class MysqlClient:
             self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
             self.reader = p.PacketReader()
             self.pending: list[bytes] = []
+            self.received = b""
             assert p.Handshake.parse(self._packet())   # the greeting: no answer comes
+
+    def finish_login(self):
+        login = ServerLogin(APP_USER, APP_PASSWORD, APP_DB)
+        first = login.receive_data(self.received)   # the greeting, read already
+        self.session = Session(drive_login(self.sock, login, first), login)
+
+    def select_one(self):
+        return int(self.session.scalar("select 1"))
 
     def _packet(self) -> bytes:
         while not self.pending:
             data = self.sock.recv(65536)
             if not data:
                 raise ConnectionError("closed")
+            self.received += data
             self.pending += [payload for _seq, payload in self.reader.feed(data)]
         return self.pending.pop(0)
 
@@ -84,10 +118,10 @@ class MysqlClient:
 CLIENTS = {"postgres": PostgresClient, "mysql": MysqlClient}
 
 
-def _proxy(proxy_factory, engine, **top):
+def _proxy(proxy_factory, engine, target_group=None, **top):
     # md5 for the PostgreSQL client above (the session cluster's SCRAM serves the pool).
     client_auth = {"client_auth": "POSTGRES_MD5"} if engine == "postgres" else {}
-    return proxy_factory(engine=engine, top=top, **client_auth)
+    return proxy_factory(engine=engine, top=top, **client_auth, **(target_group or {}))
 
 
 @ENGINES
@@ -126,6 +160,76 @@ def test_logins_from_one_address_beyond_the_cap(proxy_factory, engine):
     finally:
         first.close()
         second.close()
+
+
+@ENGINES
+def test_logins_a_few_seconds_late_are_not_half_open(proxy_factory, engine):
+    """Logins from one address beyond the cap that wait on their clients for a moment (a
+    busy host opening many connections at once) are let be while the proxy has room."""
+    proxy = _proxy(proxy_factory, engine, max_logins_per_address=2)
+    clients = [CLIENTS[engine](proxy.port, logged_in=False) for _ in range(6)]
+    try:
+        time.sleep(2.5)   # two housekeeping rounds, each login waiting on its client
+        for client in clients:
+            client.finish_login()
+            assert client.select_one() == 1
+    finally:
+        for client in clients:
+            client.close()
+
+
+def _connect(engine, proxy, **extra):
+    if engine == "postgres":
+        return psycopg.connect(proxy.dsn(connect_timeout=30, **extra), autocommit=True)
+    return pymysql.connect(host=proxy.host, port=proxy.port, user=APP_USER,
+                           password=APP_PASSWORD, database=APP_DB, connect_timeout=30, **extra)
+
+
+def _select_one(conn):
+    with conn.cursor() as cur:
+        cur.execute("select 1")
+        return cur.fetchone()[0]
+
+
+@ENGINES
+def test_a_burst_waiting_on_the_pool_is_not_closed_for_its_address(proxy_factory, engine):
+    """Authenticated clients waiting for the proxy (the first login of their kind borrows a
+    connection) are neither half-open logins nor late ones: a burst from one address beyond
+    the cap, held past login_timeout by a pool that is busy, all log in."""
+    proxy = _proxy(proxy_factory, engine, max_logins_per_address=2, login_timeout=1,
+                   target_group=ONE_CONNECTION)
+    holder = _connect(engine, proxy)
+    # A kind of login the proxy has not seen: its first borrows a connection to learn it.
+    unseen = {"dbname": "postgres"} if engine == "postgres" else {"charset": "latin1"}
+    try:
+        with holder.cursor() as cur:   # the pool's one connection, held by a transaction
+            cur.execute("begin")
+            cur.execute("select 1")
+        results: dict = {}
+
+        def connect_one(n):
+            try:
+                results[n] = _connect(engine, proxy, **unseen)
+            except Exception as exc:  # noqa: BLE001 - compared below
+                results[n] = exc
+
+        burst = [threading.Thread(target=connect_one, args=(n,)) for n in range(8)]
+        for thread in burst:
+            thread.start()
+        time.sleep(2.5)
+        assert results == {}   # still waiting on the pool
+        with holder.cursor() as cur:
+            cur.execute("commit")
+        for thread in burst:
+            thread.join(60)
+        try:
+            assert [_select_one(results[n]) for n in range(8)] == [1] * 8
+        finally:
+            for conn in results.values():
+                if not isinstance(conn, Exception):
+                    conn.close()
+    finally:
+        holder.close()
 
 
 @ENGINES

@@ -82,6 +82,9 @@ class BaseEngine:
     client_class = None
     ready_state = None
     closed_state = None
+    # Authenticated, the login finishing on the proxy's side (a first login of its kind
+    # borrows a connection): the client is waiting on the proxy, not the other way round.
+    authenticated_state = None
     close_codes: dict = {}
     client_reactor = reactor_py
     client_speaks_first = False

@@ -12,6 +12,9 @@ from .sessions import CloseReason
 log = logging.getLogger("rdsproxy.engine")
 # Phases in which a client is busy though it may have nothing outstanding.
 _BUSY_PHASES = (Phase.WAITING, Phase.SYNCING)
+# How long a login may wait on its client before it counts as half-open, while the proxy has
+# room: a busy host opening hundreds of connections at once can be seconds late.
+HALF_OPEN_AFTER = 5.0
 
 
 class Housekeeper:
@@ -25,30 +28,39 @@ class Housekeeper:
         self.last_logins = 0
         self.last_borrows: dict = {}   # per pool: its borrows at the previous line
 
-    def logging_in(self, client) -> bool:
+    def login_waits_on_client(self, client) -> bool:
+        """Not logged in yet, and the proxy waits for the client's next step (a startup
+        packet, a password). A client authenticated and waiting for the pool is waiting on
+        the proxy: connection_borrow_timeout bounds that, and a burst of them from one
+        address (serverless functions behind one NAT) is no flood of half-open logins."""
         engine = self.engine
-        return client.state not in (engine.ready_state, engine.closed_state)
+        return client.state not in (engine.ready_state, engine.closed_state,
+                                    engine.authenticated_state)
 
-    def limit_logins_per_address(self) -> int:
-        """Close the newest of the clients still logging in from any one address beyond
-        max_logins_per_address; how many were closed. Run each second and whenever a
-        client is refused for max_client_connections, so that half-open logins from one
-        address never keep others out for long (the hot path counts nothing per address)."""
+    def limit_logins_per_address(self, waited: float = 0.0) -> int:
+        """Close the newest of the clients logging in from any one address beyond
+        max_logins_per_address, counting those whose login has waited on them `waited`
+        seconds at least; how many were closed. Run each second (HALF_OPEN_AFTER) and
+        whenever a client is refused for max_client_connections (all count), so that
+        half-open logins from one address never keep others out for long (the hot path
+        counts nothing per address)."""
         engine = self.engine
         cap = engine.config.max_logins_per_address
         if not cap:
             return 0
+        since = engine.clock - waited
         by_address: dict[str, list] = {}
         for client in engine.clients:
-            if self.logging_in(client):
+            if client.connected_at <= since and self.login_waits_on_client(client):
                 by_address.setdefault(client.peer_host, []).append(client)
         closed = 0
         for address, clients in by_address.items():
             if len(clients) <= cap:
                 continue
             clients.sort(key=lambda c: c.connected_at)
-            log.warning("address %s has %d clients logging in (max_logins_per_address %d): "
-                        "closing the newest %d", address, len(clients), cap, len(clients) - cap)
+            log.warning("address %s has %d logins waiting on their clients "
+                        "(max_logins_per_address %d): closing the newest %d",
+                        address, len(clients), cap, len(clients) - cap)
             for client in clients[cap:]:
                 engine.close_client(client, CloseReason.LOGINS_PER_ADDRESS)
                 closed += 1
@@ -74,11 +86,11 @@ class Housekeeper:
                     log.info("client %s (user %s) idle for %gs: closing (idle_client_timeout)",
                              client.peer, client.user, idle_timeout)
                     engine.close_client(client, CloseReason.IDLE_TIMEOUT)
-            elif now - client.connected_at >= login_timeout and self.logging_in(client):
+            elif now - client.connected_at >= login_timeout and self.login_waits_on_client(client):
                 log.info("client %s: not logged in after %gs: closing (login_timeout)",
                          client.peer, login_timeout)
                 engine.close_client(client, CloseReason.LOGIN_TIMEOUT)
-        self.limit_logins_per_address()
+        self.limit_logins_per_address(HALF_OPEN_AFTER)
         for pool in engine.router.pools.values():
             pool.reap()
         interval = engine.config.stats_log_interval

@@ -20,7 +20,7 @@ from . import protocol as p
 from .backend import first_row, open_server_connection
 from .client import ClientConnection
 from .client_login import PROXY_CAPABILITIES
-from .clientstate import (CLOSED, ER_CON_COUNT, ER_CONNECTION_KILLED, ER_IDLE, ER_LOST,
+from .clientstate import (CLOSED, ER_CON_COUNT, ER_CONNECTION_KILLED, ER_IDLE, ER_LOST, LOGIN,
                           ER_SERVER_SHUTDOWN, READY)
 from .health import probe as health_probe
 from .pinning import Rules
@@ -54,6 +54,7 @@ class MysqlEngine(BaseEngine):
     client_reactor = _fastpath.reactor
     ready_state = READY
     closed_state = CLOSED
+    authenticated_state = LOGIN
     close_codes = {CloseReason.IDLE_TIMEOUT: ER_IDLE, CloseReason.LOGIN_TIMEOUT: ER_LOST,
                    CloseReason.LOGINS_PER_ADDRESS: ER_CON_COUNT,
                    CloseReason.SHUTDOWN: ER_SERVER_SHUTDOWN,

@@ -23,7 +23,7 @@ from .accounts import MD5, SCRAM, Account, decoy_account, default_method, login_
 from .backend import open_server_connection, send_cancel
 from .console import ConsoleWire, greeting_parameters
 from .statements import ServerStatements
-from .frontend import CLOSED, READY, ClientConnection
+from .frontend import CLOSED, LOGIN, READY, ClientConnection
 from .health import probe as health_probe
 from .pinning import PREFILTER, PinningRules
 from .sessionstate import SETTINGS_SQL
@@ -44,6 +44,7 @@ class PostgresEngine(BaseEngine):
     client_speaks_first = True
     ready_state = READY
     closed_state = CLOSED
+    authenticated_state = LOGIN
     # PostgreSQL's own codes for the same events (authentication_timeout is 57014).
     close_codes = {CloseReason.IDLE_TIMEOUT: "57P05", CloseReason.LOGIN_TIMEOUT: "57014",
                    CloseReason.LOGINS_PER_ADDRESS: "53300", CloseReason.SHUTDOWN: "57P01", CloseReason.ADMIN_KILL: "57P01"}
