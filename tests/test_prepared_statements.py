@@ -391,6 +391,64 @@ def test_the_proxys_statement_names_are_out_of_reach(differential, step):
         victim.finish()
 
 
+def _replace_all(part, olds, new):
+    if isinstance(part, bytes):
+        for old in olds:
+            part = part.replace(old, new)
+    return part
+
+
+@pytest.mark.parametrize("protocol", ["simple", "extended", "pipeline"])
+def test_sql_cannot_drop_the_proxys_statements(one_connection, protocol):
+    """DEALLOCATE of a name the proxy gave a statement on the connection (every client can
+    read them in pg_prepared_statements) is answered as a direct session answers it (no
+    such statement in the client's session), and the client that prepared it goes on.
+    Over the extended protocol the error's text names rdsproxy_missing (README)."""
+    def scenario(side):
+        owner = prepared_in_pipeline(side, b"mine", b"select 'kept'::text")
+        other = pgconn(side)
+        other.nonblocking = 0
+        try:
+            found = other.exec_(b"select name from pg_prepared_statements"
+                                b" where statement = 'select ''kept''::text'")
+            # Directly the other session holds none: the name is the proxy's first.
+            name = found.get_value(0, 0) if found.ntuples else b"rdsproxy_1"
+            seen = []
+            for text in (b"deallocate " + name, b'DEALLOCATE PREPARE "' + name + b'"',
+                         b"deallocate rdsproxy_missing"):
+                if protocol == "simple":
+                    res = other.exec_(text)
+                    seen.append((pq.ExecStatus(res.status).name,
+                                 res.error_field(pq.DiagnosticField.SQLSTATE),
+                                 res.error_field(pq.DiagnosticField.MESSAGE_PRIMARY)))
+                elif protocol == "extended":
+                    res = other.exec_params(text, None)
+                    seen.append((pq.ExecStatus(res.status).name,
+                                 res.error_field(pq.DiagnosticField.SQLSTATE),
+                                 res.error_field(pq.DiagnosticField.MESSAGE_PRIMARY)))
+                else:
+                    other.nonblocking = 1
+                    other.enter_pipeline_mode()
+                    other.send_query_params(text, None)
+                    other.pipeline_sync()
+                    flush(other)
+                    seen += results_of(other, 2)
+                    other.exit_pipeline_mode()
+                    other.nonblocking = 0
+            owner.send_query_prepared(b"mine", None)
+            owner.pipeline_sync()
+            flush(owner)
+            seen += results_of(owner, 2)
+            # The proxy's name is its own choice; what is said of it must be the same.
+            names = (name, b"rdsproxy_missing") if protocol != "simple" else (name,)
+            return [tuple(_replace_all(part, names, b"NAME") for part in result)
+                    for result in seen]
+        finally:
+            owner.finish()
+            other.finish()
+    one_connection.assert_same(scenario)
+
+
 def test_big_messages_stream_through_the_statement_path(proxy_factory):
     """Bind parameters and rows of megabytes, COPY in and out, while the proxy tracks the
     answers (a statement prepared in the same request) and after."""

@@ -122,8 +122,10 @@ def test_a_statement_that_cannot_be_made_again_is_lost_alone(proxy_factory):
 
 
 ATTACKS = {
-    # Drops a statement the proxy made for another client: the proxy makes it again.
+    # Names a statement the proxy made for another client: unknown, as it is to a direct
+    # session; where the proxy cannot see it dropped (in DO), it makes it again.
     "drop_the_proxys": ("deallocate rdsproxy_1", {}),
+    "drop_the_proxys_in_do": ("do $$ begin execute 'deallocate rdsproxy_1'; end $$", {}),
     # Makes one under the proxy's name, as if it were the other client's: pinned, alone.
     "make_one_under_its_name": (
         "do $$ begin execute 'deallocate rdsproxy_1';"
@@ -140,7 +142,11 @@ def test_sql_cannot_pass_for_the_proxys_statements(proxy_factory, name):
         # Prepared by name on the one connection: the proxy's rdsproxy_1 there.
         assert victim.execute("select %s::text", ["mine"]).fetchone()[0] == "mine"
         with psycopg.connect(proxy.dsn(), autocommit=True, prepare_threshold=None) as attacker:
-            attacker.execute(attack)
+            if name == "drop_the_proxys":
+                with pytest.raises(psycopg.errors.InvalidSqlStatementName):
+                    attacker.execute(attack)
+            else:
+                attacker.execute(attack)
             wait_until(lambda: proxy.stats()["SessionPinReasons"] == pins
                        and proxy.stats()["SessionStateChecks"] >= 1, message="state checked")
             if not pins:

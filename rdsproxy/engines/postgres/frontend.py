@@ -51,7 +51,8 @@ from .held import (
     server_last_words,
 )
 from .protocol import ServerError
-from .statements import SERVER_NAME_PREFIX, StatementBook, reserved_statement_name
+from .statements import (SERVER_NAME_PREFIX, StatementBook, deallocates_proxy_statement,
+                         reserved_statement_name)
 from .pinning import (
     LOAD,
     PREPARED_STATEMENT,
@@ -190,6 +191,8 @@ class ClientConnection(ClientRelay, ClientSide, asyncio.Protocol):
                 continue
             if self.pin_reason is not None:
                 continue
+            if self.statements is None and deallocates_proxy_statement(mtype, payload):
+                self._name_statements()   # its book answers as for a name never prepared
             if mtype == MSG_FUNCTION_CALL:
                 # Any function by OID (set_config is 2078): what it did is asked afterwards.
                 self.unverified = True

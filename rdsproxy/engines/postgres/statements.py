@@ -286,18 +286,11 @@ class ServerStatements(AnswerQueue):
                 # is undone there.
                 if head[3] is not None:
                     head[3].failed = True
-                out.append(message)
+                out.append(_client_error(message, head))
                 return
             queue.pop(0)
             failed = [head]
-            action = head[1]
-            if action == REWRITE:
-                message = _rewritten_error(message, head[2])
-            elif action == RENAME:
-                server_name, client_name = head[2]
-                message = message.replace(b'"' + server_name + b'"', b'"' + client_name + b'"')
-                message = pg.message(b"E", message[5:])
-            out.append(message)
+            out.append(_client_error(message, head))
             # The server now discards everything up to the next Sync; so do its answers.
             while queue and queue[0][0] != MSG_SYNC:
                 failed.append(queue.pop(0))
@@ -333,6 +326,18 @@ class ServerStatements(AnswerQueue):
             self._flush_fakes(out)
         else:
             out.append(message)   # 't', or a Query's own answers
+
+
+def _client_error(message: bytes, entry) -> bytes:
+    """The server's ErrorResponse to the message of `entry`, as the client is to read it."""
+    action = entry[1]
+    if action == REWRITE:
+        return _rewritten_error(message, entry[2])
+    if action == RENAME:
+        server_name, client_name = entry[2]
+        message = message.replace(b'"' + server_name + b'"', b'"' + client_name + b'"')
+        return pg.message(b"E", message[5:])
+    return message
 
 
 def _rewritten_error(message: bytes, change) -> bytes:
@@ -604,9 +609,14 @@ class StatementBook(BookCore):
             state.clear()
             entries.append((mtype, FORWARD, None, Effect(self, lambda: names.update(before))))
             return None
-        name = target[1:-1].replace(b'""', b'"') if target.startswith(b'"') else target.lower()
+        name = _statement_name(target)
         key = names.pop(name, None)
         if key is None:
+            if name.startswith(SERVER_NAME_PREFIX):
+                # One of the proxy's, which any client can read of in pg_prepared_statements:
+                # not its to drop. A direct session has no such statement; nor has MISSING.
+                entries.append((mtype, RENAME, (MISSING, name), None))
+                return b"", b"DEALLOCATE " + MISSING
             return None   # not one of the client's: the server answers as it would
         # The answer must be the server's (DEALLOCATE, or the error of a failed transaction)
         # but what it drops must not be: the statement of the client's text stays for the
@@ -629,6 +639,27 @@ class StatementBook(BookCore):
             cache.setdefault(EMPTY_KEY, server_name)
         entries.append((mtype, FORWARD, None, Effect(self, undo)))
         return before, b"DEALLOCATE " + server_name
+
+
+def deallocates_proxy_statement(mtype: int, payload: bytes) -> bool:
+    """Whether a Query, or a Parse of the unnamed statement, is a DEALLOCATE of a name the
+    proxy gives statements (only a book answers for those as a direct session would)."""
+    if mtype == MSG_PARSE:
+        if payload[:1] != b"\x00":
+            return False
+        payload = payload[1:]
+    text = payload[:payload.find(b"\x00")] if b"\x00" in payload else payload
+    if not drops_statements(text):
+        return False
+    match = _DEALLOCATE.fullmatch(text)
+    return match is not None and _statement_name(match.group(1)).startswith(SERVER_NAME_PREFIX)
+
+
+def _statement_name(identifier: bytes) -> bytes:
+    """A statement name as SQL spells it, as the server keeps it."""
+    if identifier.startswith(b'"'):
+        return identifier[1:-1].replace(b'""', b'"')
+    return identifier.lower()
 
 
 def _reads_book(mtype: int, payload: bytes) -> bool:
