@@ -231,6 +231,14 @@ PIPELINES = {
         query(b"DEALLOCATE ALL"), sync, execute(b"a1"), sync,
         prepare(b"a1", b"select 11"), execute(b"a1"), sync,
         query(b"discard all"), sync, execute(b"a1"), sync],
+    # DISCARD ALL refused where it runs (in a pipeline, in a transaction block): nothing
+    # of the client's goes.
+    "discard_all_refused": [
+        prepare(b"k1", b"select $1::int * 2"), execute(b"k1", b"1"),
+        prepare(b"k2", b"select 'x' || $1::text"), query(b"discard all"), sync,
+        query(b"deallocate k2"), sync, execute(b"k1", b"2"), sync,
+        query(b"begin"), sync, query(b"discard all"), sync, query(b"rollback"), sync,
+        query(b"deallocate all"), execute(b"k1", b"3"), sync, execute(b"k1", b"4"), sync],
     # Two names, one text (one statement on the connection): deallocating both by SQL
     # leaves the session's SQL PREPAREd statements alone, in and out of a transaction.
     "deallocate_names_of_one_text": [

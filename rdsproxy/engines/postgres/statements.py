@@ -161,13 +161,16 @@ class _Walk:
 class Effect:
     """A change a client message made to its book, until the server has answered for it."""
 
-    __slots__ = ("book", "batch", "undo", "failed")
+    __slots__ = ("book", "batch", "undo", "failed", "at_execute")
 
-    def __init__(self, book, undo):
+    def __init__(self, book, undo, at_execute=False):
         self.book = book
         self.batch = book.batch
         self.undo = undo
         self.failed = False      # a Query's error: settled at its ReadyForQuery
+        # SQL sent in a Parse of the unnamed statement runs (and may fail: DISCARD ALL in
+        # a transaction block) at its Execute, which settles the change in its stead.
+        self.at_execute = at_execute
         book.unresolved[self.batch] = book.unresolved.get(self.batch, 0) + 1
 
 
@@ -320,12 +323,29 @@ class ServerStatements(AnswerQueue):
             pops = kind == MSG_EXECUTE
         if pops:
             queue.pop(0)
+            effect = head[3]
+            if effect is not None and effect.at_execute and _hand_to_execute(queue, effect):
+                head = (head[0], head[1], head[2], None)
             _settle(head, True)
             if head[1] != SWALLOW:
                 out.append(message)
             self._flush_fakes(out)
         else:
             out.append(message)   # 't', or a Query's own answers
+
+
+def _hand_to_execute(queue: list, effect: Effect) -> bool:
+    """Let the Execute that runs the unnamed statement just parsed settle `effect`; False
+    when none is owed yet (sent later, if at all: the Parse settles it then)."""
+    for i, entry in enumerate(queue):
+        kind = entry[0]
+        if kind == MSG_EXECUTE and entry[3] is None:
+            queue[i] = (kind, entry[1], entry[2], effect)
+            effect.at_execute = False
+            return True
+        if kind == MSG_PARSE or kind in _ENDS_WITH_READY:
+            return False
+    return False
 
 
 def _client_error(message: bytes, entry) -> bytes:
@@ -603,11 +623,18 @@ class StatementBook(BookCore):
             if match is None:
                 return None
             target = match.group(1)
+        at_execute = mtype == MSG_PARSE
         if target.lower() == b"all":
             before = dict(names)
+            cached = dict(state.cache)
             names.clear()
             state.clear()
-            entries.append((mtype, FORWARD, None, Effect(self, lambda: names.update(before))))
+
+            def undo_all():   # refused (DISCARD ALL in a transaction block): all still there
+                names.update(before)
+                for key, server_name in cached.items():
+                    state.cache.setdefault(key, server_name)
+            entries.append((mtype, FORWARD, None, Effect(self, undo_all, at_execute)))
             return None
         name = _statement_name(target)
         key = names.pop(name, None)
@@ -637,7 +664,7 @@ class StatementBook(BookCore):
         def undo():   # not dropped: the client keeps its name, the connection the statement
             names.setdefault(name, key)
             cache.setdefault(EMPTY_KEY, server_name)
-        entries.append((mtype, FORWARD, None, Effect(self, undo)))
+        entries.append((mtype, FORWARD, None, Effect(self, undo, at_execute)))
         return before, b"DEALLOCATE " + server_name
 
 
