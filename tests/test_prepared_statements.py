@@ -274,9 +274,10 @@ def test_warm_connection_matches_a_direct_connection(differential):
 
 
 def test_randomized_statement_traffic_matches_direct(differential):
-    """Random interleavings of prepare / execute / close / deallocate / transactions, SQL
-    PREPARE / EXECUTE / DEALLOCATE and SET by several clients at once over the pool of two,
-    each compared with the same sequence on a direct connection of its own."""
+    """Random interleavings of prepare / execute / close / deallocate (ALL too) / DISCARD
+    ALL / transactions, SQL PREPARE / EXECUTE / DEALLOCATE and SET by several clients at
+    once over the pool of two, each compared with the same sequence on a direct
+    connection of its own."""
     names = [b"r0", b"r1", b"r2", b"r3", b"r4"]
     texts = [b"select $1::int + 1", b"select $1::int * 2", b"select 'x' || $1::text",
              b"select $1::int / 0", b"select length($1::text)"]
@@ -313,8 +314,12 @@ def test_randomized_statement_traffic_matches_direct(differential):
                                    + rnd.choice([b"", b"(7)", b"('abc')"])))
             elif pick < 0.97:
                 steps.append(query(b"deallocate " + rnd.choice(sql_names)))
-            elif pick < 0.985:
+            elif pick < 0.98:
                 steps.append(query(b"set work_mem = '%dMB'" % rnd.randint(1, 9)))
+            elif pick < 0.985:
+                steps.append(query(rnd.choice([b"deallocate all", b"discard all"])))
+            elif pick < 0.99:
+                steps.append(query(b'deallocate "' + name + b'"'))
             else:
                 steps.append(query(b"show work_mem"))
             if rnd.random() < 0.4:
