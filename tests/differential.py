@@ -170,8 +170,8 @@ def next_result(conn: pq.PGconn, timeout: float = 20.0):
         if not conn.is_busy():
             return conn.get_result()
         select.select([conn.socket], [], [], 0.2)
-    raise TimeoutError(f"no result from the server in {timeout:g} s "
-                       f"(libpq: {conn.error_message.decode(errors='replace').strip() or 'no error'})")
+    said = conn.error_message.decode(errors="replace").strip() or "no error"
+    raise TimeoutError(f"no result from the server in {timeout:g} s (libpq: {said})")
 
 
 def flush(conn: pq.PGconn) -> None:
