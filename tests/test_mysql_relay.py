@@ -8,12 +8,18 @@ prepared statements shared between clients need.
 """
 from __future__ import annotations
 
+import random
+import re
+import threading
+import time
+
+import pytest
 from pymysql.constants import CLIENT
 
 from harness import (APP_DB, APP_PASSWORD as APP_PW, APP_USER as APP, connect, engine,
                      proxy_connections, scalar)
 from rdsproxy.engines.mysql import protocol as p
-from utils import log_in
+from utils import concurrently, log_in
 
 
 # --- relaying -----------------------------------------------------------------------------
@@ -176,6 +182,43 @@ def test_prepared_statement_reprepared_on_another_connection(make_proxy):
     finally:
         a.close()
 
+@pytest.mark.parametrize("then", ["reset_another", "close_it"])
+def test_long_data_never_reaches_another_client(make_proxy, then):
+    """Data a client sent ahead for a statement it then abandons (it resets another
+    statement, or closes this one) is not there for the next client of that text on the
+    shared server statement."""
+    px = make_proxy(budget=1)
+    a = log_in(px.port, APP, APP_PW, APP_DB)
+    b = log_in(px.port, APP, APP_PW, APP_DB)
+    try:
+        secret = prepare(a, "SELECT CONCAT('x', ?)")
+        other = prepare(a, "SELECT ? + 1")
+        a.sock.sendall(p.packet(0, p.com_stmt_send_long_data(secret.statement_id, 0,
+                                                             b"SECRET")))
+        if then == "reset_another":
+            tracker, _ = a.command(p.com_stmt_reset(other.statement_id))
+            assert tracker.error is None
+        else:
+            a.sock.sendall(p.packet(0, p.com_stmt_close(secret.statement_id)))
+        assert a.scalar("SELECT 1") == b"1"
+
+        def b_runs_the_same_text():
+            mine = prepare(b, "SELECT CONCAT('x', ?)")
+            return binary_string(execute(b, mine.statement_id, ["mine"]))
+        b_sees: dict = {}
+        b_thread = threading.Thread(target=lambda: b_sees.update({0: b_runs_the_same_text()}))
+        b_thread.start()
+        if then == "reset_another":
+            # a keeps the connection, and its data, until its execute; b waits for it.
+            time.sleep(0.5)
+            assert binary_string(execute(a, secret.statement_id, [b""])) == b"xSECRET"
+        b_thread.join(30)
+        assert b_sees == {0: b"xmine"}
+    finally:
+        a.close()
+        b.close()
+
+
 def test_pipelined_prepare_execute_of_the_last_statement(make_proxy):
     """MariaDB Connector/C's execute_direct: PREPARE, EXECUTE(-1) and CLOSE(-1) in one
     write; the proxy answers both in order and -1 names the statement just prepared."""
@@ -206,3 +249,91 @@ def test_pipelined_prepare_execute_of_the_last_statement(make_proxy):
         assert s.scalar("SELECT 1") == b"1"
     finally:
         s.close()
+
+
+# --- random traffic, compared with direct sessions ---------------------------------------
+
+TEXTS = ["SELECT CONCAT('x', ?)", "SELECT ? + 1", "SELECT ? * 2", "SELECT @v",
+         "SELECT COUNT(*) FROM t WHERE id > ?", "SELEC ?"]
+
+
+def random_steps(seed: int) -> list:
+    """A client's commands: binary statements under names of its own, long data and its
+    execute, resets and closes, transactions and a user variable."""
+    rnd = random.Random(seed)
+    steps = []
+    for _ in range(30):
+        pick = rnd.random()
+        name = rnd.choice("abcd")
+        if pick < 0.25:
+            steps.append(("prepare", name, rnd.choice(TEXTS)))
+        elif pick < 0.55:
+            steps.append(("execute", name, rnd.randint(0, 9)))
+        elif pick < 0.62:
+            steps.append(("close", name))
+        elif pick < 0.67:
+            steps.append(("reset", name))
+        elif pick < 0.70:
+            # A name and text of their own: long data for a statement whose text the client
+            # also prepared under another name, with other parameter types bound, is read
+            # by the shared server statement differently (README).
+            steps.append(("long_data", "z", "L%d" % rnd.randint(0, 9)))
+        elif pick < 0.72:
+            steps.append(("prepare", "z", "SELECT CONCAT('long ', ?)"))
+        else:
+            steps.append(("query", rnd.choice(["BEGIN", "COMMIT", "ROLLBACK", "SELECT @v",
+                                               "SET @v = %d" % rnd.randint(0, 9),
+                                               "SELECT COUNT(*) FROM t"])))
+    return steps
+
+
+def run_steps(port: int, steps: list) -> list:
+    """What a client sees of `steps` on a session through `port`: for each command with
+    an answer, its error (code, message), a prepare's counts, or the packets of the answer."""
+    session = log_in(port, APP, APP_PW, APP_DB)
+    ids: dict[str, int] = {}
+    seen = []
+    try:
+        for step in steps:
+            kind, name = step[0], step[1] if len(step) > 1 else None
+            stmt_id = ids.get(name, 999)   # never prepared: an id the session never gave
+            if kind == "close":
+                session.sock.sendall(p.packet(0, p.com_stmt_close(stmt_id)))
+                continue
+            if kind == "long_data":   # then the execute it is for, as drivers send them
+                session.sock.sendall(p.packet(0, p.com_stmt_send_long_data(stmt_id, 0,
+                                                                           step[2].encode())))
+            payload = {"prepare": lambda: p.com_stmt_prepare(step[2]),
+                       "execute": lambda: p.com_stmt_execute(stmt_id, [step[2]]),
+                       "long_data": lambda: p.com_stmt_execute(stmt_id, [b""]),
+                       "reset": lambda: p.com_stmt_reset(stmt_id),
+                       "query": lambda: p.com_query(step[1])}[kind]()
+            tracker, packets = session.command(payload)
+            if tracker.error is not None:
+                # Statement ids are the proxy's own (README): the error names one.
+                message = re.sub(r"handler \(\d+\)", "handler (id)", tracker.error.message)
+                seen.append((step, "error", tracker.error.code, message))
+                continue
+            if kind == "prepare":
+                ok = tracker.prepare_ok
+                ids[name] = ok.statement_id
+                seen.append((step, ok.num_params, ok.num_columns))
+                continue
+            seen.append((step, [bytes(packet) for packet in packets]))
+    finally:
+        session.close()
+    return seen
+
+
+@pytest.mark.parametrize("budget", [1, 2])
+def test_randomized_prepared_traffic_matches_direct(make_proxy, mariadb, budget):
+    """Several clients at once over one or two server connections, binary statements of
+    shared texts among them, each compared with the same commands on a direct session."""
+    px = make_proxy(budget=budget)
+    for round_ in range(4):
+        seeds = list(range(round_ * 6, round_ * 6 + 6))
+        direct = {seed: run_steps(mariadb.port, random_steps(seed)) for seed in seeds}
+        proxied = concurrently(lambda seed: run_steps(px.port, random_steps(seed)), seeds)
+        for seed in seeds:
+            assert proxied[seed] == direct[seed], f"seed {seed}"
+    assert px.stats()["pinned_sessions"] == 0

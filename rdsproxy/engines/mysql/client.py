@@ -103,7 +103,8 @@ class ClientConnection(CommandDispatch, StatementMapping, StateSync, ClientRelay
         self.stmts: dict[int, ClientStatement] = {}
         self.next_stmt_id = 1
         self.last_stmt_id = 0
-        self.long_data = False
+        self.long_data = False      # some statement has data sent ahead (long_data_stmts)
+        self.long_data_stmts: list = []   # by identity: statements compare by value
         self.cursor_stmt = None
         self.last_insert_id = 0
         self.lid_version = 0

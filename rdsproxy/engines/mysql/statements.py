@@ -2,14 +2,20 @@
 each server connection's own, and prepared again, unseen, where a connection lacks one."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from . import pinning
 from . import protocol as p
-from .clientstate import ER_NO_CURSOR, ER_UNKNOWN_STMT
+from .clientstate import ER_NO_CURSOR, ER_UNKNOWN_STMT, ER_WRONG_ARGUMENTS
 from .protocol import ProtocolViolation
 
+log = logging.getLogger("rdsproxy.mysql")
+
 MAX_PREPARED_PER_CONNECTION = 512
+# The server's words for a command given a statement id it does not know (ER_UNKNOWN_STMT).
+_SERVER_FUNCTION = {p.COM_STMT_EXECUTE: "mysqld_stmt_execute",
+                    p.COM_STMT_RESET: "mysqld_stmt_reset", p.COM_STMT_FETCH: "mysqld_stmt_fetch"}
 
 
 @dataclass(slots=True)     # slots: the quick lane reads its fields per execute
@@ -20,6 +26,9 @@ class ClientStatement:
     verdict: object
     param_types: bytes = b""
     plain: bool = False           # verdict.plain (read per execute by the relay's quick lane)
+    # Long data for a parameter it does not have: kept from the shared server statement
+    # (where it would fail every client's executes); this one's fail until a reset.
+    bad_long_data: bool = False
 
 
 class StatementMapping:
@@ -38,13 +47,17 @@ class StatementMapping:
             stmt_id = self.last_stmt_id
         stmt = self.stmts.get(stmt_id)
         if stmt is None:
+            function = _SERVER_FUNCTION.get(payload[0], "command")
             raise ProtocolViolation(f"Unknown prepared statement handler ({stmt_id}) given to "
-                                    f"{p.COMMAND_NAMES.get(payload[0], 'command')}", *ER_UNKNOWN_STMT)
+                                    f"{function}", *ER_UNKNOWN_STMT)
         self.stmt = stmt
         return stmt
 
     def _com_stmt_execute(self, payload):
         stmt = self._statement(payload)
+        if stmt.bad_long_data:
+            raise ProtocolViolation("Incorrect arguments to mysqld_stmt_send_long_data",
+                                    *ER_WRONG_ARGUMENTS)
         if stmt.verdict.pin is not None:
             self.pin(stmt.verdict.pin)
         self.verdict = stmt.verdict
@@ -64,13 +77,43 @@ class StatementMapping:
         self._send_to_server()
 
     def _com_stmt_long_data(self, payload):
-        self._statement(payload)
+        stmt_id = int.from_bytes(payload[1:5], "little") if len(payload) >= 7 else None
+        if stmt_id == p.MARIADB_LAST_STATEMENT_ID:
+            stmt_id = self.last_stmt_id
+        stmt = self.stmts.get(stmt_id)
+        if stmt is None:
+            # No answer, not even an error: the client reads none (nor does the server send
+            # one for a statement it does not know).
+            log.info("client %s (user %s): long data for an unknown statement ignored",
+                     self.peer, self.user)
+            self._command_done()
+            return
+        self.stmt = stmt
+        if int.from_bytes(payload[5:7], "little") >= stmt.num_params:
+            stmt.bad_long_data = True
+            stmt.plain = False       # its executes take the slow path, which refuses them
+            self._command_done()
+            return
+        if not self._has_long_data(stmt):
+            self.long_data_stmts.append(stmt)
         self.long_data = True
         self._send_to_server()
 
+    def _long_data_used(self, stmt) -> None:
+        """An execute or reset of `stmt` used or dropped the data sent ahead for it; the
+        connection stays while another statement's is still there."""
+        self.long_data_stmts = [s for s in self.long_data_stmts if s is not stmt]
+        self.long_data = bool(self.long_data_stmts)
+
+    def _has_long_data(self, stmt) -> bool:
+        return any(s is stmt for s in self.long_data_stmts)
+
     def _com_stmt_reset(self, payload):
-        self._statement(payload)
-        self.long_data = False
+        stmt = self._statement(payload)
+        if stmt.bad_long_data:
+            stmt.bad_long_data = False
+            stmt.plain = stmt.verdict.plain
+        self._long_data_used(stmt)
         if self.server is None:
             self._reply_ok()
             self._command_done()
@@ -86,17 +129,20 @@ class StatementMapping:
         self._send_to_server()
 
     def _com_stmt_close(self, payload):
-        if len(payload) < 5:
-            raise ProtocolViolation("COM_STMT_CLOSE too short")
-        stmt_id = int.from_bytes(payload[1:5], "little")
+        stmt_id = int.from_bytes(payload[1:5], "little") if len(payload) >= 5 else None
         if stmt_id == p.MARIADB_LAST_STATEMENT_ID:
             stmt_id = self.last_stmt_id
         stmt = self.stmts.pop(stmt_id, None)
-        # No answer. The server statement stays prepared for whoever prepares it next; an
-        # open cursor of it is closed so the connection can be returned.
+        # No answer (not even for a malformed one). The server statement stays prepared for
+        # whoever prepares that text next: its open cursor, or data sent ahead for it, is
+        # cleared first, so that neither reaches them and the connection can be returned.
         server = self.server
-        if stmt is not None and stmt is self.cursor_stmt and server is not None:
-            self.cursor_stmt = None
+        pending = stmt is not None and self._has_long_data(stmt)
+        if pending:
+            self._long_data_used(stmt)
+        if stmt is not None and (stmt is self.cursor_stmt or pending) and server is not None:
+            if stmt is self.cursor_stmt:
+                self.cursor_stmt = None
             sid = server.prepared.get((server.schema, stmt.sql))
             if sid is not None:
                 self.busy = True

@@ -156,7 +156,7 @@ class StateSync:
             if cmd == p.COM_STMT_EXECUTE and payload[5] & p.CURSOR_TYPE_MASK:
                 self.cursor_stmt = self.stmt
             if cmd == p.COM_STMT_EXECUTE:
-                self.long_data = False
+                self._long_data_used(self.stmt)
         raw = None
         if payload is self.cmd:
             raw = self.cmd_raw if self.cmd_raw is not None else p.packet(self.cmd_seq, payload)
