@@ -39,12 +39,18 @@ class StatementMapping:
         self.verdict = self.engine.rules.classify(payload[1:])
         self._send_to_server()
 
-    def _statement(self, payload) -> ClientStatement:
-        if len(payload) < 5:
-            raise ProtocolViolation("statement command too short")
+    def _statement_id(self, payload, length: int = 5):
+        """The statement id a command names (MariaDB's "the last one" resolved), or None
+        when the command is shorter than `length`."""
+        if len(payload) < length:
+            return None
         stmt_id = int.from_bytes(payload[1:5], "little")
-        if stmt_id == p.MARIADB_LAST_STATEMENT_ID:
-            stmt_id = self.last_stmt_id
+        return self.last_stmt_id if stmt_id == p.MARIADB_LAST_STATEMENT_ID else stmt_id
+
+    def _statement(self, payload) -> ClientStatement:
+        stmt_id = self._statement_id(payload)
+        if stmt_id is None:
+            raise ProtocolViolation("statement command too short")
         stmt = self.stmts.get(stmt_id)
         if stmt is None:
             function = _SERVER_FUNCTION.get(payload[0], "command")
@@ -77,10 +83,7 @@ class StatementMapping:
         self._send_to_server()
 
     def _com_stmt_long_data(self, payload):
-        stmt_id = int.from_bytes(payload[1:5], "little") if len(payload) >= 7 else None
-        if stmt_id == p.MARIADB_LAST_STATEMENT_ID:
-            stmt_id = self.last_stmt_id
-        stmt = self.stmts.get(stmt_id)
+        stmt = self.stmts.get(self._statement_id(payload, 7))   # and a parameter number
         if stmt is None:
             # No answer, not even an error: the client reads none (nor does the server send
             # one for a statement it does not know).
@@ -129,10 +132,7 @@ class StatementMapping:
         self._send_to_server()
 
     def _com_stmt_close(self, payload):
-        stmt_id = int.from_bytes(payload[1:5], "little") if len(payload) >= 5 else None
-        if stmt_id == p.MARIADB_LAST_STATEMENT_ID:
-            stmt_id = self.last_stmt_id
-        stmt = self.stmts.pop(stmt_id, None)
+        stmt = self.stmts.pop(self._statement_id(payload), None)
         # No answer (not even for a malformed one). The server statement stays prepared for
         # whoever prepares that text next: its open cursor, or data sent ahead for it, is
         # cleared first, so that neither reaches them and the connection can be returned.

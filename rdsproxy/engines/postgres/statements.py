@@ -198,6 +198,11 @@ class ServerStatements(AnswerQueue):
 
     __slots__ = ()
 
+    def new_name(self) -> bytes:
+        """A name for a statement the proxy prepares on this connection, never used before."""
+        self.counter += 1
+        return SERVER_NAME_PREFIX + str(self.counter).encode()
+
     def clear(self) -> None:
         """The server dropped every prepared statement (DISCARD ALL, DEALLOCATE ALL)."""
         self.cache.clear()
@@ -597,8 +602,7 @@ class StatementBook(BookCore):
             _, old = state.cache.popitem(last=False)
             sent.append(pg.message(b"C", b"S" + old + b"\x00"))
             entries.append((MSG_CLOSE, SWALLOW, None, None))
-        state.counter += 1
-        server_name = SERVER_NAME_PREFIX + str(state.counter).encode()
+        server_name = state.new_name()
         state.cache[key] = server_name
         state.recent = key
         if state.metrics is not None:
@@ -653,8 +657,7 @@ class StatementBook(BookCore):
         server_name = cache.pop(EMPTY_KEY, None)
         before = b""
         if server_name is None:
-            state.counter += 1
-            server_name = SERVER_NAME_PREFIX + str(state.counter).encode()
+            server_name = state.new_name()
             before = pg.message(b"P", server_name + b"\x00" + EMPTY_KEY)
             # Should it fail or be skipped, _settle takes it out of the cache again (after
             # the undo below put it back: failed entries are settled last first).
