@@ -325,6 +325,23 @@ def run_steps(port: int, steps: list) -> list:
     return seen
 
 
+def test_commands_without_an_answer_get_none_even_malformed(make_proxy, mariadb):
+    """COM_STMT_CLOSE too short to name a statement, and SEND_LONG_DATA for a statement
+    the session never prepared, get no answer, as from the server: the next command reads
+    its own answer (directly and through the proxy alike)."""
+    px = make_proxy(budget=1)
+
+    def session_after(port):
+        s = log_in(port, APP, APP_PW, APP_DB)
+        try:
+            s.sock.sendall(p.packet(0, bytes([p.COM_STMT_CLOSE, 1, 0])))
+            s.sock.sendall(p.packet(0, p.com_stmt_send_long_data(999, 0, b"x")))
+            return s.scalar("SELECT 41 + 1")
+        finally:
+            s.close()
+    assert session_after(px.port) == session_after(mariadb.port) == b"42"
+
+
 @pytest.mark.parametrize("budget", [1, 2])
 def test_randomized_prepared_traffic_matches_direct(make_proxy, mariadb, budget):
     """Several clients at once over one or two server connections, binary statements of
